@@ -1,0 +1,41 @@
+"""The FastAPI application: routers, error handlers and per-process state, assembled in one place."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.responses import ORJSONResponse
+
+from api.errors import install_error_handlers
+from api.inbox import RepeatFilter
+from api.routes import health, instances, webhooks
+from db.engine import check_migrated, dispose_engine
+from zapsync.settings import get_settings
+
+log = logging.getLogger("zapsync.api")
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Refuse to serve an unmigrated database; close the pool on shutdown."""
+    await check_migrated()
+    yield
+    await dispose_engine()
+
+
+def create_app(*, check_database: bool = True) -> FastAPI:
+    """Build the API (no side effects until it starts serving)."""
+    app = FastAPI(
+        title="zapsync", version="0.1.0", default_response_class=ORJSONResponse,
+        lifespan=lifespan if check_database else None,
+        description="Keeps a CRM's PostgreSQL in step with its WhatsApp gateways.",
+    )
+    app.state.repeat_filter = RepeatFilter(get_settings().webhook_repeat_window_seconds)
+    app.state.after_webhook = []
+    install_error_handlers(app)
+    for router in (health.router, instances.router, webhooks.router):
+        app.include_router(router)
+    return app

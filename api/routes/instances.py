@@ -1,0 +1,112 @@
+"""Status of instances: read-only checks and on-demand syncs (seeds 000 and 001)."""
+
+from __future__ import annotations
+
+import uuid
+
+from fastapi import APIRouter, Query
+
+from api.deps import PrincipalDep, SessionDep, scoped_organization
+from api.schemas import (
+    FlowRunResponse,
+    InstanceCheck,
+    InstanceStatusResponse,
+    StatusCheckResponse,
+    SyncRequest,
+)
+from db.engine import session_scope
+from db.repositories.instances import get_instance
+from db.repositories.reports import report_for_run
+from deployments.definitions import SYNC_ON_DEMAND
+from deployments.trigger import trigger, wait_for_run
+from flows.sync_status import check_status
+from gateways.base import UNREACHABLE
+from zapsync.errors import NotFound
+from zapsync.reports import SyncReport, SyncScope
+
+router = APIRouter(prefix="/instances", tags=["instances"])
+
+
+def _checks(report: SyncReport) -> list[InstanceCheck]:
+    drifted = {d.instance_id: d for d in report.changes}
+    checks = [
+        InstanceCheck(id=d.instance_id, organization_id=d.organization_id, instance_name=d.instance_name,
+                      gateway=d.gateway, db_status=d.db_status, gateway_status=d.gateway_status, drift=True,
+                      reason=d.reason)
+        for d in drifted.values()
+    ]
+    return checks
+
+
+@router.get("/status", response_model=StatusCheckResponse)
+async def check_instances(
+    principal: PrincipalDep, organization_id: uuid.UUID | None = None,
+    force: bool = Query(default=False, description="Confirm every connected instance live."),
+) -> StatusCheckResponse:
+    """Compare each instance's database status with its gateway's, writing nothing. Lists the drifted ones."""
+    scope = SyncScope(organization_id=scoped_organization(principal, organization_id))
+    report = await check_status(scope, force=force)
+    return StatusCheckResponse(
+        checked=report.checked, in_sync=report.in_sync, drifted=report.drifted, unreachable=report.unreachable,
+        seconds=report.seconds, instances=_checks(report),
+    )
+
+
+async def start_sync(
+    scope: SyncScope, request: SyncRequest, *, idempotency_key: str | None = None
+) -> FlowRunResponse:
+    """Trigger the on-demand sync deployment and, when asked, wait for its report."""
+    parameters = {"scope": scope.model_dump(mode="json"), "mode": request.mode, "force": request.force}
+    run = await trigger(SYNC_ON_DEMAND, parameters, idempotency_key=idempotency_key)
+    report = None
+    if request.wait:
+        run = await wait_for_run(run.id, timeout=request.timeout_seconds, deployment=str(SYNC_ON_DEMAND))
+        async with session_scope() as session:
+            stored = await report_for_run(session, run.id)
+        report = SyncReport.model_validate(stored) if stored else None
+    return FlowRunResponse(flow_run=run, report=report)
+
+
+@router.post("/sync", response_model=FlowRunResponse, status_code=202)
+async def sync_instances(principal: PrincipalDep, request: SyncRequest | None = None) -> FlowRunResponse:
+    """Start a status sync of every instance the token may see (or one organization); `wait` for its report."""
+    request = request or SyncRequest()
+    scope = SyncScope(organization_id=scoped_organization(principal, request.organization_id))
+    return await start_sync(scope, request)
+
+
+async def _owned_instance(session: SessionDep, principal: PrincipalDep, instance_id: uuid.UUID) -> dict[str, object]:
+    found = await get_instance(session, instance_id, organization_id=principal.organization_id)
+    if found is None:
+        raise NotFound(f"no instance {instance_id}")
+    return found
+
+
+@router.get("/{instance_id}/status", response_model=InstanceStatusResponse)
+async def instance_status(
+    instance_id: uuid.UUID, session: SessionDep, principal: PrincipalDep
+) -> InstanceStatusResponse:
+    """The instance's stored status and what its gateway says right now (nothing is written)."""
+    row = await _owned_instance(session, principal, instance_id)
+    report = await check_status(SyncScope(instance_id=instance_id), force=True)
+    if report.unreachable:
+        gateway_status = UNREACHABLE
+    elif report.changes:
+        gateway_status = report.changes[0].gateway_status
+    else:
+        gateway_status = str(row["status"])
+    return InstanceStatusResponse(
+        **{k: row[k] for k in ("id", "instance_name", "gateway", "status", "is_connected", "status_reason",
+                               "status_observed_at", "last_checked_at", "phone_number", "profile_name", "health")},
+        gateway_status=gateway_status, drift=bool(report.changes),
+    )
+
+
+@router.post("/{instance_id}/sync", response_model=FlowRunResponse, status_code=202)
+async def sync_instance(
+    instance_id: uuid.UUID, session: SessionDep, principal: PrincipalDep, request: SyncRequest | None = None
+) -> FlowRunResponse:
+    """Start a status sync of one instance (`force` confirms it live); `wait` for its report."""
+    await _owned_instance(session, principal, instance_id)
+    request = request or SyncRequest(force=True)
+    return await start_sync(SyncScope(instance_id=instance_id), request)

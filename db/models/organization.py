@@ -1,0 +1,58 @@
+"""Tenants, their CRM clients and their API tokens."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+
+from sqlalchemy import ForeignKey, Index, String, text
+from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.orm import Mapped, mapped_column
+
+from db.models.base import Base, Timestamps
+
+
+class Organization(Timestamps, Base):
+    """A tenant: the boundary no token or webhook secret crosses."""
+
+    __tablename__ = "organizations"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, server_default=text("gen_random_uuid()"))
+    name: Mapped[str]
+    webhook_secret_hash: Mapped[str | None] = mapped_column(String(64))
+    """sha256 hex of the secret gateways send in a header; the secret itself is never stored."""
+    inactivity_hours: Mapped[int] = mapped_column(server_default=text("24"))
+    session_retention_days: Mapped[int] = mapped_column(server_default=text("30"))
+    import_history_days: Mapped[int | None]
+    auto_reconnect: Mapped[bool] = mapped_column(server_default=text("true"))
+    close_waiting_conversations: Mapped[bool] = mapped_column(server_default=text("false"))
+
+
+class Client(Timestamps, Base):
+    """A CRM customer; imports link WhatsApp contacts to clients by phone."""
+
+    __tablename__ = "clients"
+    __table_args__ = (Index("ix_clients_organization_phone", "organization_id", "phone"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, server_default=text("gen_random_uuid()"))
+    organization_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("organizations.id", ondelete="CASCADE"))
+    name: Mapped[str]
+    phone: Mapped[str | None] = mapped_column(String(32))
+    """Digits only."""
+
+
+class ApiToken(Base):
+    """A bearer token, scoped to one organization (or admin when organization_id is null)."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, server_default=text("gen_random_uuid()"))
+    organization_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("organizations.id", ondelete="CASCADE"), index=True
+    )
+    name: Mapped[str]
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    scopes: Mapped[list[str]] = mapped_column(ARRAY(String), server_default=text("'{}'"))
+    created_at: Mapped[datetime] = mapped_column(server_default=text("now()"))
+    last_used_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None]

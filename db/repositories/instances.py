@@ -1,0 +1,228 @@
+"""Queries on whatsapp_instances, their status history and sessions. Functions flush, never commit."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from gateways.base import InstanceStatus
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceRef:
+    """What status sync needs to know about one instance row."""
+
+    id: uuid.UUID
+    organization_id: uuid.UUID
+    gateway: str
+    instance_name: str
+    status: InstanceStatus
+    status_observed_at: datetime | None
+    live_confirmed_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class StatusWrite:
+    """One observation to apply to one instance row."""
+
+    instance_id: uuid.UUID
+    status: InstanceStatus
+    observed_at: datetime
+    reason: str | None = None
+    phone_number: str | None = None
+    profile_name: str | None = None
+    qr_code: str | None = None
+    live_confirmed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class AppliedChange:
+    """A transition that was actually written (it won the newest-wins guard)."""
+
+    instance_id: uuid.UUID
+    organization_id: uuid.UUID
+    instance_name: str
+    from_status: str | None
+    to_status: str
+    observed_at: datetime
+    reason: str | None
+
+
+async def load_instances(
+    session: AsyncSession,
+    *,
+    organization_id: uuid.UUID | None = None,
+    instance_id: uuid.UUID | None = None,
+    gateways: Sequence[str] | None = None,
+) -> list[InstanceRef]:
+    """Instances in a scope (all, one organization, or one instance), ordered for stable batching."""
+    clauses = ["TRUE"]
+    params: dict[str, object] = {}
+    if organization_id is not None:
+        clauses.append("organization_id = :org")
+        params["org"] = organization_id
+    if instance_id is not None:
+        clauses.append("id = :iid")
+        params["iid"] = instance_id
+    if gateways is not None:
+        clauses.append("gateway = ANY(:gateways)")
+        params["gateways"] = list(gateways)
+    rows = await session.execute(
+        text(
+            "SELECT id, organization_id, gateway, instance_name, status, status_observed_at, live_confirmed_at "
+            f"FROM whatsapp_instances WHERE {' AND '.join(clauses)} ORDER BY gateway, instance_name"
+        ),
+        params,
+    )
+    return [
+        InstanceRef(r[0], r[1], r[2], r[3], InstanceStatus(r[4]), r[5], r[6]) for r in rows.all()
+    ]
+
+
+_APPLY_SQL = text("""
+WITH obs AS (
+    SELECT * FROM unnest(
+        CAST(:ids AS uuid[]), CAST(:statuses AS text[]), CAST(:observed AS timestamptz[]),
+        CAST(:reasons AS text[]), CAST(:phones AS text[]), CAST(:profiles AS text[]),
+        CAST(:qrs AS text[]), CAST(:confirmed AS boolean[])
+    ) AS o(id, status, observed_at, reason, phone, profile, qr, confirmed)
+),
+prev AS (
+    SELECT i.id, i.status AS from_status
+    FROM whatsapp_instances i JOIN obs ON obs.id = i.id
+),
+upd AS (
+    UPDATE whatsapp_instances i SET
+        status = obs.status,
+        status_reason = obs.reason,
+        status_observed_at = obs.observed_at,
+        phone_number = COALESCE(obs.phone, i.phone_number),
+        profile_name = COALESCE(obs.profile, i.profile_name),
+        qr_code = CASE WHEN obs.status = 'qr_pending' THEN COALESCE(obs.qr, i.qr_code) ELSE NULL END,
+        live_confirmed_at = CASE WHEN obs.confirmed THEN obs.observed_at ELSE i.live_confirmed_at END,
+        last_checked_at = GREATEST(i.last_checked_at, obs.observed_at),
+        updated_at = now()
+    FROM obs
+    WHERE i.id = obs.id
+      AND i.status IS DISTINCT FROM obs.status
+      AND (i.status_observed_at IS NULL OR i.status_observed_at < obs.observed_at)
+    RETURNING i.id, i.organization_id, i.instance_name, i.status, obs.observed_at, obs.reason
+)
+SELECT upd.id, upd.organization_id, upd.instance_name, prev.from_status, upd.status, upd.observed_at, upd.reason
+FROM upd JOIN prev ON prev.id = upd.id
+""")
+
+_TOUCH_SQL = text("""
+UPDATE whatsapp_instances i SET
+    last_checked_at = GREATEST(i.last_checked_at, o.observed_at),
+    status_observed_at = GREATEST(i.status_observed_at, o.observed_at),
+    phone_number = COALESCE(o.phone, i.phone_number),
+    profile_name = COALESCE(o.profile, i.profile_name),
+    qr_code = CASE WHEN i.status = 'qr_pending' THEN COALESCE(o.qr, i.qr_code) ELSE i.qr_code END,
+    live_confirmed_at = CASE WHEN o.confirmed THEN o.observed_at ELSE i.live_confirmed_at END
+FROM unnest(
+    CAST(:ids AS uuid[]), CAST(:statuses AS text[]), CAST(:observed AS timestamptz[]),
+    CAST(:phones AS text[]), CAST(:profiles AS text[]), CAST(:qrs AS text[]), CAST(:confirmed AS boolean[])
+) AS o(id, status, observed_at, phone, profile, qr, confirmed)
+WHERE i.id = o.id AND i.status = o.status
+  AND (i.last_checked_at IS NULL OR i.last_checked_at < o.observed_at
+       OR o.confirmed OR i.phone_number IS DISTINCT FROM COALESCE(o.phone, i.phone_number)
+       OR i.profile_name IS DISTINCT FROM COALESCE(o.profile, i.profile_name))
+""")
+
+_HISTORY_SQL = text("""
+INSERT INTO instance_status_changes
+    (instance_id, organization_id, from_status, to_status, source, reason, observed_at, flow_run_id)
+SELECT * FROM unnest(
+    CAST(:ids AS uuid[]), CAST(:orgs AS uuid[]), CAST(:froms AS text[]), CAST(:tos AS text[]),
+    CAST(:sources AS text[]), CAST(:reasons AS text[]), CAST(:observed AS timestamptz[]),
+    CAST(:runs AS uuid[])
+)
+""")
+
+_OPEN_SESSIONS_SQL = text("""
+INSERT INTO whatsapp_sessions (instance_id, status, connected_at, last_activity_at)
+SELECT id, 'active', at, at FROM unnest(CAST(:ids AS uuid[]), CAST(:ats AS timestamptz[])) AS s(id, at)
+ON CONFLICT (instance_id) WHERE disconnected_at IS NULL DO NOTHING
+""")
+
+_CLOSE_SESSIONS_SQL = text("""
+UPDATE whatsapp_sessions s SET status = 'ended', disconnected_at = c.at,
+    last_activity_at = GREATEST(s.last_activity_at, c.at)
+FROM unnest(CAST(:ids AS uuid[]), CAST(:ats AS timestamptz[])) AS c(id, at)
+WHERE s.instance_id = c.id AND s.disconnected_at IS NULL
+""")
+
+
+async def apply_status_writes(
+    session: AsyncSession,
+    writes: Sequence[StatusWrite],
+    *,
+    source: str,
+    flow_run_id: uuid.UUID | None = None,
+) -> list[AppliedChange]:
+    """Apply many observations in a few set-based statements.
+
+    Newest observation wins: a write older than the row's `status_observed_at` changes nothing. Every applied
+    transition gets a history row; becoming connected opens a session, leaving connected closes it. Writes that
+    confirm the current status only refresh `last_checked_at` and profile fields.
+    """
+    if not writes:
+        return []
+    columns = {
+        "ids": [w.instance_id for w in writes],
+        "statuses": [str(w.status) for w in writes],
+        "observed": [w.observed_at for w in writes],
+        "phones": [w.phone_number for w in writes],
+        "profiles": [w.profile_name for w in writes],
+        "qrs": [w.qr_code for w in writes],
+        "confirmed": [w.live_confirmed for w in writes],
+    }
+    result = await session.execute(_APPLY_SQL, {**columns, "reasons": [w.reason for w in writes]})
+    changes = [AppliedChange(*row) for row in result.all()]
+    await session.execute(_TOUCH_SQL, columns)
+    if not changes:
+        return changes
+    await session.execute(_HISTORY_SQL, {
+        "ids": [c.instance_id for c in changes],
+        "orgs": [c.organization_id for c in changes],
+        "froms": [c.from_status for c in changes],
+        "tos": [c.to_status for c in changes],
+        "sources": [source] * len(changes),
+        "reasons": [c.reason for c in changes],
+        "observed": [c.observed_at for c in changes],
+        "runs": [flow_run_id] * len(changes),
+    })
+    connected = [c for c in changes if c.to_status == InstanceStatus.CONNECTED]
+    left = [c for c in changes if c.from_status == InstanceStatus.CONNECTED]
+    if left:
+        await session.execute(_CLOSE_SESSIONS_SQL, {
+            "ids": [c.instance_id for c in left], "ats": [c.observed_at for c in left],
+        })
+    if connected:
+        await session.execute(_OPEN_SESSIONS_SQL, {
+            "ids": [c.instance_id for c in connected], "ats": [c.observed_at for c in connected],
+        })
+    return changes
+
+
+async def get_instance(
+    session: AsyncSession, instance_id: uuid.UUID, *, organization_id: uuid.UUID | None = None
+) -> dict[str, object] | None:
+    """One instance as a dict, only if it belongs to ``organization_id`` (when given)."""
+    row = await session.execute(
+        text(
+            "SELECT id, organization_id, user_id, gateway, instance_name, status, is_connected, phone_number, "
+            "profile_name, status_reason, status_observed_at, last_checked_at, consecutive_failures, health, "
+            "qr_code, created_at, updated_at FROM whatsapp_instances "
+            "WHERE id = :id AND (CAST(:org AS uuid) IS NULL OR organization_id = :org)"
+        ),
+        {"id": instance_id, "org": organization_id},
+    )
+    found = row.mappings().one_or_none()
+    return dict(found) if found else None

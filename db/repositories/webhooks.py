@@ -1,0 +1,80 @@
+"""The webhook inbox and the instance lookups webhook handling needs."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+
+@dataclass(frozen=True, slots=True)
+class LockedInstance:
+    """An instance row locked for the rest of the transaction, with the fields status handling compares."""
+
+    id: uuid.UUID
+    organization_id: uuid.UUID
+    gateway: str
+    status: str
+    status_observed_at: datetime | None
+    qr_code: str | None
+
+
+async def lock_instance(
+    session: AsyncSession, *, organization_id: uuid.UUID, gateways: Sequence[str], instance_name: str
+) -> LockedInstance | None:
+    """The organization's instance of that name at one of ``gateways``, locked FOR UPDATE; None if it has none."""
+    row = (
+        await session.execute(
+            text(
+                "SELECT id, organization_id, gateway, status, status_observed_at, qr_code FROM whatsapp_instances "
+                "WHERE organization_id = :org AND instance_name = :name AND gateway = ANY(:gateways) "
+                "ORDER BY gateway LIMIT 1 FOR UPDATE"
+            ),
+            {"org": organization_id, "name": instance_name, "gateways": list(gateways)},
+        )
+    ).one_or_none()
+    return LockedInstance(*row) if row else None
+
+
+async def store_event(
+    session: AsyncSession,
+    *,
+    organization_id: uuid.UUID,
+    provider: str,
+    event: str,
+    instance_name: str | None,
+    dedupe_key: str,
+    payload: dict[str, Any],
+    outcome: str,
+    error: str | None = None,
+) -> bool:
+    """Insert a delivery into the inbox; False when the same key is already there (a redelivery)."""
+    inserted = await session.execute(
+        text(
+            "INSERT INTO webhook_events (organization_id, provider, event, instance_name, dedupe_key, payload, "
+            "outcome, error) VALUES (:org, :provider, :event, :instance, :key, CAST(:payload AS jsonb), "
+            ":outcome, :error) ON CONFLICT (dedupe_key) DO NOTHING RETURNING id"
+        ),
+        {"org": organization_id, "provider": provider, "event": event[:64], "instance": instance_name,
+         "key": dedupe_key, "payload": _json(payload), "outcome": outcome, "error": error},
+    )
+    return inserted.scalar_one_or_none() is not None
+
+
+async def set_event_outcome(session: AsyncSession, dedupe_key: str, outcome: str, error: str | None = None) -> None:
+    """Record what handling a stored delivery came to."""
+    await session.execute(
+        text("UPDATE webhook_events SET outcome = :outcome, error = :error WHERE dedupe_key = :key"),
+        {"outcome": outcome, "error": error, "key": dedupe_key},
+    )
+
+
+def _json(payload: dict[str, Any]) -> str:
+    import orjson
+
+    return orjson.dumps(payload).decode()

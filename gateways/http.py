@@ -1,0 +1,98 @@
+"""The HTTP plumbing every provider client shares: one AsyncClient, timeouts, retry, breaker, concurrency."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+import orjson
+from pydantic import TypeAdapter, ValidationError
+
+from gateways.base import GatewayRequestError
+from gateways.resilience import (
+    BREAKER_STATES,
+    BreakerPolicy,
+    RetryPolicy,
+    call_with_resilience,
+    make_breaker,
+    raise_for_status,
+    translate_errors,
+)
+
+
+class HttpGateway:
+    """Base for provider clients: keyword-only construction, an async context manager closing its client."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        base_url: str,
+        headers: dict[str, str],
+        timeout: httpx.Timeout,
+        max_concurrency: int = 32,
+        transport: httpx.AsyncBaseTransport | None = None,
+        retry: RetryPolicy | None = None,
+        breaker: BreakerPolicy | None = None,
+    ) -> None:
+        self.name = name
+        self._client = httpx.AsyncClient(
+            base_url=base_url,
+            headers=headers,
+            timeout=timeout,
+            transport=transport,
+            limits=httpx.Limits(max_connections=max_concurrency, max_keepalive_connections=max_concurrency),
+        )
+        self._retry = retry or RetryPolicy()
+        self.breaker = make_breaker(name, breaker or BreakerPolicy())
+        self._concurrency = asyncio.Semaphore(max_concurrency)
+        self.max_concurrency = max_concurrency
+
+    @property
+    def breaker_state(self) -> str:
+        """`closed`, `open` or `half_open`."""
+        return BREAKER_STATES.get(self.breaker.state, str(self.breaker.state))
+
+    async def request_bytes(
+        self, method: str, path: str, *, what: str, json: Any = None, params: dict[str, Any] | None = None,
+    ) -> bytes:
+        """One request with retries behind the breaker; returns the raw body of a 2xx answer."""
+
+        async def attempt() -> bytes:
+            async with self._concurrency:
+                with translate_errors(self.name, what):
+                    response = await self._client.request(method, path, json=json, params=params)
+                    raise_for_status(self.name, what, response)
+                    return await response.aread()
+
+        return await call_with_resilience(self.name, self.breaker, self._retry, attempt)
+
+    async def request_json(
+        self, method: str, path: str, *, what: str, json: Any = None, params: dict[str, Any] | None = None,
+    ) -> Any:
+        """Like :meth:`request_bytes`, decoding the JSON body (None when empty)."""
+        content = await self.request_bytes(method, path, what=what, json=json, params=params)
+        return self.decode(content, what=what)
+
+    def decode(self, content: bytes, *, what: str, adapter: TypeAdapter[Any] | None = None) -> Any:
+        """Decode a JSON body (straight into ``adapter``'s type when given); bad JSON is a permanent error."""
+        try:
+            if adapter is not None:
+                return adapter.validate_json(content)
+            return orjson.loads(content) if content else None
+        except (orjson.JSONDecodeError, ValidationError) as exc:
+            raise GatewayRequestError(
+                f"{self.name}: {what} answered an unexpected body", status_code=200,
+                body=content[:200].decode(errors="replace"), gateway=self.name,
+            ) from exc
+
+    async def aclose(self) -> None:
+        """Close the HTTP client."""
+        await self._client.aclose()
+
+    async def __aenter__(self) -> HttpGateway:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()

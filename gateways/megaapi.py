@@ -1,0 +1,103 @@
+"""MegaAPI client (gateways.md §4): one status call per instance, with bounded concurrency."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+
+import httpx
+
+from gateways.base import (
+    ConnectResult,
+    GatewayError,
+    GatewayNotFound,
+    GatewayNotSupported,
+    InstanceStatus,
+    Provider,
+    StatusObservation,
+)
+from gateways.http import HttpGateway
+from gateways.resilience import BreakerPolicy, RetryPolicy
+from gateways.status import from_megaapi, phone_from_jid
+
+
+class MegaApiGateway(HttpGateway):
+    """One MegaAPI host, authenticated with `Authorization: Bearer <token>`; instances are `instance_key`s."""
+
+    provider = Provider.MEGAAPI
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        base_url: str,
+        api_key: str,
+        timeout: httpx.Timeout,
+        max_concurrency: int = 32,
+        transport: httpx.AsyncBaseTransport | None = None,
+        retry: RetryPolicy | None = None,
+        breaker: BreakerPolicy | None = None,
+    ) -> None:
+        super().__init__(
+            name=name, base_url=base_url, headers={"Authorization": f"Bearer {api_key}"}, timeout=timeout,
+            max_concurrency=max_concurrency, transport=transport, retry=retry, breaker=breaker,
+        )
+
+    async def fetch_states(
+        self,
+        instance_names: Sequence[str],
+        *,
+        db_statuses: Mapping[str, InstanceStatus | None] | None = None,
+        confirm: set[str] | None = None,
+    ) -> dict[str, StatusObservation]:
+        """`GET /rest/instance/{key}` for every instance, at most ``max_concurrency`` at a time."""
+        observations = await asyncio.gather(*(self._status(name) for name in instance_names))
+        return {obs.instance_name: obs for obs in observations}
+
+    async def _status(self, name: str) -> StatusObservation:
+        started = datetime.now(UTC)
+        try:
+            body = await self.request_json("GET", f"/rest/instance/{name}", what="instance status")
+        except GatewayNotFound:
+            return StatusObservation(
+                instance_name=name, status=InstanceStatus.DISCONNECTED, observed_at=started,
+                reason="instance not found at the gateway",
+            )
+        except GatewayError as exc:
+            return StatusObservation(instance_name=name, status=None, observed_at=started, error=exc.message)
+        instance = (body or {}).get("instance") or {}
+        raw = instance.get("status")
+        user = instance.get("user") or {}
+        status = from_megaapi(raw)
+        return StatusObservation(
+            instance_name=name, status=status, observed_at=started,
+            reason=None if status is InstanceStatus.CONNECTED else f"gateway status {raw}",
+            phone_number=phone_from_jid(user.get("id")), profile_name=user.get("name"),
+        )
+
+    async def create_instance(
+        self, instance_name: str, *, webhook_url: str | None = None,
+        webhook_headers: Mapping[str, str] | None = None,
+    ) -> ConnectResult:
+        """MegaAPI instances are created in its own panel, not through its API."""
+        raise GatewayNotSupported(f"{self.name}: MegaAPI instances are created in the MegaAPI panel", gateway=self.name)
+
+    async def connect(self, instance_name: str) -> ConnectResult:
+        """The QR code as base64 (`GET /rest/instance/qrcode_base64/{key}`)."""
+        body = await self.request_json(
+            "GET", f"/rest/instance/qrcode_base64/{instance_name}", what="qrcode"
+        ) or {}
+        qr = body.get("qrcode")
+        return ConnectResult(
+            instance_name=instance_name,
+            status=InstanceStatus.QR_PENDING if qr else InstanceStatus.CONNECTING, qr_code=qr,
+        )
+
+    async def restart(self, instance_name: str) -> None:
+        """`DELETE /rest/instance/{key}/restart`."""
+        await self.request_json("DELETE", f"/rest/instance/{instance_name}/restart", what="restart")
+
+    async def logout(self, instance_name: str) -> None:
+        """`DELETE /rest/instance/{key}/logout`."""
+        await self.request_json("DELETE", f"/rest/instance/{instance_name}/logout", what="logout")

@@ -1,0 +1,57 @@
+"""Build gateway clients from settings, by configured name."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import httpx
+
+from gateways.base import Gateway, GatewayNotSupported, Provider
+from gateways.evolution import EvolutionGateway
+from gateways.megaapi import MegaApiGateway
+from gateways.resilience import BreakerPolicy, RetryPolicy
+from zapsync.settings import GatewayConfig, Settings, get_settings
+
+
+def build_gateway(
+    name: str, config: GatewayConfig, *, settings: Settings | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> Gateway:
+    """A client for one configured gateway."""
+    settings = settings or get_settings()
+    timeout = httpx.Timeout(config.timeout_seconds, connect=config.connect_timeout_seconds)
+    retry = RetryPolicy(
+        attempts=settings.gateway_retry_attempts, initial_seconds=settings.gateway_retry_initial_seconds,
+        max_seconds=settings.gateway_retry_max_seconds,
+    )
+    breaker = BreakerPolicy(
+        failure_threshold=settings.gateway_breaker_failures,
+        recovery_seconds=settings.gateway_breaker_recovery_seconds,
+    )
+    common = {
+        "name": name, "base_url": config.url, "api_key": config.api_key.get_secret_value(),
+        "timeout": timeout, "max_concurrency": config.max_concurrency, "transport": transport,
+        "retry": retry, "breaker": breaker,
+    }
+    if config.provider is Provider.EVOLUTION:
+        return EvolutionGateway(**common)
+    if config.provider is Provider.MEGAAPI:
+        return MegaApiGateway(**common)
+    raise GatewayNotSupported(f"gateway {name!r}: provider {config.provider} has no client yet", gateway=name)
+
+
+@asynccontextmanager
+async def open_gateways(names: set[str] | None = None) -> AsyncIterator[dict[str, Gateway]]:
+    """Clients for the configured gateways (or just ``names``), closed on exit."""
+    settings = get_settings()
+    configs = settings.gateways()
+    clients = {
+        name: build_gateway(name, config, settings=settings)
+        for name, config in configs.items() if names is None or name in names
+    }
+    try:
+        yield clients
+    finally:
+        for client in clients.values():
+            await client.aclose()

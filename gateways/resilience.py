@@ -1,0 +1,128 @@
+"""Retry with full-jitter backoff and a circuit breaker per gateway, around one HTTP request.
+
+Retryable (seed 003): connection refused/reset, DNS, timeouts, 429 and 502/503/504 — 3 tries, 1 s initial
+delay doubling to a 30 s cap, each delay drawn uniformly from [0, cap] ("full jitter"). Permanent errors
+(other 4xx) never retry and never trip the breaker. After 5 consecutive transient failures the breaker opens for
+30 s; the next call after that is a trial (half-open) that closes it again on success.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from typing import TypeVar
+
+import httpx
+from circuitbreaker import STATE_CLOSED, STATE_HALF_OPEN, STATE_OPEN, CircuitBreaker
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
+
+from gateways.base import (
+    GatewayAuthError,
+    GatewayError,
+    GatewayNotFound,
+    GatewayRequestError,
+    GatewayTransientError,
+    GatewayUnavailable,
+)
+
+log = logging.getLogger("zapsync.gateways")
+
+T = TypeVar("T")
+
+RETRYABLE_STATUS = frozenset({429, 502, 503, 504})
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how patiently a request is retried."""
+
+    attempts: int = 3
+    initial_seconds: float = 1.0
+    max_seconds: float = 30.0
+
+
+@dataclass(frozen=True)
+class BreakerPolicy:
+    """When a gateway's breaker opens and for how long."""
+
+    failure_threshold: int = 5
+    recovery_seconds: float = 30.0
+
+
+BREAKER_STATES = {STATE_CLOSED: "closed", STATE_OPEN: "open", STATE_HALF_OPEN: "half_open"}
+
+
+def make_breaker(gateway: str, policy: BreakerPolicy) -> CircuitBreaker:
+    """A breaker counting consecutive transient failures of one gateway."""
+    return CircuitBreaker(
+        failure_threshold=policy.failure_threshold,
+        recovery_timeout=policy.recovery_seconds,
+        expected_exception=GatewayTransientError,
+        name=f"gateway:{gateway}",
+    )
+
+
+@contextlib.contextmanager
+def translate_errors(gateway: str, what: str) -> Iterator[None]:
+    """Map httpx exceptions to zapsync's gateway errors, in one place (messages carry no secrets)."""
+    try:
+        yield
+    except httpx.TimeoutException as exc:
+        raise GatewayTransientError(f"{gateway}: {what} timed out", gateway=gateway) from exc
+    except httpx.TransportError as exc:
+        raise GatewayTransientError(
+            f"{gateway}: {what} failed: {type(exc).__name__}", gateway=gateway
+        ) from exc
+
+
+def raise_for_status(gateway: str, what: str, response: httpx.Response) -> None:
+    """Raise the gateway error matching a non-2xx answer."""
+    code = response.status_code
+    if code < 400:
+        return
+    body = response.text[:500]
+    message = f"{gateway}: {what} answered HTTP {code}"
+    if code in RETRYABLE_STATUS:
+        raise GatewayTransientError(message, gateway=gateway)
+    if code in (401, 403):
+        raise GatewayAuthError(message, status_code=code, body=body, gateway=gateway)
+    if code == 404:
+        raise GatewayNotFound(message, status_code=code, body=body, gateway=gateway)
+    raise GatewayRequestError(message, status_code=code, body=body, gateway=gateway)
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """Transient failures retry; an open breaker does not (it would only wait out its own timer)."""
+    return isinstance(exc, GatewayTransientError) and not isinstance(exc, GatewayUnavailable)
+
+
+async def call_with_resilience(
+    gateway: str,
+    breaker: CircuitBreaker,
+    retry: RetryPolicy,
+    attempt: Callable[[], Awaitable[T]],
+) -> T:
+    """Run ``attempt`` behind the breaker, retrying transient failures with full-jitter backoff."""
+
+    async def once() -> T:
+        if breaker.opened:
+            raise GatewayUnavailable(f"{gateway}: circuit breaker is open", gateway=gateway)
+        result: T = await breaker.call_async(attempt)
+        return result
+
+    retrying = AsyncRetrying(
+        stop=stop_after_attempt(retry.attempts),
+        wait=wait_random_exponential(multiplier=retry.initial_seconds, max=retry.max_seconds),
+        retry=retry_if_exception(is_retryable),
+        reraise=True,
+        before_sleep=lambda state: log.debug(
+            "[GATEWAY] %s retry %d after %s", gateway, state.attempt_number,
+            type(state.outcome.exception()).__name__ if state.outcome else "?",
+        ),
+    )
+    async for try_ in retrying:
+        with try_:
+            return await once()
+    raise GatewayError(f"{gateway}: no attempt made", gateway=gateway)  # pragma: no cover

@@ -1,0 +1,53 @@
+"""Provider status vocabularies mapped onto zapsync's one enum (DESIGN.md §4)."""
+
+from __future__ import annotations
+
+from gateways.base import InstanceStatus
+
+_EVOLUTION = {
+    "open": InstanceStatus.CONNECTED,
+    "connecting": InstanceStatus.CONNECTING,
+    "close": InstanceStatus.DISCONNECTED,
+    "closed": InstanceStatus.DISCONNECTED,
+    "refused": InstanceStatus.ERROR,
+}
+_WAHA = {
+    "WORKING": InstanceStatus.CONNECTED,
+    "STARTING": InstanceStatus.CONNECTING,
+    "SCAN_QR_CODE": InstanceStatus.QR_PENDING,
+    "STOPPED": InstanceStatus.DISCONNECTED,
+    "FAILED": InstanceStatus.ERROR,
+}
+_MEGAAPI_CONNECTED = {"connected", "open", "phone_connected"}
+
+LOGGED_OUT_CODES = frozenset({401, 403, 402, 406})
+"""Evolution/Baileys close codes that are not reconnectable: the session needs a new QR."""
+
+
+def from_evolution(state: str | None, *, qr_emitted: bool = False) -> InstanceStatus | None:
+    """Evolution `open|connecting|close|refused`; `connecting` after a QR was emitted is `qr_pending`."""
+    if state is None:
+        return None
+    status = _EVOLUTION.get(state.lower())
+    if status is InstanceStatus.CONNECTING and qr_emitted:
+        return InstanceStatus.QR_PENDING
+    return status
+
+
+def from_waha(status: str | None) -> InstanceStatus | None:
+    """WAHA session status (`WORKING`, `SCAN_QR_CODE`, …)."""
+    return _WAHA.get((status or "").upper())
+
+
+def from_megaapi(status: str | None) -> InstanceStatus:
+    """MegaAPI: `connected` is connected; anything else is disconnected."""
+    return InstanceStatus.CONNECTED if (status or "").lower() in _MEGAAPI_CONNECTED else InstanceStatus.DISCONNECTED
+
+
+def phone_from_jid(jid: str | None) -> str | None:
+    """Digits of a WhatsApp jid (`5511999990000@s.whatsapp.net`, `...:12@s.whatsapp.net`, `...@c.us`)."""
+    if not jid:
+        return None
+    user = jid.split("@", 1)[0].split(":", 1)[0]
+    digits = "".join(ch for ch in user if ch.isdigit())
+    return digits or None

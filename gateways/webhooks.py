@@ -1,0 +1,196 @@
+"""Gateway webhook payloads parsed into typed, provider-neutral events (gateways.md §2 and §4).
+
+Both known shapes are accepted wherever a gateway varies (MegaAPI's two `connection_update` forms, Evolution's
+`instance` as a name or an object). An event zapsync does not act on is still parsed (kind OTHER) so it can be
+stored and acknowledged; a payload that is not what its event promises raises :class:`MalformedPayload`.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+
+from gateways.base import InstanceStatus, Provider
+from gateways.status import LOGGED_OUT_CODES, from_evolution, from_megaapi, phone_from_jid
+
+
+class MalformedPayload(ValueError):
+    """The body cannot be what it claims to be; the message says why (safe to return to the sender)."""
+
+
+class EventKind(enum.StrEnum):
+    """What zapsync does with an event."""
+
+    STATUS = "status"
+    """Changes the instance's connection status (and maybe its QR code)."""
+    OTHER = "other"
+    """Stored and acknowledged; no inline effect yet."""
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookEvent:
+    """One delivery, normalized."""
+
+    provider: Provider
+    event: str
+    instance_name: str | None
+    kind: EventKind
+    status: InstanceStatus | None = None
+    reason: str | None = None
+    phone_number: str | None = None
+    profile_name: str | None = None
+    qr_code: str | None = None
+    logged_out: bool = False
+    event_time: datetime | None = None
+    event_id: str | None = None
+    """An id the gateway gave the delivery (WAHA), when there is one."""
+
+
+def decode_json(body: bytes) -> dict[str, Any]:
+    """The body as a JSON object, or MalformedPayload with the parser's reason."""
+    if not body.strip():
+        raise MalformedPayload("empty body: expected a JSON object")
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise MalformedPayload(f"body is not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise MalformedPayload(f"expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def event_name_from_suffix(suffix: str) -> str:
+    """Evolution's by-events URL suffix (`connection-update`) back to its event name (`connection.update`)."""
+    special = {"group-participants-update": "group-participants.update"}
+    return special.get(suffix, suffix.replace("-", "."))
+
+
+def parse_evolution(payload: dict[str, Any], *, path_event: str | None = None) -> WebhookEvent:
+    """An Evolution API v2 delivery: envelope `{event, instance, data, date_time, ...}`."""
+    event = payload.get("event") or (event_name_from_suffix(path_event) if path_event else None)
+    if not isinstance(event, str) or not event:
+        raise MalformedPayload("missing 'event' (a string such as 'connection.update')")
+    event = event.lower().replace("_", ".") if event.isupper() else event
+    instance = payload.get("instance")
+    if isinstance(instance, dict):
+        instance = instance.get("instanceName") or instance.get("name")
+    if instance is not None and not isinstance(instance, str):
+        raise MalformedPayload("'instance' must be the instance name")
+    data = payload.get("data")
+    event_time = _parse_time(payload.get("date_time"))
+    base = {"provider": Provider.EVOLUTION, "event": event, "instance_name": instance, "event_time": event_time}
+
+    if event == "connection.update":
+        if not instance:
+            raise MalformedPayload("connection.update without 'instance'")
+        if not isinstance(data, dict) or not isinstance(data.get("state"), str):
+            raise MalformedPayload("connection.update needs data.state (open, connecting, close or refused)")
+        state = data["state"]
+        status = from_evolution(state)
+        if status is None:
+            raise MalformedPayload(f"connection.update has unknown state {state!r}")
+        code = data.get("statusReason")
+        logged_out = state == "close" and isinstance(code, int) and code in LOGGED_OUT_CODES
+        reason = None
+        if logged_out:
+            reason = f"logged out (code {code})"
+        elif status is not InstanceStatus.CONNECTED and code not in (None, 200):
+            reason = f"{state} (code {code})"
+        return WebhookEvent(
+            **base, kind=EventKind.STATUS, status=status, reason=reason, logged_out=logged_out,
+            phone_number=phone_from_jid(data.get("wuid")), profile_name=data.get("profileName"),
+        )
+    if event == "qrcode.updated":
+        if not instance:
+            raise MalformedPayload("qrcode.updated without 'instance'")
+        if not isinstance(data, dict):
+            raise MalformedPayload("qrcode.updated needs a data object")
+        qrcode = data.get("qrcode")
+        if isinstance(qrcode, dict) and (qrcode.get("base64") or qrcode.get("code")):
+            return WebhookEvent(
+                **base, kind=EventKind.STATUS, status=InstanceStatus.QR_PENDING,
+                qr_code=qrcode.get("base64") or qrcode.get("code"),
+            )
+        if data.get("message"):  # QR limit reached: the session ends as refused
+            return WebhookEvent(**base, kind=EventKind.STATUS, status=InstanceStatus.ERROR,
+                                reason=str(data.get("message"))[:200])
+        raise MalformedPayload("qrcode.updated needs data.qrcode.base64 or data.message")
+    if event == "logout.instance" and instance:
+        return WebhookEvent(**base, kind=EventKind.STATUS, status=InstanceStatus.DISCONNECTED,
+                            reason="logged out", logged_out=True)
+    return WebhookEvent(**base, kind=EventKind.OTHER)
+
+
+MEGAAPI_CONNECTION_MESSAGES = {"phone_connected": "connected", "phone_disconnected": "disconnected"}
+
+
+def parse_megaapi(payload: dict[str, Any]) -> WebhookEvent:
+    """A MegaAPI delivery: flat, typed by `messageType` (both `connection_update` shapes accepted)."""
+    kind = payload.get("messageType") or payload.get("type")
+    if not isinstance(kind, str) or not kind:
+        raise MalformedPayload("missing 'messageType'")
+    instance = payload.get("instance_key") or payload.get("instanceKey")
+    if instance is not None and not isinstance(instance, str):
+        raise MalformedPayload("'instance_key' must be a string")
+    event_time = _parse_time(payload.get("timestamp"))
+    base = {"provider": Provider.MEGAAPI, "event": kind, "instance_name": instance, "event_time": event_time}
+    if kind == "connection_update":
+        if not instance:
+            raise MalformedPayload("connection_update without 'instance_key'")
+        if isinstance(payload.get("connection_state"), str):  # the official sample's shape
+            raw = payload["connection_state"]
+        elif payload.get("message") in MEGAAPI_CONNECTION_MESSAGES:  # the 2026 client's shape
+            raw = MEGAAPI_CONNECTION_MESSAGES[payload["message"]]
+        else:
+            raise MalformedPayload(
+                "connection_update needs 'connection_state' or 'message' (phone_connected/phone_disconnected)"
+            )
+        status = from_megaapi(raw)
+        close_reason = payload.get("closeReason")
+        return WebhookEvent(
+            **base, kind=EventKind.STATUS, status=status,
+            reason=None if status is InstanceStatus.CONNECTED else f"{raw}" + (
+                f" ({close_reason})" if close_reason else ""),
+            phone_number=phone_from_jid(payload.get("jid")), profile_name=payload.get("pushName"),
+        )
+    return WebhookEvent(**base, kind=EventKind.OTHER)
+
+
+def observation_time(event_time: datetime | None, received_at: datetime, tolerance: timedelta) -> datetime:
+    """When the event was observed: its own time when plausible, else the time it was received.
+
+    Gateways stamp events unreliably (Evolution writes local wall time with a `Z`), so a stamp is trusted only
+    when it is not in the future and not older than ``tolerance``; a redelivery minutes later then keeps its
+    original time and loses to anything observed since.
+    """
+    if event_time is None or event_time > received_at or received_at - event_time > tolerance:
+        return received_at
+    return event_time
+
+
+def dedupe_key(organization_id: object, event: WebhookEvent, payload: dict[str, Any]) -> str:
+    """A key equal for redeliveries of the same event: the gateway's id when it has one, else the body's hash."""
+    if event.event_id:
+        material = f"{organization_id}|{event.provider}|id|{event.event_id}"
+    else:
+        body_hash = hashlib.sha256(orjson.dumps(payload, option=orjson.OPT_SORT_KEYS)).hexdigest()
+        material = f"{organization_id}|{event.provider}|body|{body_hash}"
+    return hashlib.sha256(material.encode()).hexdigest()
+
+
+def _parse_time(value: Any) -> datetime | None:
+    if isinstance(value, int | float) and value > 0:
+        seconds = value / 1000 if value > 10**11 else value
+        return datetime.fromtimestamp(seconds, UTC)
+    if isinstance(value, str) and value:
+        try:
+            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            return None
+        return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    return None

@@ -1,0 +1,100 @@
+"""Shared fixtures: a real embedded PostgreSQL, the gateway simulator over loopback, a real Prefect server."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+
+# Settings are read from the environment: point everything at throwaway places before zapsync is imported.
+_HOME = tempfile.mkdtemp(prefix="zapsync-test-")
+os.environ["ZAPSYNC_HOME"] = _HOME
+for _var in ("DATABASE_URL", "EVOLUTION_API_URL", "EVOLUTION_API_KEY", "MEGA_API_HOST", "MEGA_API_TOKEN",
+             "ZAPSYNC_GATEWAYS", "CRON_SECRET", "ZAPSYNC_ADMIN_TOKEN"):
+    os.environ.pop(_var, None)
+os.environ.update({
+    "ZAPSYNC_GATEWAY_TIMEOUT": "0.5",
+    "ZAPSYNC_GATEWAY_RETRY_INITIAL": "0.01",
+    "ZAPSYNC_GATEWAY_RETRY_MAX": "0.05",
+    "ZAPSYNC_GATEWAY_BREAKER_RECOVERY": "0.3",
+    "CRON_SECRET": "test-cron-secret",
+    "ZAPSYNC_ADMIN_TOKEN": "test-admin-token",
+    "PREFECT_LOGGING_LEVEL": "WARNING",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DO_NOT_TRACK": "1",
+})
+
+import pytest  # noqa: E402
+from sqlalchemy import text  # noqa: E402
+
+from db.engine import database_url, dispose_engine, session_scope  # noqa: E402
+from db.migrate import upgrade  # noqa: E402
+from gateways.simulator import SimulatorState  # noqa: E402
+from gateways.simulator.server import SimulatorServer  # noqa: E402
+from zapsync.settings import get_settings  # noqa: E402
+
+SIM_EVOLUTION_KEY = "sim-evolution-key"
+SIM_MEGAAPI_TOKEN = "sim-megaapi-token"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def database() -> Iterator[str]:
+    """The embedded PostgreSQL, migrated to head once for the session."""
+    url = database_url()
+    upgrade()
+    yield url.render_as_string(hide_password=True)
+
+
+@pytest.fixture(scope="session")
+def simulator_state() -> SimulatorState:
+    """The simulator's in-memory world, shared by the session's server."""
+    return SimulatorState()
+
+
+@pytest.fixture(scope="session")
+def simulator_server(simulator_state: SimulatorState) -> Iterator[SimulatorServer]:
+    """The gateway simulator serving Evolution and MegaAPI routes on a loopback port."""
+    with SimulatorServer(simulator_state) as server:
+        os.environ.update({
+            "EVOLUTION_API_URL": server.url, "EVOLUTION_API_KEY": SIM_EVOLUTION_KEY,
+            "MEGA_API_HOST": server.url, "MEGA_API_TOKEN": SIM_MEGAAPI_TOKEN,
+        })
+        get_settings.cache_clear()
+        yield server
+
+
+@pytest.fixture
+def simulator(simulator_server: SimulatorServer, simulator_state: SimulatorState) -> Iterator[SimulatorState]:
+    """A fresh simulator world for one test (instances, knobs and counters reset)."""
+    simulator_state.reset()
+    yield simulator_state
+    simulator_state.reset()
+
+
+@pytest.fixture(scope="session")
+def prefect_server() -> Iterator[None]:
+    """A real, temporary Prefect server for the session (flows and deployments run against it)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=60):
+        yield
+
+
+TABLES = (
+    "instance_status_changes", "whatsapp_sessions", "webhook_events", "flow_reports", "api_tokens",
+    "whatsapp_instances", "clients", "organizations",
+)
+
+
+@pytest.fixture(autouse=True)
+async def clean_database() -> AsyncIterator[None]:
+    """Every test starts from empty tables (flows commit for real, so there is no rollback to lean on)."""
+    async with session_scope() as session:
+        await session.execute(text(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE"))
+    yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+async def _dispose_engine() -> AsyncIterator[None]:
+    yield
+    await dispose_engine()

@@ -1,0 +1,128 @@
+"""Settings from the environment and `.env`, one class per concern, read through cached getters.
+
+The seeds' variable names work as given (EVOLUTION_API_URL, EVOLUTION_API_KEY, MEGA_API_HOST, MEGA_API_TOKEN,
+CRON_SECRET, WEBHOOK_URL, DATABASE_URL). More gateways can be named in ZAPSYNC_GATEWAYS as JSON:
+``{"evo-sp": {"provider": "evolution", "url": "https://...", "api_key": "..."}}``.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+from pydantic import AliasChoices, BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from gateways.base import Provider
+
+_ENV = SettingsConfigDict(env_file=".env", env_ignore_empty=True, extra="ignore")
+
+
+class GatewayConfig(BaseModel):
+    """One configured gateway: a provider at a base URL with its key."""
+
+    provider: Provider
+    url: str
+    api_key: SecretStr = SecretStr("")
+    timeout_seconds: float = Field(default=10.0, gt=0)
+    connect_timeout_seconds: float = Field(default=5.0, gt=0)
+    max_concurrency: int = Field(default=32, ge=1, le=1024)
+    """Parallel per-instance calls (MegaAPI status, Evolution live confirmations)."""
+
+    @field_validator("url")
+    @classmethod
+    def _strip_slash(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("gateway url must start with http:// or https://")
+        return value.rstrip("/")
+
+
+class Settings(BaseSettings):
+    """Everything zapsync reads from its environment."""
+
+    model_config = _ENV
+
+    home: Path = Field(default=Path("~/.zapsync"), validation_alias=AliasChoices("ZAPSYNC_HOME"))
+    database_url: SecretStr | None = Field(default=None, validation_alias=AliasChoices("DATABASE_URL"))
+
+    evolution_api_url: str | None = Field(default=None, validation_alias="EVOLUTION_API_URL")
+    evolution_api_key: SecretStr | None = Field(default=None, validation_alias="EVOLUTION_API_KEY")
+    mega_api_host: str | None = Field(default=None, validation_alias="MEGA_API_HOST")
+    mega_api_token: SecretStr | None = Field(default=None, validation_alias="MEGA_API_TOKEN")
+    extra_gateways: dict[str, GatewayConfig] = Field(
+        default_factory=dict, validation_alias="ZAPSYNC_GATEWAYS"
+    )
+    gateway_timeout_seconds: float = Field(default=10.0, gt=0, validation_alias="ZAPSYNC_GATEWAY_TIMEOUT")
+    gateway_retry_attempts: int = Field(default=3, ge=1, le=10, validation_alias="ZAPSYNC_GATEWAY_RETRY_ATTEMPTS")
+    gateway_retry_initial_seconds: float = Field(
+        default=1.0, ge=0, validation_alias="ZAPSYNC_GATEWAY_RETRY_INITIAL"
+    )
+    gateway_retry_max_seconds: float = Field(default=30.0, ge=0, validation_alias="ZAPSYNC_GATEWAY_RETRY_MAX")
+    gateway_breaker_failures: int = Field(default=5, ge=1, validation_alias="ZAPSYNC_GATEWAY_BREAKER_FAILURES")
+    gateway_breaker_recovery_seconds: float = Field(
+        default=30.0, gt=0, validation_alias="ZAPSYNC_GATEWAY_BREAKER_RECOVERY"
+    )
+
+    cron_secret: SecretStr | None = Field(default=None, validation_alias="CRON_SECRET")
+    admin_token: SecretStr | None = Field(default=None, validation_alias="ZAPSYNC_ADMIN_TOKEN")
+    webhook_url: str | None = Field(default=None, validation_alias="WEBHOOK_URL")
+    webhook_max_body_bytes: int = Field(default=1_048_576, ge=1024, validation_alias="ZAPSYNC_WEBHOOK_MAX_BODY")
+    webhook_event_time_tolerance_seconds: float = Field(
+        default=900.0, ge=0, validation_alias="ZAPSYNC_WEBHOOK_EVENT_TIME_TOLERANCE"
+    )
+    """A payload timestamp older than this (or in the future) is not trusted; the receive time is used."""
+    webhook_repeat_window_seconds: float = Field(
+        default=5.0, ge=0, validation_alias="ZAPSYNC_WEBHOOK_REPEAT_WINDOW"
+    )
+    """How long an API process answers an identical status event from memory, without touching the DB."""
+
+    api_host: str = Field(default="127.0.0.1", validation_alias="ZAPSYNC_API_HOST")
+    api_port: int = Field(default=8000, ge=1, le=65535, validation_alias="ZAPSYNC_API_PORT")
+
+    sync_interval_seconds: int = Field(default=300, ge=10, validation_alias="ZAPSYNC_SYNC_INTERVAL")
+    sync_batch_size: int = Field(default=5000, ge=1, validation_alias="ZAPSYNC_SYNC_BATCH")
+    sync_confirm_budget: int = Field(default=200, ge=0, validation_alias="ZAPSYNC_SYNC_CONFIRM_BUDGET")
+    """Instances per run whose 'open' bulk status is confirmed live even when the DB agrees (rotating)."""
+
+    @field_validator("database_url", mode="before")
+    @classmethod
+    def _psycopg_driver(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            for prefix in ("postgres://", "postgresql://"):
+                if value.startswith(prefix):
+                    return "postgresql+psycopg://" + value[len(prefix):]
+        return value
+
+    @model_validator(mode="after")
+    def _expand_home(self) -> Settings:
+        self.home = self.home.expanduser()
+        return self
+
+    def gateways(self) -> dict[str, GatewayConfig]:
+        """All configured gateways by name: the seeds' variables first, then ZAPSYNC_GATEWAYS."""
+        found: dict[str, GatewayConfig] = {}
+        timeouts = {"timeout_seconds": self.gateway_timeout_seconds}
+        if self.evolution_api_url:
+            found["evolution"] = GatewayConfig(
+                provider=Provider.EVOLUTION, url=self.evolution_api_url,
+                api_key=self.evolution_api_key or SecretStr(""), **timeouts,
+            )
+        if self.mega_api_host:
+            found["megaapi"] = GatewayConfig(
+                provider=Provider.MEGAAPI, url=self.mega_api_host,
+                api_key=self.mega_api_token or SecretStr(""), **timeouts,
+            )
+        found.update(self.extra_gateways)
+        return found
+
+    @property
+    def data_dir(self) -> Path:
+        """Folder for the embedded PostgreSQL cluster."""
+        return self.home / "pgdata"
+
+
+@functools.cache
+def get_settings() -> Settings:
+    """The process's settings, read once; tests call ``get_settings.cache_clear()`` after changing env."""
+    return Settings()
