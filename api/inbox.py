@@ -39,33 +39,36 @@ class HandlingResult:
 
 
 class RepeatFilter:
-    """Remembers, for a few seconds, status events this process has just handled with no effect or applied.
+    """Remembers, per instance, the last status event this process handled, for a few seconds.
 
-    Bounded (LRU) so a flood across many instances cannot grow it without limit.
+    A delivery equal to that last one (same state, reason and QR code) within the window is a repeat and costs
+    only this lookup. Only the *last* state counts, so a real flip-flop (open, connecting, open) is never
+    swallowed. Bounded (LRU) so a flood across many instances cannot grow it without limit.
     """
 
     def __init__(self, window_seconds: float, max_entries: int = 50_000) -> None:
         self.window = window_seconds
         self.max_entries = max_entries
-        self._seen: OrderedDict[str, float] = OrderedDict()
+        self._last: OrderedDict[str, tuple[str, float]] = OrderedDict()
 
     @staticmethod
-    def key(organization_id: uuid.UUID, event: WebhookEvent) -> str:
-        """Identity of a status event, ignoring its timestamp."""
+    def keys(organization_id: uuid.UUID, event: WebhookEvent) -> tuple[str, str]:
+        """(which instance, which state) of a status event, ignoring its timestamp."""
         qr = hashlib.sha1(event.qr_code.encode()).hexdigest() if event.qr_code else ""
-        return f"{organization_id}|{event.provider}|{event.instance_name}|{event.status}|{event.reason}|{qr}"
+        return (f"{organization_id}|{event.provider}|{event.instance_name}",
+                f"{event.status}|{event.reason}|{qr}")
 
-    def seen_recently(self, key: str) -> bool:
-        """True when ``key`` was remembered less than the window ago."""
-        until = self._seen.get(key)
-        return until is not None and until > time.monotonic()
+    def is_repeat(self, instance_key: str, state_key: str) -> bool:
+        """True when ``state_key`` is the instance's last handled state and the window has not passed."""
+        last = self._last.get(instance_key)
+        return last is not None and last[0] == state_key and last[1] > time.monotonic()
 
-    def remember(self, key: str) -> None:
-        """Remember ``key`` for the window."""
-        self._seen[key] = time.monotonic() + self.window
-        self._seen.move_to_end(key)
-        while len(self._seen) > self.max_entries:
-            self._seen.popitem(last=False)
+    def remember(self, instance_key: str, state_key: str) -> None:
+        """Make ``state_key`` the instance's last handled state for the window."""
+        self._last[instance_key] = (state_key, time.monotonic() + self.window)
+        self._last.move_to_end(instance_key)
+        while len(self._last) > self.max_entries:
+            self._last.popitem(last=False)
 
 
 def gateways_for(provider: Provider) -> list[str]:
@@ -85,12 +88,12 @@ async def handle_event(
     """Dedupe, store and apply one authenticated, parsed delivery."""
     received_at = received_at or datetime.now(UTC)
     if event.kind is EventKind.STATUS:
-        repeat_key = repeats.key(organization_id, event)
-        if repeats.seen_recently(repeat_key):
-            return HandlingResult("duplicate", "repeat of a state just handled")
+        instance_key, state_key = repeats.keys(organization_id, event)
+        if repeats.is_repeat(instance_key, state_key):
+            return HandlingResult("duplicate", "repeat of the state just handled")
         result = await _handle_status(organization_id, event, payload, received_at)
         if result.outcome in ("applied", "duplicate"):
-            repeats.remember(repeat_key)
+            repeats.remember(instance_key, state_key)
         return result
     key = dedupe_key(organization_id, event, payload)
     async with session_scope() as session:
