@@ -131,6 +131,7 @@ async def _handle_status(
         write = StatusWrite(
             instance_id=instance.id, status=event.status, observed_at=observed_at, reason=event.reason,
             phone_number=event.phone_number, profile_name=event.profile_name, qr_code=event.qr_code,
+            logged_out=event.logged_out,
         )
         repeat = instance.status == event.status and (event.qr_code is None or event.qr_code == instance.qr_code)
         changes = await apply_status_writes(session, [write], source="webhook")

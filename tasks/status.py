@@ -60,7 +60,7 @@ def diff_observations(
         writes.append(StatusWrite(
             instance_id=ref.id, status=obs.status, observed_at=obs.observed_at, reason=obs.reason,
             phone_number=obs.phone_number, profile_name=obs.profile_name,
-            live_confirmed=ref.instance_name in confirmed,
+            live_confirmed=ref.instance_name in confirmed, logged_out=obs.logged_out,
         ))
         if obs.status != ref.status:
             drifts.append(Drift(

@@ -81,7 +81,7 @@ def prefect_server() -> Iterator[None]:
 
 
 TABLES = (
-    "instance_status_changes", "whatsapp_sessions", "webhook_events", "flow_reports", "api_tokens",
+    "live_events", "messages", "conversations", "contacts", "import_runs", "instance_status_changes", "whatsapp_sessions", "webhook_events", "flow_reports", "api_tokens",
     "whatsapp_instances", "clients", "organizations",
 )
 

@@ -237,6 +237,7 @@ async def test_qr_code_and_logged_out_close(client: httpx.AsyncClient) -> None:
     assert (await post(client, org, closed)).json()["outcome"] == "applied"
     row = await instance_row(instance_id)
     assert row["status"] == "disconnected" and "logged out" in row["status_reason"]
+    assert row["logged_out"] is True
     assert row["qr_code"] is None
     assert [to for _, to, _ in await history(instance_id)] == ["qr_pending", "connected", "disconnected"]
 

@@ -1,6 +1,7 @@
 """All zapsync tables, re-exported so Alembic sees them."""
 
 from db.models.base import Base
+from db.models.conversation import Contact, Conversation, ImportRun, LiveEvent, Message
 from db.models.events import FlowReport, WebhookEvent
 from db.models.instance import InstanceStatusChange, WhatsAppInstance, WhatsAppSession
 from db.models.organization import ApiToken, Client, Organization
@@ -9,8 +10,13 @@ __all__ = [
     "ApiToken",
     "Base",
     "Client",
+    "Contact",
+    "Conversation",
     "FlowReport",
+    "ImportRun",
     "InstanceStatusChange",
+    "LiveEvent",
+    "Message",
     "Organization",
     "WebhookEvent",
     "WhatsAppInstance",

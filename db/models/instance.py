@@ -43,7 +43,10 @@ class WhatsAppInstance(Timestamps, Base):
     status_observed_at: Mapped[datetime | None]
     last_checked_at: Mapped[datetime | None]
     live_confirmed_at: Mapped[datetime | None]
+    logged_out: Mapped[bool] = mapped_column(server_default=text("false"))
+    """The gateway said the session was logged out: only a new QR scan reconnects it."""
     consecutive_failures: Mapped[int] = mapped_column(server_default=text("0"))
+    last_health_check_at: Mapped[datetime | None]
     health: Mapped[str] = mapped_column(String(16), server_default=text("'unknown'"))
 
 

@@ -38,6 +38,7 @@ class StatusWrite:
     profile_name: str | None = None
     qr_code: str | None = None
     live_confirmed: bool = False
+    logged_out: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,8 +90,8 @@ WITH obs AS (
     SELECT * FROM unnest(
         CAST(:ids AS uuid[]), CAST(:statuses AS text[]), CAST(:observed AS timestamptz[]),
         CAST(:reasons AS text[]), CAST(:phones AS text[]), CAST(:profiles AS text[]),
-        CAST(:qrs AS text[]), CAST(:confirmed AS boolean[])
-    ) AS o(id, status, observed_at, reason, phone, profile, qr, confirmed)
+        CAST(:qrs AS text[]), CAST(:confirmed AS boolean[]), CAST(:logged_out AS boolean[])
+    ) AS o(id, status, observed_at, reason, phone, profile, qr, confirmed, logged_out)
 ),
 prev AS (
     SELECT i.id, i.status AS from_status
@@ -101,6 +102,7 @@ upd AS (
         status = obs.status,
         status_reason = obs.reason,
         status_observed_at = obs.observed_at,
+        logged_out = obs.logged_out,
         phone_number = COALESCE(obs.phone, i.phone_number),
         profile_name = COALESCE(obs.profile, i.profile_name),
         qr_code = CASE WHEN obs.status = 'qr_pending' THEN COALESCE(obs.qr, i.qr_code) ELSE NULL END,
@@ -183,7 +185,9 @@ async def apply_status_writes(
         "qrs": [w.qr_code for w in writes],
         "confirmed": [w.live_confirmed for w in writes],
     }
-    result = await session.execute(_APPLY_SQL, {**columns, "reasons": [w.reason for w in writes]})
+    result = await session.execute(_APPLY_SQL, {
+        **columns, "reasons": [w.reason for w in writes], "logged_out": [w.logged_out for w in writes],
+    })
     changes = [AppliedChange(*row) for row in result.all()]
     await session.execute(_TOUCH_SQL, columns)
     if not changes:

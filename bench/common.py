@@ -1,0 +1,358 @@
+"""Shared plumbing of the benchmarks: environment, throwaway database, simulator process, Prefect, output.
+
+Nothing heavy is imported at module level: Prefect reads its settings (logging level, analytics) when it is first
+imported, so :func:`prepare_environment` must run before anything imports ``prefect`` or zapsync's flows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from typing import IO, Any, Literal
+
+ProviderName = Literal["evolution", "megaapi"]
+
+SIM_EVOLUTION_KEY = "bench-evolution-key"
+SIM_MEGAAPI_TOKEN = "bench-megaapi-token"
+_GATEWAY_VARS = ("EVOLUTION_API_URL", "EVOLUTION_API_KEY", "MEGA_API_HOST", "MEGA_API_TOKEN", "ZAPSYNC_GATEWAYS")
+_STARTED = time.perf_counter()
+
+
+class BenchFailure(Exception):
+    """The benchmark ran but its result is wrong (exit code 1)."""
+
+
+# -- messages and output ----------------------------------------------------------------------------------------
+
+
+def progress(message: str) -> None:
+    """One progress line on stderr, stamped with seconds since the process started."""
+    print(f"[bench {time.perf_counter() - _STARTED:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size so far, in MB (children not included)."""
+    kilobytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return round(kilobytes / 1024, 1)
+
+
+@contextlib.contextmanager
+def reserved_stdout() -> Iterator[IO[str]]:
+    """Send everything written to stdout (by us, libraries or child processes) to stderr for the block.
+
+    Yields a stream on the real stdout, so that a ``--json`` run prints exactly one JSON object there.
+    """
+    sys.stdout.flush()
+    saved_fd = os.dup(1)
+    real = os.fdopen(os.dup(saved_fd), "w", encoding="utf-8")
+    os.dup2(2, 1)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield real
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved_fd, 1)
+        os.close(saved_fd)
+        real.flush()
+        real.close()
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One line of the results table."""
+
+    label: str
+    value: str
+
+
+def render_table(title: str, rows: Sequence[Row]) -> str:
+    """A plain two-column table (readable in a terminal and in a pasted report)."""
+    width = max(len(row.label) for row in rows)
+    value_width = max(len(row.value) for row in rows)
+    rule = "-" * (width + value_width + 3)
+    lines = [title, rule]
+    lines += [f"{row.label:<{width}} | {row.value}" for row in rows]
+    lines.append(rule)
+    return "\n".join(lines)
+
+
+def emit(result: dict[str, Any], *, as_json: bool, table: str, out: IO[str]) -> None:
+    """Write the result: one JSON object, or the human table."""
+    if as_json:
+        out.write(json.dumps(result, sort_keys=False, default=str) + "\n")
+    else:
+        out.write(table + "\n")
+    out.flush()
+
+
+# -- environment ------------------------------------------------------------------------------------------------
+
+
+def prepare_environment() -> None:
+    """Quiet, private settings for Prefect and the gateway clients; call before importing prefect or zapsync."""
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+
+
+def configure_gateway(provider: ProviderName, url: str) -> None:
+    """Point zapsync's only configured gateway at the simulator (the seeds' variable names) and reload settings."""
+    from zapsync.settings import get_settings
+
+    for var in _GATEWAY_VARS:
+        os.environ.pop(var, None)
+    if provider == "evolution":
+        os.environ.update({"EVOLUTION_API_URL": url, "EVOLUTION_API_KEY": SIM_EVOLUTION_KEY})
+    else:
+        os.environ.update({"MEGA_API_HOST": url, "MEGA_API_TOKEN": SIM_MEGAAPI_TOKEN})
+    get_settings.cache_clear()
+
+
+# -- database ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class BenchDatabase:
+    """The database a benchmark runs on."""
+
+    url: str
+    """SQLAlchemy URL, password masked (for messages)."""
+    conninfo: str
+    """libpq connection string (for the naive baselines, which use plain psycopg)."""
+    embedded: bool
+
+
+def libpq_conninfo(url: Any) -> str:
+    """A libpq connection string from a SQLAlchemy URL (host may be a unix-socket folder in the query)."""
+    from psycopg.conninfo import make_conninfo
+
+    params: dict[str, Any] = {
+        "host": url.host or url.query.get("host"), "port": url.port, "user": url.username,
+        "password": url.password, "dbname": url.database,
+    }
+    return make_conninfo(**{key: value for key, value in params.items() if value is not None})
+
+
+@contextlib.contextmanager
+def bench_database() -> Iterator[BenchDatabase]:
+    """A migrated database with empty zapsync tables.
+
+    Without ``DATABASE_URL``: an embedded PostgreSQL in a throwaway ``ZAPSYNC_HOME``, removed afterwards. With it:
+    that database, migrated to head, and **every zapsync table truncated**.
+    """
+    import psycopg
+
+    home: str | None = None
+    if not os.environ.get("DATABASE_URL"):
+        home = tempfile.mkdtemp(prefix="zapsync-bench-")
+        os.environ["ZAPSYNC_HOME"] = home
+    from db.engine import database_url, safe_url, stop_embedded_postgres
+    from db.migrate import upgrade
+    from zapsync.settings import get_settings
+
+    get_settings.cache_clear()
+    try:
+        url = database_url()
+        where = f"embedded PostgreSQL in {home}" if home else safe_url(url)
+        progress(f"database: {where}; migrating")
+        upgrade()
+        conninfo = libpq_conninfo(url)
+        with psycopg.connect(conninfo, autocommit=True) as conn:
+            tables = truncate_zapsync_tables(conn)
+        if not home:
+            progress(f"truncated {len(tables)} zapsync tables in {safe_url(url)}")
+        yield BenchDatabase(url=safe_url(url), conninfo=conninfo, embedded=home is not None)
+    finally:
+        if home is not None:
+            stop_embedded_postgres()
+            os.environ.pop("DATABASE_URL", None)  # set by database_url() for child processes
+            get_settings.cache_clear()
+            shutil.rmtree(home, ignore_errors=True)
+
+
+def truncate_zapsync_tables(conn: Any) -> list[str]:
+    """Empty every table zapsync's models declare that exists in the database; returns their names."""
+    from db.models import Base
+
+    declared = [table.name for table in Base.metadata.sorted_tables]
+    existing = {
+        row[0] for row in conn.execute(
+            "SELECT tablename FROM pg_tables WHERE schemaname = current_schema() AND tablename = ANY(%s)",
+            (declared,),
+        )
+    }
+    tables = [name for name in declared if name in existing]
+    if tables:
+        conn.execute(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY CASCADE")
+    return tables
+
+
+# -- gateway simulator in a child process -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SimSeed:
+    """Instances the simulator creates before it serves (``SimulatorState.seed_instances``)."""
+
+    count: int
+    provider: ProviderName = "evolution"
+    prefix: str = "sim"
+    connected_ratio: float = 0.7
+
+
+@dataclass(slots=True)
+class SeededInstances:
+    """What one seed created: names and their live states, in creation order."""
+
+    provider: ProviderName
+    names: list[str]
+    live_states: list[str]
+
+
+def _simulator_child(conn: Connection, seeds: Sequence[SimSeed], config: dict[str, Any]) -> None:
+    """Child process: seed the simulator, serve it on a loopback port, report, then wait for the parent."""
+    import gc
+
+    from gateways.simulator import SimulatorConfig, SimulatorServer, SimulatorState
+
+    state = SimulatorState(SimulatorConfig(**config))
+    seeded = []
+    for seed in seeds:
+        created = state.seed_instances(seed.count, provider=seed.provider, prefix=seed.prefix,
+                                       connected_ratio=seed.connected_ratio)
+        seeded.append(SeededInstances(seed.provider, [i.name for i in created], [i.live_state for i in created]))
+        del created
+    # The seeded world lives for the whole run: keep it out of the cyclic collector's passes so the simulated
+    # gateway answers at the speed of its wire format, not of Python's GC over 100k objects.
+    gc.collect()
+    gc.freeze()
+    with SimulatorServer(state) as server:
+        conn.send((server.url, seeded))
+        del seeded
+        with contextlib.suppress(EOFError, KeyboardInterrupt):
+            conn.recv()  # "stop", or EOF when the parent dies
+
+
+@dataclass
+class SimulatorProcess:
+    """The gateway simulator (``gateways.simulator``) served by uvicorn in a separate process.
+
+    A separate process keeps the simulator's memory and CPU out of the measured process's figures. ``start`` spawns
+    it and returns at once (seeding 100k instances takes a few seconds, overlapped with other setup); ``wait``
+    returns its URL and the seeded instances.
+    """
+
+    seeds: Sequence[SimSeed]
+    latency_ms: float = 0.0
+    startup_timeout_s: float = 180.0
+    url: str = ""
+    seeded: list[SeededInstances] = field(default_factory=list)
+    _conn: Connection | None = None
+    _process: BaseProcess | None = None
+
+    def start(self) -> SimulatorProcess:
+        """Spawn the child (it seeds, then serves)."""
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        parent, child = ctx.Pipe()
+        config = {"latency_ms": self.latency_ms, "evolution_api_key": SIM_EVOLUTION_KEY,
+                  "megaapi_token": SIM_MEGAAPI_TOKEN}
+        process = ctx.Process(target=_simulator_child, args=(child, list(self.seeds), config),
+                              name="zapsync-bench-simulator", daemon=True)
+        process.start()
+        child.close()
+        self._conn, self._process = parent, process
+        return self
+
+    def wait(self) -> SimulatorProcess:
+        """Block until the child serves; raises if it died or took too long."""
+        if self.url:
+            return self
+        assert self._conn is not None and self._process is not None, "start() first"
+        if not self._conn.poll(self.startup_timeout_s):
+            raise RuntimeError("the simulator process did not start in time")
+        try:
+            self.url, self.seeded = self._conn.recv()
+        except EOFError:
+            raise RuntimeError(f"the simulator process exited (code {self._process.exitcode})") from None
+        return self
+
+    def control(self, method: str, path: str, body: Any = None) -> Any:
+        """Call a ``/_sim`` control route (counters, knobs) and return its JSON."""
+        import httpx
+
+        response = httpx.request(method, f"{self.wait().url}/_sim{path}", json=body, timeout=60)
+        response.raise_for_status()
+        return response.json()
+
+    def call_counts(self) -> dict[str, int]:
+        """Provider requests served so far, by route (``evolution.connectionState``), instances merged."""
+        merged: dict[str, int] = {}
+        for key, count in self.control("GET", "/calls").items():
+            route = key.split(":", 1)[0]
+            merged[route] = merged.get(route, 0) + int(count)
+        return merged
+
+    def stop(self) -> None:
+        """Ask the child to exit; terminate it if it does not."""
+        conn, process = self._conn, self._process
+        self._conn = self._process = None
+        if conn is not None:
+            with contextlib.suppress(OSError, BrokenPipeError):
+                conn.send("stop")
+            conn.close()
+        if process is not None:
+            process.join(timeout=10)
+            if process.is_alive():
+                process.terminate()
+                process.join(timeout=5)
+
+    def __enter__(self) -> SimulatorProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def call_count_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    """Requests per route made between two :meth:`SimulatorProcess.call_counts` snapshots."""
+    return {route: after[route] - before.get(route, 0) for route in sorted(after) if after[route] != before.get(route)}
+
+
+# -- Prefect ----------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def prefect_api(startup_timeout_s: int = 90) -> Iterator[None]:
+    """A real, temporary Prefect API (``prefect_test_harness``: a server subprocess on SQLite) for flow runs."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    begun = time.perf_counter()
+    with prefect_test_harness(server_startup_timeout=startup_timeout_s):
+        progress(f"Prefect API up in {time.perf_counter() - begun:.1f}s")
+        yield
+
+
+# -- running a subcommand ---------------------------------------------------------------------------------------
+
+
+def run_main(body: Callable[[IO[str]], None]) -> int:
+    """Run a subcommand's ``body(out)`` with stdout reserved for its result; map failures to exit codes."""
+    with reserved_stdout() as out:
+        try:
+            body(out)
+        except BenchFailure as exc:
+            progress(f"FAILED: {exc}")
+            return 1
+    return 0
