@@ -98,3 +98,42 @@ async def clean_database() -> AsyncIterator[None]:
 async def _dispose_engine() -> AsyncIterator[None]:
     yield
     await dispose_engine()
+
+
+@pytest.fixture(scope="session")
+def served_deployments(prefect_server: None, simulator_server: SimulatorServer, database: str) -> Iterator[None]:
+    """`zapsync serve` in a child process against the test Prefect server, until the session ends."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    from deployments.definitions import build_deployments
+
+    env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()), "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
+    child = subprocess.Popen([sys.executable, "-m", "deployments.serve"], env=env)
+    expected = {f"{d.flow_name}/{d.name}" for d in build_deployments()}
+    deadline = time.monotonic() + 60
+
+    async def registered() -> set[str]:
+        async with get_client() as client:
+            found = await client.read_deployments()
+            flows = {f.id: f.name for f in await client.read_flows()}
+        return {f"{flows.get(d.flow_id)}/{d.name}" for d in found}
+
+    import asyncio
+
+    while not expected <= asyncio.run(registered()):
+        if child.poll() is not None or time.monotonic() > deadline:
+            child.kill()
+            raise RuntimeError("the deployments were not served in time")
+        time.sleep(0.2)
+    yield
+    child.send_signal(signal.SIGINT)
+    try:
+        child.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        child.kill()

@@ -230,3 +230,36 @@ async def get_instance(
     )
     found = row.mappings().one_or_none()
     return dict(found) if found else None
+
+
+async def register_instances(
+    session: AsyncSession, *, organization_id: uuid.UUID, gateway: str, instance_names: Sequence[str]
+) -> list[uuid.UUID]:
+    """Insert instance rows (status ``disconnected``) in one statement; names already taken at ``gateway`` are
+    skipped. Returns the ids of the rows actually inserted."""
+    if not instance_names:
+        return []
+    rows = await session.execute(
+        text(
+            "INSERT INTO whatsapp_instances (organization_id, gateway, instance_name) "
+            "SELECT :org, :gateway, name FROM unnest(CAST(:names AS text[])) AS n(name) "
+            "ON CONFLICT (gateway, instance_name) DO NOTHING RETURNING id"
+        ),
+        {"org": organization_id, "gateway": gateway, "names": list(instance_names)},
+    )
+    return [r[0] for r in rows.all()]
+
+
+async def list_instances(
+    session: AsyncSession, *, organization_id: uuid.UUID | None = None
+) -> list[dict[str, object]]:
+    """Every instance (of one organization, when given) with its stored status, ordered by gateway and name."""
+    rows = await session.execute(
+        text(
+            "SELECT id, organization_id, gateway, instance_name, status, health, phone_number, profile_name, "
+            "status_reason, status_observed_at, last_checked_at, consecutive_failures FROM whatsapp_instances "
+            "WHERE CAST(:org AS uuid) IS NULL OR organization_id = :org ORDER BY gateway, instance_name"
+        ),
+        {"org": organization_id},
+    )
+    return [dict(r) for r in rows.mappings().all()]

@@ -83,3 +83,11 @@ async def principal_for_token(session: AsyncSession, token: str) -> Principal | 
         return None
     row.last_used_at = datetime.now(UTC)
     return Principal(organization_id=row.organization_id, name=row.name)
+
+
+async def organization_exists(session: AsyncSession, organization_id: uuid.UUID) -> bool:
+    """Whether an organization with this id exists."""
+    found = await session.execute(
+        text("SELECT 1 FROM organizations WHERE id = :id"), {"id": organization_id}
+    )
+    return found.scalar_one_or_none() is not None
