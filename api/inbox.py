@@ -107,7 +107,8 @@ async def handle_event(
 async def _handle_status(
     organization_id: uuid.UUID, event: WebhookEvent, payload: dict[str, Any], received_at: datetime
 ) -> HandlingResult:
-    assert event.status is not None and event.instance_name is not None
+    assert event.status is not None
+    assert event.instance_name is not None
     tolerance = timedelta(seconds=get_settings().webhook_event_time_tolerance_seconds)
     observed_at = observation_time(event.event_time, received_at, tolerance)
     key = dedupe_key(organization_id, event, payload)

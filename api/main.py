@@ -7,7 +7,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from fastapi.responses import ORJSONResponse
 
 from api.errors import install_error_handlers
 from api.inbox import RepeatFilter
@@ -19,7 +18,7 @@ log = logging.getLogger("zapsync.api")
 
 
 @asynccontextmanager
-async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+async def lifespan(_: FastAPI) -> AsyncIterator[None]:
     """Refuse to serve an unmigrated database; close the pool on shutdown."""
     await check_migrated()
     yield
@@ -29,7 +28,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 def create_app(*, check_database: bool = True) -> FastAPI:
     """Build the API (no side effects until it starts serving)."""
     app = FastAPI(
-        title="zapsync", version="0.1.0", default_response_class=ORJSONResponse,
+        title="zapsync", version="0.1.0",
         lifespan=lifespan if check_database else None,
         description="Keeps a CRM's PostgreSQL in step with its WhatsApp gateways.",
     )

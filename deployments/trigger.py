@@ -70,7 +70,7 @@ async def read_run(flow_run_id: uuid.UUID, deployment: str = "") -> FlowRunRef:
     )
 
 
-async def wait_for_run(flow_run_id: uuid.UUID, *, timeout: float, deployment: str = "") -> FlowRunRef:
+async def wait_for_run(flow_run_id: uuid.UUID, *, timeout: float, deployment: str = "") -> FlowRunRef:  # noqa: ASYNC109
     """Follow a run until it reaches a final state or ``timeout`` seconds pass (then return it as it is)."""
     deadline = time.monotonic() + timeout
     delay = 0.2

@@ -38,11 +38,11 @@ SIM_MEGAAPI_TOKEN = "sim-megaapi-token"
 
 
 @pytest.fixture(scope="session", autouse=True)
-def database() -> Iterator[str]:
+def database() -> str:
     """The embedded PostgreSQL, migrated to head once for the session."""
     url = database_url()
     upgrade()
-    yield url.render_as_string(hide_password=True)
+    return url.render_as_string(hide_password=True)
 
 
 @pytest.fixture(scope="session")
@@ -81,17 +81,17 @@ def prefect_server() -> Iterator[None]:
 
 
 TABLES = (
-    "live_events", "messages", "conversations", "contacts", "import_runs", "instance_status_changes", "whatsapp_sessions", "webhook_events", "flow_reports", "api_tokens",
-    "whatsapp_instances", "clients", "organizations",
+    "live_events", "messages", "conversations", "contacts", "import_runs", "instance_status_changes",
+    "whatsapp_sessions", "webhook_events", "flow_reports", "api_tokens", "whatsapp_instances", "clients",
+    "organizations",
 )
 
 
 @pytest.fixture(autouse=True)
-async def clean_database() -> AsyncIterator[None]:
+async def clean_database() -> None:
     """Every test starts from empty tables (flows commit for real, so there is no rollback to lean on)."""
     async with session_scope() as session:
         await session.execute(text(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE"))
-    yield
 
 
 @pytest.fixture(scope="session", autouse=True)

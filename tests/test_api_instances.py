@@ -29,7 +29,7 @@ async def org_token(organization_id: uuid.UUID) -> dict[str, str]:
     return {"authorization": f"Bearer {token}"}
 
 
-async def two_orgs(simulator) -> tuple[uuid.UUID, uuid.UUID, uuid.UUID, uuid.UUID]:  # noqa: ANN001
+async def two_orgs(simulator) -> tuple[uuid.UUID, uuid.UUID, uuid.UUID, uuid.UUID]:
     org_a = await make_organization("A")
     org_b = await make_organization("B")
     simulator.add_instance("a-01", "evolution", "open")

@@ -19,7 +19,7 @@ from zapsync.reports import SyncScope
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
 
-async def _world(simulator):  # noqa: ANN001, ANN202
+async def _world(simulator):
     """Two providers, each with one instance per kind of drift and one in sync."""
     org = await make_organization()
     simulator.add_instance("evo-up", "evolution", "open")

@@ -8,10 +8,10 @@ them. `zapsync simulator` runs :func:`run_simulator`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
+import socket
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -144,7 +144,14 @@ async def run_simulator(
     base_url = f"http://{host}:{port}"
     config = uvicorn.Config(create_app(state), host=host, port=port, log_level="warning", access_log=False,
                             lifespan="off")
-    server = uvicorn.Server(config)
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets=sockets)
+            if self.started and on_started is not None:
+                on_started(base_url)
+
+    server = Server(config)
     stop = asyncio.Event()
     emitter: WebhookEmitter | None = None
     if demo and webhook_url:
@@ -159,18 +166,8 @@ async def run_simulator(
     if demo:
         demo_task = asyncio.create_task(run_demo(state, emitter, interval_s=interval_s, stop=stop))
 
-    async def announce() -> None:
-        while not server.started and not server.should_exit:
-            await asyncio.sleep(0.02)
-        if server.started and on_started is not None:
-            on_started(base_url)
-
-    announcer = asyncio.create_task(announce())
     try:
         await server.serve()
     finally:
         stop.set()
-        announcer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await announcer
     return await demo_task if demo_task is not None else 0

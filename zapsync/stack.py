@@ -442,24 +442,29 @@ class Stack:
     def run(self) -> int:
         """Start the stack, wait for Ctrl-C / SIGTERM or a child's death, stop it; returns the exit code."""
         with self._signals():
+            code = 0
             try:
-                info = self._start()
-                self._announce(info)
-                while True:
-                    self._check_alive()
-                    time.sleep(0.5)
+                code = self._run_until_stopped()
             except _StopRequested as stop:
-                self.console.print(f"\n{stop.args[0]} received: stopping…")
-                return 0
-            except StackError as exc:
-                self.err.print(f"zapsync up: {exc.message}", highlight=False, markup=False)
-                return exc.exit_code
-            except (DatabaseUnavailable, DatabaseNotMigrated) as exc:
-                self.err.print(f"zapsync up: {exc.message}", highlight=False, markup=False)
-                return 2
+                self.console.print(f"\n{stop.args[0]} received: stopping…", highlight=False)
             finally:
                 self.stopping = True
                 self._shutdown()
+            return code
+
+    def _run_until_stopped(self) -> int:
+        try:
+            info = self._start()
+            self._announce(info)
+            while True:
+                self._check_alive()
+                time.sleep(0.5)
+        except StackError as exc:
+            self.err.print(f"zapsync up: {exc.message}", highlight=False, markup=False)
+            return exc.exit_code
+        except (DatabaseUnavailable, DatabaseNotMigrated) as exc:
+            self.err.print(f"zapsync up: {exc.message}", highlight=False, markup=False)
+            return 2
 
     def _start(self) -> StackInfo:
         opts = self.options
@@ -502,8 +507,8 @@ class Stack:
         # (a) the database, in this process: it lives as long as the launcher.
         revision = upgrade_database()
         database = database_label()
-        env["DATABASE_URL"] = os.environ["DATABASE_URL"] if "DATABASE_URL" in os.environ else env.get(
-            "DATABASE_URL", "")
+        if "DATABASE_URL" in os.environ:  # the embedded server's socket URL, exported by database_url()
+            env["DATABASE_URL"] = os.environ["DATABASE_URL"]
         embedded = self.settings.database_url is None
         self._say(f"PostgreSQL {'(embedded) ' if embedded else ''}at migration {revision}")
         admin_token, made = ensure_admin_token(self.home)

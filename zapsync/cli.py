@@ -1,0 +1,552 @@
+"""The `zapsync` command: database, organizations and tokens, status and sync, and the processes of the stack.
+
+Readable tables by default, ``--json`` for scripts. Exit codes: 0 ok, 1 the operation failed, 2 bad usage or a bad
+environment (unreachable or unmigrated database, busy port); every failure says why in one sentence on stderr.
+Secrets are printed only by the commands that create them, once.
+
+Prefect is imported only by the commands that need it, after :func:`zapsync.prefect_env.configure_prefect_env` has
+chosen the API (Prefect reads its settings at import).
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import os
+import signal
+import subprocess
+import uuid
+import warnings
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from gateways.base import GatewayError
+from zapsync.errors import DatabaseNotMigrated, DatabaseUnavailable, InvalidInput, NotFound, ZapsyncError
+from zapsync.prefect_env import configure_prefect_env
+from zapsync.settings import get_settings
+from zapsync.stack import (
+    DEFAULT_POLL_FREQUENCY,
+    StackError,
+    StackOptions,
+    check_ports,
+    current_revision,
+    database_label,
+    ensure_migrated,
+    run_async,
+    run_stack,
+    upgrade_database,
+)
+
+warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
+
+app = typer.Typer(
+    name="zapsync", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    help="Keep a CRM's PostgreSQL in step with its WhatsApp gateways.",
+)
+db_app = typer.Typer(no_args_is_help=True, help="Database migrations.")
+org_app = typer.Typer(no_args_is_help=True, help="Organizations (tenants).")
+token_app = typer.Typer(no_args_is_help=True, help="API bearer tokens.")
+instance_app = typer.Typer(no_args_is_help=True, help="WhatsApp instances.")
+app.add_typer(db_app, name="db")
+app.add_typer(org_app, name="org")
+app.add_typer(token_app, name="token")
+app.add_typer(instance_app, name="instance")
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of tables.")]
+OrgOpt = Annotated[uuid.UUID | None, typer.Option("--org", help="Organization id.")]
+
+
+class SimProvider(enum.StrEnum):
+    """Providers the simulator speaks."""
+
+    EVOLUTION = "evolution"
+    MEGAAPI = "megaapi"
+
+
+# -- output and errors -------------------------------------------------------------------------------------------
+
+
+def out() -> Console:
+    """A console on the current stdout (wide when it is not a terminal, so tables do not fold)."""
+    return Console(highlight=False, soft_wrap=True, width=None if _isatty() else 160)
+
+
+def err() -> Console:
+    """A console on the current stderr."""
+    return Console(stderr=True, highlight=False, soft_wrap=True, width=None if _isatty() else 160)
+
+
+def _isatty() -> bool:
+    import sys
+
+    return sys.stdout.isatty()
+
+
+def emit_json(data: Any) -> None:
+    """Print ``data`` as indented JSON on stdout."""
+    typer.echo(json.dumps(data, indent=2, default=str))
+
+
+def sentence(message: str) -> str:
+    """``message`` as one sentence: capitalised first letter left alone, a final period added when missing."""
+    message = message.strip()
+    return message if message.endswith((".", "!", "?")) else message + "."
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    """Print one sentence on stderr and exit with ``code``."""
+    typer.echo(f"zapsync: {sentence(message)}", err=True)
+    raise typer.Exit(code)
+
+
+@contextmanager
+def expected_errors() -> Iterator[None]:
+    """Turn the errors a user can meet into one sentence and an exit code, without a traceback."""
+    import psycopg
+    from sqlalchemy import exc as sa_exc
+
+    try:
+        yield
+    except (DatabaseUnavailable, DatabaseNotMigrated, InvalidInput) as exc:
+        fail(exc.message, 2)
+    except StackError as exc:
+        fail(exc.message, exc.exit_code)
+    except ZapsyncError as exc:
+        fail(exc.message, 1)
+    except GatewayError as exc:
+        fail(f"gateway {exc.gateway or ''} error: {exc.message}".replace("  ", " "), 1)
+    except (psycopg.OperationalError, sa_exc.OperationalError, sa_exc.InterfaceError) as exc:
+        fail(f"the database is unreachable ({type(exc).__name__})", 2)
+    except subprocess.CalledProcessError as exc:
+        fail(f"the embedded PostgreSQL could not start ({exc.cmd[0] if exc.cmd else 'pg_ctl'} exited with "
+             f"{exc.returncode}); see the log in {get_settings().data_dir / 'log'}", 2)
+    except KeyboardInterrupt:
+        fail("interrupted", 130)
+
+
+def _when(value: object) -> str:
+    if isinstance(value, datetime):
+        return value.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+    return "—" if value is None else str(value)
+
+
+def _quiet_signals() -> None:
+    """Let uvicorn handle Ctrl-C / SIGTERM, and not re-raise them as a traceback once it has shut down."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
+
+
+class StripQueryFilter(logging.Filter):
+    """Drop the query string from uvicorn access-log lines (MegaAPI webhooks may carry ``?secret=``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Rewrite the request path argument of an access record without its query."""
+        args = record.args
+        if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str) and "?" in args[2]:
+            record.args = (*args[:2], args[2].split("?", 1)[0], *args[3:])
+        return True
+
+
+def access_log_config() -> dict[str, Any]:
+    """uvicorn's logging config with :class:`StripQueryFilter` on the access handler."""
+    import copy
+
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config.setdefault("filters", {})["strip_query"] = {"()": StripQueryFilter}
+    config["handlers"]["access"]["filters"] = ["strip_query"]
+    return config
+
+
+# -- root --------------------------------------------------------------------------------------------------------
+
+
+@app.callback()
+def main(ctx: typer.Context) -> None:
+    """zapsync keeps a CRM's PostgreSQL in step with its WhatsApp gateways (Evolution API v2, MegaAPI)."""
+    if ctx.invoked_subcommand != "up":  # `up` decides about Prefect itself
+        configure_prefect_env()
+
+
+# -- db ----------------------------------------------------------------------------------------------------------
+
+
+@db_app.command("upgrade")
+def db_upgrade(as_json: JsonOpt = False) -> None:
+    """Apply the database migrations (Alembic) and print the revision."""
+    with expected_errors():
+        revision = upgrade_database()
+        label = database_label()
+    if as_json:
+        emit_json({"database": label, "revision": revision})
+    else:
+        out().print(f"Database {label} is at migration [bold]{revision}[/] (latest).")
+
+
+@db_app.command("status")
+def db_status(as_json: JsonOpt = False) -> None:
+    """Show the database's migration and whether it is current (exit 2 when it needs `zapsync db upgrade`)."""
+    from db.migrate import head_revision
+
+    with expected_errors():
+        label = database_label()
+        current = run_async(current_revision)
+    head = head_revision()
+    current_ok = current == head
+    if as_json:
+        emit_json({"database": label, "current": current, "head": head, "up_to_date": current_ok})
+    else:
+        out().print(f"Database {label}: migration {current or 'none'} (latest {head}), "
+                    f"{'up to date' if current_ok else 'behind'}.")
+    if not current_ok:
+        fail(f"the database is at migration {current or 'none'}, zapsync needs {head}: run `zapsync db upgrade`", 2)
+
+
+# -- organizations and tokens ------------------------------------------------------------------------------------
+
+
+def _require_name(name: str, what: str) -> str:
+    name = name.strip()
+    if not name:
+        fail(f"the {what} name must not be empty", 2)
+    return name
+
+
+async def _check_organization(session: Any, organization_id: uuid.UUID) -> None:
+    from db.repositories.organizations import organization_exists
+
+    if not await organization_exists(session, organization_id):
+        raise NotFound(f"no organization {organization_id}")
+
+
+@org_app.command("create")
+def org_create(name: Annotated[str, typer.Argument(help="Organization name.")], as_json: JsonOpt = False) -> None:
+    """Create an organization with a fresh webhook secret and API token (shown once: store them)."""
+    from db.engine import session_scope
+    from db.repositories.organizations import create_organization, create_token, new_secret
+
+    name = _require_name(name, "organization")
+    secret = new_secret("whsec")
+
+    async def create() -> tuple[uuid.UUID, str]:
+        async with session_scope() as session:
+            org = await create_organization(session, name=name, webhook_secret=secret)
+            token = await create_token(session, name=f"{name} (created by zapsync org create)",
+                                       organization_id=org.id)
+            return org.id, token
+
+    with expected_errors():
+        ensure_migrated()
+        org_id, token = run_async(create)
+    webhooks = {"evolution": f"/webhooks/evolution/{org_id}", "megaapi": f"/webhooks/megaapi/{org_id}"}
+    if as_json:
+        emit_json({"id": str(org_id), "name": name, "webhooks": webhooks, "webhook_secret": secret, "token": token})
+        return
+    table = Table(show_header=False, box=None, padding=(0, 2))
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("Organization", f"{name}  ({org_id})")
+    table.add_row("Evolution webhook", webhooks["evolution"])
+    table.add_row("MegaAPI webhook", webhooks["megaapi"])
+    table.add_row("Webhook secret", secret)
+    table.add_row("API token", token)
+    console = out()
+    console.print(table)
+    console.print("\nThe secret and the token are shown only now: store them. Gateways send the secret in the "
+                  "X-Webhook-Secret header; API calls send 'Authorization: Bearer <token>'.")
+
+
+@token_app.command("create")
+def token_create(
+    name: Annotated[str, typer.Argument(help="A name to recognise the token by.")],
+    org: OrgOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create an API token for one organization, or an admin token (no --org); shown once."""
+    from db.engine import session_scope
+    from db.repositories.organizations import create_token
+
+    name = _require_name(name, "token")
+
+    async def create() -> str:
+        async with session_scope() as session:
+            if org is not None:
+                await _check_organization(session, org)
+            return await create_token(session, name=name, organization_id=org)
+
+    with expected_errors():
+        ensure_migrated()
+        token = run_async(create)
+    scope = f"organization {org}" if org else "admin (every organization)"
+    if as_json:
+        emit_json({"name": name, "organization_id": str(org) if org else None, "admin": org is None, "token": token})
+    else:
+        out().print(f"Token [bold]{name}[/] for {scope}:\n{token}\nIt is shown only now: store it.")
+
+
+# -- instances and status ----------------------------------------------------------------------------------------
+
+
+@instance_app.command("add")
+def instance_add(
+    instance_name: Annotated[str, typer.Argument(help="The instance's name at its gateway.")],
+    org: Annotated[uuid.UUID, typer.Option("--org", help="Organization id.")],
+    gateway: Annotated[str, typer.Option("--gateway", help="Configured gateway name, e.g. evolution or megaapi.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Register an instance that already exists at a gateway, so syncs and webhooks keep its status."""
+    from db.engine import session_scope
+    from db.repositories.instances import register_instances
+
+    instance_name = _require_name(instance_name, "instance")
+    gateway = _require_name(gateway, "gateway")
+
+    async def add() -> list[uuid.UUID]:
+        async with session_scope() as session:
+            await _check_organization(session, org)
+            return await register_instances(session, organization_id=org, gateway=gateway,
+                                             instance_names=[instance_name])
+
+    with expected_errors():
+        ensure_migrated()
+        ids = run_async(add)
+    if not ids:
+        fail(f"an instance named {instance_name!r} is already registered at gateway {gateway!r}", 1)
+    configured = gateway in get_settings().gateways()
+    if as_json:
+        emit_json({"id": str(ids[0]), "organization_id": str(org), "gateway": gateway,
+                   "instance_name": instance_name, "gateway_configured": configured})
+        return
+    out().print(f"Instance [bold]{instance_name}[/] registered at gateway {gateway} ({ids[0]}).")
+    if not configured:
+        err().print(f"Note: gateway {gateway!r} is not configured here; syncs report the instance unreachable "
+                    "until it is (EVOLUTION_API_URL, MEGA_API_HOST or ZAPSYNC_GATEWAYS).")
+
+
+def _instance_json(row: dict[str, Any]) -> dict[str, Any]:
+    return {key: (str(value) if isinstance(value, uuid.UUID) else value.isoformat()
+                  if isinstance(value, datetime) else value) for key, value in row.items()}
+
+
+@app.command("status")
+def status(org: OrgOpt = None, as_json: JsonOpt = False) -> None:
+    """List the instances and their stored status (the database's view; `zapsync sync --check` asks the gateways)."""
+    from db.engine import session_scope
+    from db.repositories.instances import list_instances
+
+    async def load() -> list[dict[str, Any]]:
+        async with session_scope() as session:
+            if org is not None:
+                await _check_organization(session, org)
+            return await list_instances(session, organization_id=org)
+
+    with expected_errors():
+        ensure_migrated()
+        rows = run_async(load)
+    counts = Counter(str(r["status"]) for r in rows)
+    if as_json:
+        emit_json({"count": len(rows), "by_status": dict(counts), "instances": [_instance_json(r) for r in rows]})
+        return
+    console = out()
+    if not rows:
+        console.print("No instances registered" + (f" for organization {org}." if org else "."))
+        return
+    table = Table(title=None)
+    for column in ("instance", "gateway", "status", "health", "last check", "observed at", "id"):
+        table.add_column(column, no_wrap=True)
+    style = {"connected": "green", "disconnected": "red", "error": "red", "qr_pending": "yellow",
+             "connecting": "yellow"}
+    for r in rows:
+        st = str(r["status"])
+        table.add_row(str(r["instance_name"]), str(r["gateway"]), f"[{style.get(st, 'white')}]{st}[/]",
+                      str(r["health"]), _when(r["last_checked_at"]), _when(r["status_observed_at"]), str(r["id"]))
+    console.print(table)
+    console.print(f"{len(rows)} instances: " + ", ".join(f"{n} {s}" for s, n in counts.most_common()) + ".")
+
+
+# -- sync --------------------------------------------------------------------------------------------------------
+
+
+def _print_report(report: Any, state_name: str, ui: str | None) -> None:
+    console = out()
+    run = f" — flow run {report.flow_run_id}" if report.flow_run_id else ""
+    console.print(f"[bold]Status sync ({report.mode}, scope {report.scope.key})[/]{run}: {state_name} "
+                  f"in {report.seconds:.2f} s")
+    if ui:
+        console.print(f"Prefect UI: {ui}")
+    if report.skipped:
+        console.print(f"[yellow]Skipped:[/] {report.skipped}")
+    counts = Table(show_header=True)
+    for column in ("checked", "in sync", "drifted", "applied", "superseded", "unreachable"):
+        counts.add_column(column, justify="right")
+    counts.add_row(*(str(v) for v in (report.checked, report.in_sync, report.drifted, report.applied,
+                                      report.superseded, report.unreachable)))
+    console.print(counts)
+    if report.changes:
+        drift = Table(title="Drift", title_justify="left")
+        for column in ("instance", "gateway", "database", "gateway says", "applied", "reason"):
+            drift.add_column(column, no_wrap=True)
+        for d in report.changes:
+            drift.add_row(d.instance_name, d.gateway, d.db_status, d.gateway_status,
+                          "yes" if d.applied else "no", d.reason or "")
+        console.print(drift)
+    if report.unreachable_instances:
+        unreachable = Table(title="Unreachable (status left as stored)", title_justify="left")
+        for column in ("instance", "gateway", "error"):
+            unreachable.add_column(column)
+        for u in report.unreachable_instances:
+            unreachable.add_row(u.instance_name, u.gateway, u.error or "")
+        console.print(unreachable)
+
+
+@app.command("sync")
+def sync(
+    check: Annotated[bool, typer.Option("--check", help="Compare only: write nothing.")] = False,
+    org: OrgOpt = None,
+    instance: Annotated[uuid.UUID | None, typer.Option("--instance", help="Instance id.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Confirm every connected instance live.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run the sync_status flow here (a real Prefect flow run) and print its report; exit 1 if the run failed."""
+    # Before Prefect's first import: its console shows warnings only; the run's INFO logs still reach the UI.
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+    with expected_errors():
+        ensure_migrated()
+        from deployments.trigger import ui_url
+        from flows.sync_status import sync_status
+        from zapsync.reports import SyncReport, SyncScope
+
+        scope = SyncScope(organization_id=org, instance_id=instance)
+
+        async def go() -> tuple[Any, SyncReport | None]:
+            state = await sync_status(scope=scope, mode="check" if check else "apply", force=force,
+                                      return_state=True)
+            if not state.is_completed():
+                return state, None
+            return state, await state.aresult(raise_on_failure=False)
+
+        state, report = run_async(go)
+    run_id = getattr(state, "state_details", None) and state.state_details.flow_run_id
+    ui = ui_url(run_id) if run_id else None
+    if report is None or not isinstance(report, SyncReport):
+        fail(f"the sync flow run {run_id or ''} ended {state.name}: {state.message or 'no message'}".replace(
+            "  ", " "), 1)
+    if as_json:
+        emit_json({"state": state.name, "ui_url": ui, **report.model_dump(mode="json")})
+    else:
+        _print_report(report, state.name, ui)
+
+
+# -- processes ---------------------------------------------------------------------------------------------------
+
+
+@app.command("simulator")
+def simulator(
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8081,
+    instances: Annotated[int, typer.Option(min=0, max=100_000, help="Instances to seed.")] = 20,
+    provider: Annotated[SimProvider, typer.Option(help="Provider of the seeded instances.")] = SimProvider.EVOLUTION,
+    prefix: Annotated[str, typer.Option(help="Seeded instances are named PREFIX-00001…")] = "sim",
+    demo: Annotated[bool, typer.Option("--demo", help="Change instances now and then and send webhooks.")] = False,
+    webhook_url: Annotated[str | None, typer.Option(help="Where demo webhooks are POSTed.")] = None,
+    webhook_secret: Annotated[str | None, typer.Option(
+        help="Sent in the X-Webhook-Secret header.", envvar="ZAPSYNC_SIM_WEBHOOK_SECRET", show_envvar=True,
+    )] = None,
+    interval: Annotated[float, typer.Option(min=0.05, help="Seconds between demo ticks.")] = 5.0,
+    flap_rate: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of instances changed per tick.")] = 0.1,
+) -> None:
+    """Run the gateway simulator (Evolution API v2 and MegaAPI contracts) with seeded instances."""
+    import asyncio
+
+    from gateways.simulator.state import SimulatorConfig
+    from zapsync.demo import run_simulator
+    from zapsync.logs import configure_logging
+
+    with expected_errors():
+        check_ports(host, [(port, "simulator", "--port")])
+    if demo and not webhook_url:
+        err().print("Note: no --webhook-url: the demo changes states but sends no webhooks.")
+    configure_logging("WARNING")
+    keys = SimulatorConfig()
+
+    def started(url: str) -> None:
+        out().print(f"Simulator on {url}: {instances} {provider.value} instances ({prefix}-00001…), "
+                    f"Evolution apikey {keys.evolution_api_key}, MegaAPI token {keys.megaapi_token}"
+                    + (f"; demo ticks every {interval:g} s" if demo else "") + ". Ctrl-C stops it.")
+
+    _quiet_signals()
+    ticks = asyncio.run(run_simulator(
+        host=host, port=port, instances=instances, provider=provider.value, prefix=prefix, demo=demo,
+        webhook_url=webhook_url, webhook_secret=webhook_secret, interval_s=interval, flap_rate=flap_rate,
+        on_started=started,
+    ))
+    out().print(f"Simulator stopped{f' after {ticks} demo ticks' if demo else ''}.")
+
+
+@app.command("api")
+def api(
+    host: Annotated[str | None, typer.Option(help="Interface (default ZAPSYNC_API_HOST or 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(min=1, max=65535, help="Port (default ZAPSYNC_API_PORT or 8000).")]
+    = None,
+) -> None:
+    """Run the HTTP API with uvicorn (refuses to start on an unmigrated database)."""
+    import uvicorn
+
+    settings = get_settings()
+    host = host or settings.api_host
+    port = port or settings.api_port
+    with expected_errors():
+        check_ports(host, [(port, "API", "--port")])
+        ensure_migrated()
+    from api.main import create_app
+    from zapsync.logs import configure_logging
+
+    configure_logging("INFO")
+    _quiet_signals()
+    uvicorn.run(create_app(), host=host, port=port, log_config=access_log_config(), proxy_headers=False,
+                server_header=False)
+
+
+@app.command("serve")
+def serve() -> None:
+    """Serve the deployments (schedules and on-demand runs) from this process until Ctrl-C."""
+    os.environ.setdefault("PREFECT_RUNNER_POLL_FREQUENCY", DEFAULT_POLL_FREQUENCY)
+    with expected_errors():
+        ensure_migrated()
+    if not os.environ.get("PREFECT_API_URL"):
+        err().print("Note: no Prefect server configured (PREFECT_API_URL) and none from `zapsync up` answers: "
+                    "serving against a temporary one.")
+    from prefect import serve as prefect_serve
+
+    from deployments.definitions import build_deployments
+
+    prefect_serve(*build_deployments(), pause_on_shutdown=False)
+
+
+@app.command("up")
+def up(
+    demo: Annotated[bool | None, typer.Option(
+        "--demo/--no-demo", help="Run the simulator with a demo organization (default: when no gateway is set).",
+        show_default=False,
+    )] = None,
+    api_port: Annotated[int, typer.Option(min=1, max=65535, help="API port.")] = 8000,
+    prefect_port: Annotated[int, typer.Option(min=1, max=65535, help="Local Prefect server port.")] = 4200,
+    sim_port: Annotated[int, typer.Option(min=1, max=65535, help="Simulator port (demo mode).")] = 8081,
+) -> None:
+    """Run the whole local stack: PostgreSQL, Prefect server, simulator (demo), API and flow runner."""
+    code = run_stack(StackOptions(demo=demo, api_port=api_port, prefect_port=prefect_port, sim_port=sim_port),
+                     out(), err())
+    raise typer.Exit(code)
+
+
+if __name__ == "__main__":
+    app(prog_name="zapsync")
