@@ -7,7 +7,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import Depends, Header
+from fastapi import Cookie, Depends, Header
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from db.engine import session_scope
@@ -32,11 +32,17 @@ def bearer(authorization: str | None) -> str | None:
     return None
 
 
+SESSION_COOKIE = "zapsync_token"
+"""The dashboard keeps the token the user signed in with in this HttpOnly, SameSite=Strict cookie."""
+
+
 async def get_principal(
-    session: SessionDep, authorization: Annotated[str | None, Header()] = None
+    session: SessionDep,
+    authorization: Annotated[str | None, Header()] = None,
+    cookie_token: Annotated[str | None, Cookie(alias=SESSION_COOKIE)] = None,
 ) -> Principal:
     """Who is calling: the admin token from settings, or a stored token (organization-scoped or admin)."""
-    token = bearer(authorization)
+    token = bearer(authorization) or cookie_token
     if token is None:
         raise Unauthorized("missing bearer token: send 'Authorization: Bearer <token>'")
     admin = get_settings().admin_token

@@ -10,7 +10,8 @@ from fastapi import FastAPI
 
 from api.errors import install_error_handlers
 from api.inbox import RepeatFilter
-from api.routes import health, instances, webhooks
+from api.metrics import Metrics
+from api.routes import dashboard, flow_runs, health, instances, metrics, webhooks
 from db.engine import check_migrated, dispose_engine
 from zapsync.settings import get_settings
 
@@ -34,7 +35,9 @@ def create_app(*, check_database: bool = True) -> FastAPI:
     )
     app.state.repeat_filter = RepeatFilter(get_settings().webhook_repeat_window_seconds)
     app.state.after_webhook = []
+    app.state.metrics = Metrics()
     install_error_handlers(app)
-    for router in (health.router, instances.router, webhooks.router):
+    for router in (health.router, instances.router, webhooks.router, flow_runs.router, metrics.router,
+                   dashboard.router):
         app.include_router(router)
     return app

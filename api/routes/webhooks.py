@@ -88,6 +88,9 @@ async def receive(
         raise InvalidInput(str(exc)) from exc
     repeats: RepeatFilter = request.app.state.repeat_filter
     result = await handle_event(organization_id, event, payload, repeats=repeats)
+    metrics = request.app.state.metrics
+    metrics.webhook_events.labels(str(provider), event.event, result.outcome).inc()
+    metrics.webhook_seconds.labels(str(provider)).observe(time.perf_counter() - begun)
     log.info(
         "[WEBHOOK] %s %s %s -> %s in %.1f ms", provider, event.event, event.instance_name or "-",
         result.outcome, (time.perf_counter() - begun) * 1000,

@@ -1,0 +1,70 @@
+"""Prometheus metrics: counters this API process keeps, plus gauges read from the database at scrape time.
+
+Flows run in other processes (served runs, workers), so their results are read from the reports they store rather
+than counted here: any API replica answers the same.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from db.repositories.metrics import closed_inactive_total, import_totals, instance_counts, latest_reports
+
+
+class Metrics:
+    """One registry per app (tests build many apps in one process)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.webhook_events = Counter(
+            "zapsync_webhook_events", "Webhook deliveries by provider, event and outcome",
+            ["provider", "event", "outcome"], registry=r,
+        )
+        self.webhook_seconds = Histogram(
+            "zapsync_webhook_processing_seconds", "Time to authenticate, store and apply one delivery",
+            ["provider"], registry=r, buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+        )
+        self.instances = Gauge("zapsync_instances", "Instances by gateway, status and health",
+                               ["gateway", "status", "health"], registry=r)
+        self.sync_seconds = Gauge("zapsync_sync_duration_seconds", "Duration of the newest status sync", registry=r)
+        self.sync_drift = Gauge("zapsync_sync_drift", "Counts of the newest status sync", ["kind"], registry=r)
+        self.gateway_unreachable = Gauge(
+            "zapsync_gateway_unreachable_instances", "Instances a gateway could not answer for in the newest sync",
+            ["gateway"], registry=r,
+        )
+        self.breaker_open = Gauge(
+            "zapsync_gateway_breaker_open", "1 when the gateway's circuit breaker was open in the newest sync",
+            ["gateway"], registry=r,
+        )
+        self.import_rows = Gauge("zapsync_import_rows", "Rows written by conversation imports", ["kind"], registry=r)
+        self.import_seconds = Gauge("zapsync_import_duration_seconds", "Duration of the newest import", registry=r)
+        self.closed_inactive = Gauge(
+            "zapsync_conversations_closed_inactive", "Conversations closed for inactivity", registry=r
+        )
+        self.flow_seconds = Gauge("zapsync_flow_duration_seconds", "Duration of each flow's newest run",
+                                  ["flow"], registry=r)
+
+    async def render(self, session: AsyncSession) -> bytes:
+        """Refresh the database-backed gauges and return the exposition text."""
+        self.instances.clear()
+        for gateway, status, health, n in await instance_counts(session):
+            self.instances.labels(gateway, status, health).set(n)
+        reports = await latest_reports(session)
+        for flow, report in reports.items():
+            self.flow_seconds.labels(flow).set(float(report.get("seconds") or 0))
+        sync = reports.get("sync-status")
+        if sync:
+            self.sync_seconds.set(float(sync.get("seconds") or 0))
+            for kind in ("checked", "in_sync", "drifted", "applied", "superseded", "unreachable"):
+                self.sync_drift.labels(kind).set(float(sync.get(kind) or 0))
+            for gateway, summary in (sync.get("by_gateway") or {}).items():
+                self.gateway_unreachable.labels(gateway).set(float(summary.get("unreachable") or 0))
+                self.breaker_open.labels(gateway).set(1.0 if summary.get("breaker") == "open" else 0.0)
+        imports = await import_totals(session)
+        self.import_rows.labels("messages").set(imports["messages"])
+        self.import_rows.labels("contacts").set(imports["contacts"])
+        self.import_seconds.set(imports["last_seconds"])
+        self.closed_inactive.set(await closed_inactive_total(session))
+        return generate_latest(self.registry)
