@@ -1,0 +1,75 @@
+"""The dashboard in headless Chromium: sign in, see the instances, press "Sync status", see the result, and find
+the completed flow run in the Prefect API."""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+from prefect.client.orchestration import get_client
+
+from api.main import create_app
+from gateways.simulator.server import SimulatorServer
+from tests.factories import instance_row, make_instance, make_organization
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(CHROMIUM is None, reason="no chromium on this machine (apt-get install chromium)"),
+]
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync",
+]
+
+
+@pytest.fixture
+async def api_url() -> AsyncIterator[str]:
+    """The API and dashboard served over loopback HTTP."""
+    async with SimulatorServer(create_app(check_database=False)) as server:
+        yield server.url
+
+
+@pytest.mark.usefixtures("served_deployments")
+async def test_sync_status_button_runs_a_flow_and_shows_the_result(api_url: str, simulator) -> None:
+    from playwright.async_api import async_playwright
+
+    org = await make_organization("Demo")
+    for i in range(5):
+        simulator.add_instance(f"demo-{i:02d}", "evolution", "open" if i < 3 else "close")
+        await make_instance(org, f"demo-{i:02d}", status="disconnected")
+    drifted = await make_instance(org, "demo-drift", status="connected")
+    simulator.add_instance("demo-drift", "evolution", "close")
+
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        page = await browser.new_page()
+        await page.goto(api_url + "/")
+        await page.fill("#token", "test-admin-token")
+        await page.click("button[type=submit]")
+        await page.wait_for_selector("#sync-all")
+        rows = page.locator("#instances tr[data-instance]")
+        assert await rows.count() == 6
+        assert "demo-drift" in await page.inner_text("#instances")
+
+        await page.click("#sync-all")
+        result = page.locator('#sync-panel [data-result="sync"]')
+        await result.wait_for(timeout=120_000)
+        panel = await page.inner_text("#sync-panel")
+        link = await page.get_attribute("#sync-panel a", "href")
+        # The table refreshes itself after the run: the drifted instance now shows the gateway's status.
+        drift_row = page.locator("#instances tr", has_text="demo-drift")
+        await drift_row.locator("[data-field=status]", has_text="disconnected").wait_for(timeout=10_000)
+        await page.screenshot(path="/tmp/zapsync-dashboard.png", full_page=True)
+        await browser.close()
+
+    assert "completed" in panel
+    assert "6 checked" in panel and "4 applied" in panel
+    assert link and "/runs/flow-run/" in link
+    run_id = uuid.UUID(link.rsplit("/", 1)[1])
+    async with get_client() as client:
+        run = await client.read_flow_run(run_id)
+    assert run.state is not None and run.state.is_completed()
+    assert (await instance_row(drifted))["status"] == "disconnected"
