@@ -16,6 +16,8 @@ import logging
 import os
 import signal
 import subprocess
+import sys
+import time
 import uuid
 import warnings
 from collections import Counter
@@ -30,18 +32,20 @@ from rich.table import Table
 
 from gateways.base import GatewayError
 from zapsync.errors import DatabaseNotMigrated, DatabaseUnavailable, InvalidInput, NotFound, ZapsyncError
-from zapsync.prefect_env import configure_prefect_env
+from zapsync.prefect_env import configure_prefect_env, prefect_healthy
 from zapsync.settings import get_settings
 from zapsync.stack import (
     DEFAULT_POLL_FREQUENCY,
     StackError,
     StackOptions,
+    adopt_demo_gateway,
     check_ports,
     current_revision,
     database_label,
     ensure_migrated,
     run_async,
     run_stack,
+    sentence,
     upgrade_database,
 )
 
@@ -60,6 +64,7 @@ app.add_typer(org_app, name="org")
 app.add_typer(token_app, name="token")
 app.add_typer(instance_app, name="instance")
 
+PRIVACY_ENV = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of tables.")]
 OrgOpt = Annotated[uuid.UUID | None, typer.Option("--org", help="Organization id.")]
 
@@ -85,20 +90,12 @@ def err() -> Console:
 
 
 def _isatty() -> bool:
-    import sys
-
     return sys.stdout.isatty()
 
 
 def emit_json(data: Any) -> None:
     """Print ``data`` as indented JSON on stdout."""
     typer.echo(json.dumps(data, indent=2, default=str))
-
-
-def sentence(message: str) -> str:
-    """``message`` as one sentence: capitalised first letter left alone, a final period added when missing."""
-    message = message.strip()
-    return message if message.endswith((".", "!", "?")) else message + "."
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -122,7 +119,8 @@ def expected_errors() -> Iterator[None]:
     except ZapsyncError as exc:
         fail(exc.message, 1)
     except GatewayError as exc:
-        fail(f"gateway {exc.gateway or ''} error: {exc.message}".replace("  ", " "), 1)
+        where = f" {exc.gateway}" if exc.gateway else ""
+        fail(f"gateway{where} error: {exc.message}", 1)
     except (psycopg.OperationalError, sa_exc.OperationalError, sa_exc.InterfaceError) as exc:
         fail(f"the database is unreachable ({type(exc).__name__})", 2)
     except subprocess.CalledProcessError as exc:
@@ -136,6 +134,16 @@ def _when(value: object) -> str:
     if isinstance(value, datetime):
         return value.astimezone().strftime("%Y-%m-%d %H:%M:%S")
     return "—" if value is None else str(value)
+
+
+def _note_ephemeral(what: str) -> None:
+    """Say so on stderr when no Prefect API is configured and Prefect will start a temporary server."""
+    from prefect.settings import get_current_settings
+
+    if get_current_settings().api.url:
+        return
+    err().print(f"Note: no PREFECT_API_URL and no `zapsync up` server answering: {what} (slower to start, and "
+                "its runs are not kept).")
 
 
 def _quiet_signals() -> None:
@@ -173,8 +181,11 @@ def access_log_config() -> dict[str, Any]:
 @app.callback()
 def main(ctx: typer.Context) -> None:
     """zapsync keeps a CRM's PostgreSQL in step with its WhatsApp gateways (Evolution API v2, MegaAPI)."""
-    if ctx.invoked_subcommand != "up":  # `up` decides about Prefect itself
+    for name, value in PRIVACY_ENV.items():  # before Prefect is imported: no analytics, no telemetry
+        os.environ.setdefault(name, value)
+    if ctx.invoked_subcommand != "up":  # `up` decides about Prefect and gateways itself
         configure_prefect_env()
+        adopt_demo_gateway()
 
 
 # -- db ----------------------------------------------------------------------------------------------------------
@@ -421,6 +432,7 @@ def sync(
     os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
     with expected_errors():
         ensure_migrated()
+        _note_ephemeral("this run uses a temporary Prefect server")
         from deployments.trigger import ui_url
         from flows.sync_status import sync_status
         from zapsync.reports import SyncReport, SyncScope
@@ -438,8 +450,8 @@ def sync(
     run_id = getattr(state, "state_details", None) and state.state_details.flow_run_id
     ui = ui_url(run_id) if run_id else None
     if report is None or not isinstance(report, SyncReport):
-        fail(f"the sync flow run {run_id or ''} ended {state.name}: {state.message or 'no message'}".replace(
-            "  ", " "), 1)
+        run = f"the sync flow run {run_id}" if run_id else "the sync flow run"
+        fail(f"{run} ended {state.name}: {state.message or 'no message'}", 1)
     if as_json:
         emit_json({"state": state.name, "ui_url": ui, **report.model_dump(mode="json")})
     else:
@@ -517,19 +529,28 @@ def api(
 
 
 @app.command("serve")
-def serve() -> None:
+def serve(
+    wait: Annotated[float, typer.Option(
+        min=0, help="Seconds to wait for the Prefect API to answer before giving up (it may still be starting).",
+    )] = 0,
+) -> None:
     """Serve the deployments (schedules and on-demand runs) from this process until Ctrl-C."""
     os.environ.setdefault("PREFECT_RUNNER_POLL_FREQUENCY", DEFAULT_POLL_FREQUENCY)
     with expected_errors():
         ensure_migrated()
-    if not os.environ.get("PREFECT_API_URL"):
-        err().print("Note: no Prefect server configured (PREFECT_API_URL) and none from `zapsync up` answers: "
-                    "serving against a temporary one.")
-    from prefect import serve as prefect_serve
+    _note_ephemeral("serving against a temporary Prefect server")
+    from deployments.serve import serve_deployments
 
-    from deployments.definitions import build_deployments
-
-    prefect_serve(*build_deployments(), pause_on_shutdown=False)
+    api_url = os.environ.get("PREFECT_API_URL")
+    if api_url and wait:
+        deadline = time.monotonic() + wait
+        with expected_errors():  # Ctrl-C while waiting
+            while not prefect_healthy(api_url, timeout=1.0):
+                if time.monotonic() > deadline:
+                    fail(f"the Prefect API at {api_url} did not answer within {wait:g} s", 2)
+                time.sleep(0.25)
+    out().print("Serving the deployments (schedules stay on when this stops); Ctrl-C stops.")
+    serve_deployments()
 
 
 @app.command("up")

@@ -54,6 +54,13 @@ SYNC_DEPLOYMENT = ("sync-status", "on-demand")
 DEFAULT_POLL_FREQUENCY = "2"
 STARTUP_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 10.0
+EXTERNAL_PREFECT_TIMEOUT_S = 10.0
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+PREFECT_SERVER_ENV = {
+    "PREFECT_SERVER_UI_V2_ENABLED": "false",  # the classic UI: the newer one calls an analytics host regardless
+    "PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT": "false",
+    "PREFECT_SERVER_LOGGING_LEVEL": "WARNING",
+}
 T = TypeVar("T")
 
 
@@ -61,6 +68,13 @@ class StackError(ZapsyncError):
     """The stack could not start or a part of it died; the CLI exits with :attr:`exit_code`."""
 
     exit_code = 1
+
+    def __init__(self, message: str, *, exit_code: int | None = None, detail: str = "") -> None:
+        super().__init__(message)
+        self.detail = detail
+        """More lines shown after the sentence (a dead child's last log lines)."""
+        if exit_code is not None:
+            self.exit_code = exit_code
 
 
 class PortInUse(StackError):
@@ -77,6 +91,12 @@ class AlreadyRunning(StackError):
 
 class _StopRequested(BaseException):
     """Raised by the signal handler to leave whatever the launcher is doing (like KeyboardInterrupt)."""
+
+
+def sentence(message: str) -> str:
+    """``message`` as one sentence: a final period added when it has no closing punctuation."""
+    message = message.strip()
+    return message if message.endswith((".", "!", "?")) else message + "."
 
 
 # -- database ----------------------------------------------------------------------------------------------------
@@ -151,6 +171,24 @@ def ensure_migrated() -> None:
     run_async(check_migrated)
 
 
+def adopt_demo_gateway(home: Path | None = None) -> str | None:
+    """Use the simulator of a running `zapsync up --demo` as this process's Evolution gateway, when none is set.
+
+    So that `zapsync sync` in another terminal checks the demo instances against the same simulator. Returns the
+    simulator URL when adopted.
+    """
+    record = read_stack(home)
+    pid, url = record.get("pid"), record.get("simulator_url")
+    if not (record.get("demo") and isinstance(pid, int) and isinstance(url, str) and _pid_alive(pid)):
+        return None
+    if get_settings().gateways():
+        return None
+    os.environ["EVOLUTION_API_URL"] = url
+    os.environ["EVOLUTION_API_KEY"] = SIM_EVOLUTION_KEY
+    get_settings.cache_clear()
+    return url
+
+
 # -- ports, tokens, files ----------------------------------------------------------------------------------------
 
 
@@ -221,6 +259,7 @@ class Child:
     process: subprocess.Popen[bytes] | None = None
     started_at: float = 0.0
     _log: IO[bytes] | None = field(default=None, repr=False)
+    _offset: int = 0
 
     def start(self) -> None:
         """Start the process with its output appended to its log file."""
@@ -228,6 +267,7 @@ class Child:
         self._log = self.log_path.open("ab")
         self._log.write(f"\n--- {datetime.now(UTC).isoformat()} zapsync up starts {self.name}\n".encode())
         self._log.flush()
+        self._offset = self._log.tell()
         self.started_at = time.time()
         self.process = subprocess.Popen(
             self.argv, env=self.env, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
@@ -289,9 +329,11 @@ class Child:
         return how
 
     def log_tail(self, lines: int = 15) -> str:
-        """The last lines of the child's log (for the sentence that says why it died)."""
+        """The last lines this run of the child wrote to its log (to show why it died)."""
         try:
-            text = self.log_path.read_text(errors="replace")
+            with self.log_path.open("rb") as handle:
+                handle.seek(self._offset)
+                text = handle.read().decode(errors="replace")
         except OSError:
             return ""
         return "\n".join(text.rstrip().splitlines()[-lines:])
@@ -365,7 +407,6 @@ class StackInfo:
     api_url: str
     prefect_api_url: str
     prefect_ui_url: str | None
-    prefect_local: bool
     admin_token: str
     simulator_url: str | None = None
     demo_org: DemoOrganization | None = None
@@ -386,6 +427,7 @@ class Stack:
         self.stopping = False
         self.hurry = False
         self.began = time.monotonic()
+        self._database_started = False
 
     # signals -----------------------------------------------------------------------------------------------------
 
@@ -398,7 +440,7 @@ class Stack:
 
     @contextlib.contextmanager
     def _signals(self) -> Iterator[None]:
-        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
         try:
             yield
         finally:
@@ -420,11 +462,8 @@ class Stack:
         for child in self.children:
             code = child.exited()
             if code is not None:
-                tail = child.log_tail()
-                detail = f"\n{tail}" if tail else ""
-                raise StackError(
-                    f"the {child.name} process exited with code {code}; its log is {child.log_path}{detail}"
-                )
+                raise StackError(f"the {child.name} process exited with code {code}; its log is {child.log_path}",
+                                 detail=child.log_tail())
 
     def _wait_for(self, what: str, ready: Callable[[], bool], deadline: float) -> None:
         delay = 0.1
@@ -435,6 +474,15 @@ class Stack:
                                  f"see the logs in {self.home / 'logs'}")
             time.sleep(delay)
             delay = min(delay * 1.5, 0.5)
+
+    def _wait_for_external_prefect(self, prefect_api: str) -> None:
+        deadline = time.monotonic() + EXTERNAL_PREFECT_TIMEOUT_S
+        while not prefect_healthy(prefect_api, timeout=1.0):
+            self._check_alive()
+            if time.monotonic() > deadline:
+                raise StackError(f"the Prefect API at {prefect_api} (PREFECT_API_URL) does not answer: start it, "
+                                 "or unset PREFECT_API_URL to let zapsync up run a local server", exit_code=2)
+            time.sleep(0.25)
 
     def _zapsync(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "zapsync.cli", *args]
@@ -460,11 +508,16 @@ class Stack:
                 self._check_alive()
                 time.sleep(0.5)
         except StackError as exc:
-            self.err.print(f"zapsync up: {exc.message}", highlight=False, markup=False)
+            self._error(exc.message, exc.detail)
             return exc.exit_code
         except (DatabaseUnavailable, DatabaseNotMigrated) as exc:
-            self.err.print(f"zapsync up: {exc.message}", highlight=False, markup=False)
+            self._error(exc.message)
             return 2
+
+    def _error(self, message: str, detail: str = "") -> None:
+        self.err.print(f"zapsync: {sentence(message)}", highlight=False, markup=False)
+        if detail:
+            self.err.print(detail, highlight=False, markup=False)
 
     def _start(self) -> StackInfo:
         opts = self.options
@@ -484,7 +537,9 @@ class Stack:
             wanted.append((opts.sim_port, "simulator", "--sim-port"))
         check_ports(host, wanted)
 
-        mode = "demo mode" if demo else "gateways: " + ", ".join(sorted(self.settings.gateways()))
+        gateways = ", ".join(sorted(self.settings.gateways()))
+        mode = "demo mode" if demo else f"gateways: {gateways}" if gateways else (
+            "no gateway configured: instances will be unreachable; --demo runs the simulator")
         self.console.print(f"[bold]zapsync up[/] — ZAPSYNC_HOME={self.home} ({mode})", highlight=False)
         env = {**os.environ, "ZAPSYNC_HOME": str(self.home), "PYTHONUNBUFFERED": "1",
                "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
@@ -499,12 +554,13 @@ class Stack:
             prefect_api = f"http://{host}:{opts.prefect_port}/api"
             prefect_ui = f"http://{host}:{opts.prefect_port}"
             env.update({"PREFECT_API_URL": prefect_api, "PREFECT_HOME": str(self.home / "prefect")})
-            server_env = {**env, "PREFECT_SERVER_UI_V2_ENABLED": "false", "PREFECT_SERVER_LOGGING_LEVEL": "WARNING"}
+            server_env = {**env, **PREFECT_SERVER_ENV}
             self._child("prefect-server", [sys.executable, "-m", "prefect", "server", "start", "--host", host,
                                            "--port", str(opts.prefect_port)], server_env)
             self._say(f"Prefect server starting on {prefect_ui}")
 
         # (a) the database, in this process: it lives as long as the launcher.
+        self._database_started = True
         revision = upgrade_database()
         database = database_label()
         if "DATABASE_URL" in os.environ:  # the embedded server's socket URL, exported by database_url()
@@ -518,8 +574,7 @@ class Stack:
 
         api_url = f"http://{host}:{opts.api_port}"
         info = StackInfo(home=self.home, demo=demo, database=database, revision=revision, api_url=api_url,
-                         prefect_api_url=prefect_api, prefect_ui_url=prefect_ui, prefect_local=not external_prefect,
-                         admin_token=admin_token)
+                         prefect_api_url=prefect_api, prefect_ui_url=prefect_ui, admin_token=admin_token)
 
         # (c) the simulator and the demo organization.
         if demo:
@@ -544,14 +599,17 @@ class Stack:
         self._child("api", self._zapsync("api", "--host", host, "--port", str(opts.api_port)), env)
         self._say(f"API starting on {api_url}")
 
+        # (e) serve the deployments: it imports the flows while the Prefect server boots, then waits for it.
+        serve = self._child("serve", self._zapsync("serve", "--wait", f"{opts.startup_timeout_s:.0f}"), env,
+                            stop_timeout_s=15.0)
+        self._say("flow runner (zapsync serve) starting")
+
         deadline = time.monotonic() + opts.startup_timeout_s
-        self._wait_for("Prefect server", lambda: prefect_healthy(prefect_api, timeout=1.0), deadline)
-        self._say("Prefect server ready")
-
-        # (e) serve the deployments.
-        serve = self._child("serve", self._zapsync("serve"), env, stop_timeout_s=15.0)
-        self._say("serving the deployments")
-
+        if external_prefect:
+            self._wait_for_external_prefect(prefect_api)
+        else:
+            self._wait_for("Prefect server", lambda: prefect_healthy(prefect_api, timeout=1.0), deadline)
+            self._say("Prefect server ready")
         if info.simulator_url:
             sim_url = info.simulator_url
             self._wait_for("simulator", lambda: _ok(_get(f"{sim_url}/")), deadline)
@@ -565,6 +623,7 @@ class Stack:
             return found is not None
 
         self._wait_for("flow runner (zapsync serve)", deployments_served, deadline)
+        self._say("deployments served")
         if demo and served.get("id"):
             info.initial_sync_run = start_sync_run(prefect_api, str(served["id"]))
         info.children = {c.name: c.pid for c in self.children if c.pid}
@@ -587,7 +646,7 @@ class Stack:
         table.add_column(overflow="fold")
         table.add_row("API", info.api_url)
         table.add_row("API docs", f"{info.api_url}/docs")
-        table.add_row("Dashboard", f"{info.api_url}/")
+        table.add_row("Dashboard", f"{info.api_url}/  (sign in with a token below)")
         if info.prefect_ui_url:
             table.add_row("Prefect UI", f"{info.prefect_ui_url}  (classic UI, analytics off)")
         table.add_row("Prefect API", info.prefect_api_url)
@@ -615,15 +674,17 @@ class Stack:
 
     def _shutdown(self) -> None:
         for child in reversed(self.children):
-            if child.exited() is None:
-                self.console.print(f"stopping {child.name}…", highlight=False)
+            begun = time.monotonic()
             how = child.stop(hurry=lambda: self.hurry)
+            if how != "exited":
+                self._say(f"{child.name} {how} in {time.monotonic() - begun:.1f} s")
             if how in ("terminated", "killed"):
-                self.err.print(f"zapsync up: {child.name} did not stop on SIGINT and was {how}", highlight=False)
+                self.err.print(f"zapsync: {child.name} did not stop on SIGINT and was {how}.", highlight=False)
         self.children.clear()
-        from db.engine import stop_embedded_postgres
+        if self._database_started:
+            from db.engine import stop_embedded_postgres
 
-        stop_embedded_postgres()
+            stop_embedded_postgres()  # the embedded server stops unless another process still holds it
         record = read_stack(self.home)
         if record.get("pid") == os.getpid():
             with contextlib.suppress(OSError):
