@@ -1,27 +1,50 @@
 """Webhook handling after authentication: dedupe, store, and apply the cheap effects in one transaction.
 
 Status events go through the same repository function as the periodic sync (newest observation wins, one
-history row per real transition). A gateway stuck in a reconnect loop repeats the same `connection.update`
+history row per real transition). Message events (messages, receipts, contacts) write through the same contact,
+conversation and message functions as imports, in the transaction that stores the delivery: a redelivery finds
+its inbox row and changes nothing. A gateway stuck in a reconnect loop repeats the same `connection.update`
 dozens of times a second; a repeat of the state already stored costs a lookup in this process's memory
 (:class:`RepeatFilter`), or at most one indexed row lock, and writes no inbox row.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
+from sqlalchemy.ext.asyncio import AsyncSession
+
 from db.engine import session_scope
+from db.repositories.conversations import (
+    ContactInput,
+    ConversationFact,
+    InsertedMessage,
+    InstanceScope,
+    MessageRows,
+    advance_conversations,
+    advance_message_status,
+    ensure_conversations,
+    insert_messages_returning,
+    instance_scope_by_name,
+    upsert_contacts,
+)
 from db.repositories.instances import AppliedChange, StatusWrite, apply_status_writes
 from db.repositories.webhooks import lock_instance, store_event
-from gateways.base import Provider
+from gateways.base import ChatKind, GatewayMessage, Provider
 from gateways.webhooks import EventKind, WebhookEvent, dedupe_key, observation_time
+from tasks.imports import HISTORY_PROVIDERS, connection_key
+from zapsync.errors import FlowTriggerFailed
+from zapsync.notify import Kind, publish
+from zapsync.notify import event as live_event
 from zapsync.settings import get_settings
 
 log = logging.getLogger("zapsync.webhooks")
@@ -87,6 +110,8 @@ async def handle_event(
 ) -> HandlingResult:
     """Dedupe, store and apply one authenticated, parsed delivery."""
     received_at = received_at or datetime.now(UTC)
+    if event.kind in (EventKind.MESSAGES, EventKind.RECEIPTS, EventKind.CONTACTS):
+        return await _handle_messages(organization_id, event, payload, received_at)
     if event.kind is EventKind.STATUS:
         instance_key, state_key = repeats.keys(organization_id, event)
         if repeats.is_repeat(instance_key, state_key):
@@ -140,3 +165,105 @@ async def _handle_status(
             return HandlingResult("duplicate", "state already stored")
         await store_event(session, **store, outcome="applied")
     return HandlingResult("applied", changes=tuple(changes))
+
+
+async def _handle_messages(
+    organization_id: uuid.UUID, event: WebhookEvent, payload: dict[str, Any], received_at: datetime
+) -> HandlingResult:
+    """Store the delivery (deduped by instance, message key and event) and apply it in the same transaction."""
+    assert event.instance_name is not None
+    store = {
+        "organization_id": organization_id, "provider": event.provider, "event": event.event,
+        "instance_name": event.instance_name, "dedupe_key": dedupe_key(organization_id, event, payload),
+        "payload": payload,
+    }
+    async with session_scope() as session:
+        scope = await instance_scope_by_name(
+            session, organization_id=organization_id, gateways=gateways_for(event.provider),
+            instance_name=event.instance_name,
+        )
+        people = [m for m in event.messages if m.kind is ChatKind.CONTACT]
+        ignored = ("no instance of that name in this organization" if scope is None
+                   else "group and broadcast chats are not imported"
+                   if event.kind is EventKind.MESSAGES and not people else None)
+        if ignored is not None or scope is None:
+            stored = await store_event(session, **store, outcome="ignored", error=ignored)
+            return HandlingResult("ignored" if stored else "duplicate", ignored)
+        if not await store_event(session, **store, outcome="applied"):
+            return HandlingResult("duplicate")
+        if event.kind is EventKind.MESSAGES:
+            inserted = await apply_messages(session, scope, people, now=received_at)
+            detail = f"{len(inserted)} new of {len(people)} messages"
+        elif event.kind is EventKind.RECEIPTS:
+            changed = await advance_message_status(session, scope, event.receipts)
+            detail = f"{changed} of {len(event.receipts)} message statuses moved forward"
+        else:
+            written = await upsert_contacts(session, scope, (ContactInput(c.jid, c.alt_jid, c.name)
+                                                             for c in event.contacts))
+            detail = f"{len(event.contacts)} contacts ({written.created} new)"
+    return HandlingResult("applied", detail)
+
+
+async def apply_messages(
+    session: AsyncSession, scope: InstanceScope, messages: Sequence[GatewayMessage], *, now: datetime
+) -> list[InsertedMessage]:
+    """Contacts, conversations (found or opened) and messages for live one-to-one messages; conversations move
+    forward (last message, waiting marker) for the ones not stored before, which are announced live."""
+    contacts = await upsert_contacts(session, scope, (
+        ContactInput(m.chat_jid, m.alt_jid, None if m.from_me else m.push_name) for m in messages))
+    refs = await ensure_conversations(session, scope, (
+        ConversationFact(contacts.ids[m.chat_jid], m.sent_at, m.from_me) for m in messages
+    ), now=now, closed_reason="inactive")
+    rows = MessageRows()
+    for m in messages:
+        rows.append(refs[contacts.ids[m.chat_jid]].id, m)
+    inserted = await insert_messages_returning(session, scope, rows)
+    await advance_conversations(session, inserted)
+    await publish([
+        live_event(scope.organization_id, Kind.MESSAGE_NEW, instance_id=str(scope.id), message_id=m.id,
+                   conversation_id=m.conversation_id, external_id=m.external_id, from_me=m.from_me,
+                   sent_at=m.sent_at.isoformat())
+        for m in inserted
+    ], session=session)
+    return inserted
+
+
+_import_starts: set[asyncio.Task[None]] = set()
+
+
+async def start_import_on_connect(_organization_id: uuid.UUID, event: WebhookEvent, result: HandlingResult) -> None:
+    """After a webhook's commit: an instance that became connected gets an import of its history.
+
+    The idempotency key names the connection (instance and connect time), so redelivered events, and a status
+    sync that saw the same connection, start one run. It runs in the background: the gateway gets its 200 now.
+    """
+    if result.outcome != "applied" or event.provider not in HISTORY_PROVIDERS:
+        return
+    for change in result.changes:
+        if change.to_status == "connected":
+            task = asyncio.create_task(_start_import(change.instance_id, connection_key(
+                change.instance_id, change.observed_at)))
+            _import_starts.add(task)
+            task.add_done_callback(_import_starts.discard)
+
+
+async def _start_import(instance_id: uuid.UUID, key: str) -> None:
+    from prefect.settings import PREFECT_API_URL
+
+    from deployments.imports import start_import  # deployments import the flows, which import the tasks
+
+    if not PREFECT_API_URL.value():  # no server a deployment could be served from; never start an ephemeral one
+        log.info("[WEBHOOK] import of %s not started: no Prefect API configured", instance_id)
+        return
+    try:
+        run = await start_import(instance_id, trigger="connect", connection_key=key, idempotency_key=key)
+    except FlowTriggerFailed as exc:
+        log.warning("[WEBHOOK] import of %s not started (the next status sync will): %s", instance_id, exc.message)
+        return
+    log.info("[WEBHOOK] import of %s: flow run %s", instance_id, run.id)
+
+
+async def wait_for_import_starts() -> None:
+    """Wait until the imports requested by webhooks so far were handed to Prefect (tests, shutdown)."""
+    while _import_starts:
+        await asyncio.gather(*list(_import_starts), return_exceptions=True)

@@ -11,8 +11,16 @@ from dataclasses import dataclass
 
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 from prefect.deployments.runner import EntrypointType, RunnerDeployment
-from prefect.schedules import Interval
+from prefect.schedules import Cron, Interval
 
+from flows.cleanup_sessions import FLOW_NAME as CLEANUP_FLOW
+from flows.cleanup_sessions import cleanup_sessions
+from flows.close_inactive import FLOW_NAME as CLOSE_FLOW
+from flows.close_inactive import close_inactive_conversations
+from flows.import_conversations import FLOW_NAME as IMPORT_FLOW
+from flows.import_conversations import import_conversations
+from flows.monitor_health import FLOW_NAME as MONITOR_FLOW
+from flows.monitor_health import monitor_health
 from flows.sync_status import FLOW_NAME as SYNC_FLOW
 from flows.sync_status import sync_status
 from zapsync.settings import get_settings
@@ -33,6 +41,15 @@ class DeploymentName:
 
 SYNC_SCHEDULED = DeploymentName(SYNC_FLOW, "scheduled")
 SYNC_ON_DEMAND = DeploymentName(SYNC_FLOW, "on-demand")
+CLEANUP_SCHEDULED = DeploymentName(CLEANUP_FLOW, "scheduled")
+CLEANUP_ON_DEMAND = DeploymentName(CLEANUP_FLOW, "on-demand")
+CLOSE_SCHEDULED = DeploymentName(CLOSE_FLOW, "scheduled")
+CLOSE_ON_DEMAND = DeploymentName(CLOSE_FLOW, "on-demand")
+MONITOR_SCHEDULED = DeploymentName(MONITOR_FLOW, "scheduled")
+IMPORT_ON_DEMAND = DeploymentName(IMPORT_FLOW, "on-demand")
+CLEANUP_CRON = "0 2 * * *"
+HOURLY_CRON = "0 * * * *"
+DAY, HOUR = 86_400, 3_600
 
 
 def build_deployments() -> list[RunnerDeployment]:
@@ -43,7 +60,8 @@ def build_deployments() -> list[RunnerDeployment]:
     return [
         sync_status.to_deployment(
             name=SYNC_SCHEDULED.deployment,
-            schedules=[Interval(interval, parameters={"mode": "apply", "late_after_seconds": interval})],
+            schedules=[Interval(interval, active=settings.schedules_enabled,
+                                parameters={"mode": "apply", "late_after_seconds": interval})],
             concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW),
             description=f"Status sync of every instance, every {interval} s.",
             tags=TAGS, entrypoint_type=module,
@@ -52,6 +70,68 @@ def build_deployments() -> list[RunnerDeployment]:
             name=SYNC_ON_DEMAND.deployment,
             concurrency_limit=ConcurrencyLimitConfig(limit=4, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE),
             description="Status sync on demand (API, CLI, cron endpoint): one instance, one organization or all.",
+            tags=TAGS, entrypoint_type=module,
+        ),
+        *maintenance_deployments(),
+        *import_deployments(),
+    ]
+
+
+def import_deployments() -> list[RunnerDeployment]:
+    """Conversation imports (on connect, after a sync, on demand): at most `import_max_concurrency` at once,
+    the rest queued."""
+    limit = get_settings().import_max_concurrency
+    return [
+        import_conversations.to_deployment(
+            name=IMPORT_ON_DEMAND.deployment,
+            concurrency_limit=ConcurrencyLimitConfig(limit=limit, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE),
+            description=f"Imports one instance's chats, contacts and messages; {limit} at most at once.",
+            tags=TAGS, entrypoint_type=EntrypointType.MODULE_PATH,
+        ),
+    ]
+
+
+def maintenance_deployments() -> list[RunnerDeployment]:
+    """Cleanup (daily 02:00 in the configured zone), inactive closing (hourly), health (every minute)."""
+    settings = get_settings()
+    active = settings.schedules_enabled
+    module = EntrypointType.MODULE_PATH
+    single = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW)
+    queued = ConcurrencyLimitConfig(limit=2, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE)
+    monitor = settings.monitor_interval_seconds
+    return [
+        cleanup_sessions.to_deployment(
+            name=CLEANUP_SCHEDULED.deployment,
+            schedules=[Cron(CLEANUP_CRON, timezone=settings.cleanup_timezone, active=active,
+                            parameters={"dry_run": False, "late_after_seconds": DAY})],
+            concurrency_limit=single,
+            description=f"Deletes ended sessions past retention and prunes the inboxes, daily at 02:00 "
+                        f"{settings.cleanup_timezone}.",
+            tags=TAGS, entrypoint_type=module,
+        ),
+        cleanup_sessions.to_deployment(
+            name=CLEANUP_ON_DEMAND.deployment, concurrency_limit=queued,
+            description="Cleanup on demand (API): one organization or all, dry run or not.",
+            tags=TAGS, entrypoint_type=module,
+        ),
+        close_inactive_conversations.to_deployment(
+            name=CLOSE_SCHEDULED.deployment,
+            schedules=[Cron(HOURLY_CRON, timezone="UTC", active=active,
+                            parameters={"dry_run": False, "late_after_seconds": HOUR})],
+            concurrency_limit=single,
+            description="Closes conversations idle past each organization's inactivity_hours, hourly.",
+            tags=TAGS, entrypoint_type=module,
+        ),
+        close_inactive_conversations.to_deployment(
+            name=CLOSE_ON_DEMAND.deployment, concurrency_limit=queued,
+            description="Inactive-conversation closing on demand (API): one organization or all, dry run or not.",
+            tags=TAGS, entrypoint_type=module,
+        ),
+        monitor_health.to_deployment(
+            name=MONITOR_SCHEDULED.deployment,
+            schedules=[Interval(monitor, active=active, parameters={"late_after_seconds": monitor})],
+            concurrency_limit=single,
+            description=f"Health check of every instance every {monitor} s: alerts, reconnects, recoveries.",
             tags=TAGS, entrypoint_type=module,
         ),
     ]

@@ -14,9 +14,10 @@ Error hierarchy (callers catch at the level they care about)::
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping, Sequence
-from datetime import datetime
-from typing import Protocol, runtime_checkable
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import NamedTuple, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict
 
@@ -74,6 +75,105 @@ class ConnectResult(BaseModel):
     pairing_code: str | None = None
 
 
+class ChatKind(enum.StrEnum):
+    """What a WhatsApp address is; only one-to-one chats become CRM conversations."""
+
+    CONTACT = "contact"
+    GROUP = "group"
+    BROADCAST = "broadcast"
+    """Status updates (`status@broadcast`), broadcast lists and channels (`@newsletter`)."""
+
+
+def chat_kind(jid: str) -> ChatKind:
+    """The kind of chat a jid addresses (`@g.us` groups, `@broadcast`/`@newsletter`, else a contact)."""
+    if jid.endswith("@g.us"):
+        return ChatKind.GROUP
+    if jid.endswith(("@broadcast", "@newsletter")):
+        return ChatKind.BROADCAST
+    return ChatKind.CONTACT
+
+
+class GatewayContact(BaseModel):
+    """One entry of the instance's address book."""
+
+    model_config = ConfigDict(frozen=True)
+
+    jid: str
+    alt_jid: str | None = None
+    """The other addressing form (LID ↔ phone-number jid), when the gateway knows it."""
+    name: str | None = None
+    kind: str = "contact"
+    """The gateway's classification (`contact`, `group`, `group_member`)."""
+
+
+class GatewayChat(BaseModel):
+    """One chat as the gateway lists it, with its newest message when it has any."""
+
+    model_config = ConfigDict(frozen=True)
+
+    jid: str
+    alt_jid: str | None = None
+    name: str | None = None
+    last_message_at: datetime | None = None
+    last_from_me: bool | None = None
+    last_preview: str | None = None
+    unread: int | None = None
+
+    @property
+    def kind(self) -> ChatKind:
+        """Contact, group or broadcast."""
+        return chat_kind(self.jid)
+
+
+class GatewayMessage(NamedTuple):
+    """One message normalized from the provider's wire shape.
+
+    A named tuple rather than a pydantic model or a frozen dataclass: imports build millions of these, and its
+    construction measured 0.8 µs against 2.2 µs for a frozen dataclass (``gateways.messages`` checks the wire).
+    """
+
+    external_id: str
+    chat_jid: str
+    from_me: bool
+    timestamp: int
+    """Epoch seconds (WhatsApp's own resolution)."""
+    type: str
+    """One of the `messages.type` values: text, image, video, audio, document, sticker, location, contact,
+    reaction, other."""
+    content: str | None = None
+    alt_jid: str | None = None
+    media_url: str | None = None
+    media_mime: str | None = None
+    media_name: str | None = None
+    media_size: int | None = None
+    status: str | None = None
+    """pending, sent, delivered, read, played, failed or deleted; None when the gateway did not say."""
+    push_name: str | None = None
+    participant: str | None = None
+
+    @property
+    def sent_at(self) -> datetime:
+        """When the message was sent."""
+        return datetime.fromtimestamp(self.timestamp, UTC)
+
+    @property
+    def kind(self) -> ChatKind:
+        """The kind of chat the message belongs to."""
+        return chat_kind(self.chat_jid)
+
+
+@dataclass(frozen=True, slots=True)
+class MessagePage:
+    """One page of messages, newest first, with the gateway's totals for the same filter."""
+
+    messages: list[GatewayMessage]
+    page: int
+    pages: int
+    total: int
+    skipped: int = 0
+    """Records on the page that were not valid messages (dropped)."""
+
+
 class GatewayError(Exception):
     """Base of every error raised by a gateway client. Messages never contain secrets."""
 
@@ -118,6 +218,8 @@ class Gateway(Protocol):
 
     name: str
     provider: Provider
+    supports_history: bool
+    """Whether the provider lets zapsync read chats, contacts and messages (imports)."""
 
     async def fetch_states(
         self,
@@ -151,6 +253,62 @@ class Gateway(Protocol):
         """Log the instance out of WhatsApp."""
         ...
 
+    async def fetch_contacts(self, instance_name: str, *, page: int, page_size: int) -> list[GatewayContact]:
+        """One page (1-based) of the instance's contacts; an empty list past the end."""
+        ...
+
+    async def fetch_chats(self, instance_name: str, *, skip: int, take: int) -> list[GatewayChat]:
+        """``take`` chats after the first ``skip``, most recently active first; an empty list past the end."""
+        ...
+
+    async def fetch_messages(
+        self, instance_name: str, *, page: int, page_size: int, since: datetime | None = None,
+        until: datetime | None = None, chat_jid: str | None = None,
+    ) -> MessagePage:
+        """One page (1-based) of messages sent within [since, until] (of one chat when given), newest first."""
+        ...
+
     async def aclose(self) -> None:
         """Close the underlying HTTP client."""
         ...
+
+
+async def iter_contacts(
+    gateway: Gateway, instance_name: str, *, page_size: int, first_page: int = 1
+) -> AsyncIterator[list[GatewayContact]]:
+    """Stream the instance's contacts page by page (one page in memory at a time)."""
+    page = first_page
+    while batch := await gateway.fetch_contacts(instance_name, page=page, page_size=page_size):
+        yield batch
+        if len(batch) < page_size:
+            return
+        page += 1
+
+
+async def iter_chats(
+    gateway: Gateway, instance_name: str, *, page_size: int, skip: int = 0
+) -> AsyncIterator[list[GatewayChat]]:
+    """Stream the instance's chats page by page, most recently active first."""
+    while batch := await gateway.fetch_chats(instance_name, skip=skip, take=page_size):
+        yield batch
+        if len(batch) < page_size:
+            return
+        skip += len(batch)
+
+
+async def iter_messages(
+    gateway: Gateway, instance_name: str, *, page_size: int, since: datetime | None = None,
+    until: datetime | None = None, chat_jid: str | None = None, first_page: int = 1,
+) -> AsyncIterator[MessagePage]:
+    """Stream messages page by page, newest first, until the gateway's last page."""
+    page = first_page
+    while True:
+        batch = await gateway.fetch_messages(
+            instance_name, page=page, page_size=page_size, since=since, until=until, chat_jid=chat_jid,
+        )
+        if not batch.messages:
+            return
+        yield batch
+        if page >= batch.pages:
+            return
+        page += 1

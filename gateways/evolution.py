@@ -5,21 +5,27 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NotRequired
 
 import httpx
-from pydantic import BaseModel, TypeAdapter
+from pydantic import BaseModel, TypeAdapter, ValidationError
+from typing_extensions import TypedDict
 
 from gateways.base import (
     ConnectResult,
+    GatewayChat,
+    GatewayContact,
     GatewayError,
+    GatewayMessage,
     GatewayNotFound,
     GatewayRequestError,
     InstanceStatus,
+    MessagePage,
     Provider,
     StatusObservation,
 )
 from gateways.http import HttpGateway
+from gateways.messages import MalformedMessage, from_baileys
 from gateways.resilience import BreakerPolicy, RetryPolicy
 from gateways.status import LOGGED_OUT_CODES, from_evolution, phone_from_jid
 
@@ -30,6 +36,7 @@ class EvolutionGateway(HttpGateway):
     """One Evolution API v2 server, authenticated with its global `apikey`."""
 
     provider = Provider.EVOLUTION
+    supports_history = True
 
     def __init__(
         self,
@@ -159,6 +166,66 @@ class EvolutionGateway(HttpGateway):
         await self.request_json("DELETE", f"/instance/logout/{instance_name}", what="logout")
 
 
+    async def fetch_contacts(self, instance_name: str, *, page: int, page_size: int) -> list[GatewayContact]:
+        """`POST /chat/findContacts` with `page` (1-based) and `offset` (the page size, gateways.md §1.3)."""
+        content = await self.request_bytes(
+            "POST", f"/chat/findContacts/{instance_name}", what="findContacts",
+            json={"where": {}, "page": page, "offset": page_size},
+        )
+        rows: list[ContactRow] = self.decode(content, what="findContacts", adapter=_CONTACTS)
+        return [
+            GatewayContact(jid=row["remoteJid"], name=row.get("pushName") or None,
+                           kind=row.get("type") or ("group" if row.get("isGroup") else "contact"))
+            for row in rows if row.get("remoteJid")
+        ]
+
+    async def fetch_chats(self, instance_name: str, *, skip: int, take: int) -> list[GatewayChat]:
+        """`POST /chat/findChats` with `take`/`skip`, most recently active first (no totals)."""
+        content = await self.request_bytes(
+            "POST", f"/chat/findChats/{instance_name}", what="findChats",
+            json={"where": {}, "take": take, "skip": skip},
+        )
+        rows: list[ChatRow] = self.decode(content, what="findChats", adapter=_CHATS)
+        return [_chat(row) for row in rows if row.get("remoteJid")]
+
+    async def fetch_messages(
+        self, instance_name: str, *, page: int, page_size: int, since: datetime | None = None,
+        until: datetime | None = None, chat_jid: str | None = None,
+    ) -> MessagePage:
+        """`POST /chat/findMessages`: `page` (1-based) and `offset` (page size), newest first.
+
+        Evolution applies a time filter only when both bounds are given, so a missing bound is sent open-ended.
+        The body is parsed with orjson and only its envelope with pydantic (records are checked field by field as
+        they are normalized; a record that is not a message is dropped and counted).
+        """
+        where: dict[str, Any] = {}
+        if chat_jid:
+            where["key"] = {"remoteJid": chat_jid}
+        if since is not None or until is not None:
+            where["messageTimestamp"] = {"gte": _iso(since or _EPOCH), "lte": _iso(until or _FAR_FUTURE)}
+        content = await self.request_bytes(
+            "POST", f"/chat/findMessages/{instance_name}", what="findMessages",
+            json={"where": where, "page": page, "offset": page_size},
+        )
+        body = self.decode(content, what="findMessages")
+        try:
+            block: MessagesBlock = _BLOCK.validate_python((body or {}).get("messages"))
+        except (ValidationError, AttributeError) as exc:
+            raise GatewayRequestError(
+                f"{self.name}: findMessages answered an unexpected body", status_code=200,
+                body=content[:200].decode(errors="replace"), gateway=self.name,
+            ) from exc
+        messages: list[GatewayMessage] = []
+        skipped = 0
+        for record in block["records"]:
+            try:
+                messages.append(from_baileys(record if isinstance(record, dict) else {}))
+            except MalformedMessage:  # one bad record must not block an import
+                skipped += 1
+        return MessagePage(messages=messages, page=block["currentPage"], pages=block["pages"], total=block["total"],
+                           skipped=skipped)
+
+
 def _raise_for_error_body(gateway: str, what: str, body: Any) -> None:
     if isinstance(body, dict) and body.get("error") is True:
         raise GatewayRequestError(
@@ -177,6 +244,66 @@ class FetchedInstance(BaseModel):
 
 
 _FETCHED = TypeAdapter(list[FetchedInstance])
+
+
+class ContactRow(TypedDict):
+    """A `findContacts` row (the fields imports read)."""
+
+    remoteJid: str
+    pushName: NotRequired[str | None]
+    isGroup: NotRequired[bool | None]
+    type: NotRequired[str | None]
+
+
+class ChatRow(TypedDict):
+    """A `findChats` row: v2.3 rows carry `pushName` and `lastMessage`; older Chat-table rows carry `name`."""
+
+    remoteJid: str
+    pushName: NotRequired[str | None]
+    name: NotRequired[str | None]
+    unreadCount: NotRequired[int | None]
+    updatedAt: NotRequired[str | None]
+    lastMessage: NotRequired[Any]
+    """Validated on its own: a malformed last message must not hide the chat."""
+
+
+class MessagesBlock(TypedDict):
+    """`findMessages`' `messages` object (records are normalized one by one, see ``gateways.messages``)."""
+
+    total: int
+    pages: int
+    currentPage: int
+    records: list[Any]
+
+
+_CONTACTS = TypeAdapter(list[ContactRow])
+_CHATS = TypeAdapter(list[ChatRow])
+_BLOCK = TypeAdapter(MessagesBlock)
+_EPOCH = datetime(1970, 1, 1, 0, 0, 1, tzinfo=UTC)
+_FAR_FUTURE = datetime(2100, 1, 1, tzinfo=UTC)
+
+
+def _iso(moment: datetime) -> str:
+    """JavaScript's ISO form, which Evolution's `new Date(...)` parses."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def _chat(row: ChatRow) -> GatewayChat:
+    last = row.get("lastMessage")
+    message: GatewayMessage | None = None
+    if last:
+        try:
+            message = from_baileys(last) if isinstance(last, dict) else None
+        except MalformedMessage:
+            message = None
+    alt = message.alt_jid if message is not None and message.chat_jid == row["remoteJid"] else None
+    return GatewayChat(
+        jid=row["remoteJid"], alt_jid=alt, name=row.get("pushName") or row.get("name") or None,
+        last_message_at=message.sent_at if message is not None else None,
+        last_from_me=message.from_me if message is not None else None,
+        last_preview=(message.content or f"[{message.type}]") if message is not None else None,
+        unread=row.get("unreadCount"),
+    )
 
 
 def _from_row(name: str, row: FetchedInstance, observed_at: datetime) -> StatusObservation:

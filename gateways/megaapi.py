@@ -1,19 +1,27 @@
-"""MegaAPI client (gateways.md §4): one status call per instance, with bounded concurrency."""
+"""MegaAPI client (gateways.md §4): one status call per instance, with bounded concurrency.
+
+MegaAPI documents no API to read chat history (chats, contacts or stored messages): the read methods raise
+:class:`GatewayNotSupported`, and its messages reach zapsync through webhooks only.
+"""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
+from typing import NoReturn
 
 import httpx
 
 from gateways.base import (
     ConnectResult,
+    GatewayChat,
+    GatewayContact,
     GatewayError,
     GatewayNotFound,
     GatewayNotSupported,
     InstanceStatus,
+    MessagePage,
     Provider,
     StatusObservation,
 )
@@ -26,6 +34,7 @@ class MegaApiGateway(HttpGateway):
     """One MegaAPI host, authenticated with `Authorization: Bearer <token>`; instances are `instance_key`s."""
 
     provider = Provider.MEGAAPI
+    supports_history = False
 
     def __init__(
         self,
@@ -101,3 +110,24 @@ class MegaApiGateway(HttpGateway):
     async def logout(self, instance_name: str) -> None:
         """`DELETE /rest/instance/{key}/logout`."""
         await self.request_json("DELETE", f"/rest/instance/{instance_name}/logout", what="logout")
+
+    async def fetch_contacts(self, instance_name: str, *, page: int, page_size: int) -> list[GatewayContact]:
+        """Not available: MegaAPI has no documented contacts listing."""
+        self._no_history("contacts")
+
+    async def fetch_chats(self, instance_name: str, *, skip: int, take: int) -> list[GatewayChat]:
+        """Not available: MegaAPI has no documented chats listing."""
+        self._no_history("chats")
+
+    async def fetch_messages(
+        self, instance_name: str, *, page: int, page_size: int, since: datetime | None = None,
+        until: datetime | None = None, chat_jid: str | None = None,
+    ) -> MessagePage:
+        """Not available: MegaAPI has no documented message history."""
+        self._no_history("message history")
+
+    def _no_history(self, what: str) -> NoReturn:
+        raise GatewayNotSupported(
+            f"{self.name}: MegaAPI has no API to read {what}; its messages arrive by webhook only",
+            gateway=self.name,
+        )

@@ -1,8 +1,9 @@
 """Gateway webhook payloads parsed into typed, provider-neutral events (gateways.md §2 and §4).
 
 Both known shapes are accepted wherever a gateway varies (MegaAPI's two `connection_update` forms, Evolution's
-`instance` as a name or an object). An event zapsync does not act on is still parsed (kind OTHER) so it can be
-stored and acknowledged; a payload that is not what its event promises raises :class:`MalformedPayload`.
+`instance` as a name or an object, `contacts.*` as an array or a single object, `chats.*` rows with or without
+`remoteJid`). An event zapsync does not act on is still parsed (kind OTHER) so it can be stored and acknowledged; a
+payload that is not what its event promises raises :class:`MalformedPayload`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from typing import Any
 
 import orjson
 
-from gateways.base import InstanceStatus, Provider
+from gateways.base import ChatKind, GatewayContact, GatewayMessage, InstanceStatus, Provider, chat_kind
+from gateways.messages import MalformedMessage, from_baileys, status_from_wire
 from gateways.status import LOGGED_OUT_CODES, from_evolution, from_megaapi, phone_from_jid
 
 
@@ -28,6 +30,12 @@ class EventKind(enum.StrEnum):
 
     STATUS = "status"
     """Changes the instance's connection status (and maybe its QR code)."""
+    MESSAGES = "messages"
+    """New (or history) messages: contact, conversation and message upserts."""
+    RECEIPTS = "receipts"
+    """Delivery/read receipts and deletions: message statuses move forward."""
+    CONTACTS = "contacts"
+    """Contact names and addresses."""
     OTHER = "other"
     """Stored and acknowledged; no inline effect yet."""
 
@@ -49,6 +57,12 @@ class WebhookEvent:
     event_time: datetime | None = None
     event_id: str | None = None
     """An id the gateway gave the delivery (WAHA), when there is one."""
+    messages: tuple[GatewayMessage, ...] = ()
+    receipts: tuple[tuple[str, str], ...] = ()
+    """(message key id, new status) pairs."""
+    contacts: tuple[GatewayContact, ...] = ()
+    dedupe_id: str | None = None
+    """What makes a delivery the same event (instance, message key id, event[, status]); else the body decides."""
 
 
 def decode_json(body: bytes) -> dict[str, Any]:
@@ -123,7 +137,85 @@ def parse_evolution(payload: dict[str, Any], *, path_event: str | None = None) -
     if event == "logout.instance" and instance:
         return WebhookEvent(**base, kind=EventKind.STATUS, status=InstanceStatus.DISCONNECTED,
                             reason="logged out", logged_out=True)
+    if event in MESSAGE_EVENTS:
+        return _evolution_messages(base, event, instance, data)
+    if event in RECEIPT_EVENTS or event == "messages.delete":
+        return _evolution_receipts(base, event, instance, data)
+    if event.startswith("contacts."):
+        return _contacts(base, event, instance, data)
+    if event.startswith("chats."):
+        _rows(event, data, strings=event == "chats.delete")  # store and acknowledge, whatever the variant
+    elif event == "presence.update" and not isinstance(data, dict):
+        raise MalformedPayload("presence.update needs a data object {id, presences}")
     return WebhookEvent(**base, kind=EventKind.OTHER)
+
+
+MESSAGE_EVENTS = frozenset({"messages.upsert", "send.message", "messages.set"})
+RECEIPT_EVENTS = frozenset({"messages.update", "send.message.update"})
+
+
+def _message(event: str, raw: dict[str, Any]) -> GatewayMessage:
+    """One Baileys message record, or MalformedPayload saying what is wrong with it."""
+    try:
+        return from_baileys(raw)
+    except MalformedMessage as exc:
+        raise MalformedPayload(f"{event}: {exc}") from exc
+
+
+def _evolution_messages(base: dict[str, Any], event: str, instance: str | None, data: Any) -> WebhookEvent:
+    if not instance:
+        raise MalformedPayload(f"{event} without 'instance'")
+    records = data if isinstance(data, list) else [data]
+    if not records or not all(isinstance(r, dict) for r in records):
+        raise MalformedPayload(f"{event} needs data as a message object {{key, message, messageTimestamp}}")
+    messages = tuple(_message(event, r) for r in records)
+    single = len(messages) == 1 and not isinstance(data, list)
+    return WebhookEvent(**base, kind=EventKind.MESSAGES, messages=messages,
+                        dedupe_id=f"{instance}|{event}|{messages[0].external_id}" if single else None)
+
+
+def _evolution_receipts(base: dict[str, Any], event: str, instance: str | None, data: Any) -> WebhookEvent:
+    if not instance:
+        raise MalformedPayload(f"{event} without 'instance'")
+    rows = data if isinstance(data, list) else [data]
+    receipts: list[tuple[str, str]] = []
+    for row in rows:
+        if not isinstance(row, dict):
+            raise MalformedPayload(f"{event} needs data as an object")
+        key = row.get("key") if isinstance(row.get("key"), dict) else {}
+        if event == "messages.delete":
+            key_id, status, field = (key or row).get("id"), "deleted", "id"
+        else:
+            key_id, status, field = row.get("keyId") or key.get("id"), status_from_wire(row.get("status")), "keyId"
+        if not isinstance(key_id, str) or not key_id:
+            raise MalformedPayload(f"{event} needs the message id (data.{field})")
+        if status is not None:
+            receipts.append((key_id, status))
+    if not receipts:  # e.g. a poll vote: nothing to apply
+        return WebhookEvent(**base, kind=EventKind.OTHER)
+    tail = "|".join(f"{k}:{v}" for k, v in receipts)
+    return WebhookEvent(**base, kind=EventKind.RECEIPTS, receipts=tuple(receipts),
+                        dedupe_id=f"{instance}|{event}|{tail}")
+
+
+def _rows(event: str, data: Any, *, strings: bool = False) -> list[Any]:
+    """`data` as a list of rows: an array, or one object (both occur); strings allowed for `chats.delete`."""
+    rows = data if isinstance(data, list) else [data]
+    allowed = (dict, str) if strings else (dict,)
+    if not rows or not all(isinstance(r, allowed) for r in rows):
+        raise MalformedPayload(f"{event} needs data as an object or an array of objects")
+    return rows
+
+
+def _contacts(base: dict[str, Any], event: str, instance: str | None, data: Any) -> WebhookEvent:
+    if not instance:
+        raise MalformedPayload(f"{event} without 'instance'")
+    contacts = tuple(
+        GatewayContact(jid=row["remoteJid"], name=row.get("pushName") if isinstance(row.get("pushName"), str) else None)
+        for row in _rows(event, data)
+        if isinstance(row.get("remoteJid"), str) and chat_kind(row["remoteJid"]) is ChatKind.CONTACT
+    )
+    return WebhookEvent(**base, kind=EventKind.CONTACTS if contacts else EventKind.OTHER, contacts=contacts)
 
 
 MEGAAPI_CONNECTION_MESSAGES = {"phone_connected": "connected", "phone_disconnected": "disconnected"}
@@ -158,6 +250,25 @@ def parse_megaapi(payload: dict[str, Any]) -> WebhookEvent:
                 f" ({close_reason})" if close_reason else ""),
             phone_number=phone_from_jid(payload.get("jid")), profile_name=payload.get("pushName"),
         )
+    key = payload.get("key")
+    if kind == "message.ack":
+        if not instance:
+            raise MalformedPayload("message.ack without 'instance_key'")
+        update = payload.get("update")
+        key_id = key.get("id") if isinstance(key, dict) else None
+        if not isinstance(key_id, str) or not key_id or not isinstance(update, dict):
+            raise MalformedPayload("message.ack needs key.id and update.status")
+        status = status_from_wire(update.get("status"))
+        if status is None:
+            raise MalformedPayload(f"message.ack has unknown status {update.get('status')!r}")
+        return WebhookEvent(**base, kind=EventKind.RECEIPTS, receipts=((key_id, status),),
+                            dedupe_id=f"{instance}|message.ack|{key_id}|{status}")
+    if isinstance(key, dict):  # a flat Baileys message typed by its content (`conversation`, `imageMessage`…)
+        if not instance:
+            raise MalformedPayload(f"{kind} message without 'instance_key'")
+        message = _message(kind, payload)
+        return WebhookEvent(**base, kind=EventKind.MESSAGES, messages=(message,),
+                            dedupe_id=f"{instance}|message|{message.external_id}")
     return WebhookEvent(**base, kind=EventKind.OTHER)
 
 
@@ -174,9 +285,13 @@ def observation_time(event_time: datetime | None, received_at: datetime, toleran
 
 
 def dedupe_key(organization_id: object, event: WebhookEvent, payload: dict[str, Any]) -> str:
-    """A key equal for redeliveries of the same event: the gateway's id when it has one, else the body's hash."""
+    """A key equal for redeliveries of the same event: the gateway's id when it has one, then what identifies a
+    message event (instance, key id, event[, status] — a retry may differ in envelope fields), else the body's
+    hash."""
     if event.event_id:
         material = f"{organization_id}|{event.provider}|id|{event.event_id}"
+    elif event.dedupe_id:
+        material = f"{organization_id}|{event.provider}|key|{event.dedupe_id}"
     else:
         body_hash = hashlib.sha256(orjson.dumps(payload, option=orjson.OPT_SORT_KEYS)).hexdigest()
         material = f"{organization_id}|{event.provider}|body|{body_hash}"

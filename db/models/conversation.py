@@ -58,6 +58,7 @@ class Conversation(Timestamps, Base):
               postgresql_where=text(OPEN_CONVERSATION)),
         Index("ix_conversations_instance_updated", "instance_id", "updated_at"),
         Index("ix_conversations_organization_updated", "organization_id", "updated_at"),
+        Index("ix_conversations_contact_last", "contact_id", "last_message_at"),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
@@ -89,8 +90,10 @@ class Message(Base):
     )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
-    organization_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("organizations.id", ondelete="CASCADE"))
-    instance_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("whatsapp_instances.id", ondelete="CASCADE"))
+    organization_id: Mapped[uuid.UUID]
+    """Its conversation's organization (no foreign key: the conversation's cascades cover it, migration 0003)."""
+    instance_id: Mapped[uuid.UUID]
+    """Its conversation's instance (no foreign key, as above)."""
     conversation_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("conversations.id", ondelete="CASCADE"))
     external_id: Mapped[str | None] = mapped_column(String(128))
     from_me: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))

@@ -9,7 +9,9 @@ Provider routes follow gateways.md §1 and §4: Evolution's guard order (instanc
 from __future__ import annotations
 
 import asyncio
+import math
 import re
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -18,6 +20,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ValidationError
 
 from gateways.simulator import shapes
+from gateways.simulator.history import History, HistorySpec
 from gateways.simulator.state import (
     INTEGRATIONS,
     InstanceExists,
@@ -228,7 +231,87 @@ def _evolution_router(state: SimulatorState) -> APIRouter:
         await _gate(state, "evolution", f"webhookFind:{instance}")
         return _json(shapes.webhook_row(instance_for(request, instance)))
 
+    @router.post("/chat/findChats/{instance}")
+    async def find_chats(request: Request, instance: str) -> Response:
+        await _gate(state, "evolution", f"findChats:{instance}")
+        instance_for(request, instance)
+        body = await _body(request)
+        history = state.history(instance)
+        skip, take = _int(body.get("skip"), 0), body.get("take")
+        if history is None:
+            return _json([])
+        return _json(history.chat_rows(skip, _int(take, 0) if take is not None else None))
+
+    @router.post("/chat/findContacts/{instance}")
+    async def find_contacts(request: Request, instance: str) -> Response:
+        await _gate(state, "evolution", f"findContacts:{instance}")
+        instance_for(request, instance)
+        body = await _body(request)
+        history = state.history(instance)
+        offset = body.get("offset")
+        if history is None:
+            return _json([])
+        return _json(history.contact_rows(_int(body.get("page"), 1), _int(offset, 1) if offset else None))
+
+    @router.post("/chat/findMessages/{instance}")
+    async def find_messages(request: Request, instance: str) -> Response:
+        await _gate(state, "evolution", f"findMessages:{instance}")
+        instance_for(request, instance)
+        body = await _body(request)
+        page, offset = max(_int(body.get("page"), 1), 1), max(_int(body.get("offset"), 50), 1)
+        limit = state.config.fail_find_messages_after_page
+        if limit is not None and page > limit:
+            raise _evolution_fail(500, f"Simulated failure: findMessages page {page}")
+        return _json(_messages_page(state.history(instance), body.get("where"), page, offset))
+
     return router
+
+
+def _int(value: Any, default: int) -> int:
+    """A non-negative integer from a JSON value (Evolution's DTOs coerce numeric strings)."""
+    if isinstance(value, bool):
+        return default
+    if isinstance(value, int | float) or (isinstance(value, str) and value.isdigit()):
+        return max(int(value), 0)
+    return default
+
+
+def _epoch(value: Any) -> int | None:
+    """What Evolution's `new Date(value).getTime() / 1000` makes of a bound (None if it is unparseable)."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return int(value / 1000)  # JavaScript reads a number as milliseconds
+    if isinstance(value, str) and value:
+        try:
+            return int(datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp())
+        except ValueError:
+            return None
+    return None
+
+
+def _messages_page(history: History | None, where: Any, page: int, offset: int) -> dict[str, Any]:
+    """findMessages: `where.key.remoteJid` and `where.messageTimestamp` (only when both bounds are truthy)."""
+    where = where if isinstance(where, dict) else {}
+    chat: int | None = None
+    gte = lte = None
+    if history is not None:
+        key = where.get("key") if isinstance(where.get("key"), dict) else {}
+        jid = key.get("remoteJid")
+        if isinstance(jid, str) and jid:
+            chat = history.chat_index(jid)
+            if chat is None:
+                history = None
+        bounds = where.get("messageTimestamp")
+        if isinstance(bounds, dict) and bounds.get("gte") and bounds.get("lte"):
+            gte, lte = _epoch(bounds["gte"]), _epoch(bounds["lte"])
+    if history is None:
+        first, end = 0, 0
+    else:
+        first, end = history.message_window(gte, lte, chat)
+    total = end - first
+    start = first + (page - 1) * offset
+    records = history.records(range(start, min(start + offset, end)), chat) if history is not None else []
+    return {"messages": {"total": total, "pages": math.ceil(total / offset), "currentPage": page,
+                         "records": records}}
 
 
 def _megaapi_router(state: SimulatorState) -> APIRouter:
@@ -391,6 +474,13 @@ def _control_router(state: SimulatorState) -> APIRouter:
         except ValueError as exc:
             raise fail(400, str(exc)) from None
         return _json(shapes.state_change(change))
+
+    @router.post("/instances/{name}/history")
+    async def set_history(name: str, body: HistorySpec) -> Response:
+        known(name)
+        history = state.set_history(name, body)
+        return _json({"name": name, "chats": history.chat_total, "messages": history.total_messages,
+                      "newest_ts": history.newest_ts})
 
     @router.post("/instances/{name}/qr")
     async def emit_qr(name: str, number: str | None = None) -> Response:

@@ -28,6 +28,8 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from gateways.simulator.history import History, HistorySpec
+
 logger = logging.getLogger(__name__)
 
 ProviderName = Literal["evolution", "megaapi"]
@@ -108,6 +110,10 @@ class SimulatorConfig(BaseModel):
     """QR codes per session before the state becomes ``refused`` (Evolution's ``QRCODE_LIMIT``)."""
     version: str = "2.3.6"
     """Evolution version reported by ``GET /``."""
+    history: HistorySpec | None = None
+    """Chat history of every Evolution instance that has none of its own (see :meth:`SimulatorState.set_history`)."""
+    fail_find_messages_after_page: int | None = Field(default=None, ge=0)
+    """`findMessages` answers 500 for pages after this one (a crash in the middle of an import)."""
 
 
 @dataclass(slots=True)
@@ -140,6 +146,8 @@ class SimInstance:
     settings: dict[str, Any] = field(default_factory=dict)
     webhook: dict[str, Any] | None = None
     """Per-instance webhook (Evolution's ``Webhook`` row fields), set by create or ``/webhook/set``."""
+    history: HistorySpec | None = None
+    """This instance's generated chat history (else the config's default)."""
 
     def row_key(self) -> tuple[Any, ...]:
         """The persisted row's fields that change over time (Evolution writes ``updatedAt`` when they do)."""
@@ -214,6 +222,7 @@ class SimulatorState:
         self._lock = threading.RLock()
         self._rng = random.Random(self.config.seed)
         self._fault_rng = random.Random(f"faults:{self.config.seed}")
+        self._histories: dict[str, tuple[HistorySpec, History]] = {}
 
     # -- plumbing -------------------------------------------------------------------------------------------------
 
@@ -266,6 +275,7 @@ class SimulatorState:
         with self._lock:
             self.instances.clear()
             self.calls.clear()
+            self._histories.clear()
             if not keep_config:
                 self.config = SimulatorConfig()
             self._reseed()
@@ -376,6 +386,32 @@ class SimulatorState:
             if live_state == "open":
                 self._pair(inst)
             return inst
+
+    # -- chat history ---------------------------------------------------------------------------------------------
+
+    def set_history(self, name: str, spec: HistorySpec | None = None, **fields: Any) -> History:
+        """Give instance ``name`` a generated history (``spec``, or a spec built from ``fields``)."""
+        with self._lock:
+            inst = self.require(name)
+            inst.history = spec or HistorySpec(**fields)
+            self._histories.pop(name, None)
+            built = self.history(name)
+            assert built is not None
+            return built
+
+    def history(self, name: str) -> History | None:
+        """The instance's history (its own spec, else the config's default), built once per spec."""
+        with self._lock:
+            inst = self.get(name)
+            spec = (inst.history or self.config.history) if inst is not None else None
+            if inst is None or spec is None:
+                return None
+            cached = self._histories.get(name)
+            if cached is None or cached[0] != spec:
+                built = History(spec, instance_id=inst.instance_id, owner_name=inst.profile_name,
+                                now=self._clock().replace(microsecond=0))
+                cached = self._histories[name] = (spec, built)
+            return cached[1]
 
     # -- state transitions ----------------------------------------------------------------------------------------
 

@@ -1,0 +1,216 @@
+"""`python -m bench import`: one conversation import through the real flow, from the simulator into PostgreSQL.
+
+Setup (not timed): a simulator process whose one connected Evolution instance holds ``--chats`` one-to-one chats of
+``--messages-per-chat`` messages each — generated page by page, never materialised, with the simulator's usual
+variety (LID-keyed chats, numbers without the ninth digit, a media message in four); a migrated database with the
+instance row; a temporary Prefect API. Timed: one ``import_conversations`` flow run (contacts, chats, message pages
+as Prefect tasks, finalize, report). Checked (exit code 1 otherwise): exactly C contacts, C conversations and
+C × M messages, each once. Reported: messages, seconds, messages/s and the bench process's peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import uuid
+from dataclasses import dataclass
+from typing import IO, Any
+
+from bench.common import (
+    BenchFailure,
+    Row,
+    SimSeed,
+    SimulatorProcess,
+    Stopwatch,
+    bench_database,
+    configure_gateway,
+    emit,
+    load_average,
+    peak_rss_mb,
+    prefect_api,
+    prepare_environment,
+    progress,
+    render_table,
+    run_main,
+)
+
+NAME = "import"
+HELP = "conversation import: C chats × M messages from the simulator into PostgreSQL through the real flow"
+TARGET_MESSAGES_PER_S = 50_000.0
+
+
+@dataclass(frozen=True, slots=True)
+class ImportOptions:
+    """Command-line options of ``bench import``."""
+
+    chats: int
+    messages_per_chat: int
+    page_size: int | None
+    concurrency: int | None
+    latency_ms: float
+    as_json: bool
+
+    @property
+    def messages(self) -> int:
+        """Messages the instance holds."""
+        return self.chats * self.messages_per_chat
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Declare ``bench import``'s options."""
+    parser.add_argument("--chats", type=_positive_int, required=True, help="one-to-one chats (C)")
+    parser.add_argument("--messages-per-chat", type=_positive_int, required=True, help="messages in each chat (M)")
+    parser.add_argument("--page-size", type=_positive_int, default=None,
+                        help="records per gateway page and transaction (default: ZAPSYNC_IMPORT_PAGE_SIZE or 5000)")
+    parser.add_argument("--concurrency", type=_positive_int, default=None,
+                        help="message pages in flight (default: ZAPSYNC_IMPORT_PAGE_CONCURRENCY or 3)")
+    parser.add_argument("--latency-ms", type=float, default=0.0, help="latency the simulator adds to each request")
+    parser.add_argument("--json", action="store_true", dest="as_json", help="print one JSON object on stdout")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``bench import``: exit code 0, or 1 when the imported rows are wrong."""
+    options = ImportOptions(
+        chats=args.chats, messages_per_chat=args.messages_per_chat, page_size=args.page_size,
+        concurrency=args.concurrency, latency_ms=args.latency_ms, as_json=args.as_json,
+    )
+    return run_main(lambda out: bench_import(options, out))
+
+
+def bench_import(options: ImportOptions, out: IO[str]) -> None:
+    """Set up, measure, check and report (see the module docstring)."""
+    prepare_environment()
+    if options.page_size is not None:
+        os.environ["ZAPSYNC_IMPORT_PAGE_SIZE"] = str(options.page_size)
+    if options.concurrency is not None:
+        os.environ["ZAPSYNC_IMPORT_PAGE_CONCURRENCY"] = str(options.concurrency)
+    progress(f"import: {options.chats} chats × {options.messages_per_chat} messages = {options.messages} messages")
+    with contextlib.ExitStack() as stack:
+        simulator = stack.enter_context(SimulatorProcess(
+            [SimSeed(1, provider="evolution", prefix="bench", connected_ratio=1.0)], latency_ms=options.latency_ms))
+        stack.enter_context(bench_database())
+        stack.enter_context(prefect_api())
+        simulator.wait()
+        name = simulator.seeded[0].names[0]
+        shape = simulator.control("POST", f"/instances/{name}/history", {
+            "chats": options.chats, "messages_per_chat": options.messages_per_chat})
+        if shape["messages"] != options.messages:
+            raise BenchFailure(f"the simulator holds {shape['messages']} messages, expected {options.messages}")
+        progress(f"simulator serving {name} with {shape['messages']} messages at {simulator.url}")
+        configure_gateway("evolution", simulator.url)
+        result = asyncio.run(measure(options, name, simulator))
+    emit(result, as_json=options.as_json, table=result_table(result), out=out)
+
+
+async def measure(options: ImportOptions, name: str, simulator: SimulatorProcess) -> dict[str, Any]:
+    """Insert the instance row, time one import flow run, check the rows."""
+    from db.engine import dispose_engine
+    from flows.import_conversations import import_conversations
+    from zapsync.settings import get_settings
+
+    try:
+        instance_id = await insert_instance(name)
+        rss_before = peak_rss_mb()
+        load = load_average()
+        simulator_cpu = simulator.cpu_seconds()
+        progress("timed: import_conversations(instance) …")
+        with Stopwatch() as watch:
+            report = await import_conversations(instance_id)
+        rss_peak = peak_rss_mb()
+        simulator_cpu = simulator.cpu_seconds() - simulator_cpu
+        progress(f"flow run {report.flow_run_id}: {report.outcome} in {watch.wall:.2f}s, "
+                 f"{report.counts.messages_inserted} messages inserted, peak RSS {rss_peak} MB")
+        await check(options, instance_id, report)
+    finally:
+        await dispose_engine()
+    settings = get_settings()
+    seconds = watch.wall
+    rate = options.messages / seconds if seconds > 0 else 0.0
+    return {
+        "benchmark": NAME,
+        "chats": options.chats,
+        "messages_per_chat": options.messages_per_chat,
+        "messages": options.messages,
+        "seconds": round(seconds, 3),
+        "messages_per_s": round(rate, 1),
+        "peak_rss_mb": rss_peak,
+        "rss_before_flow_mb": rss_before,
+        "flow_internal_seconds": report.seconds,
+        "cpu_seconds": round(watch.cpu, 2),
+        "gateway_cpu_seconds": round(simulator_cpu, 2),
+        "load_average": load,
+        "page_size": settings.import_page_size,
+        "page_concurrency": settings.import_page_concurrency,
+        "pages": report.counts.pages,
+        "latency_ms": options.latency_ms,
+        "flow_run_id": str(report.flow_run_id),
+        "target_messages_per_s": TARGET_MESSAGES_PER_S,
+        "target_met": rate >= TARGET_MESSAGES_PER_S,
+    }
+
+
+async def insert_instance(name: str) -> uuid.UUID:
+    """One organization and its connected instance."""
+    from sqlalchemy import text
+
+    from db.engine import session_scope
+
+    async with session_scope() as session:
+        organization_id = (await session.execute(
+            text("INSERT INTO organizations (name) VALUES ('bench') RETURNING id"))).scalar_one()
+        instance_id = (await session.execute(text(
+            "INSERT INTO whatsapp_instances (organization_id, gateway, instance_name, status, status_observed_at) "
+            "VALUES (:org, 'evolution', :name, 'connected', now()) RETURNING id"
+        ), {"org": organization_id, "name": name})).scalar_one()
+    return uuid.UUID(str(instance_id))
+
+
+async def check(options: ImportOptions, instance_id: uuid.UUID, report: Any) -> None:
+    """Fail loudly unless the run imported every chat, contact and message exactly once."""
+    from sqlalchemy import text
+
+    from db.engine import session_scope
+
+    async with session_scope() as session:
+        contacts, conversations, messages, distinct = (await session.execute(text(
+            "SELECT (SELECT count(*) FROM contacts WHERE instance_id = :i), "
+            "(SELECT count(*) FROM conversations WHERE instance_id = :i), "
+            "(SELECT count(*) FROM messages WHERE instance_id = :i), "
+            "(SELECT count(DISTINCT external_id) FROM messages WHERE instance_id = :i)"
+        ), {"i": instance_id})).one()
+    problems = []
+    if report.outcome != "completed":
+        problems.append(f"the run ended {report.outcome}: {report.error or report.skipped}")
+    if (contacts, conversations) != (options.chats, options.chats):
+        problems.append(f"{contacts} contacts and {conversations} conversations, expected {options.chats} each")
+    if messages != options.messages or distinct != messages:
+        problems.append(f"{messages} messages ({distinct} distinct), expected {options.messages}")
+    if report.counts.messages_inserted != options.messages:
+        problems.append(f"the report says {report.counts.messages_inserted} inserted")
+    if problems:
+        raise BenchFailure("; ".join(problems))
+    progress(f"checked: {contacts} contacts, {conversations} conversations, {messages} messages, no duplicates")
+
+
+def result_table(result: dict[str, Any]) -> str:
+    """The human-readable summary."""
+    met = "met" if result["target_met"] else "MISSED"
+    rows = [
+        Row("messages", f"{result['messages']} ({result['chats']} chats × {result['messages_per_chat']})"),
+        Row("seconds", f"{result['seconds']:.2f} (flow body {result['flow_internal_seconds']:.2f}, "
+                       f"{result['pages']} pages of {result['page_size']}, {result['page_concurrency']} at once)"),
+        Row("messages/s", f"{result['messages_per_s']:.0f} (target {result['target_messages_per_s']:.0f}: {met})"),
+        Row("peak RSS MB", f"{result['peak_rss_mb']} (before the flow run {result['rss_before_flow_mb']})"),
+        Row("CPU seconds", f"bench {result['cpu_seconds']}, simulator {result['gateway_cpu_seconds']}, "
+                           f"load average {result['load_average']}"),
+    ]
+    return render_table("zapsync bench: import-conversations", rows)
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return number
