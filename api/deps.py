@@ -57,6 +57,19 @@ async def get_principal(
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
 
 
+async def get_principal_briefly(
+    authorization: Annotated[str | None, Header()] = None,
+    cookie_token: Annotated[str | None, Cookie(alias=SESSION_COOKIE)] = None,
+) -> Principal:
+    """:func:`get_principal` in a transaction of its own, for routes that stream or wait (a request-scoped
+    session would stay checked out, idle in transaction, for as long as they run)."""
+    async with session_scope() as session:
+        return await get_principal(session, authorization, cookie_token)
+
+
+BriefPrincipalDep = Annotated[Principal, Depends(get_principal_briefly)]
+
+
 def scoped_organization(principal: Principal, requested: uuid.UUID | None) -> uuid.UUID | None:
     """The organization a request may act on: its own for an organization token; any (or all) for admin."""
     if principal.is_admin:

@@ -9,9 +9,21 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from api.errors import install_error_handlers
-from api.inbox import RepeatFilter
+from api.inbox import RepeatFilter, start_import_on_connect
 from api.metrics import Metrics
-from api.routes import dashboard, flow_runs, health, instances, metrics, webhooks
+from api.routes import (
+    conversations,
+    dashboard,
+    events,
+    flow_runs,
+    health,
+    health_monitor,
+    instances,
+    maintenance,
+    metrics,
+    organizations,
+    webhooks,
+)
 from db.engine import check_migrated, dispose_engine
 from zapsync.settings import get_settings
 
@@ -34,10 +46,11 @@ def create_app(*, check_database: bool = True) -> FastAPI:
         description="Keeps a CRM's PostgreSQL in step with its WhatsApp gateways.",
     )
     app.state.repeat_filter = RepeatFilter(get_settings().webhook_repeat_window_seconds)
-    app.state.after_webhook = []
+    app.state.after_webhook = [events.announce_webhook, start_import_on_connect]
     app.state.metrics = Metrics()
     install_error_handlers(app)
     for router in (health.router, instances.router, webhooks.router, flow_runs.router, metrics.router,
-                   dashboard.router):
+                   dashboard.router, health_monitor.router, maintenance.router, organizations.router, events.router,
+                   conversations.router):
         app.include_router(router)
     return app

@@ -12,7 +12,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-SUBCOMMANDS: tuple[str, ...] = ("sync",)
+SUBCOMMANDS: tuple[str, ...] = ("sync", "close_inactive", "imports")
 """Modules of ``bench`` that are subcommands (next: ``imports``, ``close_inactive``)."""
 
 

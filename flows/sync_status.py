@@ -25,8 +25,10 @@ from db.repositories.instances import AppliedChange, InstanceRef, load_instances
 from db.repositories.reports import save_report
 from gateways.base import Gateway, Provider, StatusObservation
 from gateways.registry import open_gateways
+from tasks.imports import start_pending_imports
 from tasks.status import apply_batch, diff_observations, observe_batch, pick_live_confirmations
 from zapsync.logs import run_logger
+from zapsync.notify import publish_status_changes
 from zapsync.reports import GatewaySummary, SyncReport, SyncScope, UnreachableInstance
 from zapsync.settings import get_settings
 
@@ -113,6 +115,9 @@ async def sync_status(
         report.seconds, f" (skipped: {report.skipped})" if report.skipped else "",
     )
     await _publish(report)
+    if mode == "apply" and report.skipped is None:
+        await start_pending_imports(report.became_connected, organization_id=scope.organization_id,
+                                    instance_id=scope.instance_id)
     return report
 
 
@@ -172,6 +177,7 @@ async def run_sync(
             for batch in chunks(writes, settings_batch)
         ))
         applied = [change for batch in batches for change in batch]
+        await publish_status_changes(applied, source="sync")
     applied_ids = {change.instance_id for change in applied}
     for drift in drifts:
         drift.applied = drift.instance_id in applied_ids

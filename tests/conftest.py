@@ -22,6 +22,7 @@ os.environ.update({
     "PREFECT_LOGGING_LEVEL": "WARNING",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "DO_NOT_TRACK": "1",
+    "ZAPSYNC_SCHEDULES_ENABLED": "false",  # served maintenance/health schedules would act on other tests' rows
 })
 
 import pytest  # noqa: E402
@@ -83,7 +84,7 @@ def prefect_server() -> Iterator[None]:
 TABLES = (
     "live_events", "messages", "conversations", "contacts", "import_runs", "instance_status_changes",
     "whatsapp_sessions", "webhook_events", "flow_reports", "api_tokens", "whatsapp_instances", "clients",
-    "organizations",
+    "organizations", "gateway_health",
 )
 
 

@@ -109,3 +109,181 @@ class SyncReport(BaseModel):
                 for d in self.changes[:50]
             ]
         return "\n".join(lines)
+
+
+class CleanupCounts(BaseModel):
+    """Rows deleted by a cleanup (or that a dry run would delete), per table."""
+
+    sessions: int = 0
+    webhook_events: int = 0
+    live_events: int = 0
+    flow_reports: int = 0
+
+
+class CleanupReport(BaseModel):
+    """What one `cleanup_sessions` run deleted (or, dry, would delete)."""
+
+    dry_run: bool
+    organization_id: uuid.UUID | None = None
+    retention_days: int | None = None
+    """Session retention forced for every organization; None uses each organization's own."""
+    webhook_retention_days: int
+    live_event_retention_days: int
+    report_retention_days: int
+    started_at: datetime
+    finished_at: datetime | None = None
+    seconds: float = 0.0
+    skipped: str | None = None
+    deleted: CleanupCounts = Field(default_factory=CleanupCounts)
+    sessions_by_retention: dict[int, int] = Field(default_factory=dict)
+    """Sessions per retention period (days) that applied to them."""
+    batches: int = 0
+    flow_run_id: uuid.UUID | None = None
+
+    def to_markdown(self) -> str:
+        """A short human summary for the Prefect UI."""
+        verb = "would delete" if self.dry_run else "deleted"
+        d = self.deleted
+        lines = [
+            f"# Cleanup{' (dry run)' if self.dry_run else ''}",
+            "",
+            f"{verb}: {d.sessions} ended sessions, {d.webhook_events} webhook events, {d.live_events} live "
+            f"events, {d.flow_reports} flow reports in {self.batches} batches — {self.seconds:.2f} s",
+        ]
+        if self.skipped:
+            lines += ["", f"Skipped: {self.skipped}"]
+        if self.sessions_by_retention:
+            lines += ["", "| session retention (days) | sessions |", "|---|---|"]
+            lines += [f"| {days} | {n} |" for days, n in sorted(self.sessions_by_retention.items())]
+        return "\n".join(lines)
+
+
+class OrganizationClose(BaseModel):
+    """Inactive-conversation closing for one organization."""
+
+    organization_id: uuid.UUID
+    inactivity_hours: int
+    close_waiting: bool
+    cutoff: datetime
+    idle: int = 0
+    """Idle conversations found (a dry run's answer)."""
+    closed: int = 0
+    kept_waiting: int = 0
+    """Idle conversations left open because the customer still waits for an agent's reply."""
+    raced: int = 0
+    """Selected but not closed: a message arrived meanwhile, or another transaction held the row."""
+    batches: int = 0
+    seconds: float = 0.0
+
+
+class CloseInactiveReport(BaseModel):
+    """What one `close_inactive_conversations` run closed (or, dry, would close)."""
+
+    dry_run: bool
+    organization_id: uuid.UUID | None = None
+    started_at: datetime
+    finished_at: datetime | None = None
+    seconds: float = 0.0
+    skipped: str | None = None
+    closed: int = 0
+    idle: int = 0
+    """Idle conversations found (closed unless they raced; all of them would be closed by a dry run's apply)."""
+    kept_waiting: int = 0
+    raced: int = 0
+    organizations: list[OrganizationClose] = Field(default_factory=list)
+    flow_run_id: uuid.UUID | None = None
+
+    def to_markdown(self) -> str:
+        """A short human summary for the Prefect UI."""
+        lines = [
+            f"# Inactive conversations{' (dry run)' if self.dry_run else ''}",
+            "",
+            f"{self.closed} closed, {self.idle} idle{' (would close)' if self.dry_run else ''}, "
+            f"{self.kept_waiting} kept (waiting on an agent), {self.raced} raced by new activity or locks "
+            f"— {self.seconds:.2f} s",
+        ]
+        if self.skipped:
+            lines += ["", f"Skipped: {self.skipped}"]
+        if self.organizations:
+            lines += ["", "| organization | hours | close waiting | idle | closed | kept waiting | raced |",
+                      "|---|---|---|---|---|---|---|"]
+            lines += [
+                f"| {o.organization_id} | {o.inactivity_hours} | {o.close_waiting} | {o.idle} | {o.closed} "
+                f"| {o.kept_waiting} | {o.raced} |"
+                for o in self.organizations[:50]
+            ]
+        return "\n".join(lines)
+
+
+class GatewayHealthSummary(BaseModel):
+    """One gateway in one health check."""
+
+    checked: int = 0
+    reachable: bool = True
+    health: Literal["healthy", "unhealthy"] = "healthy"
+    consecutive_failures: int = 0
+    error: str | None = None
+    transition: Literal["unhealthy", "recovered"] | None = None
+    seconds: float = 0.0
+
+
+class HealthTransition(BaseModel):
+    """An alert, a reconnect or a recovery of one instance."""
+
+    instance_id: uuid.UUID
+    organization_id: uuid.UUID
+    instance_name: str
+    gateway: str
+    kind: Literal["alert", "reconnect", "recovered"]
+    consecutive_failures: int
+    health: str
+    detail: str | None = None
+
+
+class HealthReport(BaseModel):
+    """What one `monitor_health` run found and did."""
+
+    started_at: datetime
+    finished_at: datetime | None = None
+    seconds: float = 0.0
+    skipped: str | None = None
+    checked: int = 0
+    healthy: int = 0
+    failing: int = 0
+    not_judged: int = 0
+    """Instances of unreachable gateways: their counters were left alone."""
+    status_changes: int = 0
+    alerts: int = 0
+    reconnects: int = 0
+    reconnect_failures: int = 0
+    recoveries: int = 0
+    by_gateway: dict[str, GatewayHealthSummary] = Field(default_factory=dict)
+    transitions: list[HealthTransition] = Field(default_factory=list)
+    flow_run_id: uuid.UUID | None = None
+
+    def to_markdown(self) -> str:
+        """A short human summary for the Prefect UI."""
+        lines = [
+            "# Health check",
+            "",
+            f"{self.checked} checked: {self.healthy} healthy, {self.failing} failing, {self.not_judged} behind an "
+            f"unreachable gateway; {self.alerts} alerts, {self.reconnects} reconnects "
+            f"({self.reconnect_failures} failed), {self.recoveries} recoveries — {self.seconds:.2f} s",
+        ]
+        if self.skipped:
+            lines += ["", f"Skipped: {self.skipped}"]
+        if self.by_gateway:
+            lines += ["", "| gateway | checked | health | failures | transition | error |", "|---|---|---|---|---|---|"]
+            lines += [
+                f"| {name} | {g.checked} | {g.health} | {g.consecutive_failures} | {g.transition or ''} "
+                f"| {g.error or ''} |"
+                for name, g in sorted(self.by_gateway.items())
+            ]
+        if self.transitions:
+            lines += ["", "| instance | gateway | event | failures | health | detail |", "|---|---|---|---|---|---|"]
+            lines += [
+                f"| {t.instance_name} | {t.gateway} | {t.kind} | {t.consecutive_failures} | {t.health} "
+                f"| {t.detail or ''} |"
+                for t in self.transitions[:50]
+            ]
+        return "\n".join(lines)

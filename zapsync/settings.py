@@ -85,6 +85,50 @@ class Settings(BaseSettings):
     sync_confirm_budget: int = Field(default=200, ge=0, validation_alias="ZAPSYNC_SYNC_CONFIRM_BUDGET")
     """Instances per run whose 'open' bulk status is confirmed live even when the DB agrees (rotating)."""
 
+    schedules_enabled: bool = Field(default=True, validation_alias="ZAPSYNC_SCHEDULES_ENABLED")
+    """Whether the served deployments' schedules are active (tests switch them off)."""
+    maintenance_batch_size: int = Field(default=5000, ge=1, validation_alias="ZAPSYNC_MAINTENANCE_BATCH")
+    """Rows per batch: one transaction of a cleanup delete; one Prefect task of inactive-conversation closing."""
+    close_inactive_concurrency: int = Field(default=2, ge=1, le=16, validation_alias="ZAPSYNC_CLOSE_CONCURRENCY")
+    """Closing batches (tasks) of one organization running at once."""
+    close_transaction_size: int = Field(default=1000, ge=1, validation_alias="ZAPSYNC_CLOSE_TRANSACTION")
+    """Conversations closed per transaction: bounds how long a message writer can wait on a row being closed."""
+    cleanup_timezone: str = Field(default="UTC", validation_alias="ZAPSYNC_CLEANUP_TIMEZONE")
+    """Time zone of the daily 02:00 cleanup (an IANA name such as America/Sao_Paulo)."""
+    webhook_retention_days: int = Field(default=30, ge=1, validation_alias="ZAPSYNC_WEBHOOK_RETENTION_DAYS")
+    live_event_retention_days: int = Field(default=7, ge=1, validation_alias="ZAPSYNC_LIVE_EVENT_RETENTION_DAYS")
+    report_retention_days: int = Field(default=30, ge=1, validation_alias="ZAPSYNC_REPORT_RETENTION_DAYS")
+    monitor_interval_seconds: int = Field(default=60, ge=10, validation_alias="ZAPSYNC_MONITOR_INTERVAL")
+    monitor_alert_after: int = Field(default=2, ge=1, validation_alias="ZAPSYNC_MONITOR_ALERT_AFTER")
+    """Consecutive failed health checks that raise an alert."""
+    monitor_reconnect_after: int = Field(default=3, ge=1, validation_alias="ZAPSYNC_MONITOR_RECONNECT_AFTER")
+    """Consecutive failed health checks after which the instance is reconnected (once per failure streak)."""
+    monitor_confirm_budget: int = Field(default=50, ge=0, validation_alias="ZAPSYNC_MONITOR_CONFIRM_BUDGET")
+    """Healthy instances per run whose bulk 'open' is confirmed live (rotating); failing ones always are."""
+
+    import_max_concurrency: int = Field(default=4, ge=1, le=64, validation_alias="ZAPSYNC_IMPORT_MAX_CONCURRENCY")
+    """Conversation imports running at once across all instances (the import deployment's concurrency limit)."""
+    import_page_size: int = Field(default=5000, ge=10, le=20_000, validation_alias="ZAPSYNC_IMPORT_PAGE_SIZE")
+    """Records per gateway page, per database transaction and per Prefect task. Each task run costs the Prefect
+    server tens of milliseconds of CPU (prefect-notes.md), so pages are large: 200 tasks for a million messages."""
+    import_page_concurrency: int = Field(default=3, ge=1, le=16, validation_alias="ZAPSYNC_IMPORT_PAGE_CONCURRENCY")
+    """Message pages of one import fetched and written at once."""
+    import_stale_minutes: int = Field(default=15, ge=1, validation_alias="ZAPSYNC_IMPORT_STALE_MINUTES")
+    """A running import without a checkpoint for this long is presumed dead; the status sync resumes it."""
+    import_starts_per_sync: int = Field(default=100, ge=1, validation_alias="ZAPSYNC_IMPORT_STARTS_PER_SYNC")
+    """Imports one status sync may request; instances beyond it stay pending for the next sync."""
+
+    @field_validator("cleanup_timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown time zone {value!r}") from exc
+        return value
+
     @field_validator("database_url", mode="before")
     @classmethod
     def _psycopg_driver(cls, value: Any) -> Any:

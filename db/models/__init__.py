@@ -3,6 +3,7 @@
 from db.models.base import Base
 from db.models.conversation import Contact, Conversation, ImportRun, LiveEvent, Message
 from db.models.events import FlowReport, WebhookEvent
+from db.models.health import GatewayHealth
 from db.models.instance import InstanceStatusChange, WhatsAppInstance, WhatsAppSession
 from db.models.organization import ApiToken, Client, Organization
 
@@ -13,6 +14,7 @@ __all__ = [
     "Contact",
     "Conversation",
     "FlowReport",
+    "GatewayHealth",
     "ImportRun",
     "InstanceStatusChange",
     "LiveEvent",

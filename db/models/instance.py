@@ -24,7 +24,6 @@ class WhatsAppInstance(Timestamps, Base):
         Index("uq_whatsapp_instances_gateway_name", "gateway", "instance_name", unique=True),
         CheckConstraint(f"status IN ({_STATUS_LIST})", name="status"),
         CheckConstraint(f"health IN ({_HEALTH_LIST})", name="health"),
-        {"postgresql_with": {"fillfactor": 70}},
     )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, server_default=text("gen_random_uuid()"))
@@ -81,6 +80,7 @@ class WhatsAppSession(Base):
             postgresql_where=text("disconnected_at IS NULL"),
         ),
         Index("ix_whatsapp_sessions_last_activity", "last_activity_at"),
+        Index("ix_whatsapp_sessions_instance_connected", "instance_id", "connected_at"),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)

@@ -1,0 +1,72 @@
+"""An organization's settings for maintenance, health and imports: read and update."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+
+from fastapi import APIRouter
+from pydantic import BaseModel, Field
+
+from api.deps import PrincipalDep, SessionDep, scoped_organization
+from db.repositories.organization_settings import read_settings, update_settings
+from zapsync.errors import InvalidInput, NotFound
+
+router = APIRouter(prefix="/organizations", tags=["organizations"])
+
+
+class OrganizationSettings(BaseModel):
+    """The settings the flows read for this organization."""
+
+    id: uuid.UUID
+    name: str
+    inactivity_hours: int = Field(description="Close an open conversation after this many hours without messages.")
+    session_retention_days: int = Field(description="Keep ended WhatsApp sessions this many days.")
+    import_history_days: int | None = Field(description="Import this many days of history on connect (null: all).")
+    auto_reconnect: bool = Field(description="Reconnect an instance after 3 failed health checks.")
+    close_waiting_conversations: bool = Field(
+        description="Also close idle conversations still waiting on an agent's reply."
+    )
+    updated_at: datetime
+
+
+class OrganizationSettingsUpdate(BaseModel):
+    """Settings to change; omitted ones keep their value."""
+
+    inactivity_hours: int | None = Field(default=None, ge=1, le=24 * 999)
+    session_retention_days: int | None = Field(default=None, ge=1, le=3650)
+    import_history_days: int | None = Field(default=None, ge=1, le=3650)
+    auto_reconnect: bool | None = None
+    close_waiting_conversations: bool | None = None
+
+
+def _organization(principal: PrincipalDep, organization_id: uuid.UUID) -> uuid.UUID:
+    scoped = scoped_organization(principal, organization_id)
+    assert scoped is not None
+    return scoped
+
+
+@router.get("/{organization_id}/settings", response_model=OrganizationSettings)
+async def get_organization_settings(
+    organization_id: uuid.UUID, session: SessionDep, principal: PrincipalDep
+) -> OrganizationSettings:
+    """The organization's settings (an organization token reads only its own)."""
+    found = await read_settings(session, _organization(principal, organization_id))
+    if found is None:
+        raise NotFound(f"no organization {organization_id}")
+    return OrganizationSettings.model_validate(found)
+
+
+@router.patch("/{organization_id}/settings", response_model=OrganizationSettings)
+async def update_organization_settings(
+    organization_id: uuid.UUID, changes: OrganizationSettingsUpdate, session: SessionDep, principal: PrincipalDep
+) -> OrganizationSettings:
+    """Change some settings; the next scheduled runs use them."""
+    values = changes.model_dump(exclude_unset=True)
+    nulls = sorted(name for name, value in values.items() if value is None and name != "import_history_days")
+    if nulls:
+        raise InvalidInput(f"these settings cannot be null: {', '.join(nulls)}")
+    found = await update_settings(session, _organization(principal, organization_id), values)
+    if found is None:
+        raise NotFound(f"no organization {organization_id}")
+    return OrganizationSettings.model_validate(found)

@@ -1,0 +1,136 @@
+"""The live-event log behind `GET /events`: rows in `live_events`, announced with NOTIFY on commit.
+
+The table is the source of truth (any process can write it; a client resumes from `Last-Event-ID`); the
+notification carries only ``<organization_id>:<id>[,<id>…]`` (NOTIFY payloads are capped at 8000 bytes), and
+listeners read the rows by id, so an event is delivered when its transaction commits, whatever its id order.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import orjson
+import psycopg
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+CHANNEL = "zapsync_events"
+
+
+@dataclass(frozen=True, slots=True)
+class NewLiveEvent:
+    """An event to publish to one organization's stream."""
+
+    organization_id: uuid.UUID
+    kind: str
+    payload: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class StoredLiveEvent:
+    """An event as the stream sends it."""
+
+    id: int
+    organization_id: uuid.UUID
+    kind: str
+    payload: dict[str, Any]
+    created_at: datetime
+
+
+_INSERT_SQL = text(f"""
+WITH ins AS (
+    INSERT INTO live_events (organization_id, kind, payload)
+    SELECT * FROM unnest(CAST(:orgs AS uuid[]), CAST(:kinds AS text[]), CAST(:payloads AS jsonb[]))
+    RETURNING id, organization_id
+), notified AS (
+    SELECT pg_notify('{CHANNEL}', organization_id::text || ':' || string_agg(id::text, ',' ORDER BY id))
+    FROM ins GROUP BY organization_id
+)
+SELECT (SELECT count(*) FROM notified), array_agg(id ORDER BY id) FROM ins
+""")
+
+
+async def insert_events(session: AsyncSession, events: Sequence[NewLiveEvent]) -> list[int]:
+    """Store events and queue one notification per organization (sent when the transaction commits)."""
+    if not events:
+        return []
+    row = (await session.execute(_INSERT_SQL, {
+        "orgs": [e.organization_id for e in events],
+        "kinds": [e.kind[:32] for e in events],
+        "payloads": [orjson.dumps(e.payload, default=str).decode() for e in events],
+    })).one()
+    return list(row[1] or [])
+
+
+_COLUMNS = "id, organization_id, kind, payload, created_at"
+
+
+async def events_by_id(
+    session: AsyncSession, ids: Sequence[int], *, organization_id: uuid.UUID | None
+) -> list[StoredLiveEvent]:
+    """The named events that belong to ``organization_id`` (any organization when None), in id order."""
+    if not ids:
+        return []
+    rows = await session.execute(
+        text(f"SELECT {_COLUMNS} FROM live_events WHERE id = ANY(:ids) "
+             "AND (CAST(:org AS uuid) IS NULL OR organization_id = :org) ORDER BY id"),
+        {"ids": list(ids), "org": organization_id},
+    )
+    return [StoredLiveEvent(*r) for r in rows.all()]
+
+
+async def events_after(
+    session: AsyncSession, after_id: int, *, organization_id: uuid.UUID | None, limit: int = 1000
+) -> list[StoredLiveEvent]:
+    """Events newer than ``after_id`` (a resumed stream), oldest first."""
+    rows = await session.execute(
+        text(f"SELECT {_COLUMNS} FROM live_events WHERE id > :after "
+             "AND (CAST(:org AS uuid) IS NULL OR organization_id = :org) ORDER BY id LIMIT :limit"),
+        {"after": after_id, "org": organization_id, "limit": limit},
+    )
+    return [StoredLiveEvent(*r) for r in rows.all()]
+
+
+async def latest_event_id(session: AsyncSession) -> int:
+    """The newest event id of any organization (where a fresh stream starts), 0 when there is none."""
+    found = await session.execute(text("SELECT COALESCE(max(id), 0) FROM live_events"))
+    return int(found.scalar_one())
+
+
+def parse_notification(payload: str) -> tuple[uuid.UUID, list[int]] | None:
+    """``<organization_id>:<id>,<id>`` back to its parts; None for anything else on the channel."""
+    org, _, ids = payload.partition(":")
+    try:
+        return uuid.UUID(org), [int(i) for i in ids.split(",") if i]
+    except ValueError:
+        return None
+
+
+def listener_conninfo() -> str:
+    """A libpq connection string for zapsync's database (the engine's URL; host may be a socket folder)."""
+    from psycopg.conninfo import make_conninfo
+
+    from db.engine import database_url
+
+    url = database_url()
+    params: dict[str, Any] = {
+        "host": url.host or url.query.get("host"), "port": url.port, "user": url.username,
+        "password": url.password, "dbname": url.database,
+    }
+    return make_conninfo(**{key: value for key, value in params.items() if value is not None})
+
+
+@asynccontextmanager
+async def listening(conninfo: str) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+    """A dedicated autocommit connection LISTENing on the live-event channel (iterate ``conn.notifies()``)."""
+    conn = await psycopg.AsyncConnection.connect(conninfo, autocommit=True, application_name="zapsync.events")
+    try:
+        await conn.execute(f"LISTEN {CHANNEL}")
+        yield conn
+    finally:
+        await conn.close()

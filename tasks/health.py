@@ -1,0 +1,240 @@
+"""Health-monitor work: judge observations (pure), record them with their transitions, reconnect through gateways.
+
+Transitions are derived from the failure counter the same statement increments, and their live events are
+written in that transaction, so each alert, reconnect decision and recovery is announced exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Literal
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from db.engine import session_scope
+from db.repositories.health import (
+    GatewayCheck,
+    GatewayOutcome,
+    HealthCheck,
+    HealthOutcome,
+    record_gateway_checks,
+    record_health,
+)
+from db.repositories.instances import InstanceRef, apply_status_writes
+from db.repositories.live_events import NewLiveEvent
+from gateways.base import Gateway, GatewayError, InstanceStatus, Provider, StatusObservation
+from tasks.status import diff_observations
+from zapsync.notify import Kind, event, publish, status_change_events
+
+TransitionKind = Literal["alert", "reconnect", "recovered"]
+ReconnectMethod = Literal["restart", "connect"]
+
+_HEALTH_OF_STATUS = {
+    InstanceStatus.CONNECTED: "healthy",
+    InstanceStatus.CONNECTING: "unhealthy",
+    InstanceStatus.QR_PENDING: "disconnected",
+    InstanceStatus.DISCONNECTED: "disconnected",
+    InstanceStatus.ERROR: "error",
+}
+
+
+def classify(observation: StatusObservation) -> tuple[bool, str]:
+    """(passed, health) of one observation; an instance its (reachable) gateway could not answer for is unhealthy."""
+    if observation.status is None:
+        return False, "unhealthy"
+    return observation.status is InstanceStatus.CONNECTED, _HEALTH_OF_STATUS[observation.status]
+
+
+def can_reconnect(outcome: HealthOutcome) -> bool:
+    """Whether a reconnect can help: allowed by the organization, and the session does not need a new QR scan."""
+    return (outcome.auto_reconnect and not outcome.logged_out and outcome.paired
+            and outcome.status != InstanceStatus.QR_PENDING)
+
+
+def transitions(outcome: HealthOutcome, *, alert_after: int, reconnect_after: int) -> list[TransitionKind]:
+    """What crossing a threshold in this check means: alert, reconnect, or recovery after an alert."""
+    before, now = outcome.failures_before, outcome.failures
+    if now == 0:
+        return ["recovered"] if before >= alert_after else []
+    found: list[TransitionKind] = []
+    if before < alert_after <= now:
+        found.append("alert")
+    if before < reconnect_after <= now and can_reconnect(outcome):
+        found.append("reconnect")
+    return found
+
+
+def reconnect_method(provider: Provider, status: str) -> ReconnectMethod:
+    """Which gateway call reconnects an instance in ``status``.
+
+    Evolution (gateways.md §1.3): `restart` only works on a live socket (`open`/`connecting`) and answers
+    `{"error": true}` on a closed one, while `connect` starts a closed session (and resumes a paired one from its
+    stored credentials). So a closed or refused session is connected, a stuck `connecting` one restarted. MegaAPI's
+    restart brings back a paired session in any state, and its "connect" only fetches a QR code.
+    """
+    if provider is Provider.EVOLUTION and status in (InstanceStatus.DISCONNECTED, InstanceStatus.ERROR):
+        return "connect"
+    return "restart"
+
+
+def alert_message(outcome: HealthOutcome, *, reconnect_after: int) -> str:
+    """What the instance's user should read in an alert."""
+    if outcome.logged_out:
+        return "WhatsApp logged this number out: scan a new QR code to reconnect."
+    if not outcome.auto_reconnect:
+        return f"{outcome.failures} failed checks in a row; automatic reconnection is off for this organization."
+    if not outcome.paired:
+        return f"{outcome.failures} failed checks in a row; this number was never connected: scan the QR code."
+    return f"{outcome.failures} failed checks in a row; reconnecting after {reconnect_after}."
+
+
+def _instance_fields(outcome: HealthOutcome) -> dict[str, object]:
+    return {
+        "instance_id": str(outcome.instance_id), "instance_name": outcome.instance_name, "user_id": outcome.user_id,
+        "gateway": outcome.gateway, "status": outcome.status, "health": outcome.health,
+        "consecutive_failures": outcome.failures,
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class HealthDecision:
+    """A recorded check and the transitions it crossed."""
+
+    outcome: HealthOutcome
+    kinds: tuple[TransitionKind, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedChecks:
+    """What one batch of checks wrote."""
+
+    decisions: list[HealthDecision]
+    status_changes: int
+
+
+@task(name="record-health", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[1, 5])
+async def record_checks(
+    refs: Sequence[InstanceRef], observations: Sequence[StatusObservation], *, confirmed: set[str],
+    checked_at: datetime, alert_after: int, reconnect_after: int, flow_run_id: uuid.UUID | None,
+) -> RecordedChecks:
+    """In one transaction: apply observed statuses (newest wins), count failures, and publish the transitions."""
+    _, _, writes = diff_observations(refs, observations, confirmed=confirmed)
+    checks = []
+    for ref, observation in zip(refs, observations, strict=True):
+        ok, health = classify(observation)
+        checks.append(HealthCheck(instance_id=ref.id, ok=ok, health=health, checked_at=checked_at))
+    async with session_scope() as session:
+        changes = await apply_status_writes(session, writes, source="monitor", flow_run_id=flow_run_id)
+        outcomes = await record_health(session, checks)
+        decisions = [
+            HealthDecision(o, tuple(transitions(o, alert_after=alert_after, reconnect_after=reconnect_after)))
+            for o in outcomes
+        ]
+        events = status_change_events(changes, source="monitor")
+        for decision in decisions:
+            o = decision.outcome
+            if "alert" in decision.kinds:
+                events.append(event(o.organization_id, Kind.HEALTH_ALERT, **_instance_fields(o),
+                                    logged_out=o.logged_out, reconnect="reconnect" in decision.kinds,
+                                    message=alert_message(o, reconnect_after=reconnect_after)))
+            if "recovered" in decision.kinds:
+                events.append(event(o.organization_id, Kind.HEALTH_RECOVERED, **_instance_fields(o),
+                                    failed_checks=o.failures_before, message="Reconnected: the number is back."))
+        await publish(events, session=session)
+    return RecordedChecks(decisions=decisions, status_changes=len(changes))
+
+
+@dataclass(frozen=True, slots=True)
+class ReconnectResult:
+    """One reconnect attempt through the gateway."""
+
+    outcome: HealthOutcome
+    method: ReconnectMethod
+    ok: bool
+    error: str | None = None
+    qr_code: str | None = None
+
+
+async def _reconnect_one(gateway: Gateway, outcome: HealthOutcome) -> ReconnectResult:
+    method = reconnect_method(gateway.provider, outcome.status)
+    try:
+        if method == "connect":
+            result = await gateway.connect(outcome.instance_name)
+            return ReconnectResult(outcome, method, ok=True, qr_code=result.qr_code)
+        await gateway.restart(outcome.instance_name)
+        return ReconnectResult(outcome, method, ok=True)
+    except GatewayError as exc:
+        return ReconnectResult(outcome, method, ok=False, error=exc.message)
+
+
+@task(name="reconnect-instances", cache_policy=NO_CACHE, retries=0)
+async def reconnect(gateway: Gateway, outcomes: Sequence[HealthOutcome]) -> list[ReconnectResult]:
+    """Reconnect instances at one gateway (the client bounds concurrency); announce each attempt and any QR code.
+
+    Not retried as a task: a reconnect is asked once per failure streak, and a failed one asks the user to act.
+    """
+    results = list(await asyncio.gather(*(_reconnect_one(gateway, o) for o in outcomes)))
+    events: list[NewLiveEvent] = []
+    for r in results:
+        o = r.outcome
+        message = ("Reconnecting…" if r.ok and not r.qr_code else
+                   "Scan the new QR code to reconnect." if r.ok else
+                   "Automatic reconnection failed: reconnect manually.")
+        events.append(event(o.organization_id, Kind.HEALTH_RECONNECT, **_instance_fields(o), method=r.method,
+                            ok=r.ok, error=r.error, needs_qr=r.qr_code is not None, message=message))
+        if r.qr_code:
+            events.append(event(o.organization_id, Kind.INSTANCE_QR, instance_id=str(o.instance_id),
+                                instance_name=o.instance_name, user_id=o.user_id, qr_code=r.qr_code))
+    await publish(events)
+    return results
+
+
+@task(name="record-gateway-health", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[1, 5])
+async def record_gateways(
+    checks: Sequence[GatewayCheck], organizations: dict[str, set[uuid.UUID]]
+) -> list[GatewayOutcome]:
+    """Store each gateway's health; tell every organization with instances there when it goes down or recovers."""
+    async with session_scope() as session:
+        outcomes = await record_gateway_checks(session, checks)
+        errors = {c.gateway: c.error for c in checks}
+        events = []
+        for g in outcomes:
+            if g.health == g.health_before or (g.health_before is None and g.health == "healthy"):
+                continue
+            kind = Kind.GATEWAY_UNHEALTHY if g.health == "unhealthy" else Kind.GATEWAY_RECOVERED
+            message = (f"Gateway {g.gateway} is unreachable: its instances' status is unknown until it answers."
+                       if g.health == "unhealthy" else f"Gateway {g.gateway} answers again.")
+            events += [event(org, kind, gateway=g.gateway, error=errors.get(g.gateway), message=message)
+                       for org in sorted(organizations.get(g.gateway, set()))]
+        await publish(events, session=session)
+    return outcomes
+
+
+def describe_issues(
+    instance: dict[str, object], gateway: dict[str, object] | None, *, alert_after: int, reconnect_after: int
+) -> list[str]:
+    """Problems a person should know about one instance (seed 003's "problems detected"), most urgent first."""
+    issues: list[str] = []
+    if gateway is not None and gateway.get("health") == "unhealthy":
+        issues.append(f"gateway {gateway['gateway']} is unreachable ({gateway.get('last_error') or 'no answer'}): "
+                      "the instance's state is unknown")
+    if instance.get("logged_out"):
+        issues.append("logged out by WhatsApp: scan a new QR code")
+    failures = int(str(instance.get("consecutive_failures") or 0))
+    if failures:
+        issues.append(f"{failures} failed health check{'s' if failures != 1 else ''} in a row"
+                      + (" (alert raised)" if failures >= alert_after else ""))
+        if failures >= reconnect_after and not instance.get("auto_reconnect"):
+            issues.append("automatic reconnection is off for this organization")
+    if instance.get("status") == InstanceStatus.QR_PENDING:
+        issues.append("waiting for a QR code scan")
+    elif instance.get("status") == InstanceStatus.ERROR:
+        issues.append(f"gateway reports an error ({instance.get('status_reason') or 'no reason given'})")
+    if instance.get("last_health_check_at") is None:
+        issues.append("not checked by the health monitor yet")
+    return issues

@@ -1,0 +1,138 @@
+"""Cleanup and inactive-conversation work, one batch per transaction (thin tasks over db/repositories)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from db.engine import session_scope
+from db.repositories.maintenance import (
+    ClosedConversation,
+    ClosePolicy,
+    IdleConversation,
+    PrunableTable,
+    close_idle,
+    count_expired_sessions,
+    count_idle,
+    count_kept_waiting,
+    count_older,
+    delete_expired_sessions,
+    delete_older,
+    select_idle,
+    session_retention_groups,
+)
+from zapsync.notify import Kind, event, publish
+
+# -- cleanup ------------------------------------------------------------------------------------------------------
+
+
+@task(name="prune-sessions", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[1, 5])
+async def prune_sessions(
+    *, organization_id: uuid.UUID | None, override_days: int | None, now: datetime, batch_size: int, dry_run: bool
+) -> tuple[dict[int, int], int]:
+    """Delete (or count) ended sessions past their organization's retention; ({days: sessions}, batches)."""
+    async with session_scope() as session:
+        groups = await session_retention_groups(session, organization_id=organization_id, override_days=override_days)
+    found: dict[int, int] = {}
+    batches = 0
+    for group in groups:
+        cutoff = now - timedelta(days=group.days)
+        if dry_run:
+            async with session_scope() as session:
+                found[group.days] = await count_expired_sessions(
+                    session, organization_ids=group.organization_ids, cutoff=cutoff
+                )
+            continue
+        total = 0
+        while True:
+            async with session_scope() as session:
+                deleted = await delete_expired_sessions(
+                    session, organization_ids=group.organization_ids, cutoff=cutoff, limit=batch_size
+                )
+            batches += 1
+            total += deleted
+            if deleted < batch_size:
+                break
+        found[group.days] = total
+    return {days: n for days, n in found.items() if n}, batches
+
+
+@task(name="prune-table", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[1, 5])
+async def prune_table(
+    table: PrunableTable, *, cutoff: datetime, organization_id: uuid.UUID | None, batch_size: int, dry_run: bool
+) -> tuple[int, int]:
+    """Delete (or count) rows of ``table`` older than ``cutoff`` in batches; (rows, batches)."""
+    if dry_run:
+        async with session_scope() as session:
+            return await count_older(session, table, cutoff=cutoff, organization_id=organization_id), 0
+    total = batches = 0
+    while True:
+        async with session_scope() as session:
+            deleted = await delete_older(
+                session, table, cutoff=cutoff, organization_id=organization_id, limit=batch_size
+            )
+        batches += 1
+        total += deleted
+        if deleted < batch_size:
+            return total, batches
+
+
+# -- inactive conversations ---------------------------------------------------------------------------------------
+
+
+def closing_message(inactivity_hours: int) -> str:
+    """The system message left in a conversation closed for inactivity (days when the hours make whole days)."""
+    if inactivity_hours % 24 == 0:
+        days = inactivity_hours // 24
+        span = f"{days} day{'s' if days != 1 else ''}"
+    else:
+        span = f"{inactivity_hours} hour{'s' if inactivity_hours != 1 else ''}"
+    return f"Conversation closed automatically after {span} of inactivity."
+
+
+@task(name="count-idle-conversations", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[1, 5])
+async def count_idle_conversations(policy: ClosePolicy) -> tuple[int, int]:
+    """(idle conversations the policy closes, idle ones kept because the customer waits for an agent)."""
+    async with session_scope() as session:
+        return await count_idle(session, policy)
+
+
+@task(name="count-kept-waiting", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[1, 5])
+async def count_waiting_conversations(policy: ClosePolicy) -> int:
+    """Quiet conversations left open because the customer still waits for an agent."""
+    async with session_scope() as session:
+        return await count_kept_waiting(session, policy)
+
+
+@task(name="select-idle-conversations", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[1, 5])
+async def select_idle_conversations(
+    policy: ClosePolicy, *, after: IdleConversation | None, limit: int
+) -> list[IdleConversation]:
+    """The next candidates, read without locks (the closing UPDATE re-checks each one)."""
+    async with session_scope() as session:
+        return await select_idle(session, policy, after=after, limit=limit)
+
+
+@task(name="close-idle-conversations", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[1, 5])
+async def close_conversations(
+    policy: ClosePolicy, ids: Sequence[int], *, closed_at: datetime, message: str, transaction_size: int,
+) -> list[ClosedConversation]:
+    """Close one batch, ``transaction_size`` rows per transaction (short row locks: message writers that reach a
+    locked conversation wait for at most one transaction), each with its system messages and one
+    `conversations.closed` event. A retry closes only what is still idle."""
+    closed: list[ClosedConversation] = []
+    for start in range(0, len(ids), transaction_size):
+        async with session_scope() as session:
+            done = await close_idle(session, policy, ids[start:start + transaction_size], closed_at=closed_at,
+                                    message=message)
+            if done:
+                await publish([event(
+                    policy.organization_id, Kind.CONVERSATIONS_CLOSED, reason="inactive", count=len(done),
+                    conversation_ids=[c.id for c in done], closed_at=closed_at.isoformat(),
+                )], session=session)
+        closed += done
+    return closed
