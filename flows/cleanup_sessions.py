@@ -12,12 +12,9 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 from prefect import flow
-from prefect.artifacts import acreate_markdown_artifact
 
-from db.engine import session_scope
 from db.locks import try_advisory_lock
-from db.repositories.organizations import organization_exists
-from db.repositories.reports import save_report
+from flows.reporting import organization_known, store_report
 from flows.sync_status import current_flow_run_id, late_by
 from tasks.maintenance import prune_sessions, prune_table
 from zapsync.logs import run_logger
@@ -49,7 +46,7 @@ async def cleanup_sessions(
         report_retention_days=settings.report_retention_days,
         started_at=datetime.now(UTC), flow_run_id=current_flow_run_id(),
     )
-    known = organization_id is None or await _exists(organization_id)
+    known = organization_id is None or await organization_known(organization_id)
     if (lateness := late_by(late_after_seconds)) is not None:
         report.skipped = f"scheduled run started {lateness:.0f} s late; the next run covers it"
     elif not known:
@@ -92,25 +89,13 @@ async def run_cleanup(report: CleanupReport, *, batch_size: int) -> None:
         report.batches += batches
 
 
-async def _exists(organization_id: uuid.UUID) -> bool:
-    async with session_scope() as session:
-        return await organization_exists(session, organization_id)
-
-
 async def _publish(report: CleanupReport, *, known: bool) -> None:
     """Store the report, show it in the Prefect UI, and tell an organization-scoped run's stream."""
-    async with session_scope() as session:
-        await save_report(
-            session, flow_name=FLOW_NAME, flow_run_id=report.flow_run_id,
-            organization_id=report.organization_id if known else None,
-            started_at=report.started_at, report=report.model_dump(mode="json"),
-        )
+    await store_report(FLOW_NAME, report, organization_id=report.organization_id if known else None,
+                       artifact_key="cleanup-sessions-report", description="Cleanup report")
     if report.organization_id is not None and known:
         await publish_quietly([event(
             report.organization_id, Kind.FLOW_RESULT, flow=FLOW_NAME, flow_run_id=report.flow_run_id,
             dry_run=report.dry_run, skipped=report.skipped, deleted=report.deleted.model_dump(),
         )])
-    if report.flow_run_id is not None:
-        await acreate_markdown_artifact(
-            key="cleanup-sessions-report", markdown=report.to_markdown(), description="Cleanup report"
-        )
+

@@ -18,13 +18,11 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 
 from prefect import flow
-from prefect.artifacts import acreate_markdown_artifact
 
 from db.engine import session_scope
 from db.locks import try_advisory_lock
 from db.repositories.maintenance import ClosePolicy, organizations_closing
-from db.repositories.organizations import organization_exists
-from db.repositories.reports import save_report
+from flows.reporting import organization_known, store_report
 from flows.sync_status import chunks, current_flow_run_id, late_by
 from tasks.maintenance import (
     close_conversations,
@@ -57,7 +55,7 @@ async def close_inactive_conversations(
         dry_run=dry_run, organization_id=organization_id, started_at=datetime.now(UTC),
         flow_run_id=current_flow_run_id(),
     )
-    known = organization_id is None or await _exists(organization_id)
+    known = organization_id is None or await organization_known(organization_id)
     if (lateness := late_by(late_after_seconds)) is not None:
         report.skipped = f"scheduled run started {lateness:.0f} s late; the next run covers it"
     elif not known:
@@ -154,26 +152,14 @@ async def _close_rounds(
         candidates = await upcoming if upcoming is not None else []
 
 
-async def _exists(organization_id: uuid.UUID) -> bool:
-    async with session_scope() as session:
-        return await organization_exists(session, organization_id)
-
-
 async def _publish(report: CloseInactiveReport, *, known: bool) -> None:
     """Store the report, show it in the Prefect UI, and tell each organization that had work done."""
-    async with session_scope() as session:
-        await save_report(
-            session, flow_name=FLOW_NAME, flow_run_id=report.flow_run_id,
-            organization_id=report.organization_id if known else None,
-            started_at=report.started_at, report=report.model_dump(mode="json"),
-        )
+    await store_report(FLOW_NAME, report, organization_id=report.organization_id if known else None,
+                       artifact_key="close-inactive-report", description="Inactive conversations report")
     await publish_quietly([
         event(o.organization_id, Kind.FLOW_RESULT, flow=FLOW_NAME, flow_run_id=report.flow_run_id,
               dry_run=report.dry_run, closed=o.closed, idle=o.idle, kept_waiting=o.kept_waiting, raced=o.raced)
         for o in report.organizations
         if o.closed or o.raced or report.organization_id is not None
     ])
-    if report.flow_run_id is not None:
-        await acreate_markdown_artifact(
-            key="close-inactive-report", markdown=report.to_markdown(), description="Inactive conversations report"
-        )
+

@@ -22,13 +22,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from prefect import flow
-from prefect.artifacts import acreate_markdown_artifact, acreate_progress_artifact, aupdate_progress_artifact
+from prefect.artifacts import acreate_progress_artifact, aupdate_progress_artifact
 
 from db.engine import session_scope
 from db.locks import try_advisory_lock
 from db.repositories.conversations import InstanceScope, instance_scope
 from db.repositories.imports import ImportRunRow, begin_import, finish_import, read_run
-from db.repositories.reports import save_report
+from flows.reporting import store_report
 from flows.sync_status import current_flow_run_id
 from gateways.base import Gateway
 from gateways.registry import open_gateways
@@ -253,13 +253,5 @@ class _Progress:
 
 async def _publish(report: ImportReport, scope: InstanceScope | None) -> None:
     """Store the report for the API and dashboard, and show it in the Prefect UI."""
-    async with session_scope() as session:
-        await save_report(
-            session, flow_name=FLOW_NAME, flow_run_id=report.flow_run_id,
-            organization_id=scope.organization_id if scope else None, started_at=report.started_at,
-            report=report.model_dump(mode="json"),
-        )
-    if report.flow_run_id is not None:
-        await acreate_markdown_artifact(
-            key="import-conversations-report", markdown=report.to_markdown(), description="Conversation import",
-        )
+    await store_report(FLOW_NAME, report, organization_id=scope.organization_id if scope else None,
+                       artifact_key="import-conversations-report", description="Conversation import")

@@ -18,13 +18,12 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from prefect import flow
-from prefect.artifacts import acreate_markdown_artifact
 
 from db.engine import session_scope
 from db.locks import try_advisory_lock
 from db.repositories.health import GatewayCheck, HealthOutcome, failing_instance_ids
 from db.repositories.instances import InstanceRef, load_instances
-from db.repositories.reports import save_report
+from flows.reporting import store_report
 from flows.sync_status import BULK_PROVIDERS, chunks, current_flow_run_id, late_by
 from gateways.base import Gateway, StatusObservation
 from gateways.registry import open_gateways
@@ -186,12 +185,5 @@ async def _unconfigured(refs: Sequence[InstanceRef], name: str, at: datetime) ->
 
 async def _publish(report: HealthReport) -> None:
     """Store the report and show it in the Prefect UI (transitions went out as live events already)."""
-    async with session_scope() as session:
-        await save_report(
-            session, flow_name=FLOW_NAME, flow_run_id=report.flow_run_id, organization_id=None,
-            started_at=report.started_at, report=report.model_dump(mode="json"),
-        )
-    if report.flow_run_id is not None:
-        await acreate_markdown_artifact(
-            key="monitor-health-report", markdown=report.to_markdown(), description="Health check report"
-        )
+    await store_report(FLOW_NAME, report, organization_id=None, artifact_key="monitor-health-report",
+                       description="Health check report")

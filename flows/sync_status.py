@@ -16,13 +16,12 @@ from datetime import UTC, datetime
 from typing import Literal, TypeVar
 
 from prefect import flow
-from prefect.artifacts import acreate_markdown_artifact
 from prefect.runtime import flow_run
 
 from db.engine import session_scope
 from db.locks import try_advisory_lock
 from db.repositories.instances import AppliedChange, InstanceRef, load_instances
-from db.repositories.reports import save_report
+from flows.reporting import store_report
 from gateways.base import Gateway, Provider, StatusObservation
 from gateways.registry import open_gateways
 from tasks.imports import start_pending_imports
@@ -198,13 +197,5 @@ async def run_sync(
 
 async def _publish(report: SyncReport) -> None:
     """Store the report for the API and dashboard, and show it in the Prefect UI."""
-    async with session_scope() as session:
-        await save_report(
-            session, flow_name=FLOW_NAME, flow_run_id=report.flow_run_id,
-            organization_id=report.scope.organization_id, started_at=report.started_at,
-            report=report.model_dump(mode="json"),
-        )
-    if report.flow_run_id is not None:
-        await acreate_markdown_artifact(
-            key="sync-status-report", markdown=report.to_markdown(), description="Status sync report"
-        )
+    await store_report(FLOW_NAME, report, organization_id=report.scope.organization_id,
+                       artifact_key="sync-status-report", description="Status sync report")

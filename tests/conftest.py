@@ -25,6 +25,7 @@ os.environ.update({
     "ZAPSYNC_SCHEDULES_ENABLED": "false",  # served maintenance/health schedules would act on other tests' rows
 })
 
+import httpx  # noqa: E402
 import pytest  # noqa: E402
 from sqlalchemy import text  # noqa: E402
 
@@ -138,3 +139,13 @@ def served_deployments(prefect_server: None, simulator_server: SimulatorServer, 
         child.wait(timeout=20)
     except subprocess.TimeoutExpired:
         child.kill()
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[httpx.AsyncClient]:
+    """The API in-process over ASGI (one app per test, so per-process state such as the repeat filter is fresh)."""
+    from api.main import create_app
+
+    app = create_app(check_database=False)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://zapsync") as http:
+        yield http

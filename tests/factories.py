@@ -56,3 +56,12 @@ async def count(table: str) -> int:
     """Rows in a table."""
     async with session_scope() as session:
         return int((await session.execute(text(f"SELECT count(*) FROM {table}"))).scalar_one())
+
+
+async def auth_headers(organization_id: uuid.UUID | None) -> dict[str, str]:
+    """Authorization headers with a fresh API token of ``organization_id`` (None: an admin token)."""
+    from db.repositories.organizations import create_token
+
+    async with session_scope() as session:
+        token = await create_token(session, name="test", organization_id=organization_id)
+    return {"authorization": f"Bearer {token}"}

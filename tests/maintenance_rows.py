@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import text
 
 from db.engine import session_scope
-from db.repositories.organizations import create_token
+from tests.factories import auth_headers
 
 
 def ago(**delta: float) -> datetime:
@@ -24,12 +24,6 @@ async def set_org(organization_id: uuid.UUID, **settings: Any) -> None:
         await session.execute(text(f"UPDATE organizations SET {assignments} WHERE id = :id"),
                               {**settings, "id": organization_id})
 
-
-async def org_token(organization_id: uuid.UUID | None) -> dict[str, str]:
-    """Authorization headers with a fresh token of ``organization_id`` (None: an admin token)."""
-    async with session_scope() as session:
-        token = await create_token(session, name="test", organization_id=organization_id)
-    return {"authorization": f"Bearer {token}"}
 
 
 async def add_session(
@@ -119,3 +113,5 @@ async def live_events(kind_prefix: str = "") -> list[dict[str, Any]]:
             {"k": f"{kind_prefix}%"},
         )
         return [dict(r) for r in rows.mappings().all()]
+
+org_token = auth_headers

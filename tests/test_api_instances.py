@@ -3,30 +3,14 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 
 import httpx
 import pytest
 
-from api.main import create_app
-from db.engine import session_scope
-from db.repositories.organizations import create_token
+from tests.factories import auth_headers as org_token
 from tests.factories import count, instance_row, make_instance, make_organization
 
 ADMIN = {"authorization": "Bearer test-admin-token"}
-
-
-@pytest.fixture
-async def client() -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(check_database=False)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://zapsync") as http:
-        yield http
-
-
-async def org_token(organization_id: uuid.UUID) -> dict[str, str]:
-    async with session_scope() as session:
-        token = await create_token(session, name="crm", organization_id=organization_id)
-    return {"authorization": f"Bearer {token}"}
 
 
 async def two_orgs(simulator) -> tuple[uuid.UUID, uuid.UUID, uuid.UUID, uuid.UUID]:

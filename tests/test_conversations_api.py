@@ -4,32 +4,17 @@ organization scoping (an organization's token never sees another organization's 
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
 import pytest
 
-from api.main import create_app
-from db.engine import session_scope
-from db.repositories.organizations import create_token
 from flows.import_conversations import import_conversations
+from tests.factories import auth_headers as token
 from tests.factories import make_instance, make_organization
 
 ADMIN = {"authorization": "Bearer test-admin-token"}
-
-
-@pytest.fixture
-async def client() -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(check_database=False)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://zapsync") as http:
-        yield http
-
-
-async def token(organization_id: uuid.UUID) -> dict[str, str]:
-    async with session_scope() as session:
-        return {"authorization": f"Bearer {await create_token(session, name='crm', organization_id=organization_id)}"}
 
 
 async def imported(simulator: Any, name: str, *, chats: int = 5, newest_at: datetime | None = None) -> tuple[

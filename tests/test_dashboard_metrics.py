@@ -2,22 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import httpx
 import pytest
 
-from api.main import create_app
 from flows.sync_status import sync_status
 from tests.factories import make_instance, make_organization
 from tests.test_webhooks import opened, post
-
-
-@pytest.fixture
-async def client() -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(check_database=False)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://zapsync") as http:
-        yield http
 
 
 async def test_dashboard_asks_for_a_token_then_lists_instances(client: httpx.AsyncClient) -> None:

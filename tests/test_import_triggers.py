@@ -4,10 +4,8 @@ import deployment, once per connection; the sync also picks up imports that neve
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
-import httpx
 import orjson
 import pytest
 from prefect.client.orchestration import get_client
@@ -16,7 +14,6 @@ from prefect.client.schemas.objects import FlowRun
 from sqlalchemy import text
 
 from api.inbox import wait_for_import_starts
-from api.main import create_app
 from db.engine import session_scope
 from db.repositories.imports import pending_imports
 from deployments.definitions import IMPORT_ON_DEMAND
@@ -25,13 +22,6 @@ from flows.sync_status import sync_status
 from tests.factories import count, make_instance, make_organization
 
 pytestmark = pytest.mark.usefixtures("served_deployments")
-
-
-@pytest.fixture
-async def client() -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(check_database=False)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://zapsync") as http:
-        yield http
 
 
 async def import_runs(instance_id: uuid.UUID) -> list[FlowRun]:

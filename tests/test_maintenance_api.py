@@ -3,24 +3,15 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 
 import httpx
 import pytest
 
-from api.main import create_app
 from deployments.trigger import wait_for_run
 from tests.factories import count, make_instance, make_organization
 from tests.maintenance_rows import add_conversation, add_session, ago, conversation, org_token
 
 ADMIN = {"authorization": "Bearer test-admin-token"}
-
-
-@pytest.fixture
-async def client() -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(check_database=False)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://zapsync") as http:
-        yield http
 
 
 @pytest.mark.usefixtures("served_deployments")

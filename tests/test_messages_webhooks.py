@@ -4,7 +4,6 @@ them, real PostgreSQL, the API in-process."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -13,19 +12,11 @@ import orjson
 import pytest
 from sqlalchemy import text
 
-from api.main import create_app
 from db.engine import session_scope
 from tests.factories import count, make_instance, make_organization
 
 CUSTOMER = "5511987654321@s.whatsapp.net"
 LID = "123456789012345@lid"
-
-
-@pytest.fixture
-async def client() -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(check_database=False)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://zapsync") as http:
-        yield http
 
 
 @pytest.fixture

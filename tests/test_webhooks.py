@@ -3,28 +3,18 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import httpx
 import orjson
 import pytest
 
-from api.main import create_app
 from db.repositories.instances import InstanceRef
 from flows.sync_status import chunks
 from gateways.base import InstanceStatus
 from gateways.registry import open_gateways
 from tasks.status import apply_batch, diff_observations, observe_batch
 from tests.factories import count, history, instance_row, make_instance, make_organization
-
-
-@pytest.fixture
-async def client() -> AsyncIterator[httpx.AsyncClient]:
-    """The API in-process (one app per test, so its repeat filter starts empty)."""
-    app = create_app(check_database=False)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://zapsync") as http:
-        yield http
 
 
 def evolution(event: str, instance: str, data: object, *, at: datetime | None = None) -> dict[str, object]:
