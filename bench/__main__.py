@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 SUBCOMMANDS: tuple[str, ...] = ("sync", "close_inactive", "imports")
-"""Modules of ``bench`` that are subcommands (next: ``imports``, ``close_inactive``)."""
+"""Modules of ``bench`` that are subcommands, in the order ``--help`` lists them."""
 
 
 def build_parser() -> argparse.ArgumentParser:

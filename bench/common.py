@@ -46,6 +46,48 @@ def peak_rss_mb() -> float:
     return round(kilobytes / 1024, 1)
 
 
+def load_average() -> float:
+    """The machine's 1-minute load average: timings on a busy machine are not comparable with quiet ones."""
+    return round(os.getloadavg()[0], 2)
+
+
+@dataclass(slots=True)
+class Stopwatch:
+    """Wall-clock and CPU time (all threads) of one block, and the cyclic garbage collector's pauses in it.
+
+    ``with Stopwatch() as sw: ...``; ``gc_seconds`` is the time spent in collections, ``gc_full`` the number of
+    full (generation 2) collections.
+    """
+
+    wall: float = 0.0
+    cpu: float = 0.0
+    gc_seconds: float = 0.0
+    gc_full: int = 0
+    _begun: tuple[float, float] = (0.0, 0.0)
+    _gc_started: float = 0.0
+
+    def _on_gc(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        else:
+            self.gc_seconds += time.perf_counter() - self._gc_started
+            self.gc_full += info.get("generation") == 2
+
+    def __enter__(self) -> Stopwatch:
+        import gc
+
+        gc.callbacks.append(self._on_gc)
+        self._begun = (time.perf_counter(), time.process_time())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import gc
+
+        self.wall = time.perf_counter() - self._begun[0]
+        self.cpu = time.process_time() - self._begun[1]
+        gc.callbacks.remove(self._on_gc)
+
+
 @contextlib.contextmanager
 def reserved_stdout() -> Iterator[IO[str]]:
     """Send everything written to stdout (by us, libraries or child processes) to stderr for the block.
@@ -105,16 +147,24 @@ def prepare_environment() -> None:
     os.environ.setdefault("DO_NOT_TRACK", "1")
 
 
-def configure_gateway(provider: ProviderName, url: str) -> None:
-    """Point zapsync's only configured gateway at the simulator (the seeds' variable names) and reload settings."""
+def configure_gateway(provider: ProviderName, url: str, *, max_concurrency: int | None = None) -> None:
+    """Point zapsync's only configured gateway (named after the provider) at the simulator and reload settings.
+
+    The seeds' variables (``EVOLUTION_API_URL``/``EVOLUTION_API_KEY``, ``MEGA_API_HOST``/``MEGA_API_TOKEN``) by default;
+    ``ZAPSYNC_GATEWAYS`` when ``max_concurrency`` is given, the only way to set a gateway's concurrency.
+    """
     from zapsync.settings import get_settings
 
     for var in _GATEWAY_VARS:
         os.environ.pop(var, None)
-    if provider == "evolution":
-        os.environ.update({"EVOLUTION_API_URL": url, "EVOLUTION_API_KEY": SIM_EVOLUTION_KEY})
+    key = SIM_EVOLUTION_KEY if provider == "evolution" else SIM_MEGAAPI_TOKEN
+    if max_concurrency is not None:
+        config = {"provider": provider, "url": url, "api_key": key, "max_concurrency": max_concurrency}
+        os.environ["ZAPSYNC_GATEWAYS"] = json.dumps({provider: config})
+    elif provider == "evolution":
+        os.environ.update({"EVOLUTION_API_URL": url, "EVOLUTION_API_KEY": key})
     else:
-        os.environ.update({"MEGA_API_HOST": url, "MEGA_API_TOKEN": SIM_MEGAAPI_TOKEN})
+        os.environ.update({"MEGA_API_HOST": url, "MEGA_API_TOKEN": key})
     get_settings.cache_clear()
 
 
@@ -279,7 +329,8 @@ class SimulatorProcess:
         """Block until the child serves; raises if it died or took too long."""
         if self.url:
             return self
-        assert self._conn is not None and self._process is not None, "start() first"
+        if self._conn is None or self._process is None:
+            raise RuntimeError("SimulatorProcess.start() first")
         if not self._conn.poll(self.startup_timeout_s):
             raise RuntimeError("the simulator process did not start in time")
         try:
@@ -303,6 +354,15 @@ class SimulatorProcess:
             route = key.split(":", 1)[0]
             merged[route] = merged.get(route, 0) + int(count)
         return merged
+
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) the simulator process has used so far."""
+        import psutil
+
+        if self._process is None or self._process.pid is None:
+            return 0.0
+        times = psutil.Process(self._process.pid).cpu_times()
+        return float(times.user + times.system)
 
     def stop(self) -> None:
         """Ask the child to exit; terminate it if it does not."""

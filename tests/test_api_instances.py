@@ -7,6 +7,7 @@ import uuid
 import httpx
 import pytest
 
+from deployments.trigger import wait_for_run
 from tests.factories import auth_headers as org_token
 from tests.factories import count, instance_row, make_instance, make_organization
 
@@ -108,6 +109,9 @@ async def test_cron_endpoint_needs_the_cron_secret_and_starts_one_run_per_minute
 
     assert refused.status_code == 401
     assert first.status_code == 202
+    # Let the sync-all run finish here, so that it cannot act on a later test's rows.
+    for started in {first.json()["flow_run"]["id"], second.json()["flow_run"]["id"]}:
+        assert (await wait_for_run(uuid.UUID(started), timeout=120)).final
     assert first.json()["flow_run"]["id"] == second.json()["flow_run"]["id"] or (
         first.json()["flow_run"]["name"] != second.json()["flow_run"]["name"]  # the minute turned in between
     )

@@ -21,7 +21,7 @@ async def latest_reports(session: AsyncSession) -> dict[str, dict[str, Any]]:
     rows = await session.execute(text(
         "SELECT DISTINCT ON (flow_name) flow_name, report FROM flow_reports ORDER BY flow_name, finished_at DESC"
     ))
-    return dict(rows.tuples().all())
+    return {row[0]: row[1] for row in rows}
 
 
 async def import_totals(session: AsyncSession) -> dict[str, float]:
