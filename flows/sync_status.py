@@ -8,6 +8,7 @@ Check mode stops after the diff and writes nothing.
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 import uuid
 from collections import defaultdict
@@ -17,6 +18,7 @@ from typing import Literal, TypeVar
 
 from prefect import flow
 from prefect.runtime import flow_run
+from prefect.utilities.annotations import quote
 
 from db.engine import session_scope
 from db.locks import try_advisory_lock
@@ -66,8 +68,11 @@ async def _observe_gateway(
     begun = time.perf_counter()
     confirm = pick_live_confirmations(refs, force=force, budget=budget)
     batches = [refs] if gateway.provider in BULK_PROVIDERS else chunks(refs, batch_size)
-    observe = observe_batch if as_tasks else observe_batch.fn
-    results = await asyncio.gather(*(observe(gateway, batch, confirm=confirm) for batch in batches))
+    if as_tasks:  # quote(): Prefect would otherwise walk (and copy) every element of the arguments
+        results = await asyncio.gather(*(observe_batch(gateway, quote(batch), confirm=quote(confirm))
+                                         for batch in batches))
+    else:
+        results = await asyncio.gather(*(observe_batch.fn(gateway, batch, confirm=confirm) for batch in batches))
     observations = [obs for batch in results for obs in batch]
     summary.checked = len(observations)
     summary.unreachable = sum(1 for obs in observations if obs.status is None)
@@ -103,8 +108,15 @@ async def sync_status(
             if not acquired:
                 report.skipped = f"another sync of scope {scope.key} is running"
             else:
-                await run_sync(report, force=force, batch_size=settings.sync_batch_size,
-                               budget=settings.sync_confirm_budget)
+                gc.freeze()
+                thresholds = gc.get_threshold()
+                gc.set_threshold(100_000, 50, 1000)
+                try:
+                    await run_sync(report, force=force, batch_size=settings.sync_batch_size,
+                                   budget=settings.sync_confirm_budget)
+                finally:
+                    gc.set_threshold(*thresholds)
+                    gc.unfreeze()
 
     report.finished_at = datetime.now(UTC)
     report.seconds = round(time.perf_counter() - begun, 3)
@@ -172,7 +184,7 @@ async def run_sync(
     applied: list[AppliedChange] = []
     if mode == "apply" and writes:
         batches = await asyncio.gather(*(
-            apply_batch(batch, source="sync", flow_run_id=report.flow_run_id)
+            apply_batch(quote(batch), source="sync", flow_run_id=report.flow_run_id)
             for batch in chunks(writes, settings_batch)
         ))
         applied = [change for batch in batches for change in batch]

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
+import orjson
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -87,11 +88,11 @@ async def load_instances(
 
 _APPLY_SQL = text("""
 WITH obs AS (
-    SELECT * FROM unnest(
-        CAST(:ids AS uuid[]), CAST(:statuses AS text[]), CAST(:observed AS timestamptz[]),
-        CAST(:reasons AS text[]), CAST(:phones AS text[]), CAST(:profiles AS text[]),
-        CAST(:qrs AS text[]), CAST(:confirmed AS boolean[]), CAST(:logged_out AS boolean[])
-    ) AS o(id, status, observed_at, reason, phone, profile, qr, confirmed, logged_out)
+    SELECT instance_id AS id, status, observed_at, reason, phone_number AS phone, profile_name AS profile,
+           qr_code AS qr, live_confirmed AS confirmed, logged_out
+    FROM json_to_recordset(CAST(:rows AS json)) AS r(
+        instance_id uuid, status text, observed_at timestamptz, reason text, phone_number text, profile_name text,
+        qr_code text, live_confirmed boolean, logged_out boolean)
 ),
 prev AS (
     SELECT i.id, i.status AS from_status
@@ -127,10 +128,11 @@ UPDATE whatsapp_instances i SET
     profile_name = COALESCE(o.profile, i.profile_name),
     qr_code = CASE WHEN i.status = 'qr_pending' THEN COALESCE(o.qr, i.qr_code) ELSE i.qr_code END,
     live_confirmed_at = CASE WHEN o.confirmed THEN o.observed_at ELSE i.live_confirmed_at END
-FROM unnest(
-    CAST(:ids AS uuid[]), CAST(:statuses AS text[]), CAST(:observed AS timestamptz[]),
-    CAST(:phones AS text[]), CAST(:profiles AS text[]), CAST(:qrs AS text[]), CAST(:confirmed AS boolean[])
-) AS o(id, status, observed_at, phone, profile, qr, confirmed)
+FROM (SELECT instance_id AS id, status, observed_at, reason, phone_number AS phone, profile_name AS profile,
+           qr_code AS qr, live_confirmed AS confirmed, logged_out
+    FROM json_to_recordset(CAST(:rows AS json)) AS r(
+        instance_id uuid, status text, observed_at timestamptz, reason text, phone_number text, profile_name text,
+        qr_code text, live_confirmed boolean, logged_out boolean)) AS o
 WHERE i.id = o.id AND i.status = o.status
   AND (i.last_checked_at IS NULL OR i.last_checked_at < o.observed_at
        OR o.confirmed OR i.phone_number IS DISTINCT FROM COALESCE(o.phone, i.phone_number)
@@ -176,20 +178,10 @@ async def apply_status_writes(
     """
     if not writes:
         return []
-    columns = {
-        "ids": [w.instance_id for w in writes],
-        "statuses": [str(w.status) for w in writes],
-        "observed": [w.observed_at for w in writes],
-        "phones": [w.phone_number for w in writes],
-        "profiles": [w.profile_name for w in writes],
-        "qrs": [w.qr_code for w in writes],
-        "confirmed": [w.live_confirmed for w in writes],
-    }
-    result = await session.execute(_APPLY_SQL, {
-        **columns, "reasons": [w.reason for w in writes], "logged_out": [w.logged_out for w in writes],
-    })
+    rows = {"rows": orjson.dumps(writes).decode()}  # one C-speed document; psycopg adapts lists item by item
+    result = await session.execute(_APPLY_SQL, rows)
     changes = [AppliedChange(*row) for row in result.all()]
-    await session.execute(_TOUCH_SQL, columns)
+    await session.execute(_TOUCH_SQL, rows)
     if not changes:
         return changes
     await session.execute(_HISTORY_SQL, {
