@@ -132,6 +132,9 @@ def test_help_lists_every_command() -> None:
     ("sync", "--no-such-option"),
     ("simulator", "--provider", "waha"),
     ("up", "--api-port", "0"),
+    ("import", "not-a-uuid"),
+    ("cleanup-sessions", "--retention-days", "0"),
+    ("close-inactive", "--org", "nope"),
 ])
 def test_bad_usage_exits_2(args: tuple[str, ...]) -> None:
     code, _, err = invoke(*args)
@@ -297,6 +300,31 @@ def test_sync_check_then_apply_against_the_simulator(simulator: SimulatorState) 
 
 
 @pytest.mark.usefixtures("prefect_server", "simulator")
+def test_import_command_imports_the_generated_history(simulator: SimulatorState) -> None:
+    simulator.add_instance("evo-hist", "evolution", "open")
+    simulator.set_history("evo-hist", chats=4, messages_per_chat=3)
+    org_id = invoke_json("org", "create", "Acme")["id"]
+    instance_id = invoke_json("instance", "add", "--org", org_id, "--gateway", "evolution", "evo-hist")["id"]
+
+    report = invoke_json("import", instance_id)
+    code, text, _ = invoke("import", instance_id)
+
+    assert report["state"] == "Completed" and report["outcome"] == "completed"
+    assert report["counts"]["messages_inserted"] > 0
+    assert code == 0 and "messages" in text  # the second run finds everything already present
+    assert invoke("import", str(uuid.uuid4()))[0] == 1
+
+
+def test_maintenance_commands_report_and_dry_run(simulator: SimulatorState) -> None:
+    dry = invoke_json("cleanup-sessions", "--dry-run")
+    closing = invoke_json("close-inactive", "--dry-run")
+    code, text, _ = invoke("close-inactive")
+
+    assert dry["state"] == "Completed" and dry["dry_run"] is True
+    assert closing["state"] == "Completed" and closing["dry_run"] is True
+    assert code == 0 and text.strip()
+
+
 def test_sync_exits_1_when_the_flow_run_fails(monkeypatch: pytest.MonkeyPatch) -> None:
     import flows.sync_status as module
 

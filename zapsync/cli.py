@@ -458,6 +458,91 @@ def sync(
         _print_report(report, state.name, ui)
 
 
+# -- maintenance and import -------------------------------------------------------------------------------------
+
+
+def _run_flow_here(flow: Any, title: str, as_json: bool, **parameters: Any) -> Any:
+    """Run a flow in this process (a real Prefect flow run), print its report and return it; fail with a sentence."""
+    from rich.markdown import Markdown
+
+    from deployments.trigger import ui_url
+
+    async def go() -> tuple[Any, Any]:
+        state = await flow(**parameters, return_state=True)
+        report = await state.aresult(raise_on_failure=False) if state.is_completed() else None
+        return state, report
+
+    state, report = run_async(go)
+    run_id = getattr(state, "state_details", None) and state.state_details.flow_run_id
+    ui = ui_url(run_id) if run_id else None
+    if report is None or not hasattr(report, "to_markdown"):
+        fail(f"the {title} flow run {run_id or ''} ended {state.name}: {state.message or 'no message'}", 1)
+    if as_json:
+        emit_json({"state": state.name, "ui_url": ui, **report.model_dump(mode="json")})
+        return report
+    out().print(Markdown(report.to_markdown()))
+    if ui:
+        out().print(f"Prefect UI: {ui}")
+    return report
+
+
+@app.command("import")
+def import_(
+    instance: Annotated[uuid.UUID, typer.Argument(help="Instance id (see `zapsync status`).")],
+    history_days: Annotated[int | None, typer.Option("--history-days", min=1, help="Only this many days.")] = None,
+    full: Annotated[bool, typer.Option("--full", help="Start over instead of resuming a checkpoint.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Import an instance's chats, contacts and messages from its gateway (idempotent, resumable)."""
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+    with expected_errors():
+        ensure_migrated()
+        _note_ephemeral("this run uses a temporary Prefect server")
+        from flows.import_conversations import import_conversations
+
+        report = _run_flow_here(import_conversations, "import", as_json, instance_id=instance,
+                                history_days=history_days, full=full, trigger="cli")
+    if report.outcome == "failed" or (report.outcome == "skipped" and report.skipped and
+                                      report.skipped.startswith("no instance")):
+        fail(f"import {report.outcome}: {report.error or report.skipped}", 1)
+
+
+@app.command("cleanup-sessions")
+def cleanup_sessions(
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Count what would be deleted; delete nothing.")] = False,
+    org: OrgOpt = None,
+    retention_days: Annotated[int | None, typer.Option("--retention-days", min=1,
+                                                       help="Override the organizations' setting.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Delete ended WhatsApp sessions idle past their retention (and prune old webhook and live events)."""
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+    with expected_errors():
+        ensure_migrated()
+        _note_ephemeral("this run uses a temporary Prefect server")
+        from flows.cleanup_sessions import cleanup_sessions as flow
+
+        _run_flow_here(flow, "cleanup", as_json, organization_id=org, retention_days=retention_days,
+                       dry_run=dry_run)
+
+
+@app.command("close-inactive")
+def close_inactive(
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Count what would be closed; close nothing.")] = False,
+    org: OrgOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Close open conversations idle past their organization's `inactivity_hours`."""
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+    with expected_errors():
+        ensure_migrated()
+        _note_ephemeral("this run uses a temporary Prefect server")
+        from flows.close_inactive import close_inactive_conversations
+
+        _run_flow_here(close_inactive_conversations, "close-inactive", as_json, organization_id=org,
+                       dry_run=dry_run)
+
+
 # -- processes ---------------------------------------------------------------------------------------------------
 
 
