@@ -62,6 +62,8 @@ async def test_sync_status_button_runs_a_flow_and_shows_the_result(api_url: str,
         # The table refreshes itself after the run: the drifted instance now shows the gateway's status.
         drift_row = page.locator("#instances tr", has_text="demo-drift")
         await drift_row.locator("[data-field=status]", has_text="disconnected").wait_for(timeout=10_000)
+        # The flow run (another process) published the transitions; they reached this page over /events.
+        await page.locator("#live li", has_text="instance.status").first.wait_for(timeout=15_000)
         await page.screenshot(path="/tmp/zapsync-dashboard.png", full_page=True)
         await browser.close()
 
