@@ -135,12 +135,17 @@ async def run_simulator(
     import uvicorn
 
     from gateways.simulator import SimulatorState, WebhookEmitter, create_app, run_demo
+    from gateways.simulator.history import HistorySpec
 
     state = SimulatorState()
     if instances:
         state.seed_instances(instances, provider=provider, prefix=prefix)
     if demo:
-        state.configure(flap_rate=flap_rate)
+        # Chats with history, so that an import on connect has something to bring in (groups, a broadcast and
+        # an empty chat show what it skips).
+        state.configure(flap_rate=flap_rate, history=HistorySpec(
+            chats=6, messages_per_chat=8, group_chats=1, broadcast_messages=2, empty_chats=1, spacing_s=900,
+        ))
     base_url = f"http://{host}:{port}"
     config = uvicorn.Config(create_app(state), host=host, port=port, log_level="warning", access_log=False,
                             lifespan="off")
