@@ -21,7 +21,7 @@ import time
 import uuid
 import warnings
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Annotated, Any, NoReturn
@@ -433,38 +433,30 @@ def sync(
     with expected_errors():
         ensure_migrated()
         _note_ephemeral("this run uses a temporary Prefect server")
-        from deployments.trigger import ui_url
         from flows.sync_status import sync_status
-        from zapsync.reports import SyncReport, SyncScope
+        from zapsync.reports import SyncScope
 
         scope = SyncScope(organization_id=org, instance_id=instance)
-
-        async def go() -> tuple[Any, SyncReport | None]:
-            state = await sync_status(scope=scope, mode="check" if check else "apply", force=force,
-                                      return_state=True)
-            if not state.is_completed():
-                return state, None
-            return state, await state.aresult(raise_on_failure=False)
-
-        state, report = run_async(go)
-    run_id = getattr(state, "state_details", None) and state.state_details.flow_run_id
-    ui = ui_url(run_id) if run_id else None
-    if report is None or not isinstance(report, SyncReport):
-        run = f"the sync flow run {run_id}" if run_id else "the sync flow run"
-        fail(f"{run} ended {state.name}: {state.message or 'no message'}", 1)
-    if as_json:
-        emit_json({"state": state.name, "ui_url": ui, **report.model_dump(mode="json")})
-    else:
-        _print_report(report, state.name, ui)
+        _run_flow_here(sync_status, "sync", as_json, render=_print_report, scope=scope,
+                       mode="check" if check else "apply", force=force)
 
 
 # -- maintenance and import -------------------------------------------------------------------------------------
 
 
-def _run_flow_here(flow: Any, title: str, as_json: bool, **parameters: Any) -> Any:
-    """Run a flow in this process (a real Prefect flow run), print its report and return it; fail with a sentence."""
+def _print_markdown(report: Any, _state_name: str, ui: str | None) -> None:
     from rich.markdown import Markdown
 
+    out().print(Markdown(report.to_markdown()))
+    if ui:
+        out().print(f"Prefect UI: {ui}")
+
+
+def _run_flow_here(
+    flow: Any, title: str, as_json: bool, *, render: Callable[[Any, str, str | None], None] = _print_markdown,
+    **parameters: Any,
+) -> Any:
+    """Run a flow in this process (a real Prefect flow run), print its report and return it; fail with a sentence."""
     from deployments.trigger import ui_url
 
     async def go() -> tuple[Any, Any]:
@@ -479,10 +471,8 @@ def _run_flow_here(flow: Any, title: str, as_json: bool, **parameters: Any) -> A
         fail(f"the {title} flow run {run_id or ''} ended {state.name}: {state.message or 'no message'}", 1)
     if as_json:
         emit_json({"state": state.name, "ui_url": ui, **report.model_dump(mode="json")})
-        return report
-    out().print(Markdown(report.to_markdown()))
-    if ui:
-        out().print(f"Prefect UI: {ui}")
+    else:
+        render(report, state.name, ui)
     return report
 
 
