@@ -123,23 +123,25 @@ async def session_scope() -> AsyncIterator[AsyncSession]:
         raise DatabaseUnavailable(f"the database is unreachable: {type(exc).__name__}") from exc
 
 
+async def current_revision() -> str | None:
+    """The migration the database is at (None when never migrated); DatabaseUnavailable when unreachable."""
+    try:
+        async with get_engine().connect() as conn:
+            return (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalar_one_or_none()
+    except Exception as exc:  # an undefined table, or no server at all
+        if "alembic_version" in str(exc):
+            return None
+        raise DatabaseUnavailable(
+            f"cannot reach the database at {safe_url(database_url())}: {type(exc).__name__}"
+        ) from exc
+
+
 async def check_migrated() -> None:
     """Refuse to run on a database that is not at the latest migration, with the command that fixes it."""
     from db.migrate import head_revision
 
     expected = head_revision()
-    try:
-        async with get_engine().connect() as conn:
-            current = (
-                await conn.execute(text("SELECT version_num FROM alembic_version"))
-            ).scalar_one_or_none()
-    except Exception as exc:  # undefined table, or no server at all
-        if "alembic_version" in str(exc):
-            current = None
-        else:
-            raise DatabaseUnavailable(
-                f"cannot reach the database at {safe_url(database_url())}: {type(exc).__name__}"
-            ) from exc
+    current = await current_revision()
     if current != expected:
         raise DatabaseNotMigrated(
             f"the database is at migration {current or 'none'}, zapsync needs {expected}: "

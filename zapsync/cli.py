@@ -30,6 +30,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from db.engine import current_revision
 from gateways.base import GatewayError
 from zapsync.errors import DatabaseNotMigrated, DatabaseUnavailable, InvalidInput, NotFound, ZapsyncError
 from zapsync.prefect_env import configure_prefect_env, prefect_healthy
@@ -40,7 +41,6 @@ from zapsync.stack import (
     StackOptions,
     adopt_demo_gateway,
     check_ports,
-    current_revision,
     database_label,
     ensure_migrated,
     run_async,

@@ -147,23 +147,6 @@ def upgrade_database() -> str:
     return head_revision()
 
 
-async def current_revision() -> str | None:
-    """The migration the database is at (None when it was never migrated); DatabaseUnavailable when unreachable."""
-    from sqlalchemy import text
-
-    from db.engine import database_url, get_engine, safe_url
-
-    try:
-        async with get_engine().connect() as conn:
-            return (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalar_one_or_none()
-    except Exception as exc:  # an undefined table, or no server at all
-        if "alembic_version" in str(exc):
-            return None
-        raise DatabaseUnavailable(
-            f"cannot reach the database at {safe_url(database_url())}: {type(exc).__name__}"
-        ) from exc
-
-
 def ensure_migrated() -> None:
     """Raise DatabaseUnavailable / DatabaseNotMigrated (with the command that fixes it) unless the DB is current."""
     from db.engine import check_migrated
