@@ -10,6 +10,7 @@ chosen the API (Prefect reads its settings at import).
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
 import logging
@@ -419,6 +420,17 @@ def _print_report(report: Any, state_name: str, ui: str | None) -> None:
         console.print(unreachable)
 
 
+@contextlib.contextmanager
+def flow_command() -> Iterator[None]:
+    """What a command that runs a flow here does first: expected errors as sentences, a migrated database, and a
+    console that shows Prefect's warnings only (set before Prefect's first import; the UI still gets INFO)."""
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+    with expected_errors():
+        ensure_migrated()
+        _note_ephemeral("this run uses a temporary Prefect server")
+        yield
+
+
 @app.command("sync")
 def sync(
     check: Annotated[bool, typer.Option("--check", help="Compare only: write nothing.")] = False,
@@ -428,11 +440,7 @@ def sync(
     as_json: JsonOpt = False,
 ) -> None:
     """Run the sync_status flow here (a real Prefect flow run) and print its report; exit 1 if the run failed."""
-    # Before Prefect's first import: its console shows warnings only; the run's INFO logs still reach the UI.
-    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
-    with expected_errors():
-        ensure_migrated()
-        _note_ephemeral("this run uses a temporary Prefect server")
+    with flow_command():
         from flows.sync_status import sync_status
         from zapsync.reports import SyncScope
 
@@ -484,10 +492,7 @@ def import_(
     as_json: JsonOpt = False,
 ) -> None:
     """Import an instance's chats, contacts and messages from its gateway (idempotent, resumable)."""
-    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
-    with expected_errors():
-        ensure_migrated()
-        _note_ephemeral("this run uses a temporary Prefect server")
+    with flow_command():
         from flows.import_conversations import import_conversations
 
         report = _run_flow_here(import_conversations, "import", as_json, instance_id=instance,
@@ -506,10 +511,7 @@ def cleanup_sessions(
     as_json: JsonOpt = False,
 ) -> None:
     """Delete ended WhatsApp sessions idle past their retention (and prune old webhook and live events)."""
-    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
-    with expected_errors():
-        ensure_migrated()
-        _note_ephemeral("this run uses a temporary Prefect server")
+    with flow_command():
         from flows.cleanup_sessions import cleanup_sessions as flow
 
         _run_flow_here(flow, "cleanup", as_json, organization_id=org, retention_days=retention_days,
@@ -523,10 +525,7 @@ def close_inactive(
     as_json: JsonOpt = False,
 ) -> None:
     """Close open conversations idle past their organization's `inactivity_hours`."""
-    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
-    with expected_errors():
-        ensure_migrated()
-        _note_ephemeral("this run uses a temporary Prefect server")
+    with flow_command():
         from flows.close_inactive import close_inactive_conversations
 
         _run_flow_here(close_inactive_conversations, "close-inactive", as_json, organization_id=org,
