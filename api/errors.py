@@ -23,15 +23,12 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(GatewayError)
     async def gateway_error(_: Request, exc: GatewayError) -> JSONResponse:
-        status = 501 if isinstance(exc, GatewayNotSupported) else 503 if isinstance(
-            exc, GatewayTransientError) else 502
+        status = 501 if isinstance(exc, GatewayNotSupported) else 503 if isinstance(exc, GatewayTransientError) else 502
         return JSONResponse({"error": type(exc).__name__, "detail": exc.message}, status_code=status)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = [
-            f"{'.'.join(str(p) for p in err.get('loc', ()))}: {err.get('msg')}" for err in exc.errors()[:10]
-        ]
+        problems = [f"{'.'.join(str(p) for p in err.get('loc', ()))}: {err.get('msg')}" for err in exc.errors()[:10]]
         return JSONResponse(
             {"error": "InvalidInput", "detail": "; ".join(problems) or "invalid request"}, status_code=422
         )

@@ -78,8 +78,7 @@ class RepeatFilter:
     def keys(organization_id: uuid.UUID, event: WebhookEvent) -> tuple[str, str]:
         """(which instance, which state) of a status event, ignoring its timestamp."""
         qr = hashlib.sha1(event.qr_code.encode()).hexdigest() if event.qr_code else ""
-        return (f"{organization_id}|{event.provider}|{event.instance_name}",
-                f"{event.status}|{event.reason}|{qr}")
+        return (f"{organization_id}|{event.provider}|{event.instance_name}", f"{event.status}|{event.reason}|{qr}")
 
     def is_repeat(self, instance_key: str, state_key: str) -> bool:
         """True when ``state_key`` is the instance's last handled state and the window has not passed."""
@@ -123,8 +122,14 @@ async def handle_event(
     key = dedupe_key(organization_id, event, payload)
     async with session_scope() as session:
         stored = await store_event(
-            session, organization_id=organization_id, provider=event.provider, event=event.event,
-            instance_name=event.instance_name, dedupe_key=key, payload=payload, outcome="stored",
+            session,
+            organization_id=organization_id,
+            provider=event.provider,
+            event=event.event,
+            instance_name=event.instance_name,
+            dedupe_key=key,
+            payload=payload,
+            outcome="stored",
         )
     return HandlingResult("stored" if stored else "duplicate")
 
@@ -138,12 +143,18 @@ async def _handle_status(
     observed_at = observation_time(event.event_time, received_at, tolerance)
     key = dedupe_key(organization_id, event, payload)
     store = {
-        "organization_id": organization_id, "provider": event.provider, "event": event.event,
-        "instance_name": event.instance_name, "dedupe_key": key, "payload": payload,
+        "organization_id": organization_id,
+        "provider": event.provider,
+        "event": event.event,
+        "instance_name": event.instance_name,
+        "dedupe_key": key,
+        "payload": payload,
     }
     async with session_scope() as session:
         instance = await lock_instance(
-            session, organization_id=organization_id, gateways=gateways_for(event.provider),
+            session,
+            organization_id=organization_id,
+            gateways=gateways_for(event.provider),
             instance_name=event.instance_name,
         )
         if instance is None:
@@ -155,8 +166,13 @@ async def _handle_status(
             await store_event(session, **store, outcome="ignored", error=detail)
             return HandlingResult("ignored", detail)
         write = StatusWrite(
-            instance_id=instance.id, status=event.status, observed_at=observed_at, reason=event.reason,
-            phone_number=event.phone_number, profile_name=event.profile_name, qr_code=event.qr_code,
+            instance_id=instance.id,
+            status=event.status,
+            observed_at=observed_at,
+            reason=event.reason,
+            phone_number=event.phone_number,
+            profile_name=event.profile_name,
+            qr_code=event.qr_code,
             logged_out=event.logged_out,
         )
         repeat = instance.status == event.status and (event.qr_code is None or event.qr_code == instance.qr_code)
@@ -173,19 +189,28 @@ async def _handle_messages(
     """Store the delivery (deduped by instance, message key and event) and apply it in the same transaction."""
     assert event.instance_name is not None
     store = {
-        "organization_id": organization_id, "provider": event.provider, "event": event.event,
-        "instance_name": event.instance_name, "dedupe_key": dedupe_key(organization_id, event, payload),
+        "organization_id": organization_id,
+        "provider": event.provider,
+        "event": event.event,
+        "instance_name": event.instance_name,
+        "dedupe_key": dedupe_key(organization_id, event, payload),
         "payload": payload,
     }
     async with session_scope() as session:
         scope = await instance_scope_by_name(
-            session, organization_id=organization_id, gateways=gateways_for(event.provider),
+            session,
+            organization_id=organization_id,
+            gateways=gateways_for(event.provider),
             instance_name=event.instance_name,
         )
         people = [m for m in event.messages if m.kind is ChatKind.CONTACT]
-        ignored = ("no instance of that name in this organization" if scope is None
-                   else "group and broadcast chats are not imported"
-                   if event.kind is EventKind.MESSAGES and not people else None)
+        ignored = (
+            "no instance of that name in this organization"
+            if scope is None
+            else "group and broadcast chats are not imported"
+            if event.kind is EventKind.MESSAGES and not people
+            else None
+        )
         if ignored is not None or scope is None:
             stored = await store_event(session, **store, outcome="ignored", error=ignored)
             return HandlingResult("ignored" if stored else "duplicate", ignored)
@@ -198,8 +223,9 @@ async def _handle_messages(
             changed = await advance_message_status(session, scope, event.receipts)
             detail = f"{changed} of {len(event.receipts)} message statuses moved forward"
         else:
-            written = await upsert_contacts(session, scope, (ContactInput(c.jid, c.alt_jid, c.name)
-                                                             for c in event.contacts))
+            written = await upsert_contacts(
+                session, scope, (ContactInput(c.jid, c.alt_jid, c.name) for c in event.contacts)
+            )
             detail = f"{len(event.contacts)} contacts ({written.created} new)"
     return HandlingResult("applied", detail)
 
@@ -209,22 +235,37 @@ async def apply_messages(
 ) -> list[InsertedMessage]:
     """Contacts, conversations (found or opened) and messages for live one-to-one messages; conversations move
     forward (last message, waiting marker) for the ones not stored before, which are announced live."""
-    contacts = await upsert_contacts(session, scope, (
-        ContactInput(m.chat_jid, m.alt_jid, None if m.from_me else m.push_name) for m in messages))
-    refs = await ensure_conversations(session, scope, (
-        ConversationFact(contacts.ids[m.chat_jid], m.sent_at, m.from_me) for m in messages
-    ), now=now, closed_reason="inactive")
+    contacts = await upsert_contacts(
+        session, scope, (ContactInput(m.chat_jid, m.alt_jid, None if m.from_me else m.push_name) for m in messages)
+    )
+    refs = await ensure_conversations(
+        session,
+        scope,
+        (ConversationFact(contacts.ids[m.chat_jid], m.sent_at, m.from_me) for m in messages),
+        now=now,
+        closed_reason="inactive",
+    )
     rows = MessageRows()
     for m in messages:
         rows.append(refs[contacts.ids[m.chat_jid]].id, m)
     inserted = await insert_messages_returning(session, scope, rows)
     await advance_conversations(session, inserted)
-    await publish([
-        live_event(scope.organization_id, Kind.MESSAGE_NEW, instance_id=str(scope.id), message_id=m.id,
-                   conversation_id=m.conversation_id, external_id=m.external_id, from_me=m.from_me,
-                   sent_at=m.sent_at.isoformat())
-        for m in inserted
-    ], session=session)
+    await publish(
+        [
+            live_event(
+                scope.organization_id,
+                Kind.MESSAGE_NEW,
+                instance_id=str(scope.id),
+                message_id=m.id,
+                conversation_id=m.conversation_id,
+                external_id=m.external_id,
+                from_me=m.from_me,
+                sent_at=m.sent_at.isoformat(),
+            )
+            for m in inserted
+        ],
+        session=session,
+    )
     return inserted
 
 
@@ -241,8 +282,9 @@ async def start_import_on_connect(_organization_id: uuid.UUID, event: WebhookEve
         return
     for change in result.changes:
         if change.to_status == "connected":
-            task = asyncio.create_task(_start_import(change.instance_id, connection_key(
-                change.instance_id, change.observed_at)))
+            task = asyncio.create_task(
+                _start_import(change.instance_id, connection_key(change.instance_id, change.observed_at))
+            )
             _import_starts.add(task)
             task.add_done_callback(_import_starts.discard)
 

@@ -41,7 +41,8 @@ async def lifespan(_: FastAPI) -> AsyncIterator[None]:
 def create_app(*, check_database: bool = True) -> FastAPI:
     """Build the API (no side effects until it starts serving)."""
     app = FastAPI(
-        title="zapsync", version="0.1.0",
+        title="zapsync",
+        version="0.1.0",
         lifespan=lifespan if check_database else None,
         description="Keeps a CRM's PostgreSQL in step with its WhatsApp gateways.",
     )
@@ -49,8 +50,18 @@ def create_app(*, check_database: bool = True) -> FastAPI:
     app.state.after_webhook = [events.announce_webhook, start_import_on_connect]
     app.state.metrics = Metrics()
     install_error_handlers(app)
-    for router in (health.router, instances.router, webhooks.router, flow_runs.router, metrics.router,
-                   dashboard.router, health_monitor.router, maintenance.router, organizations.router, events.router,
-                   conversations.router):
+    for router in (
+        health.router,
+        instances.router,
+        webhooks.router,
+        flow_runs.router,
+        metrics.router,
+        dashboard.router,
+        health_monitor.router,
+        maintenance.router,
+        organizations.router,
+        events.router,
+        conversations.router,
+    ):
         app.include_router(router)
     return app

@@ -19,32 +19,43 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.webhook_events = Counter(
-            "zapsync_webhook_events", "Webhook deliveries by provider, event and outcome",
-            ["provider", "event", "outcome"], registry=r,
+            "zapsync_webhook_events",
+            "Webhook deliveries by provider, event and outcome",
+            ["provider", "event", "outcome"],
+            registry=r,
         )
         self.webhook_seconds = Histogram(
-            "zapsync_webhook_processing_seconds", "Time to authenticate, store and apply one delivery",
-            ["provider"], registry=r, buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+            "zapsync_webhook_processing_seconds",
+            "Time to authenticate, store and apply one delivery",
+            ["provider"],
+            registry=r,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
         )
-        self.instances = Gauge("zapsync_instances", "Instances by gateway, status and health",
-                               ["gateway", "status", "health"], registry=r)
+        self.instances = Gauge(
+            "zapsync_instances", "Instances by gateway, status and health", ["gateway", "status", "health"], registry=r
+        )
         self.sync_seconds = Gauge("zapsync_sync_duration_seconds", "Duration of the newest status sync", registry=r)
         self.sync_drift = Gauge("zapsync_sync_drift", "Counts of the newest status sync", ["kind"], registry=r)
         self.gateway_unreachable = Gauge(
-            "zapsync_gateway_unreachable_instances", "Instances a gateway could not answer for in the newest sync",
-            ["gateway"], registry=r,
+            "zapsync_gateway_unreachable_instances",
+            "Instances a gateway could not answer for in the newest sync",
+            ["gateway"],
+            registry=r,
         )
         self.breaker_open = Gauge(
-            "zapsync_gateway_breaker_open", "1 when the gateway's circuit breaker was open in the newest sync",
-            ["gateway"], registry=r,
+            "zapsync_gateway_breaker_open",
+            "1 when the gateway's circuit breaker was open in the newest sync",
+            ["gateway"],
+            registry=r,
         )
         self.import_rows = Gauge("zapsync_import_rows", "Rows written by conversation imports", ["kind"], registry=r)
         self.import_seconds = Gauge("zapsync_import_duration_seconds", "Duration of the newest import", registry=r)
         self.closed_inactive = Gauge(
             "zapsync_conversations_closed_inactive", "Conversations closed for inactivity", registry=r
         )
-        self.flow_seconds = Gauge("zapsync_flow_duration_seconds", "Duration of each flow's newest run",
-                                  ["flow"], registry=r)
+        self.flow_seconds = Gauge(
+            "zapsync_flow_duration_seconds", "Duration of each flow's newest run", ["flow"], registry=r
+        )
 
     async def render(self, session: AsyncSession) -> bytes:
         """Refresh the database-backed gauges and return the exposition text."""

@@ -68,14 +68,20 @@ class CloseOptions:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     """Declare ``bench close-inactive``'s options."""
-    parser.add_argument("--conversations", type=_positive_int, default=1_000_000,
-                        help="open conversations (N, default 1,000,000)")
+    parser.add_argument(
+        "--conversations", type=_positive_int, default=1_000_000, help="open conversations (N, default 1,000,000)"
+    )
     parser.add_argument("--idle", type=float, default=0.1, help="fraction of them that are idle (default 0.1)")
-    parser.add_argument("--rate", type=float, default=200.0,
-                        help="messages per second arriving during the run (default 200)")
+    parser.add_argument(
+        "--rate", type=float, default=200.0, help="messages per second arriving during the run (default 200)"
+    )
     parser.add_argument("--writers", type=_positive_int, default=4, help="concurrent message senders (default 4)")
-    parser.add_argument("--messages", choices=("auto", "webhook", "sql"), default="auto",
-                        help="how messages arrive: webhooks when the API applies them (auto), or forced")
+    parser.add_argument(
+        "--messages",
+        choices=("auto", "webhook", "sql"),
+        default="auto",
+        help="how messages arrive: webhooks when the API applies them (auto), or forced",
+    )
     parser.add_argument("--json", action="store_true", dest="as_json", help="print one JSON object on stdout")
 
 
@@ -83,8 +89,14 @@ def run(args: argparse.Namespace) -> int:
     """Entry point: exit code 0, or 1 when the run's result is wrong."""
     if not 0 < args.idle <= 1:
         raise SystemExit("--idle must be within (0, 1]")
-    options = CloseOptions(conversations=args.conversations, idle=args.idle, rate=args.rate, writers=args.writers,
-                           messages=args.messages, as_json=args.as_json)
+    options = CloseOptions(
+        conversations=args.conversations,
+        idle=args.idle,
+        rate=args.rate,
+        writers=args.writers,
+        messages=args.messages,
+        as_json=args.as_json,
+    )
     return run_main(lambda out: bench_close(options, out))
 
 
@@ -99,8 +111,10 @@ def bench_close(options: CloseOptions, out: IO[str]) -> None:
     """Set up, measure, check and report (see the module docstring)."""
     prepare_environment()
     idle_n = int(options.conversations * options.idle)
-    progress(f"close-inactive: {options.conversations} conversations, {idle_n} idle; "
-             f"{options.rate:g} messages/s from {options.writers} writers")
+    progress(
+        f"close-inactive: {options.conversations} conversations, {idle_n} idle; "
+        f"{options.rate:g} messages/s from {options.writers} writers"
+    )
     with contextlib.ExitStack() as stack:
         database = stack.enter_context(bench_database())
         organization_id = seed(database, options.conversations, idle_n)
@@ -110,8 +124,10 @@ def bench_close(options: CloseOptions, out: IO[str]) -> None:
         if options.messages == "webhook" and not applies:
             raise BenchFailure("the API does not apply messages.upsert: use --messages sql")
         mode: Mode = "webhook" if applies and options.messages != "sql" else "sql"
-        progress(f"message writes: {'webhooks to the API' if mode == 'webhook' else 'SQL transactions'}"
-                 + ("" if applies else " (the API does not apply messages.upsert yet)"))
+        progress(
+            f"message writes: {'webhooks to the API' if mode == 'webhook' else 'SQL transactions'}"
+            + ("" if applies else " (the API does not apply messages.upsert yet)")
+        )
         result = measure(options, database, organization_id, idle_n, mode, api)
     emit(result, as_json=options.as_json, table=result_table(result), out=out)
 
@@ -129,29 +145,36 @@ def seed(database: BenchDatabase, n: int, idle_n: int) -> uuid.UUID:
     with psycopg.connect(database.conninfo, autocommit=True) as conn:
         org = conn.execute(
             "INSERT INTO organizations (name, webhook_secret_hash, inactivity_hours) VALUES ('bench', %s, 24) "
-            "RETURNING id", (digest(SECRET),),
+            "RETURNING id",
+            (digest(SECRET),),
         ).fetchone()[0]
         conn.execute(
             "INSERT INTO whatsapp_instances (organization_id, gateway, instance_name, status) "
             "SELECT %s, 'evolution', 'bench-' || lpad(g::text, 2, '0'), 'connected' FROM generate_series(1, %s) g",
             (org, INSTANCES),
         )
-        conn.execute("""
+        conn.execute(
+            """
             INSERT INTO contacts (organization_id, instance_id, jid, phone)
             SELECT %(org)s, i.ids[1 + g %% %(k)s], '5511' || lpad(g::text, 9, '0') || '@s.whatsapp.net',
                    '5511' || lpad(g::text, 9, '0')
             FROM generate_series(1, %(n)s) g,
                  (SELECT array_agg(id ORDER BY instance_name) AS ids FROM whatsapp_instances) i
-        """, {"org": org, "k": INSTANCES, "n": n})
+        """,
+            {"org": org, "k": INSTANCES, "n": n},
+        )
         # Exactly idle_n idle rows, spread evenly: row g is idle when floor(g·f) steps up at g.
-        conn.execute("""
+        conn.execute(
+            """
             INSERT INTO conversations (organization_id, instance_id, contact_id, status, opened_at, last_message_at)
             SELECT organization_id, instance_id, id, 'in_progress', at - interval '1 hour', at
             FROM (SELECT c.*, CASE WHEN floor(c.id * %(f)s) <> floor((c.id - 1) * %(f)s)
                                    THEN now() - interval '48 hours' - random() * interval '24 hours'
                                    ELSE now() - random() * interval '20 hours' END AS at
                   FROM contacts c) s
-        """, {"f": idle_n / n})
+        """,
+            {"f": idle_n / n},
+        )
         conn.execute("""
             INSERT INTO messages (organization_id, instance_id, conversation_id, external_id, from_me, sender,
                                   content, sent_at)
@@ -160,8 +183,9 @@ def seed(database: BenchDatabase, n: int, idle_n: int) -> uuid.UUID:
         """)
         conn.execute("VACUUM ANALYZE contacts, conversations, messages")
         conn.execute("CHECKPOINT")  # the seed's own writes are not the timed run's to flush
-        found = conn.execute("SELECT count(*) FROM conversations WHERE last_message_at < now() - interval '24 hours'"
-                             ).fetchone()[0]
+        found = conn.execute(
+            "SELECT count(*) FROM conversations WHERE last_message_at < now() - interval '24 hours'"
+        ).fetchone()[0]
     if found != idle_n:
         raise BenchFailure(f"seeded {found} idle conversations, expected {idle_n}")
     progress(f"seeded {n} contacts, conversations and messages ({idle_n} idle) in {time.perf_counter() - begun:.1f}s")
@@ -182,8 +206,20 @@ def api_process() -> Any:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     child = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "api.main:create_app", "--factory", "--host", "127.0.0.1",
-         "--port", str(port), "--log-level", "warning", "--no-access-log"],
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "api.main:create_app",
+            "--factory",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            "--no-access-log",
+        ],
         env=dict(os.environ),
     )
     url = f"http://127.0.0.1:{port}"
@@ -211,14 +247,23 @@ def webhook_body(instance_name: str, jid: str) -> dict[str, Any]:
     """A `messages.upsert` delivery as Evolution v2.3 sends it (gateways.md §2.1, §2.3)."""
     now = time.time()
     return {
-        "event": "messages.upsert", "instance": instance_name,
-        "data": {"key": {"remoteJid": jid, "fromMe": False, "id": "3EB0" + uuid.uuid4().hex[:16].upper()},
-                 "pushName": "Ana", "status": "DELIVERY_ACK", "message": {"conversation": "ainda aí?"},
-                 "messageType": "conversation", "messageTimestamp": int(now), "instanceId": str(uuid.uuid4()),
-                 "source": "android"},
-        "destination": "http://127.0.0.1/webhooks", "date_time": time.strftime("%Y-%m-%dT%H:%M:%S.000Z",
-                                                                                 time.gmtime(now)),
-        "sender": "5511900000000@s.whatsapp.net", "server_url": "http://127.0.0.1", "apikey": None,
+        "event": "messages.upsert",
+        "instance": instance_name,
+        "data": {
+            "key": {"remoteJid": jid, "fromMe": False, "id": "3EB0" + uuid.uuid4().hex[:16].upper()},
+            "pushName": "Ana",
+            "status": "DELIVERY_ACK",
+            "message": {"conversation": "ainda aí?"},
+            "messageType": "conversation",
+            "messageTimestamp": int(now),
+            "instanceId": str(uuid.uuid4()),
+            "source": "android",
+        },
+        "destination": "http://127.0.0.1/webhooks",
+        "date_time": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(now)),
+        "sender": "5511900000000@s.whatsapp.net",
+        "server_url": "http://127.0.0.1",
+        "apikey": None,
     }
 
 
@@ -231,21 +276,29 @@ def probe_webhook(api: ApiProcess, database: BenchDatabase, organization_id: uui
         conversation_id, jid, name = conn.execute(
             "SELECT c.id, ct.jid, i.instance_name FROM conversations c JOIN contacts ct ON ct.id = c.contact_id "
             "JOIN whatsapp_instances i ON i.id = c.instance_id WHERE c.last_message_at > now() - interval '20 hours' "
-            "LIMIT 1").fetchone()
-        before = conn.execute("SELECT count(*) FROM messages WHERE conversation_id = %s", (conversation_id,)
-                              ).fetchone()[0]
-        response = httpx.post(f"{api.url}/webhooks/evolution/{organization_id}", json=webhook_body(name, jid),
-                              headers={"x-webhook-secret": SECRET}, timeout=10)
-        after = conn.execute("SELECT count(*) FROM messages WHERE conversation_id = %s", (conversation_id,)
-                             ).fetchone()[0]
+            "LIMIT 1"
+        ).fetchone()
+        before = conn.execute(
+            "SELECT count(*) FROM messages WHERE conversation_id = %s", (conversation_id,)
+        ).fetchone()[0]
+        response = httpx.post(
+            f"{api.url}/webhooks/evolution/{organization_id}",
+            json=webhook_body(name, jid),
+            headers={"x-webhook-secret": SECRET},
+            timeout=10,
+        )
+        after = conn.execute("SELECT count(*) FROM messages WHERE conversation_id = %s", (conversation_id,)).fetchone()[
+            0
+        ]
     return response.status_code == 200 and after > before
 
 
 # -- the message writers (a separate process) ----------------------------------------------------------------------
 
 
-def _writer_child(conn: Connection, mode: Mode, conninfo: str, api_url: str, organization_id: str, rate: float,
-                  writers: int) -> None:
+def _writer_child(
+    conn: Connection, mode: Mode, conninfo: str, api_url: str, organization_id: str, rate: float, writers: int
+) -> None:
     """Child process: load targets, then send paced messages until told to stop; send back (start, seconds)."""
     import psycopg
 
@@ -282,10 +335,14 @@ def _writer_child(conn: Connection, mode: Mode, conninfo: str, api_url: str, org
                 await aconn.execute(
                     "INSERT INTO messages (organization_id, instance_id, conversation_id, external_id, sender, "
                     "content, sent_at) SELECT organization_id, instance_id, id, %s, 'client', 'ainda aí?', now() "
-                    "FROM conversations WHERE id = %s", (uuid.uuid4().hex, conversation_id))
+                    "FROM conversations WHERE id = %s",
+                    (uuid.uuid4().hex, conversation_id),
+                )
                 await aconn.execute(
                     "UPDATE conversations SET last_message_at = now(), waiting_since = COALESCE(waiting_since, now()), "
-                    "updated_at = now() WHERE id = %s", (conversation_id,))
+                    "updated_at = now() WHERE id = %s",
+                    (conversation_id,),
+                )
                 await aconn.commit()
                 samples.append((wall, time.perf_counter() - begun))
                 next_at += interval
@@ -310,16 +367,20 @@ def percentile(values: list[float], q: float) -> float:
 # -- measurement ---------------------------------------------------------------------------------------------------
 
 
-def measure(options: CloseOptions, database: BenchDatabase, organization_id: uuid.UUID, idle_n: int, mode: Mode,
-            api: ApiProcess) -> dict[str, Any]:
+def measure(
+    options: CloseOptions, database: BenchDatabase, organization_id: uuid.UUID, idle_n: int, mode: Mode, api: ApiProcess
+) -> dict[str, Any]:
     """Start the writers, time one flow run, stop the writers, check the result."""
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
     parent, child = ctx.Pipe()
-    process = ctx.Process(target=_writer_child, name="zapsync-bench-writers", daemon=True,
-                          args=(child, mode, database.conninfo, api.url, str(organization_id), options.rate,
-                                options.writers))
+    process = ctx.Process(
+        target=_writer_child,
+        name="zapsync-bench-writers",
+        daemon=True,
+        args=(child, mode, database.conninfo, api.url, str(organization_id), options.rate, options.writers),
+    )
     process.start()
     child.close()
     if not parent.poll(120) or parent.recv() != "ready":
@@ -364,8 +425,11 @@ def measure(options: CloseOptions, database: BenchDatabase, organization_id: uui
     }
     if options.conversations * options.idle >= TARGET["closed"]:
         scaled = result["seconds"] * TARGET["closed"] / max(report.closed, 1)
-        result["targets"] = {**TARGET, "seconds_per_100k": round(scaled, 3),
-                             "met": scaled <= TARGET["seconds_max"] and result["message_p99_ms"] < TARGET["p99_ms_max"]}
+        result["targets"] = {
+            **TARGET,
+            "seconds_per_100k": round(scaled, 3),
+            "met": scaled <= TARGET["seconds_max"] and result["message_p99_ms"] < TARGET["p99_ms_max"],
+        }
     return result
 
 
@@ -382,8 +446,10 @@ async def _timed_run(organization_id: uuid.UUID) -> tuple[Any, tuple[float, floa
         end = time.time()
     finally:
         await dispose_engine()
-    progress(f"flow run {report.flow_run_id}: closed={report.closed} raced={report.raced} in {end - start:.3f}s "
-             f"(flow body {report.seconds:.3f}s)")
+    progress(
+        f"flow run {report.flow_run_id}: closed={report.closed} raced={report.raced} in {end - start:.3f}s "
+        f"(flow body {report.seconds:.3f}s)"
+    )
     return report, (start, end)
 
 
@@ -395,14 +461,19 @@ async def _check(organization_id: uuid.UUID, report: Any) -> dict[str, int]:
 
     try:
         async with session_scope() as session:
-            row = (await session.execute(text(
-                "SELECT (SELECT count(*) FROM conversations WHERE organization_id = :org AND status = 'closed' "
-                "        AND close_reason = 'inactive'), "
-                "       (SELECT count(*) FROM messages WHERE organization_id = :org AND sender = 'system'), "
-                "       (SELECT count(*) FROM conversations WHERE organization_id = :org "
-                "        AND status IN ('waiting', 'in_progress') AND last_message_at < :cutoff "
-                "        AND waiting_since IS NULL)"),
-                {"org": organization_id, "cutoff": report.organizations[0].cutoff})).one()
+            row = (
+                await session.execute(
+                    text(
+                        "SELECT (SELECT count(*) FROM conversations WHERE organization_id = :org AND status = 'closed' "
+                        "        AND close_reason = 'inactive'), "
+                        "       (SELECT count(*) FROM messages WHERE organization_id = :org AND sender = 'system'), "
+                        "       (SELECT count(*) FROM conversations WHERE organization_id = :org "
+                        "        AND status IN ('waiting', 'in_progress') AND last_message_at < :cutoff "
+                        "        AND waiting_since IS NULL)"
+                    ),
+                    {"org": organization_id, "cutoff": report.organizations[0].cutoff},
+                )
+            ).one()
     finally:
         await dispose_engine()
     closed, notes, still_idle = (int(v) for v in row)
@@ -429,17 +500,28 @@ def result_table(result: dict[str, Any]) -> str:
         Row("closed", f"{result['closed']} ({result['raced']} raced by new messages or locks)"),
         Row("seconds", f"{result['seconds']:.3f} (flow body {result['flow_internal_seconds']:.3f})"),
         Row("closed rows/s", f"{result['rows_per_second']:.0f}"),
-        Row("message writes", f"{result['message_writes_during_run']} during the run at {result['message_rate']:g}/s "
-                              f"({result['message_mode']})"),
-        Row("message latency", f"p50 {result['message_p50_ms']} ms, p99 {result['message_p99_ms']} ms, "
-                               f"max {result['message_max_ms']} ms (quiet p99 {result['quiet_p99_ms']} ms)"),
+        Row(
+            "message writes",
+            f"{result['message_writes_during_run']} during the run at {result['message_rate']:g}/s "
+            f"({result['message_mode']})",
+        ),
+        Row(
+            "message latency",
+            f"p50 {result['message_p50_ms']} ms, p99 {result['message_p99_ms']} ms, "
+            f"max {result['message_max_ms']} ms (quiet p99 {result['quiet_p99_ms']} ms)",
+        ),
         Row("peak RSS MB", str(result["peak_rss_mb"])),
         Row("machine", f"{result['cpus']} CPUs, load average {result['load_average_1m']} when the run ended"),
     ]
     if "targets" in result:
         t = result["targets"]
-        rows.append(Row("target", f"{'met' if t['met'] else 'MISSED'}: 100k closed in ≤ {t['seconds_max']:g} s "
-                                  f"(scaled {t['seconds_per_100k']} s), p99 < {t['p99_ms_max']:g} ms"))
+        rows.append(
+            Row(
+                "target",
+                f"{'met' if t['met'] else 'MISSED'}: 100k closed in ≤ {t['seconds_max']:g} s "
+                f"(scaled {t['seconds_per_100k']} s), p99 < {t['p99_ms_max']:g} ms",
+            )
+        )
     return render_table("zapsync bench: close-inactive", rows)
 
 

@@ -187,8 +187,11 @@ def libpq_conninfo(url: Any) -> str:
     from psycopg.conninfo import make_conninfo
 
     params: dict[str, Any] = {
-        "host": url.host or url.query.get("host"), "port": url.port, "user": url.username,
-        "password": url.password, "dbname": url.database,
+        "host": url.host or url.query.get("host"),
+        "port": url.port,
+        "user": url.username,
+        "password": url.password,
+        "dbname": url.database,
     }
     return make_conninfo(**{key: value for key, value in params.items() if value is not None})
 
@@ -236,7 +239,8 @@ def truncate_zapsync_tables(conn: Any) -> list[str]:
 
     declared = [table.name for table in Base.metadata.sorted_tables]
     existing = {
-        row[0] for row in conn.execute(
+        row[0]
+        for row in conn.execute(
             "SELECT tablename FROM pg_tables WHERE schemaname = current_schema() AND tablename = ANY(%s)",
             (declared,),
         )
@@ -278,8 +282,9 @@ def _simulator_child(conn: Connection, seeds: Sequence[SimSeed], config: dict[st
     state = SimulatorState(SimulatorConfig(**config))
     seeded = []
     for seed in seeds:
-        created = state.seed_instances(seed.count, provider=seed.provider, prefix=seed.prefix,
-                                       connected_ratio=seed.connected_ratio)
+        created = state.seed_instances(
+            seed.count, provider=seed.provider, prefix=seed.prefix, connected_ratio=seed.connected_ratio
+        )
         seeded.append(SeededInstances(seed.provider, [i.name for i in created], [i.live_state for i in created]))
         del created
     # The seeded world lives for the whole run: keep it out of the cyclic collector's passes so the simulated
@@ -316,10 +321,14 @@ class SimulatorProcess:
 
         ctx = multiprocessing.get_context("spawn")
         parent, child = ctx.Pipe()
-        config = {"latency_ms": self.latency_ms, "evolution_api_key": SIM_EVOLUTION_KEY,
-                  "megaapi_token": SIM_MEGAAPI_TOKEN}
-        process = ctx.Process(target=_simulator_child, args=(child, list(self.seeds), config),
-                              name="zapsync-bench-simulator", daemon=True)
+        config = {
+            "latency_ms": self.latency_ms,
+            "evolution_api_key": SIM_EVOLUTION_KEY,
+            "megaapi_token": SIM_MEGAAPI_TOKEN,
+        }
+        process = ctx.Process(
+            target=_simulator_child, args=(child, list(self.seeds), config), name="zapsync-bench-simulator", daemon=True
+        )
         process.start()
         child.close()
         self._conn, self._process = parent, process

@@ -62,10 +62,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
     """Declare ``bench import``'s options."""
     parser.add_argument("--chats", type=_positive_int, required=True, help="one-to-one chats (C)")
     parser.add_argument("--messages-per-chat", type=_positive_int, required=True, help="messages in each chat (M)")
-    parser.add_argument("--page-size", type=_positive_int, default=None,
-                        help="records per gateway page and transaction (default: ZAPSYNC_IMPORT_PAGE_SIZE or 5000)")
-    parser.add_argument("--concurrency", type=_positive_int, default=None,
-                        help="message pages in flight (default: ZAPSYNC_IMPORT_PAGE_CONCURRENCY or 3)")
+    parser.add_argument(
+        "--page-size",
+        type=_positive_int,
+        default=None,
+        help="records per gateway page and transaction (default: ZAPSYNC_IMPORT_PAGE_SIZE or 5000)",
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=_positive_int,
+        default=None,
+        help="message pages in flight (default: ZAPSYNC_IMPORT_PAGE_CONCURRENCY or 3)",
+    )
     parser.add_argument("--latency-ms", type=float, default=0.0, help="latency the simulator adds to each request")
     parser.add_argument("--json", action="store_true", dest="as_json", help="print one JSON object on stdout")
 
@@ -73,8 +81,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``bench import``: exit code 0, or 1 when the imported rows are wrong."""
     options = ImportOptions(
-        chats=args.chats, messages_per_chat=args.messages_per_chat, page_size=args.page_size,
-        concurrency=args.concurrency, latency_ms=args.latency_ms, as_json=args.as_json,
+        chats=args.chats,
+        messages_per_chat=args.messages_per_chat,
+        page_size=args.page_size,
+        concurrency=args.concurrency,
+        latency_ms=args.latency_ms,
+        as_json=args.as_json,
     )
     return run_main(lambda out: bench_import(options, out))
 
@@ -88,14 +100,20 @@ def bench_import(options: ImportOptions, out: IO[str]) -> None:
         os.environ["ZAPSYNC_IMPORT_PAGE_CONCURRENCY"] = str(options.concurrency)
     progress(f"import: {options.chats} chats × {options.messages_per_chat} messages = {options.messages} messages")
     with contextlib.ExitStack() as stack:
-        simulator = stack.enter_context(SimulatorProcess(
-            [SimSeed(1, provider="evolution", prefix="bench", connected_ratio=1.0)], latency_ms=options.latency_ms))
+        simulator = stack.enter_context(
+            SimulatorProcess(
+                [SimSeed(1, provider="evolution", prefix="bench", connected_ratio=1.0)], latency_ms=options.latency_ms
+            )
+        )
         stack.enter_context(bench_database())
         stack.enter_context(prefect_api())
         simulator.wait()
         name = simulator.seeded[0].names[0]
-        shape = simulator.control("POST", f"/instances/{name}/history", {
-            "chats": options.chats, "messages_per_chat": options.messages_per_chat})
+        shape = simulator.control(
+            "POST",
+            f"/instances/{name}/history",
+            {"chats": options.chats, "messages_per_chat": options.messages_per_chat},
+        )
         if shape["messages"] != options.messages:
             raise BenchFailure(f"the simulator holds {shape['messages']} messages, expected {options.messages}")
         progress(f"simulator serving {name} with {shape['messages']} messages at {simulator.url}")
@@ -120,8 +138,10 @@ async def measure(options: ImportOptions, name: str, simulator: SimulatorProcess
             report = await import_conversations(instance_id)
         rss_peak = peak_rss_mb()
         simulator_cpu = simulator.cpu_seconds() - simulator_cpu
-        progress(f"flow run {report.flow_run_id}: {report.outcome} in {watch.wall:.2f}s, "
-                 f"{report.counts.messages_inserted} messages inserted, peak RSS {rss_peak} MB")
+        progress(
+            f"flow run {report.flow_run_id}: {report.outcome} in {watch.wall:.2f}s, "
+            f"{report.counts.messages_inserted} messages inserted, peak RSS {rss_peak} MB"
+        )
         await check(options, instance_id, report)
     finally:
         await dispose_engine()
@@ -158,12 +178,19 @@ async def insert_instance(name: str) -> uuid.UUID:
     from db.engine import session_scope
 
     async with session_scope() as session:
-        organization_id = (await session.execute(
-            text("INSERT INTO organizations (name) VALUES ('bench') RETURNING id"))).scalar_one()
-        instance_id = (await session.execute(text(
-            "INSERT INTO whatsapp_instances (organization_id, gateway, instance_name, status, status_observed_at) "
-            "VALUES (:org, 'evolution', :name, 'connected', now()) RETURNING id"
-        ), {"org": organization_id, "name": name})).scalar_one()
+        organization_id = (
+            await session.execute(text("INSERT INTO organizations (name) VALUES ('bench') RETURNING id"))
+        ).scalar_one()
+        instance_id = (
+            await session.execute(
+                text(
+                    "INSERT INTO whatsapp_instances (organization_id, gateway, instance_name, status, "
+                    "status_observed_at) "
+                    "VALUES (:org, 'evolution', :name, 'connected', now()) RETURNING id"
+                ),
+                {"org": organization_id, "name": name},
+            )
+        ).scalar_one()
     return uuid.UUID(str(instance_id))
 
 
@@ -174,12 +201,17 @@ async def check(options: ImportOptions, instance_id: uuid.UUID, report: Any) -> 
     from db.engine import session_scope
 
     async with session_scope() as session:
-        contacts, conversations, messages, distinct = (await session.execute(text(
-            "SELECT (SELECT count(*) FROM contacts WHERE instance_id = :i), "
-            "(SELECT count(*) FROM conversations WHERE instance_id = :i), "
-            "(SELECT count(*) FROM messages WHERE instance_id = :i), "
-            "(SELECT count(DISTINCT external_id) FROM messages WHERE instance_id = :i)"
-        ), {"i": instance_id})).one()
+        contacts, conversations, messages, distinct = (
+            await session.execute(
+                text(
+                    "SELECT (SELECT count(*) FROM contacts WHERE instance_id = :i), "
+                    "(SELECT count(*) FROM conversations WHERE instance_id = :i), "
+                    "(SELECT count(*) FROM messages WHERE instance_id = :i), "
+                    "(SELECT count(DISTINCT external_id) FROM messages WHERE instance_id = :i)"
+                ),
+                {"i": instance_id},
+            )
+        ).one()
     problems = []
     if report.outcome != "completed":
         problems.append(f"the run ended {report.outcome}: {report.error or report.skipped}")
@@ -199,12 +231,18 @@ def result_table(result: dict[str, Any]) -> str:
     met = "met" if result["target_met"] else "MISSED"
     rows = [
         Row("messages", f"{result['messages']} ({result['chats']} chats × {result['messages_per_chat']})"),
-        Row("seconds", f"{result['seconds']:.2f} (flow body {result['flow_internal_seconds']:.2f}, "
-                       f"{result['pages']} pages of {result['page_size']}, {result['page_concurrency']} at once)"),
+        Row(
+            "seconds",
+            f"{result['seconds']:.2f} (flow body {result['flow_internal_seconds']:.2f}, "
+            f"{result['pages']} pages of {result['page_size']}, {result['page_concurrency']} at once)",
+        ),
         Row("messages/s", f"{result['messages_per_s']:.0f} (target {result['target_messages_per_s']:.0f}: {met})"),
         Row("peak RSS MB", f"{result['peak_rss_mb']} (before the flow run {result['rss_before_flow_mb']})"),
-        Row("CPU seconds", f"bench {result['cpu_seconds']}, simulator {result['gateway_cpu_seconds']}, "
-                           f"load average {result['load_average']}"),
+        Row(
+            "CPU seconds",
+            f"bench {result['cpu_seconds']}, simulator {result['gateway_cpu_seconds']}, "
+            f"load average {result['load_average']}",
+        ),
     ]
     return render_table("zapsync bench: import-conversations", rows)
 

@@ -94,24 +94,43 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--instances", type=_positive_int, required=True, help="simulated instances (N)")
     parser.add_argument("--latency-ms", type=float, default=0.0, help="latency the simulator adds to each request")
     parser.add_argument("--provider", choices=("evolution", "megaapi"), default="evolution")
-    parser.add_argument("--drift", type=_fraction, default=0.1,
-                        help="fraction of rows that disagree with the gateway (default 0.1)")
-    parser.add_argument("--baseline-seconds", type=float, default=10.0,
-                        help="time cap of the naive baseline; beyond it the baseline is extrapolated to N")
+    parser.add_argument(
+        "--drift", type=_fraction, default=0.1, help="fraction of rows that disagree with the gateway (default 0.1)"
+    )
+    parser.add_argument(
+        "--baseline-seconds",
+        type=float,
+        default=10.0,
+        help="time cap of the naive baseline; beyond it the baseline is extrapolated to N",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the drift draw")
-    parser.add_argument("--runs", type=_positive_int, default=1,
-                        help="flow runs to time (drift re-injected before each); `seconds` is the first, cold one")
-    parser.add_argument("--max-concurrency", type=_positive_int, default=None,
-                        help="the gateway's parallel calls (set through ZAPSYNC_GATEWAYS; zapsync's default is 32)")
+    parser.add_argument(
+        "--runs",
+        type=_positive_int,
+        default=1,
+        help="flow runs to time (drift re-injected before each); `seconds` is the first, cold one",
+    )
+    parser.add_argument(
+        "--max-concurrency",
+        type=_positive_int,
+        default=None,
+        help="the gateway's parallel calls (set through ZAPSYNC_GATEWAYS; zapsync's default is 32)",
+    )
     parser.add_argument("--json", action="store_true", dest="as_json", help="print one JSON object on stdout")
 
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``bench sync``: exit code 0, or 1 when the flow's result is wrong."""
     options = SyncOptions(
-        instances=args.instances, latency_ms=args.latency_ms, provider=args.provider, drift=args.drift,
-        baseline_seconds=args.baseline_seconds, seed=args.seed, runs=args.runs,
-        max_concurrency=args.max_concurrency, as_json=args.as_json,
+        instances=args.instances,
+        latency_ms=args.latency_ms,
+        provider=args.provider,
+        drift=args.drift,
+        baseline_seconds=args.baseline_seconds,
+        seed=args.seed,
+        runs=args.runs,
+        max_concurrency=args.max_concurrency,
+        as_json=args.as_json,
     )
     return run_main(lambda out: bench_sync(options, out))
 
@@ -119,8 +138,10 @@ def run(args: argparse.Namespace) -> int:
 def bench_sync(options: SyncOptions, out: IO[str]) -> None:
     """Set up, measure, check and report (see the module docstring)."""
     prepare_environment()
-    progress(f"sync: {options.instances} {options.provider} instances, latency {options.latency_ms:g} ms, "
-             f"drift {options.drift:g}")
+    progress(
+        f"sync: {options.instances} {options.provider} instances, latency {options.latency_ms:g} ms, "
+        f"drift {options.drift:g}"
+    )
     with contextlib.ExitStack() as stack:
         simulator = stack.enter_context(
             SimulatorProcess([SimSeed(options.instances, provider=options.provider)], latency_ms=options.latency_ms)
@@ -166,8 +187,10 @@ async def measure(
     runs: list[dict[str, Any]] = []
     try:
         organization_id = await insert_rows(world)
-        progress(f"inserted {len(world.names)} rows ({len(world.drifted)} drifted, "
-                 f"{world.drifted_to_connected} of them connected at the gateway) for organization {organization_id}")
+        progress(
+            f"inserted {len(world.names)} rows ({len(world.drifted)} drifted, "
+            f"{world.drifted_to_connected} of them connected at the gateway) for organization {organization_id}"
+        )
         rss_before = peak_rss_mb()
         for attempt in range(options.runs):
             if attempt:
@@ -179,22 +202,34 @@ async def measure(
             with Stopwatch() as watch:
                 report = await sync_status(mode="apply")
             gateway_cpu = simulator.cpu_seconds() - gateway_cpu_before
-            progress(f"flow run {report.flow_run_id} took {watch.wall:.3f}s (CPU {watch.cpu:.2f}s, "
-                     f"GC {watch.gc_seconds:.2f}s): "
-                     f"checked={report.checked} drifted={report.drifted} applied={report.applied} "
-                     f"unreachable={report.unreachable}")
+            progress(
+                f"flow run {report.flow_run_id} took {watch.wall:.3f}s (CPU {watch.cpu:.2f}s, "
+                f"GC {watch.gc_seconds:.2f}s): "
+                f"checked={report.checked} drifted={report.drifted} applied={report.applied} "
+                f"unreachable={report.unreachable}"
+            )
             calls = call_count_delta(calls_before, await asyncio.to_thread(simulator.call_counts))
             await check_flow_result(world, report)
             gateway = report.by_gateway.get(world.provider)
-            runs.append({
-                "seconds": round(watch.wall, 3), "cpu_seconds": round(watch.cpu, 2),
-                "gc_seconds": round(watch.gc_seconds, 2), "gc_full_collections": watch.gc_full,
-                "gateway_cpu_seconds": round(gateway_cpu, 2), "load_average": loadavg,
-                "flow_internal_seconds": report.seconds, "observe_seconds": gateway.seconds if gateway else None,
-                "confirmed_live": gateway.confirmed_live if gateway else None, "gateway_calls": calls,
-                "applied": report.applied, "drifted": report.drifted, "checked": report.checked,
-                "unreachable": report.unreachable, "flow_run_id": str(report.flow_run_id),
-            })
+            runs.append(
+                {
+                    "seconds": round(watch.wall, 3),
+                    "cpu_seconds": round(watch.cpu, 2),
+                    "gc_seconds": round(watch.gc_seconds, 2),
+                    "gc_full_collections": watch.gc_full,
+                    "gateway_cpu_seconds": round(gateway_cpu, 2),
+                    "load_average": loadavg,
+                    "flow_internal_seconds": report.seconds,
+                    "observe_seconds": gateway.seconds if gateway else None,
+                    "confirmed_live": gateway.confirmed_live if gateway else None,
+                    "gateway_calls": calls,
+                    "applied": report.applied,
+                    "drifted": report.drifted,
+                    "checked": report.checked,
+                    "unreachable": report.unreachable,
+                    "flow_run_id": str(report.flow_run_id),
+                }
+            )
         rss_peak = peak_rss_mb()
         await reset_drift(world)
         baseline = await run_baseline(world, simulator.url, database.conninfo, cap_seconds=options.baseline_seconds)
@@ -256,17 +291,19 @@ async def insert_rows(world: World) -> uuid.UUID:
     from db.engine import session_scope
 
     async with session_scope() as session:
-        organization_id = (await session.execute(
-            text("INSERT INTO organizations (name) VALUES ('bench') RETURNING id")
-        )).scalar_one()
+        organization_id = (
+            await session.execute(text("INSERT INTO organizations (name) VALUES ('bench') RETURNING id"))
+        ).scalar_one()
         # Rows last observed five minutes ago, as after a previous scheduled run.
-        await session.execute(text(
-            "INSERT INTO whatsapp_instances (organization_id, gateway, instance_name, status, status_observed_at, "
-            "last_checked_at) SELECT CAST(:org AS uuid), :gateway, t.name, t.status, "
-            "now() - interval '5 minutes', now() - interval '5 minutes' "
-            "FROM unnest(CAST(:names AS text[]), CAST(:statuses AS text[])) AS t(name, status)"
-        ), {"org": organization_id, "gateway": world.provider, "names": world.names,
-            "statuses": world.db_statuses})
+        await session.execute(
+            text(
+                "INSERT INTO whatsapp_instances (organization_id, gateway, instance_name, status, status_observed_at, "
+                "last_checked_at) SELECT CAST(:org AS uuid), :gateway, t.name, t.status, "
+                "now() - interval '5 minutes', now() - interval '5 minutes' "
+                "FROM unnest(CAST(:names AS text[]), CAST(:statuses AS text[])) AS t(name, status)"
+            ),
+            {"org": organization_id, "gateway": world.provider, "names": world.names, "statuses": world.db_statuses},
+        )
     async with session_scope() as session:
         await session.execute(text("ANALYZE whatsapp_instances"))
     return uuid.UUID(str(organization_id))
@@ -279,11 +316,18 @@ async def mismatches(world: World) -> int:
     from db.engine import session_scope
 
     async with session_scope() as session:
-        return int((await session.execute(text(
-            "SELECT count(*) FROM whatsapp_instances i "
-            "JOIN unnest(CAST(:names AS text[]), CAST(:statuses AS text[])) AS g(name, status) "
-            "ON i.gateway = :gateway AND i.instance_name = g.name WHERE i.status <> g.status"
-        ), {"names": world.names, "statuses": world.gateway_statuses, "gateway": world.provider})).scalar_one())
+        return int(
+            (
+                await session.execute(
+                    text(
+                        "SELECT count(*) FROM whatsapp_instances i "
+                        "JOIN unnest(CAST(:names AS text[]), CAST(:statuses AS text[])) AS g(name, status) "
+                        "ON i.gateway = :gateway AND i.instance_name = g.name WHERE i.status <> g.status"
+                    ),
+                    {"names": world.names, "statuses": world.gateway_statuses, "gateway": world.provider},
+                )
+            ).scalar_one()
+        )
 
 
 async def check_flow_result(world: World, report: Any) -> None:
@@ -305,9 +349,14 @@ async def check_flow_result(world: World, report: Any) -> None:
     if (left := await mismatches(world)) != 0:
         problems.append(f"{left} rows still disagree with the gateway")
     async with session_scope() as session:
-        history = int((await session.execute(text(
-            "SELECT count(*) FROM instance_status_changes WHERE source = 'sync' AND flow_run_id = :run"
-        ), {"run": report.flow_run_id})).scalar_one())
+        history = int(
+            (
+                await session.execute(
+                    text("SELECT count(*) FROM instance_status_changes WHERE source = 'sync' AND flow_run_id = :run"),
+                    {"run": report.flow_run_id},
+                )
+            ).scalar_one()
+        )
     if history != expected:
         problems.append(f"{history} status-history rows, expected {expected}")
     if problems:
@@ -324,11 +373,14 @@ async def reset_drift(world: World) -> None:
     names = [world.names[i] for i in world.drifted]
     statuses = [world.db_statuses[i] for i in world.drifted]
     async with session_scope() as session:
-        await session.execute(text(
-            "UPDATE whatsapp_instances i SET status = d.status, status_observed_at = now() - interval '5 minutes' "
-            "FROM unnest(CAST(:names AS text[]), CAST(:statuses AS text[])) AS d(name, status) "
-            "WHERE i.gateway = :gateway AND i.instance_name = d.name"
-        ), {"names": names, "statuses": statuses, "gateway": world.provider})
+        await session.execute(
+            text(
+                "UPDATE whatsapp_instances i SET status = d.status, status_observed_at = now() - interval '5 minutes' "
+                "FROM unnest(CAST(:names AS text[]), CAST(:statuses AS text[])) AS d(name, status) "
+                "WHERE i.gateway = :gateway AND i.instance_name = d.name"
+            ),
+            {"names": names, "statuses": statuses, "gateway": world.provider},
+        )
     if (wrong := await mismatches(world)) != len(world.drifted):
         raise BenchFailure(f"drift reset left {wrong} rows drifted, expected {len(world.drifted)}")
 
@@ -376,8 +428,7 @@ async def run_baseline(world: World, url: str, conninfo: str, *, cap_seconds: fl
             else:
                 observed = str(from_megaapi(body["status"]))
             await conn.execute(
-                "UPDATE whatsapp_instances SET status = %s, last_checked_at = now(), updated_at = now() "
-                "WHERE id = %s",
+                "UPDATE whatsapp_instances SET status = %s, last_checked_at = now(), updated_at = now() WHERE id = %s",
                 (observed, instance_id),
             )
             await conn.commit()
@@ -391,10 +442,17 @@ async def run_baseline(world: World, url: str, conninfo: str, *, cap_seconds: fl
         raise BenchFailure(f"baseline wrote {changes} changes ({wrong} unexpected), expected {expected}")
     extrapolated = done < len(rows)
     seconds = measured * len(rows) / done if extrapolated and done else measured
-    progress(f"baseline: {done} of {len(rows)} instances in {measured:.2f}s ({changes} changes)"
-             + (f", extrapolated to {seconds:.1f}s" if extrapolated else ""))
-    return {"seconds": seconds, "measured_seconds": measured, "done": done, "extrapolated": extrapolated,
-            "changes": changes}
+    progress(
+        f"baseline: {done} of {len(rows)} instances in {measured:.2f}s ({changes} changes)"
+        + (f", extrapolated to {seconds:.1f}s" if extrapolated else "")
+    )
+    return {
+        "seconds": seconds,
+        "measured_seconds": measured,
+        "done": done,
+        "extrapolated": extrapolated,
+        "changes": changes,
+    }
 
 
 # -- output ---------------------------------------------------------------------------------------------------------
@@ -404,15 +462,23 @@ def result_table(result: dict[str, Any]) -> str:
     """The human-readable summary."""
     baseline = f"{result['baseline_seconds']:.2f}"
     if result["baseline_extrapolated"]:
-        baseline += (f" (extrapolated from {result['baseline_instances_done']} instances in "
-                     f"{result['baseline_measured_seconds']:.2f}s)")
+        baseline += (
+            f" (extrapolated from {result['baseline_instances_done']} instances in "
+            f"{result['baseline_measured_seconds']:.2f}s)"
+        )
     rows = [
-        Row("instances", f"{result['instances']} ({result['provider']}, latency {result['latency_ms']:g} ms, "
-                         f"drift {result['drift']:g})"),
-        Row("zapsync seconds", f"{result['seconds']:.3f} (flow body {result['flow_internal_seconds']:.3f}, "
-                               f"observe {result['observe_seconds']}; CPU {result['cpu_seconds']:.2f}, "
-                               f"GC {result['gc_seconds']:.2f}, simulator CPU {result['gateway_cpu_seconds']:.2f}; "
-                               f"load {result['load_average']})"),
+        Row(
+            "instances",
+            f"{result['instances']} ({result['provider']}, latency {result['latency_ms']:g} ms, "
+            f"drift {result['drift']:g})",
+        ),
+        Row(
+            "zapsync seconds",
+            f"{result['seconds']:.3f} (flow body {result['flow_internal_seconds']:.3f}, "
+            f"observe {result['observe_seconds']}; CPU {result['cpu_seconds']:.2f}, "
+            f"GC {result['gc_seconds']:.2f}, simulator CPU {result['gateway_cpu_seconds']:.2f}; "
+            f"load {result['load_average']})",
+        ),
         Row("instances/s", f"{result['instances_per_second']:.0f}"),
         Row("baseline seconds", baseline),
         Row("ratio baseline/zapsync", f"{result['ratio']}x"),
@@ -421,11 +487,17 @@ def result_table(result: dict[str, Any]) -> str:
         Row("gateway calls", ", ".join(f"{k}={v}" for k, v in result["gateway_calls"].items()) or "none"),
     ]
     if "repeat_seconds" in result:
-        rows.insert(2, Row("repeated runs seconds", f"{result['repeat_seconds']} "
-                                                    f"(median {result['repeat_seconds_median']})"))
+        rows.insert(
+            2, Row("repeated runs seconds", f"{result['repeat_seconds']} (median {result['repeat_seconds_median']})")
+        )
     if "targets" in result:
-        rows.append(Row("targets", ("met: " if result["targets"]["met"] else "MISSED: ") + ", ".join(
-            f"{k}={v:g}" for k, v in result["targets"].items() if k != "met")))
+        rows.append(
+            Row(
+                "targets",
+                ("met: " if result["targets"]["met"] else "MISSED: ")
+                + ", ".join(f"{k}={v:g}" for k, v in result["targets"].items() if k != "met"),
+            )
+        )
     return render_table("zapsync bench: sync-status (apply)", rows)
 
 

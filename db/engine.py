@@ -69,8 +69,7 @@ def database_url() -> URL:
         return make_url(configured.get_secret_value())
     socket_dir = start_embedded_postgres()
     _ensure_database(socket_dir, EMBEDDED_DATABASE)
-    url = URL.create("postgresql+psycopg", username="postgres", database=EMBEDDED_DATABASE,
-                     query={"host": socket_dir})
+    url = URL.create("postgresql+psycopg", username="postgres", database=EMBEDDED_DATABASE, query={"host": socket_dir})
     # Child processes (served flow runs, workers) find the same server without starting their own.
     os.environ.setdefault("DATABASE_URL", url.render_as_string(hide_password=False))
     get_settings.cache_clear()

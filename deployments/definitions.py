@@ -60,17 +60,24 @@ def build_deployments() -> list[RunnerDeployment]:
     return [
         sync_status.to_deployment(
             name=SYNC_SCHEDULED.deployment,
-            schedules=[Interval(interval, active=settings.schedules_enabled,
-                                parameters={"mode": "apply", "late_after_seconds": interval})],
+            schedules=[
+                Interval(
+                    interval,
+                    active=settings.schedules_enabled,
+                    parameters={"mode": "apply", "late_after_seconds": interval},
+                )
+            ],
             concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW),
             description=f"Status sync of every instance, every {interval} s.",
-            tags=TAGS, entrypoint_type=module,
+            tags=TAGS,
+            entrypoint_type=module,
         ),
         sync_status.to_deployment(
             name=SYNC_ON_DEMAND.deployment,
             concurrency_limit=ConcurrencyLimitConfig(limit=4, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE),
             description="Status sync on demand (API, CLI, cron endpoint): one instance, one organization or all.",
-            tags=TAGS, entrypoint_type=module,
+            tags=TAGS,
+            entrypoint_type=module,
         ),
         *maintenance_deployments(),
         *import_deployments(),
@@ -86,7 +93,8 @@ def import_deployments() -> list[RunnerDeployment]:
             name=IMPORT_ON_DEMAND.deployment,
             concurrency_limit=ConcurrencyLimitConfig(limit=limit, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE),
             description=f"Imports one instance's chats, contacts and messages; {limit} at most at once.",
-            tags=TAGS, entrypoint_type=EntrypointType.MODULE_PATH,
+            tags=TAGS,
+            entrypoint_type=EntrypointType.MODULE_PATH,
         ),
     ]
 
@@ -102,36 +110,55 @@ def maintenance_deployments() -> list[RunnerDeployment]:
     return [
         cleanup_sessions.to_deployment(
             name=CLEANUP_SCHEDULED.deployment,
-            schedules=[Cron(CLEANUP_CRON, timezone=settings.cleanup_timezone, active=active,
-                            parameters={"dry_run": False, "late_after_seconds": DAY})],
+            schedules=[
+                Cron(
+                    CLEANUP_CRON,
+                    timezone=settings.cleanup_timezone,
+                    active=active,
+                    parameters={"dry_run": False, "late_after_seconds": DAY},
+                )
+            ],
             concurrency_limit=single,
             description=f"Deletes ended sessions past retention and prunes the inboxes, daily at 02:00 "
-                        f"{settings.cleanup_timezone}.",
-            tags=TAGS, entrypoint_type=module,
+            f"{settings.cleanup_timezone}.",
+            tags=TAGS,
+            entrypoint_type=module,
         ),
         cleanup_sessions.to_deployment(
-            name=CLEANUP_ON_DEMAND.deployment, concurrency_limit=queued,
+            name=CLEANUP_ON_DEMAND.deployment,
+            concurrency_limit=queued,
             description="Cleanup on demand (API): one organization or all, dry run or not.",
-            tags=TAGS, entrypoint_type=module,
+            tags=TAGS,
+            entrypoint_type=module,
         ),
         close_inactive_conversations.to_deployment(
             name=CLOSE_SCHEDULED.deployment,
-            schedules=[Cron(HOURLY_CRON, timezone="UTC", active=active,
-                            parameters={"dry_run": False, "late_after_seconds": HOUR})],
+            schedules=[
+                Cron(
+                    HOURLY_CRON,
+                    timezone="UTC",
+                    active=active,
+                    parameters={"dry_run": False, "late_after_seconds": HOUR},
+                )
+            ],
             concurrency_limit=single,
             description="Closes conversations idle past each organization's inactivity_hours, hourly.",
-            tags=TAGS, entrypoint_type=module,
+            tags=TAGS,
+            entrypoint_type=module,
         ),
         close_inactive_conversations.to_deployment(
-            name=CLOSE_ON_DEMAND.deployment, concurrency_limit=queued,
+            name=CLOSE_ON_DEMAND.deployment,
+            concurrency_limit=queued,
             description="Inactive-conversation closing on demand (API): one organization or all, dry run or not.",
-            tags=TAGS, entrypoint_type=module,
+            tags=TAGS,
+            entrypoint_type=module,
         ),
         monitor_health.to_deployment(
             name=MONITOR_SCHEDULED.deployment,
             schedules=[Interval(monitor, active=active, parameters={"late_after_seconds": monitor})],
             concurrency_limit=single,
             description=f"Health check of every instance every {monitor} s: alerts, reconnects, recoveries.",
-            tags=TAGS, entrypoint_type=module,
+            tags=TAGS,
+            entrypoint_type=module,
         ),
     ]

@@ -13,8 +13,13 @@ from deployments.definitions import IMPORT_ON_DEMAND
 
 
 async def start_import(
-    instance_id: uuid.UUID, *, trigger: str, connection_key: str | None = None, history_days: int | None = None,
-    full: bool = False, idempotency_key: str | None = None,
+    instance_id: uuid.UUID,
+    *,
+    trigger: str,
+    connection_key: str | None = None,
+    history_days: int | None = None,
+    full: bool = False,
+    idempotency_key: str | None = None,
 ) -> runs.FlowRunRef:
     """Create an `import-conversations` run (queued behind the deployment's concurrency limit); a reused
     ``idempotency_key`` returns the run it started before."""

@@ -42,7 +42,11 @@ async def trigger(
     """Create a run of ``deployment`` and return at once; a reused idempotency key returns the earlier run."""
     try:
         run = await run_deployment(
-            str(deployment), parameters=parameters, timeout=0, idempotency_key=idempotency_key, as_subflow=False,
+            str(deployment),
+            parameters=parameters,
+            timeout=0,
+            idempotency_key=idempotency_key,
+            as_subflow=False,
         )
     except ObjectNotFound as exc:
         raise FlowTriggerFailed(
@@ -51,8 +55,11 @@ async def trigger(
     except (httpx.HTTPError, OSError, RuntimeError) as exc:
         raise FlowTriggerFailed(f"Prefect API unreachable while starting {deployment}: {type(exc).__name__}") from exc
     return FlowRunRef(
-        id=run.id, name=run.name, deployment=str(deployment),
-        state=run.state.name if run.state else "Scheduled", ui_url=ui_url(run.id),
+        id=run.id,
+        name=run.name,
+        deployment=str(deployment),
+        state=run.state.name if run.state else "Scheduled",
+        ui_url=ui_url(run.id),
     )
 
 
@@ -65,8 +72,12 @@ async def read_run(flow_run_id: uuid.UUID, deployment: str = "") -> FlowRunRef:
             raise NotFound(f"no flow run {flow_run_id}") from exc
     state = run.state
     return FlowRunRef(
-        id=run.id, name=run.name, deployment=deployment, state=state.name if state else "Unknown",
-        final=bool(state and state.is_final()), ui_url=ui_url(run.id),
+        id=run.id,
+        name=run.name,
+        deployment=deployment,
+        state=state.name if state else "Unknown",
+        final=bool(state and state.is_final()),
+        ui_url=ui_url(run.id),
     )
 
 

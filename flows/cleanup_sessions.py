@@ -40,11 +40,14 @@ async def cleanup_sessions(
     log = run_logger("zapsync.cleanup")
     begun = time.perf_counter()
     report = CleanupReport(
-        dry_run=dry_run, organization_id=organization_id, retention_days=retention_days,
+        dry_run=dry_run,
+        organization_id=organization_id,
+        retention_days=retention_days,
         webhook_retention_days=settings.webhook_retention_days,
         live_event_retention_days=settings.live_event_retention_days,
         report_retention_days=settings.report_retention_days,
-        started_at=datetime.now(UTC), flow_run_id=current_flow_run_id(),
+        started_at=datetime.now(UTC),
+        flow_run_id=current_flow_run_id(),
     )
     known = organization_id is None or await organization_known(organization_id)
     if (lateness := late_by(late_after_seconds)) is not None:
@@ -62,8 +65,14 @@ async def cleanup_sessions(
     d = report.deleted
     log.info(
         "[CLEANUP] %s sessions=%d webhook_events=%d live_events=%d flow_reports=%d batches=%d in %.2fs%s",
-        "dry run, would delete" if dry_run else "deleted", d.sessions, d.webhook_events, d.live_events,
-        d.flow_reports, report.batches, report.seconds, f" (skipped: {report.skipped})" if report.skipped else "",
+        "dry run, would delete" if dry_run else "deleted",
+        d.sessions,
+        d.webhook_events,
+        d.live_events,
+        d.flow_reports,
+        report.batches,
+        report.seconds,
+        f" (skipped: {report.skipped})" if report.skipped else "",
     )
     await _publish(report, known=known)
     return report
@@ -74,16 +83,26 @@ async def run_cleanup(report: CleanupReport, *, batch_size: int) -> None:
     now = report.started_at
     org, dry = report.organization_id, report.dry_run
     by_retention, batches = await prune_sessions(
-        organization_id=org, override_days=report.retention_days, now=now, batch_size=batch_size, dry_run=dry,
+        organization_id=org,
+        override_days=report.retention_days,
+        now=now,
+        batch_size=batch_size,
+        dry_run=dry,
     )
     report.sessions_by_retention = by_retention
     report.deleted.sessions = sum(by_retention.values())
     report.batches += batches
-    for table, days in (("webhook_events", report.webhook_retention_days),
-                        ("live_events", report.live_event_retention_days),
-                        ("flow_reports", report.report_retention_days)):
+    for table, days in (
+        ("webhook_events", report.webhook_retention_days),
+        ("live_events", report.live_event_retention_days),
+        ("flow_reports", report.report_retention_days),
+    ):
         rows, batches = await prune_table(
-            table, cutoff=now - timedelta(days=days), organization_id=org, batch_size=batch_size, dry_run=dry,
+            table,
+            cutoff=now - timedelta(days=days),
+            organization_id=org,
+            batch_size=batch_size,
+            dry_run=dry,
         )
         setattr(report.deleted, table, rows)
         report.batches += batches
@@ -91,11 +110,24 @@ async def run_cleanup(report: CleanupReport, *, batch_size: int) -> None:
 
 async def _publish(report: CleanupReport, *, known: bool) -> None:
     """Store the report, show it in the Prefect UI, and tell an organization-scoped run's stream."""
-    await store_report(FLOW_NAME, report, organization_id=report.organization_id if known else None,
-                       artifact_key="cleanup-sessions-report", description="Cleanup report")
+    await store_report(
+        FLOW_NAME,
+        report,
+        organization_id=report.organization_id if known else None,
+        artifact_key="cleanup-sessions-report",
+        description="Cleanup report",
+    )
     if report.organization_id is not None and known:
-        await publish_quietly([event(
-            report.organization_id, Kind.FLOW_RESULT, flow=FLOW_NAME, flow_run_id=report.flow_run_id,
-            dry_run=report.dry_run, skipped=report.skipped, deleted=report.deleted.model_dump(),
-        )])
-
+        await publish_quietly(
+            [
+                event(
+                    report.organization_id,
+                    Kind.FLOW_RESULT,
+                    flow=FLOW_NAME,
+                    flow_run_id=report.flow_run_id,
+                    dry_run=report.dry_run,
+                    skipped=report.skipped,
+                    deleted=report.deleted.model_dump(),
+                )
+            ]
+        )

@@ -52,7 +52,9 @@ async def close_inactive_conversations(
     log = run_logger("zapsync.close_inactive")
     begun = time.perf_counter()
     report = CloseInactiveReport(
-        dry_run=dry_run, organization_id=organization_id, started_at=datetime.now(UTC),
+        dry_run=dry_run,
+        organization_id=organization_id,
+        started_at=datetime.now(UTC),
         flow_run_id=current_flow_run_id(),
     )
     known = organization_id is None or await organization_known(organization_id)
@@ -63,16 +65,23 @@ async def close_inactive_conversations(
     else:
         async with try_advisory_lock(f"close_inactive:{organization_id or 'all'}") as acquired:
             if acquired:
-                await run_close(report, batch_size=settings.maintenance_batch_size,
-                                concurrency=settings.close_inactive_concurrency)
+                await run_close(
+                    report, batch_size=settings.maintenance_batch_size, concurrency=settings.close_inactive_concurrency
+                )
             else:
                 report.skipped = "another run of this scope is running"
     report.finished_at = datetime.now(UTC)
     report.seconds = round(time.perf_counter() - begun, 3)
     log.info(
         "[CLOSE] %s closed=%d idle=%d kept_waiting=%d raced=%d organizations=%d in %.2fs%s",
-        "dry run" if dry_run else "apply", report.closed, report.idle, report.kept_waiting, report.raced,
-        len(report.organizations), report.seconds, f" (skipped: {report.skipped})" if report.skipped else "",
+        "dry run" if dry_run else "apply",
+        report.closed,
+        report.idle,
+        report.kept_waiting,
+        report.raced,
+        len(report.organizations),
+        report.seconds,
+        f" (skipped: {report.skipped})" if report.skipped else "",
     )
     await _publish(report, known=known)
     return report
@@ -84,10 +93,15 @@ async def run_close(report: CloseInactiveReport, *, batch_size: int, concurrency
     async with session_scope() as session:
         organizations = await organizations_closing(session, organization_id=report.organization_id)
     for org_id, hours, close_waiting in organizations:
-        policy = ClosePolicy(organization_id=org_id, inactivity_hours=hours, close_waiting=close_waiting,
-                             cutoff=now - timedelta(hours=hours))
-        summary = await close_organization(policy, closed_at=now, dry_run=report.dry_run, batch_size=batch_size,
-                                           concurrency=concurrency)
+        policy = ClosePolicy(
+            organization_id=org_id,
+            inactivity_hours=hours,
+            close_waiting=close_waiting,
+            cutoff=now - timedelta(hours=hours),
+        )
+        summary = await close_organization(
+            policy, closed_at=now, dry_run=report.dry_run, batch_size=batch_size, concurrency=concurrency
+        )
         report.organizations.append(summary)
         report.closed += summary.closed
         report.idle += summary.idle
@@ -96,8 +110,14 @@ async def run_close(report: CloseInactiveReport, *, batch_size: int, concurrency
 
 
 async def close_organization(
-    policy: ClosePolicy, *, closed_at: datetime, dry_run: bool, batch_size: int, concurrency: int = 1,
-    as_tasks: bool = True, before_update: BeforeUpdate | None = None,
+    policy: ClosePolicy,
+    *,
+    closed_at: datetime,
+    dry_run: bool,
+    batch_size: int,
+    concurrency: int = 1,
+    as_tasks: bool = True,
+    before_update: BeforeUpdate | None = None,
 ) -> OrganizationClose:
     """Count (dry run) or close one organization's idle conversations.
 
@@ -107,15 +127,26 @@ async def close_organization(
     count = count_idle_conversations if as_tasks else count_idle_conversations.fn
     count_waiting = count_waiting_conversations if as_tasks else count_waiting_conversations.fn
     begun = time.perf_counter()
-    summary = OrganizationClose(organization_id=policy.organization_id, inactivity_hours=policy.inactivity_hours,
-                                close_waiting=policy.close_waiting, cutoff=policy.cutoff)
+    summary = OrganizationClose(
+        organization_id=policy.organization_id,
+        inactivity_hours=policy.inactivity_hours,
+        close_waiting=policy.close_waiting,
+        cutoff=policy.cutoff,
+    )
     if dry_run:
         summary.idle, summary.kept_waiting = await count(policy)
     else:
         summary.kept_waiting, _ = await asyncio.gather(
             count_waiting(policy),
-            _close_rounds(policy, summary, closed_at=closed_at, batch_size=batch_size, concurrency=concurrency,
-                          as_tasks=as_tasks, before_update=before_update),
+            _close_rounds(
+                policy,
+                summary,
+                closed_at=closed_at,
+                batch_size=batch_size,
+                concurrency=concurrency,
+                as_tasks=as_tasks,
+                before_update=before_update,
+            ),
         )
         summary.idle = summary.closed + summary.raced
     summary.seconds = round(time.perf_counter() - begun, 3)
@@ -123,8 +154,14 @@ async def close_organization(
 
 
 async def _close_rounds(
-    policy: ClosePolicy, summary: OrganizationClose, *, closed_at: datetime, batch_size: int, concurrency: int,
-    as_tasks: bool, before_update: BeforeUpdate | None,
+    policy: ClosePolicy,
+    summary: OrganizationClose,
+    *,
+    closed_at: datetime,
+    batch_size: int,
+    concurrency: int,
+    as_tasks: bool,
+    before_update: BeforeUpdate | None,
 ) -> None:
     transaction_size = get_settings().close_transaction_size
     select = select_idle_conversations if as_tasks else select_idle_conversations.fn
@@ -139,12 +176,17 @@ async def _close_rounds(
         if before_update is not None:
             await before_update(ids)
         # The next round's candidates lie past this round's keyset: read them while this round closes.
-        upcoming = (asyncio.ensure_future(select(policy, after=candidates[-1], limit=limit))
-                    if len(candidates) == limit else None)
-        results = await asyncio.gather(*(
-            close(policy, batch, closed_at=closed_at, message=message, transaction_size=transaction_size)
-            for batch in chunks(ids, batch_size)
-        ))
+        upcoming = (
+            asyncio.ensure_future(select(policy, after=candidates[-1], limit=limit))
+            if len(candidates) == limit
+            else None
+        )
+        results = await asyncio.gather(
+            *(
+                close(policy, batch, closed_at=closed_at, message=message, transaction_size=transaction_size)
+                for batch in chunks(ids, batch_size)
+            )
+        )
         closed = sum(len(r) for r in results)
         summary.closed += closed
         summary.raced += len(ids) - closed
@@ -154,12 +196,27 @@ async def _close_rounds(
 
 async def _publish(report: CloseInactiveReport, *, known: bool) -> None:
     """Store the report, show it in the Prefect UI, and tell each organization that had work done."""
-    await store_report(FLOW_NAME, report, organization_id=report.organization_id if known else None,
-                       artifact_key="close-inactive-report", description="Inactive conversations report")
-    await publish_quietly([
-        event(o.organization_id, Kind.FLOW_RESULT, flow=FLOW_NAME, flow_run_id=report.flow_run_id,
-              dry_run=report.dry_run, closed=o.closed, idle=o.idle, kept_waiting=o.kept_waiting, raced=o.raced)
-        for o in report.organizations
-        if o.closed or o.raced or report.organization_id is not None
-    ])
-
+    await store_report(
+        FLOW_NAME,
+        report,
+        organization_id=report.organization_id if known else None,
+        artifact_key="close-inactive-report",
+        description="Inactive conversations report",
+    )
+    await publish_quietly(
+        [
+            event(
+                o.organization_id,
+                Kind.FLOW_RESULT,
+                flow=FLOW_NAME,
+                flow_run_id=report.flow_run_id,
+                dry_run=report.dry_run,
+                closed=o.closed,
+                idle=o.idle,
+                kept_waiting=o.kept_waiting,
+                raced=o.raced,
+            )
+            for o in report.organizations
+            if o.closed or o.raced or report.organization_id is not None
+        ]
+    )

@@ -60,8 +60,15 @@ async def import_conversations(
     fresh one; ``connection_key`` (set on connect) makes a second import of the same connection a no-op."""
     log = run_logger("zapsync.imports")
     begun = time.perf_counter()
-    report = ImportReport(instance_id=instance_id, trigger=trigger, connection_key=connection_key, full=full,
-                          history_days=history_days, started_at=datetime.now(UTC), flow_run_id=current_flow_run_id())
+    report = ImportReport(
+        instance_id=instance_id,
+        trigger=trigger,
+        connection_key=connection_key,
+        full=full,
+        history_days=history_days,
+        started_at=datetime.now(UTC),
+        flow_run_id=current_flow_run_id(),
+    )
     async with session_scope() as session:
         scope = await instance_scope(session, instance_id)
     failure: BaseException | None = None
@@ -75,8 +82,10 @@ async def import_conversations(
                 report.outcome, report.skipped = "skipped", f"gateway {scope.gateway!r} is not configured"
             elif not gateway.supports_history:
                 report.outcome = "not_supported"
-                report.skipped = (f"not supported by this gateway: {gateway.provider} has no API to read chat "
-                                  "history; its messages arrive by webhook only")
+                report.skipped = (
+                    f"not supported by this gateway: {gateway.provider} has no API to read chat "
+                    "history; its messages arrive by webhook only"
+                )
             else:
                 async with try_advisory_lock(f"import:{instance_id}") as acquired:
                     if not acquired:
@@ -89,9 +98,18 @@ async def import_conversations(
     log.info(
         "[IMPORT] %s %s: %d chats (%d imported, %d skipped), %d contacts created, %d linked, %d messages "
         "inserted, %d already present, %d skipped in %.2fs (%.0f msg/s)%s",
-        report.instance_name or instance_id, report.outcome, c.chats_seen, c.chats_imported, c.chats_skipped,
-        c.contacts_created, c.contacts_linked, c.messages_inserted, c.messages_present, c.messages_skipped,
-        report.seconds, report.messages_per_second,
+        report.instance_name or instance_id,
+        report.outcome,
+        c.chats_seen,
+        c.chats_imported,
+        c.chats_skipped,
+        c.contacts_created,
+        c.contacts_linked,
+        c.messages_inserted,
+        c.messages_present,
+        c.messages_skipped,
+        report.seconds,
+        report.messages_per_second,
         f" ({report.skipped or report.error})" if report.skipped or report.error else "",
     )
     await _publish(report, scope)
@@ -126,14 +144,24 @@ async def run_import(
     now = datetime.now(UTC).replace(microsecond=0)
     days = history_days if history_days is not None or full else scope.import_history_days
     seed = {
-        "phase": "contacts", "contacts_page": 1, "chats_skip": 0, "messages": {"below": 1, "done": []},
-        "since": (now - timedelta(days=days)).isoformat() if days else None, "until": now.isoformat(),
-        "history_days": days, "page_size": settings.import_page_size,
+        "phase": "contacts",
+        "contacts_page": 1,
+        "chats_skip": 0,
+        "messages": {"below": 1, "done": []},
+        "since": (now - timedelta(days=days)).isoformat() if days else None,
+        "until": now.isoformat(),
+        "history_days": days,
+        "page_size": settings.import_page_size,
     }
     async with session_scope() as session:
         run = await begin_import(
-            session, instance_id=scope.id, trigger=report.trigger, connection_key=report.connection_key, full=full,
-            flow_run_id=report.flow_run_id, cursor=seed,
+            session,
+            instance_id=scope.id,
+            trigger=report.trigger,
+            connection_key=report.connection_key,
+            full=full,
+            flow_run_id=report.flow_run_id,
+            cursor=seed,
         )
     if isinstance(run, str):
         report.outcome, report.skipped = "skipped", run
@@ -146,9 +174,14 @@ async def run_import(
     # A resumed run keeps its window and its page size: its checkpoints are page numbers of that size.
     page_size = int(cursor.get("page_size") or settings.import_page_size)
     ctx = ImportContext(run_id=run.id, scope=scope, page_size=page_size, until=until, since=since)
-    log.info("[IMPORT] %s: run %d %s at phase %s (%s)", scope.instance_name, run.id,
-             "resumed" if run.resumed else "started", cursor.get("phase"),
-             f"since {since:%Y-%m-%d}" if since else "all history")
+    log.info(
+        "[IMPORT] %s: run %d %s at phase %s (%s)",
+        scope.instance_name,
+        run.id,
+        "resumed" if run.resumed else "started",
+        cursor.get("phase"),
+        f"since {since:%Y-%m-%d}" if since else "all history",
+    )
     phase = cursor.get("phase", "contacts")
     if phase == "contacts":
         page = int(cursor.get("contacts_page", 1))
@@ -233,7 +266,8 @@ class _Progress:
     async def start(self) -> None:
         if current_flow_run_id() is not None:
             self.artifact = await acreate_progress_artifact(
-                progress=float(self.percent), key="import-progress", description=f"Messages of {self.name}")
+                progress=float(self.percent), key="import-progress", description=f"Messages of {self.name}"
+            )
         await self.advance(step=0)
 
     async def advance(self, step: int = 1) -> None:
@@ -253,5 +287,10 @@ class _Progress:
 
 async def _publish(report: ImportReport, scope: InstanceScope | None) -> None:
     """Store the report for the API and dashboard, and show it in the Prefect UI."""
-    await store_report(FLOW_NAME, report, organization_id=scope.organization_id if scope else None,
-                       artifact_key="import-conversations-report", description="Conversation import")
+    await store_report(
+        FLOW_NAME,
+        report,
+        organization_id=scope.organization_id if scope else None,
+        artifact_key="import-conversations-report",
+        description="Conversation import",
+    )

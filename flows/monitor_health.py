@@ -56,8 +56,15 @@ async def monitor_health(late_after_seconds: int | None = None) -> HealthReport:
     log.info(
         "[HEALTH] checked=%d healthy=%d failing=%d not_judged=%d alerts=%d reconnects=%d recoveries=%d "
         "gateways_down=%s in %.2fs%s",
-        report.checked, report.healthy, report.failing, report.not_judged, report.alerts, report.reconnects,
-        report.recoveries, ",".join(down) or "-", report.seconds,
+        report.checked,
+        report.healthy,
+        report.failing,
+        report.not_judged,
+        report.alerts,
+        report.reconnects,
+        report.recoveries,
+        ",".join(down) or "-",
+        report.seconds,
         f" (skipped: {report.skipped})" if report.skipped else "",
     )
     await _publish(report)
@@ -75,8 +82,9 @@ async def _observe(
 def _confirmations(refs: Sequence[InstanceRef], failing: set[uuid.UUID], budget: int) -> set[str]:
     """Instances whose bulk `open` is confirmed live: every failing one (its streak must be exact), plus a rotating
     few healthy ones (a silent drop hides behind Evolution's lagging column, gateways.md §1.3)."""
-    return ({r.instance_name for r in refs if r.id in failing}
-            | pick_live_confirmations(refs, force=False, budget=budget))
+    return {r.instance_name for r in refs if r.id in failing} | pick_live_confirmations(
+        refs, force=False, budget=budget
+    )
 
 
 async def run_monitor(report: HealthReport) -> None:
@@ -95,14 +103,16 @@ async def run_monitor(report: HealthReport) -> None:
 
     async with open_gateways(set(by_gateway)) as gateways:
         names = sorted(by_gateway)
-        confirm = {name: _confirmations(by_gateway[name], failing, settings.monitor_confirm_budget)
-                   for name in names}
+        confirm = {name: _confirmations(by_gateway[name], failing, settings.monitor_confirm_budget) for name in names}
         started = time.perf_counter()
-        observed = await asyncio.gather(*(
-            _observe(gateways[name], by_gateway[name], confirm=confirm[name], batch_size=settings.sync_batch_size)
-            if name in gateways else _unconfigured(by_gateway[name], name, checked_at)
-            for name in names
-        ))
+        observed = await asyncio.gather(
+            *(
+                _observe(gateways[name], by_gateway[name], confirm=confirm[name], batch_size=settings.sync_batch_size)
+                if name in gateways
+                else _unconfigured(by_gateway[name], name, checked_at)
+                for name in names
+            )
+        )
         seconds = round(time.perf_counter() - started, 3)
         judged_refs: list[InstanceRef] = []
         judged_obs: list[StatusObservation] = []
@@ -113,8 +123,9 @@ async def run_monitor(report: HealthReport) -> None:
             summary = report.by_gateway.setdefault(name, GatewayHealthSummary())
             summary.checked, summary.reachable, summary.seconds = len(observations), reachable, seconds
             summary.error = None if reachable else (errors[0] if errors else "no answer")
-            gateway_checks.append(GatewayCheck(gateway=name, reachable=reachable, error=summary.error,
-                                               checked_at=checked_at))
+            gateway_checks.append(
+                GatewayCheck(gateway=name, reachable=reachable, error=summary.error, checked_at=checked_at)
+            )
             if reachable:
                 judged_refs += by_gateway[name]
                 judged_obs += observations
@@ -122,15 +133,24 @@ async def run_monitor(report: HealthReport) -> None:
                 report.not_judged += len(observations)
 
         confirmed = set().union(*confirm.values()) if confirm else set()
-        recorded = await asyncio.gather(*(
-            record_checks(
-                refs_batch, obs_batch, confirmed=confirmed, checked_at=checked_at,
-                alert_after=settings.monitor_alert_after, reconnect_after=settings.monitor_reconnect_after,
-                flow_run_id=report.flow_run_id,
+        recorded = await asyncio.gather(
+            *(
+                record_checks(
+                    refs_batch,
+                    obs_batch,
+                    confirmed=confirmed,
+                    checked_at=checked_at,
+                    alert_after=settings.monitor_alert_after,
+                    reconnect_after=settings.monitor_reconnect_after,
+                    flow_run_id=report.flow_run_id,
+                )
+                for refs_batch, obs_batch in zip(
+                    chunks(judged_refs, settings.sync_batch_size),
+                    chunks(judged_obs, settings.sync_batch_size),
+                    strict=True,
+                )
             )
-            for refs_batch, obs_batch in zip(chunks(judged_refs, settings.sync_batch_size),
-                                             chunks(judged_obs, settings.sync_batch_size), strict=True)
-        ))
+        )
         for batch in recorded:
             decisions += batch.decisions
             report.status_changes += batch.status_changes
@@ -139,9 +159,9 @@ async def run_monitor(report: HealthReport) -> None:
         for d in decisions:
             if "reconnect" in d.kinds:
                 to_reconnect[d.outcome.gateway].append(d.outcome)
-        attempts = await asyncio.gather(*(
-            reconnect(gateways[name], outcomes) for name, outcomes in sorted(to_reconnect.items())
-        ))
+        attempts = await asyncio.gather(
+            *(reconnect(gateways[name], outcomes) for name, outcomes in sorted(to_reconnect.items()))
+        )
 
     organizations: dict[str, set[uuid.UUID]] = defaultdict(set)
     for ref in refs:
@@ -163,10 +183,18 @@ async def run_monitor(report: HealthReport) -> None:
             report.failing += 1
         for kind in d.kinds:
             detail = failed_reconnects.get(o.instance_id) if kind == "reconnect" else None
-            report.transitions.append(HealthTransition(
-                instance_id=o.instance_id, organization_id=o.organization_id, instance_name=o.instance_name,
-                gateway=o.gateway, kind=kind, consecutive_failures=o.failures, health=o.health, detail=detail,
-            ))
+            report.transitions.append(
+                HealthTransition(
+                    instance_id=o.instance_id,
+                    organization_id=o.organization_id,
+                    instance_name=o.instance_name,
+                    gateway=o.gateway,
+                    kind=kind,
+                    consecutive_failures=o.failures,
+                    health=o.health,
+                    detail=detail,
+                )
+            )
     report.checked += report.not_judged
     report.alerts = sum(1 for t in report.transitions if t.kind == "alert")
     report.reconnects = sum(1 for t in report.transitions if t.kind == "reconnect")
@@ -174,8 +202,14 @@ async def run_monitor(report: HealthReport) -> None:
     report.recoveries = sum(1 for t in report.transitions if t.kind == "recovered")
     report.transitions = report.transitions[:500]
     for t in report.transitions[:20]:
-        log.info("[HEALTH] %s/%s: %s after %d failures%s", t.gateway, t.instance_name, t.kind,
-                 t.consecutive_failures, f" ({t.detail})" if t.detail else "")
+        log.info(
+            "[HEALTH] %s/%s: %s after %d failures%s",
+            t.gateway,
+            t.instance_name,
+            t.kind,
+            t.consecutive_failures,
+            f" ({t.detail})" if t.detail else "",
+        )
 
 
 async def _unconfigured(refs: Sequence[InstanceRef], name: str, at: datetime) -> list[StatusObservation]:
@@ -185,5 +219,6 @@ async def _unconfigured(refs: Sequence[InstanceRef], name: str, at: datetime) ->
 
 async def _publish(report: HealthReport) -> None:
     """Store the report and show it in the Prefect UI (transitions went out as live events already)."""
-    await store_report(FLOW_NAME, report, organization_id=None, artifact_key="monitor-health-report",
-                       description="Health check report")
+    await store_report(
+        FLOW_NAME, report, organization_id=None, artifact_key="monitor-health-report", description="Health check report"
+    )

@@ -25,14 +25,22 @@ class FlowReportModel(Protocol):
 
 
 async def store_report(
-    flow_name: str, report: FlowReportModel, *, organization_id: uuid.UUID | None, artifact_key: str,
+    flow_name: str,
+    report: FlowReportModel,
+    *,
+    organization_id: uuid.UUID | None,
+    artifact_key: str,
     description: str,
 ) -> None:
     """Save the report in `flow_reports` and, inside a flow run, as a markdown artifact."""
     async with session_scope() as session:
         await save_report(
-            session, flow_name=flow_name, flow_run_id=report.flow_run_id, organization_id=organization_id,
-            started_at=report.started_at, report=report.model_dump(mode="json"),
+            session,
+            flow_name=flow_name,
+            flow_run_id=report.flow_run_id,
+            organization_id=organization_id,
+            started_at=report.started_at,
+            report=report.model_dump(mode="json"),
         )
     if report.flow_run_id is not None:
         await acreate_markdown_artifact(key=artifact_key, markdown=report.to_markdown(), description=description)

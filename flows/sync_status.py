@@ -43,7 +43,7 @@ T = TypeVar("T")
 
 def chunks(items: Sequence[T], size: int) -> list[Sequence[T]]:
     """Split ``items`` into consecutive slices of at most ``size``."""
-    return [items[i:i + size] for i in range(0, len(items), size)]
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def current_flow_run_id() -> uuid.UUID | None:
@@ -62,15 +62,22 @@ def late_by(limit_seconds: int | None) -> float | None:
 
 
 async def _observe_gateway(
-    gateway: Gateway, refs: Sequence[InstanceRef], *, force: bool, budget: int, batch_size: int,
-    summary: GatewaySummary, as_tasks: bool,
+    gateway: Gateway,
+    refs: Sequence[InstanceRef],
+    *,
+    force: bool,
+    budget: int,
+    batch_size: int,
+    summary: GatewaySummary,
+    as_tasks: bool,
 ) -> tuple[list[StatusObservation], set[str]]:
     begun = time.perf_counter()
     confirm = pick_live_confirmations(refs, force=force, budget=budget)
     batches = [refs] if gateway.provider in BULK_PROVIDERS else chunks(refs, batch_size)
     if as_tasks:  # quote(): Prefect would otherwise walk (and copy) every element of the arguments
-        results = await asyncio.gather(*(observe_batch(gateway, quote(batch), confirm=quote(confirm))
-                                         for batch in batches))
+        results = await asyncio.gather(
+            *(observe_batch(gateway, quote(batch), confirm=quote(confirm)) for batch in batches)
+        )
     else:
         results = await asyncio.gather(*(observe_batch.fn(gateway, batch, confirm=confirm) for batch in batches))
     observations = [obs for batch in results for obs in batch]
@@ -112,8 +119,9 @@ async def sync_status(
                 thresholds = gc.get_threshold()
                 gc.set_threshold(100_000, 50, 1000)
                 try:
-                    await run_sync(report, force=force, batch_size=settings.sync_batch_size,
-                                   budget=settings.sync_confirm_budget)
+                    await run_sync(
+                        report, force=force, batch_size=settings.sync_batch_size, budget=settings.sync_confirm_budget
+                    )
                 finally:
                     gc.set_threshold(*thresholds)
                     gc.unfreeze()
@@ -122,13 +130,21 @@ async def sync_status(
     report.seconds = round(time.perf_counter() - begun, 3)
     log.info(
         "[SYNC] %s scope=%s checked=%d drifted=%d applied=%d superseded=%d unreachable=%d in %.2fs%s",
-        mode, scope.key, report.checked, report.drifted, report.applied, report.superseded, report.unreachable,
-        report.seconds, f" (skipped: {report.skipped})" if report.skipped else "",
+        mode,
+        scope.key,
+        report.checked,
+        report.drifted,
+        report.applied,
+        report.superseded,
+        report.unreachable,
+        report.seconds,
+        f" (skipped: {report.skipped})" if report.skipped else "",
     )
     await _publish(report)
     if mode == "apply" and report.skipped is None:
-        await start_pending_imports(report.became_connected, organization_id=scope.organization_id,
-                                    instance_id=scope.instance_id)
+        await start_pending_imports(
+            report.became_connected, organization_id=scope.organization_id, instance_id=scope.instance_id
+        )
     return report
 
 
@@ -137,16 +153,15 @@ async def check_status(scope: SyncScope, *, force: bool = False) -> SyncReport:
     settings = get_settings()
     report = SyncReport(mode="check", scope=scope, started_at=datetime.now(UTC))
     begun = time.perf_counter()
-    await run_sync(report, force=force, batch_size=settings.sync_batch_size, budget=settings.sync_confirm_budget,
-                   as_tasks=False)
+    await run_sync(
+        report, force=force, batch_size=settings.sync_batch_size, budget=settings.sync_confirm_budget, as_tasks=False
+    )
     report.finished_at = datetime.now(UTC)
     report.seconds = round(time.perf_counter() - begun, 3)
     return report
 
 
-async def run_sync(
-    report: SyncReport, *, force: bool, batch_size: int, budget: int, as_tasks: bool = True
-) -> None:
+async def run_sync(report: SyncReport, *, force: bool, batch_size: int, budget: int, as_tasks: bool = True) -> None:
     """Fill ``report`` for its scope and mode: observe, diff and (apply mode) write; one task per batch."""
     log = run_logger("zapsync.sync")
     scope, mode, settings_batch = report.scope, report.mode, batch_size
@@ -161,19 +176,32 @@ async def run_sync(
         unconfigured = sorted(set(by_gateway) - set(gateways))
         for name in unconfigured:
             report.unreachable_instances.extend(
-                UnreachableInstance(instance_id=r.id, instance_name=r.instance_name, gateway=name,
-                                    error=f"gateway {name!r} is not configured")
+                UnreachableInstance(
+                    instance_id=r.id,
+                    instance_name=r.instance_name,
+                    gateway=name,
+                    error=f"gateway {name!r} is not configured",
+                )
                 for r in by_gateway[name]
             )
             report.by_gateway[name] = GatewaySummary(
                 checked=len(by_gateway[name]), unreachable=len(by_gateway[name]), breaker="unconfigured"
             )
         names = sorted(gateways)
-        observed = await asyncio.gather(*(
-            _observe_gateway(gateways[name], by_gateway[name], force=force, budget=budget, as_tasks=as_tasks,
-                             batch_size=settings_batch, summary=report.by_gateway.setdefault(name, GatewaySummary()))
-            for name in names
-        ))
+        observed = await asyncio.gather(
+            *(
+                _observe_gateway(
+                    gateways[name],
+                    by_gateway[name],
+                    force=force,
+                    budget=budget,
+                    as_tasks=as_tasks,
+                    batch_size=settings_batch,
+                    summary=report.by_gateway.setdefault(name, GatewaySummary()),
+                )
+                for name in names
+            )
+        )
 
     ordered_refs = [ref for name in names for ref in by_gateway[name]]
     observations = [obs for result, _ in observed for obs in result]
@@ -183,10 +211,12 @@ async def run_sync(
 
     applied: list[AppliedChange] = []
     if mode == "apply" and writes:
-        batches = await asyncio.gather(*(
-            apply_batch(quote(batch), source="sync", flow_run_id=report.flow_run_id)
-            for batch in chunks(writes, settings_batch)
-        ))
+        batches = await asyncio.gather(
+            *(
+                apply_batch(quote(batch), source="sync", flow_run_id=report.flow_run_id)
+                for batch in chunks(writes, settings_batch)
+            )
+        )
         applied = [change for batch in batches for change in batch]
         await publish_status_changes(applied, source="sync")
     applied_ids = {change.instance_id for change in applied}
@@ -203,11 +233,22 @@ async def run_sync(
     report.unreachable_instances = unreachable[:500]
     report.became_connected = [c.instance_id for c in applied if c.to_status == "connected"]
     for drift in drifts[:20]:
-        log.info("[SYNC] %s/%s: %s -> %s%s", drift.gateway, drift.instance_name, drift.db_status,
-                 drift.gateway_status, "" if drift.applied else " (not applied)")
+        log.info(
+            "[SYNC] %s/%s: %s -> %s%s",
+            drift.gateway,
+            drift.instance_name,
+            drift.db_status,
+            drift.gateway_status,
+            "" if drift.applied else " (not applied)",
+        )
 
 
 async def _publish(report: SyncReport) -> None:
     """Store the report for the API and dashboard, and show it in the Prefect UI."""
-    await store_report(FLOW_NAME, report, organization_id=report.scope.organization_id,
-                       artifact_key="sync-status-report", description="Status sync report")
+    await store_report(
+        FLOW_NAME,
+        report,
+        organization_id=report.scope.organization_id,
+        artifact_key="sync-status-report",
+        description="Status sync report",
+    )

@@ -236,8 +236,9 @@ class Gateway(Protocol):
         """
         ...
 
-    async def create_instance(self, instance_name: str, *, webhook_url: str | None = None,
-                              webhook_headers: Mapping[str, str] | None = None) -> ConnectResult:
+    async def create_instance(
+        self, instance_name: str, *, webhook_url: str | None = None, webhook_headers: Mapping[str, str] | None = None
+    ) -> ConnectResult:
         """Create the instance at the gateway and ask for a QR code."""
         ...
 
@@ -262,8 +263,14 @@ class Gateway(Protocol):
         ...
 
     async def fetch_messages(
-        self, instance_name: str, *, page: int, page_size: int, since: datetime | None = None,
-        until: datetime | None = None, chat_jid: str | None = None,
+        self,
+        instance_name: str,
+        *,
+        page: int,
+        page_size: int,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        chat_jid: str | None = None,
     ) -> MessagePage:
         """One page (1-based) of messages sent within [since, until] (of one chat when given), newest first."""
         ...
@@ -297,14 +304,25 @@ async def iter_chats(
 
 
 async def iter_messages(
-    gateway: Gateway, instance_name: str, *, page_size: int, since: datetime | None = None,
-    until: datetime | None = None, chat_jid: str | None = None, first_page: int = 1,
+    gateway: Gateway,
+    instance_name: str,
+    *,
+    page_size: int,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    chat_jid: str | None = None,
+    first_page: int = 1,
 ) -> AsyncIterator[MessagePage]:
     """Stream messages page by page, newest first, until the gateway's last page."""
     page = first_page
     while True:
         batch = await gateway.fetch_messages(
-            instance_name, page=page, page_size=page_size, since=since, until=until, chat_jid=chat_jid,
+            instance_name,
+            page=page,
+            page_size=page_size,
+            since=since,
+            until=until,
+            chat_jid=chat_jid,
         )
         if not batch.messages:
             return

@@ -52,8 +52,14 @@ class EvolutionGateway(HttpGateway):
         breaker: BreakerPolicy | None = None,
     ) -> None:
         super().__init__(
-            name=name, base_url=base_url, headers={"apikey": api_key}, timeout=timeout,
-            max_concurrency=max_concurrency, transport=transport, retry=retry, breaker=breaker,
+            name=name,
+            base_url=base_url,
+            headers={"apikey": api_key},
+            timeout=timeout,
+            max_concurrency=max_concurrency,
+            transport=transport,
+            retry=retry,
+            breaker=breaker,
         )
 
     async def fetch_states(
@@ -80,7 +86,9 @@ class EvolutionGateway(HttpGateway):
             row = by_name.get(name)
             if row is None:
                 result[name] = StatusObservation(
-                    instance_name=name, status=InstanceStatus.DISCONNECTED, observed_at=started,
+                    instance_name=name,
+                    status=InstanceStatus.DISCONNECTED,
+                    observed_at=started,
                     reason=MISSING_AT_GATEWAY,
                 )
                 continue
@@ -100,12 +108,12 @@ class EvolutionGateway(HttpGateway):
         name = bulk.instance_name
         started = datetime.now(UTC)
         try:
-            body = await self.request_json(
-                "GET", f"/instance/connectionState/{name}", what="connectionState"
-            )
+            body = await self.request_json("GET", f"/instance/connectionState/{name}", what="connectionState")
         except GatewayNotFound:
             return StatusObservation(
-                instance_name=name, status=InstanceStatus.DISCONNECTED, observed_at=started,
+                instance_name=name,
+                status=InstanceStatus.DISCONNECTED,
+                observed_at=started,
                 reason="instance not loaded at the gateway",
             )
         except GatewayError as exc:
@@ -114,33 +122,53 @@ class EvolutionGateway(HttpGateway):
         status = from_evolution(state)
         if status is None:
             return _unreachable(name, started, GatewayError(f"{self.name}: unknown state {state!r}"))
-        return bulk.model_copy(update={
-            "status": status, "observed_at": started,
-            "reason": None if status is InstanceStatus.CONNECTED else f"live state {state}",
-        })
+        return bulk.model_copy(
+            update={
+                "status": status,
+                "observed_at": started,
+                "reason": None if status is InstanceStatus.CONNECTED else f"live state {state}",
+            }
+        )
 
     async def create_instance(
-        self, instance_name: str, *, webhook_url: str | None = None,
+        self,
+        instance_name: str,
+        *,
+        webhook_url: str | None = None,
         webhook_headers: Mapping[str, str] | None = None,
     ) -> ConnectResult:
         """POST /instance/create with a QR code; subscribes the webhook when a URL is given."""
         body: dict[str, Any] = {
-            "instanceName": instance_name, "integration": "WHATSAPP-BAILEYS", "qrcode": True,
+            "instanceName": instance_name,
+            "integration": "WHATSAPP-BAILEYS",
+            "qrcode": True,
         }
         if webhook_url:
             body["webhook"] = {
-                "url": webhook_url, "byEvents": False, "base64": False,
+                "url": webhook_url,
+                "byEvents": False,
+                "base64": False,
                 "headers": dict(webhook_headers or {}),
-                "events": ["CONNECTION_UPDATE", "QRCODE_UPDATED", "MESSAGES_UPSERT", "MESSAGES_UPDATE",
-                           "MESSAGES_DELETE", "SEND_MESSAGE", "CONTACTS_UPSERT", "CHATS_UPSERT"],
+                "events": [
+                    "CONNECTION_UPDATE",
+                    "QRCODE_UPDATED",
+                    "MESSAGES_UPSERT",
+                    "MESSAGES_UPDATE",
+                    "MESSAGES_DELETE",
+                    "SEND_MESSAGE",
+                    "CONTACTS_UPSERT",
+                    "CHATS_UPSERT",
+                ],
             }
         created = await self.request_json("POST", "/instance/create", what="create", json=body)
         qrcode = (created or {}).get("qrcode") or {}
         state = ((created or {}).get("instance") or {}).get("status")
         status = from_evolution(state, qr_emitted=bool(qrcode.get("base64"))) or InstanceStatus.DISCONNECTED
         return ConnectResult(
-            instance_name=instance_name, status=status,
-            qr_code=qrcode.get("base64"), pairing_code=qrcode.get("pairingCode"),
+            instance_name=instance_name,
+            status=status,
+            qr_code=qrcode.get("base64"),
+            pairing_code=qrcode.get("pairingCode"),
         )
 
     async def connect(self, instance_name: str) -> ConnectResult:
@@ -154,7 +182,8 @@ class EvolutionGateway(HttpGateway):
         return ConnectResult(
             instance_name=instance_name,
             status=InstanceStatus.QR_PENDING if qr else InstanceStatus.CONNECTING,
-            qr_code=qr, pairing_code=body.get("pairingCode"),
+            qr_code=qr,
+            pairing_code=body.get("pairingCode"),
         )
 
     async def restart(self, instance_name: str) -> None:
@@ -166,32 +195,45 @@ class EvolutionGateway(HttpGateway):
         """DELETE /instance/logout."""
         await self.request_json("DELETE", f"/instance/logout/{instance_name}", what="logout")
 
-
     async def fetch_contacts(self, instance_name: str, *, page: int, page_size: int) -> list[GatewayContact]:
         """`POST /chat/findContacts` with `page` (1-based) and `offset` (the page size, gateways.md §1.3)."""
         content = await self.request_bytes(
-            "POST", f"/chat/findContacts/{instance_name}", what="findContacts",
+            "POST",
+            f"/chat/findContacts/{instance_name}",
+            what="findContacts",
             json={"where": {}, "page": page, "offset": page_size},
         )
         rows: list[ContactRow] = self.decode(content, what="findContacts", adapter=_CONTACTS)
         return [
-            GatewayContact(jid=row["remoteJid"], name=row.get("pushName") or None,
-                           kind=row.get("type") or ("group" if row.get("isGroup") else "contact"))
-            for row in rows if row.get("remoteJid")
+            GatewayContact(
+                jid=row["remoteJid"],
+                name=row.get("pushName") or None,
+                kind=row.get("type") or ("group" if row.get("isGroup") else "contact"),
+            )
+            for row in rows
+            if row.get("remoteJid")
         ]
 
     async def fetch_chats(self, instance_name: str, *, skip: int, take: int) -> list[GatewayChat]:
         """`POST /chat/findChats` with `take`/`skip`, most recently active first (no totals)."""
         content = await self.request_bytes(
-            "POST", f"/chat/findChats/{instance_name}", what="findChats",
+            "POST",
+            f"/chat/findChats/{instance_name}",
+            what="findChats",
             json={"where": {}, "take": take, "skip": skip},
         )
         rows: list[ChatRow] = self.decode(content, what="findChats", adapter=_CHATS)
         return [_chat(row) for row in rows if row.get("remoteJid")]
 
     async def fetch_messages(
-        self, instance_name: str, *, page: int, page_size: int, since: datetime | None = None,
-        until: datetime | None = None, chat_jid: str | None = None,
+        self,
+        instance_name: str,
+        *,
+        page: int,
+        page_size: int,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        chat_jid: str | None = None,
     ) -> MessagePage:
         """`POST /chat/findMessages`: `page` (1-based) and `offset` (page size), newest first.
 
@@ -205,7 +247,9 @@ class EvolutionGateway(HttpGateway):
         if since is not None or until is not None:
             where["messageTimestamp"] = {"gte": _iso(since or _EPOCH), "lte": _iso(until or _FAR_FUTURE)}
         content = await self.request_bytes(
-            "POST", f"/chat/findMessages/{instance_name}", what="findMessages",
+            "POST",
+            f"/chat/findMessages/{instance_name}",
+            what="findMessages",
             json={"where": where, "page": page, "offset": page_size},
         )
         body = self.decode(content, what="findMessages")
@@ -213,8 +257,10 @@ class EvolutionGateway(HttpGateway):
             block: MessagesBlock = _BLOCK.validate_python((body or {}).get("messages"))
         except (ValidationError, AttributeError) as exc:
             raise GatewayRequestError(
-                f"{self.name}: findMessages answered an unexpected body", status_code=200,
-                body=content[:200].decode(errors="replace"), gateway=self.name,
+                f"{self.name}: findMessages answered an unexpected body",
+                status_code=200,
+                body=content[:200].decode(errors="replace"),
+                gateway=self.name,
             ) from exc
         messages: list[GatewayMessage] = []
         skipped = 0
@@ -223,8 +269,9 @@ class EvolutionGateway(HttpGateway):
                 messages.append(from_baileys(record if isinstance(record, dict) else {}))
             except MalformedMessage:  # one bad record must not block an import
                 skipped += 1
-        return MessagePage(messages=messages, page=block["currentPage"], pages=block["pages"], total=block["total"],
-                           skipped=skipped)
+        return MessagePage(
+            messages=messages, page=block["currentPage"], pages=block["pages"], total=block["total"], skipped=skipped
+        )
 
 
 def _raise_for_error_body(gateway: str, what: str, body: Any) -> None:
@@ -286,7 +333,9 @@ def _chat(row: ChatRow) -> GatewayChat:
             message = None
     alt = message.alt_jid if message is not None and message.chat_jid == row["remoteJid"] else None
     return GatewayChat(
-        jid=row["remoteJid"], alt_jid=alt, name=row.get("pushName") or row.get("name") or None,
+        jid=row["remoteJid"],
+        alt_jid=alt,
+        name=row.get("pushName") or row.get("name") or None,
         last_message_at=message.sent_at if message is not None else None,
         last_from_me=message.from_me if message is not None else None,
         last_preview=(message.content or f"[{message.type}]") if message is not None else None,
@@ -307,8 +356,12 @@ def _from_row(name: str, row: FetchedRow, observed_at: datetime) -> StatusObserv
     elif status is not InstanceStatus.CONNECTED and code is not None:
         reason = f"closed (code {code})"
     return StatusObservation(
-        instance_name=name, status=status, observed_at=observed_at, reason=reason,
-        phone_number=phone_from_jid(row.ownerJid), profile_name=row.profileName,
+        instance_name=name,
+        status=status,
+        observed_at=observed_at,
+        reason=reason,
+        phone_number=phone_from_jid(row.ownerJid),
+        profile_name=row.profileName,
         logged_out=logged_out,
     )
 
@@ -338,6 +391,8 @@ def _decode_fetched(gateway: str, content: bytes) -> list[FetchedRow]:
         return _FETCHED_DECODER.decode(content)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise GatewayRequestError(
-            f"{gateway}: fetchInstances answered an unexpected body", status_code=200,
-            body=content[:200].decode(errors="replace"), gateway=gateway,
+            f"{gateway}: fetchInstances answered an unexpected body",
+            status_code=200,
+            body=content[:200].decode(errors="replace"),
+            gateway=gateway,
         ) from exc

@@ -53,7 +53,11 @@ class HttpGateway:
         per_pool = -(-max_concurrency // shards)
         self._clients = [
             httpx.AsyncClient(
-                base_url=base_url, headers=headers, timeout=timeout, transport=transport, verify=_tls_context(),
+                base_url=base_url,
+                headers=headers,
+                timeout=timeout,
+                transport=transport,
+                verify=_tls_context(),
                 limits=httpx.Limits(max_connections=per_pool, max_keepalive_connections=per_pool),
             )
             for _ in range(shards)
@@ -70,7 +74,13 @@ class HttpGateway:
         return BREAKER_STATES.get(self.breaker.state, str(self.breaker.state))
 
     async def request_bytes(
-        self, method: str, path: str, *, what: str, json: Any = None, params: dict[str, Any] | None = None,
+        self,
+        method: str,
+        path: str,
+        *,
+        what: str,
+        json: Any = None,
+        params: dict[str, Any] | None = None,
     ) -> bytes:
         """One request with retries behind the breaker; returns the raw body of a 2xx answer."""
 
@@ -89,7 +99,13 @@ class HttpGateway:
         return await call_with_resilience(self.name, self.breaker, self._retry, attempt)
 
     async def request_json(
-        self, method: str, path: str, *, what: str, json: Any = None, params: dict[str, Any] | None = None,
+        self,
+        method: str,
+        path: str,
+        *,
+        what: str,
+        json: Any = None,
+        params: dict[str, Any] | None = None,
     ) -> Any:
         """Like :meth:`request_bytes`, decoding the JSON body (None when empty)."""
         content = await self.request_bytes(method, path, what=what, json=json, params=params)
@@ -103,8 +119,10 @@ class HttpGateway:
             return orjson.loads(content) if content else None
         except (orjson.JSONDecodeError, ValidationError) as exc:
             raise GatewayRequestError(
-                f"{self.name}: {what} answered an unexpected body", status_code=200,
-                body=content[:200].decode(errors="replace"), gateway=self.name,
+                f"{self.name}: {what} answered an unexpected body",
+                status_code=200,
+                body=content[:200].decode(errors="replace"),
+                gateway=self.name,
             ) from exc
 
     async def aclose(self) -> None:

@@ -49,8 +49,14 @@ class MegaApiGateway(HttpGateway):
         breaker: BreakerPolicy | None = None,
     ) -> None:
         super().__init__(
-            name=name, base_url=base_url, headers={"Authorization": f"Bearer {api_key}"}, timeout=timeout,
-            max_concurrency=max_concurrency, transport=transport, retry=retry, breaker=breaker,
+            name=name,
+            base_url=base_url,
+            headers={"Authorization": f"Bearer {api_key}"},
+            timeout=timeout,
+            max_concurrency=max_concurrency,
+            transport=transport,
+            retry=retry,
+            breaker=breaker,
         )
 
     async def fetch_states(
@@ -70,7 +76,9 @@ class MegaApiGateway(HttpGateway):
             body = await self.request_json("GET", f"/rest/instance/{name}", what="instance status")
         except GatewayNotFound:
             return StatusObservation(
-                instance_name=name, status=InstanceStatus.DISCONNECTED, observed_at=started,
+                instance_name=name,
+                status=InstanceStatus.DISCONNECTED,
+                observed_at=started,
                 reason="instance not found at the gateway",
             )
         except GatewayError as exc:
@@ -80,13 +88,19 @@ class MegaApiGateway(HttpGateway):
         user = instance.get("user") or {}
         status = from_megaapi(raw)
         return StatusObservation(
-            instance_name=name, status=status, observed_at=started,
+            instance_name=name,
+            status=status,
+            observed_at=started,
             reason=None if status is InstanceStatus.CONNECTED else f"gateway status {raw}",
-            phone_number=phone_from_jid(user.get("id")), profile_name=user.get("name"),
+            phone_number=phone_from_jid(user.get("id")),
+            profile_name=user.get("name"),
         )
 
     async def create_instance(
-        self, instance_name: str, *, webhook_url: str | None = None,
+        self,
+        instance_name: str,
+        *,
+        webhook_url: str | None = None,
         webhook_headers: Mapping[str, str] | None = None,
     ) -> ConnectResult:
         """MegaAPI instances are created in its own panel, not through its API."""
@@ -94,13 +108,12 @@ class MegaApiGateway(HttpGateway):
 
     async def connect(self, instance_name: str) -> ConnectResult:
         """The QR code as base64 (`GET /rest/instance/qrcode_base64/{key}`)."""
-        body = await self.request_json(
-            "GET", f"/rest/instance/qrcode_base64/{instance_name}", what="qrcode"
-        ) or {}
+        body = await self.request_json("GET", f"/rest/instance/qrcode_base64/{instance_name}", what="qrcode") or {}
         qr = body.get("qrcode")
         return ConnectResult(
             instance_name=instance_name,
-            status=InstanceStatus.QR_PENDING if qr else InstanceStatus.CONNECTING, qr_code=qr,
+            status=InstanceStatus.QR_PENDING if qr else InstanceStatus.CONNECTING,
+            qr_code=qr,
         )
 
     async def restart(self, instance_name: str) -> None:
@@ -120,8 +133,14 @@ class MegaApiGateway(HttpGateway):
         self._no_history("chats")
 
     async def fetch_messages(
-        self, instance_name: str, *, page: int, page_size: int, since: datetime | None = None,
-        until: datetime | None = None, chat_jid: str | None = None,
+        self,
+        instance_name: str,
+        *,
+        page: int,
+        page_size: int,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        chat_jid: str | None = None,
     ) -> MessagePage:
         """Not available: MegaAPI has no documented message history."""
         self._no_history("message history")

@@ -46,15 +46,34 @@ PLAYED); a receipt never moves a message backwards, and nothing but a deletion f
 STATUS_RANK = {status: rank for rank, status in enumerate(STATUS_ORDER)}
 
 _STATUS: dict[Any, str] = {
-    "ERROR": "failed", "PENDING": "pending", "SERVER_ACK": "sent", "DELIVERY_ACK": "delivered", "READ": "read",
-    "PLAYED": "played", "DELETED": "deleted",
-    0: "failed", 1: "pending", 2: "sent", 3: "delivered", 4: "read", 5: "played",
+    "ERROR": "failed",
+    "PENDING": "pending",
+    "SERVER_ACK": "sent",
+    "DELIVERY_ACK": "delivered",
+    "READ": "read",
+    "PLAYED": "played",
+    "DELETED": "deleted",
+    0: "failed",
+    1: "pending",
+    2: "sent",
+    3: "delivered",
+    4: "read",
+    5: "played",
 }
 _TYPES = {
-    "conversation": "text", "extendedTextMessage": "text", "imageMessage": "image", "videoMessage": "video",
-    "ptvMessage": "video", "audioMessage": "audio", "documentMessage": "document",
-    "documentWithCaptionMessage": "document", "stickerMessage": "sticker", "locationMessage": "location",
-    "liveLocationMessage": "location", "contactMessage": "contact", "contactsArrayMessage": "contact",
+    "conversation": "text",
+    "extendedTextMessage": "text",
+    "imageMessage": "image",
+    "videoMessage": "video",
+    "ptvMessage": "video",
+    "audioMessage": "audio",
+    "documentMessage": "document",
+    "documentWithCaptionMessage": "document",
+    "stickerMessage": "sticker",
+    "locationMessage": "location",
+    "liveLocationMessage": "location",
+    "contactMessage": "contact",
+    "contactsArrayMessage": "contact",
     "reactionMessage": "reaction",
 }
 _MEDIA = frozenset({"image", "video", "audio", "document", "sticker"})
@@ -162,9 +181,18 @@ def from_baileys(record: Mapping[str, Any]) -> GatewayMessage:
         content = _text(inner)
     alt, participant, push_name = key.get("remoteJidAlt"), key.get("participant"), record.get("pushName")
     return GatewayMessage(
-        external_id=key_id, chat_jid=chat, from_me=key.get("fromMe") is True, timestamp=timestamp, type=kind,
-        content=content, alt_jid=alt if isinstance(alt, str) and alt and alt != chat else None,
-        media_url=media_url, media_mime=media_mime, media_name=media_name, media_size=media_size,
-        status=_best_status(record), push_name=push_name if isinstance(push_name, str) and push_name else None,
+        external_id=key_id,
+        chat_jid=chat,
+        from_me=key.get("fromMe") is True,
+        timestamp=timestamp,
+        type=kind,
+        content=content,
+        alt_jid=alt if isinstance(alt, str) and alt and alt != chat else None,
+        media_url=media_url,
+        media_mime=media_mime,
+        media_name=media_name,
+        media_size=media_size,
+        status=_best_status(record),
+        push_name=push_name if isinstance(push_name, str) and push_name else None,
         participant=participant if isinstance(participant, str) and participant else None,
     )

@@ -15,14 +15,18 @@ from zapsync.settings import GatewayConfig, Settings, get_settings
 
 
 def build_gateway(
-    name: str, config: GatewayConfig, *, settings: Settings | None = None,
+    name: str,
+    config: GatewayConfig,
+    *,
+    settings: Settings | None = None,
     transport: httpx.AsyncBaseTransport | None = None,
 ) -> Gateway:
     """A client for one configured gateway."""
     settings = settings or get_settings()
     timeout = httpx.Timeout(config.timeout_seconds, connect=config.connect_timeout_seconds)
     retry = RetryPolicy(
-        attempts=settings.gateway_retry_attempts, initial_seconds=settings.gateway_retry_initial_seconds,
+        attempts=settings.gateway_retry_attempts,
+        initial_seconds=settings.gateway_retry_initial_seconds,
         max_seconds=settings.gateway_retry_max_seconds,
     )
     breaker = BreakerPolicy(
@@ -30,9 +34,14 @@ def build_gateway(
         recovery_seconds=settings.gateway_breaker_recovery_seconds,
     )
     common = {
-        "name": name, "base_url": config.url, "api_key": config.api_key.get_secret_value(),
-        "timeout": timeout, "max_concurrency": config.max_concurrency, "transport": transport,
-        "retry": retry, "breaker": breaker,
+        "name": name,
+        "base_url": config.url,
+        "api_key": config.api_key.get_secret_value(),
+        "timeout": timeout,
+        "max_concurrency": config.max_concurrency,
+        "transport": transport,
+        "retry": retry,
+        "breaker": breaker,
     }
     if config.provider is Provider.EVOLUTION:
         return EvolutionGateway(**common)
@@ -48,7 +57,8 @@ async def open_gateways(names: set[str] | None = None) -> AsyncIterator[dict[str
     configs = settings.gateways()
     clients = {
         name: build_gateway(name, config, settings=settings)
-        for name, config in configs.items() if names is None or name in names
+        for name, config in configs.items()
+        if names is None or name in names
     }
     try:
         yield clients

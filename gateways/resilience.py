@@ -72,9 +72,7 @@ def translate_errors(gateway: str, what: str) -> Iterator[None]:
     except httpx.TimeoutException as exc:
         raise GatewayTransientError(f"{gateway}: {what} timed out", gateway=gateway) from exc
     except httpx.TransportError as exc:
-        raise GatewayTransientError(
-            f"{gateway}: {what} failed: {type(exc).__name__}", gateway=gateway
-        ) from exc
+        raise GatewayTransientError(f"{gateway}: {what} failed: {type(exc).__name__}", gateway=gateway) from exc
 
 
 def raise_for_status(gateway: str, what: str, response: httpx.Response) -> None:
@@ -118,7 +116,9 @@ async def call_with_resilience(
         retry=retry_if_exception(is_retryable),
         reraise=True,
         before_sleep=lambda state: log.debug(
-            "[GATEWAY] %s retry %d after %s", gateway, state.attempt_number,
+            "[GATEWAY] %s retry %d after %s",
+            gateway,
+            state.attempt_number,
             type(state.outcome.exception()).__name__ if state.outcome else "?",
         ),
     )

@@ -116,8 +116,13 @@ def parse_evolution(payload: dict[str, Any], *, path_event: str | None = None) -
         elif status is not InstanceStatus.CONNECTED and code not in (None, 200):
             reason = f"{state} (code {code})"
         return WebhookEvent(
-            **base, kind=EventKind.STATUS, status=status, reason=reason, logged_out=logged_out,
-            phone_number=phone_from_jid(data.get("wuid")), profile_name=data.get("profileName"),
+            **base,
+            kind=EventKind.STATUS,
+            status=status,
+            reason=reason,
+            logged_out=logged_out,
+            phone_number=phone_from_jid(data.get("wuid")),
+            profile_name=data.get("profileName"),
         )
     if event == "qrcode.updated":
         if not instance:
@@ -127,16 +132,20 @@ def parse_evolution(payload: dict[str, Any], *, path_event: str | None = None) -
         qrcode = data.get("qrcode")
         if isinstance(qrcode, dict) and (qrcode.get("base64") or qrcode.get("code")):
             return WebhookEvent(
-                **base, kind=EventKind.STATUS, status=InstanceStatus.QR_PENDING,
+                **base,
+                kind=EventKind.STATUS,
+                status=InstanceStatus.QR_PENDING,
                 qr_code=qrcode.get("base64") or qrcode.get("code"),
             )
         if data.get("message"):  # QR limit reached: the session ends as refused
-            return WebhookEvent(**base, kind=EventKind.STATUS, status=InstanceStatus.ERROR,
-                                reason=str(data.get("message"))[:200])
+            return WebhookEvent(
+                **base, kind=EventKind.STATUS, status=InstanceStatus.ERROR, reason=str(data.get("message"))[:200]
+            )
         raise MalformedPayload("qrcode.updated needs data.qrcode.base64 or data.message")
     if event == "logout.instance" and instance:
-        return WebhookEvent(**base, kind=EventKind.STATUS, status=InstanceStatus.DISCONNECTED,
-                            reason="logged out", logged_out=True)
+        return WebhookEvent(
+            **base, kind=EventKind.STATUS, status=InstanceStatus.DISCONNECTED, reason="logged out", logged_out=True
+        )
     if event in MESSAGE_EVENTS:
         return _evolution_messages(base, event, instance, data)
     if event in RECEIPT_EVENTS or event == "messages.delete":
@@ -170,8 +179,12 @@ def _evolution_messages(base: dict[str, Any], event: str, instance: str | None, 
         raise MalformedPayload(f"{event} needs data as a message object {{key, message, messageTimestamp}}")
     messages = tuple(_message(event, r) for r in records)
     single = len(messages) == 1 and not isinstance(data, list)
-    return WebhookEvent(**base, kind=EventKind.MESSAGES, messages=messages,
-                        dedupe_id=f"{instance}|{event}|{messages[0].external_id}" if single else None)
+    return WebhookEvent(
+        **base,
+        kind=EventKind.MESSAGES,
+        messages=messages,
+        dedupe_id=f"{instance}|{event}|{messages[0].external_id}" if single else None,
+    )
 
 
 def _evolution_receipts(base: dict[str, Any], event: str, instance: str | None, data: Any) -> WebhookEvent:
@@ -194,8 +207,9 @@ def _evolution_receipts(base: dict[str, Any], event: str, instance: str | None, 
     if not receipts:  # e.g. a poll vote: nothing to apply
         return WebhookEvent(**base, kind=EventKind.OTHER)
     tail = "|".join(f"{k}:{v}" for k, v in receipts)
-    return WebhookEvent(**base, kind=EventKind.RECEIPTS, receipts=tuple(receipts),
-                        dedupe_id=f"{instance}|{event}|{tail}")
+    return WebhookEvent(
+        **base, kind=EventKind.RECEIPTS, receipts=tuple(receipts), dedupe_id=f"{instance}|{event}|{tail}"
+    )
 
 
 def _rows(event: str, data: Any, *, strings: bool = False) -> list[Any]:
@@ -245,10 +259,14 @@ def parse_megaapi(payload: dict[str, Any]) -> WebhookEvent:
         status = from_megaapi(raw)
         close_reason = payload.get("closeReason")
         return WebhookEvent(
-            **base, kind=EventKind.STATUS, status=status,
-            reason=None if status is InstanceStatus.CONNECTED else f"{raw}" + (
-                f" ({close_reason})" if close_reason else ""),
-            phone_number=phone_from_jid(payload.get("jid")), profile_name=payload.get("pushName"),
+            **base,
+            kind=EventKind.STATUS,
+            status=status,
+            reason=None
+            if status is InstanceStatus.CONNECTED
+            else f"{raw}" + (f" ({close_reason})" if close_reason else ""),
+            phone_number=phone_from_jid(payload.get("jid")),
+            profile_name=payload.get("pushName"),
         )
     key = payload.get("key")
     if kind == "message.ack":
@@ -261,14 +279,19 @@ def parse_megaapi(payload: dict[str, Any]) -> WebhookEvent:
         status = status_from_wire(update.get("status"))
         if status is None:
             raise MalformedPayload(f"message.ack has unknown status {update.get('status')!r}")
-        return WebhookEvent(**base, kind=EventKind.RECEIPTS, receipts=((key_id, status),),
-                            dedupe_id=f"{instance}|message.ack|{key_id}|{status}")
+        return WebhookEvent(
+            **base,
+            kind=EventKind.RECEIPTS,
+            receipts=((key_id, status),),
+            dedupe_id=f"{instance}|message.ack|{key_id}|{status}",
+        )
     if isinstance(key, dict):  # a flat Baileys message typed by its content (`conversation`, `imageMessage`…)
         if not instance:
             raise MalformedPayload(f"{kind} message without 'instance_key'")
         message = _message(kind, payload)
-        return WebhookEvent(**base, kind=EventKind.MESSAGES, messages=(message,),
-                            dedupe_id=f"{instance}|message|{message.external_id}")
+        return WebhookEvent(
+            **base, kind=EventKind.MESSAGES, messages=(message,), dedupe_id=f"{instance}|message|{message.external_id}"
+        )
     return WebhookEvent(**base, kind=EventKind.OTHER)
 
 

@@ -52,8 +52,12 @@ def classify(observation: StatusObservation) -> tuple[bool, str]:
 
 def can_reconnect(outcome: HealthOutcome) -> bool:
     """Whether a reconnect can help: allowed by the organization, and the session does not need a new QR scan."""
-    return (outcome.auto_reconnect and not outcome.logged_out and outcome.paired
-            and outcome.status != InstanceStatus.QR_PENDING)
+    return (
+        outcome.auto_reconnect
+        and not outcome.logged_out
+        and outcome.paired
+        and outcome.status != InstanceStatus.QR_PENDING
+    )
 
 
 def transitions(outcome: HealthOutcome, *, alert_after: int, reconnect_after: int) -> list[TransitionKind]:
@@ -95,8 +99,12 @@ def alert_message(outcome: HealthOutcome, *, reconnect_after: int) -> str:
 
 def _instance_fields(outcome: HealthOutcome) -> dict[str, object]:
     return {
-        "instance_id": str(outcome.instance_id), "instance_name": outcome.instance_name, "user_id": outcome.user_id,
-        "gateway": outcome.gateway, "status": outcome.status, "health": outcome.health,
+        "instance_id": str(outcome.instance_id),
+        "instance_name": outcome.instance_name,
+        "user_id": outcome.user_id,
+        "gateway": outcome.gateway,
+        "status": outcome.status,
+        "health": outcome.health,
         "consecutive_failures": outcome.failures,
     }
 
@@ -119,8 +127,14 @@ class RecordedChecks:
 
 @task(name="record-health", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[1, 5])
 async def record_checks(
-    refs: Sequence[InstanceRef], observations: Sequence[StatusObservation], *, confirmed: set[str],
-    checked_at: datetime, alert_after: int, reconnect_after: int, flow_run_id: uuid.UUID | None,
+    refs: Sequence[InstanceRef],
+    observations: Sequence[StatusObservation],
+    *,
+    confirmed: set[str],
+    checked_at: datetime,
+    alert_after: int,
+    reconnect_after: int,
+    flow_run_id: uuid.UUID | None,
 ) -> RecordedChecks:
     """In one transaction: apply observed statuses (newest wins), count failures, and publish the transitions."""
     _, _, writes = diff_observations(refs, observations, confirmed=confirmed)
@@ -139,12 +153,26 @@ async def record_checks(
         for decision in decisions:
             o = decision.outcome
             if "alert" in decision.kinds:
-                events.append(event(o.organization_id, Kind.HEALTH_ALERT, **_instance_fields(o),
-                                    logged_out=o.logged_out, reconnect="reconnect" in decision.kinds,
-                                    message=alert_message(o, reconnect_after=reconnect_after)))
+                events.append(
+                    event(
+                        o.organization_id,
+                        Kind.HEALTH_ALERT,
+                        **_instance_fields(o),
+                        logged_out=o.logged_out,
+                        reconnect="reconnect" in decision.kinds,
+                        message=alert_message(o, reconnect_after=reconnect_after),
+                    )
+                )
             if "recovered" in decision.kinds:
-                events.append(event(o.organization_id, Kind.HEALTH_RECOVERED, **_instance_fields(o),
-                                    failed_checks=o.failures_before, message="Reconnected: the number is back."))
+                events.append(
+                    event(
+                        o.organization_id,
+                        Kind.HEALTH_RECOVERED,
+                        **_instance_fields(o),
+                        failed_checks=o.failures_before,
+                        message="Reconnected: the number is back.",
+                    )
+                )
         await publish(events, session=session)
     return RecordedChecks(decisions=decisions, status_changes=len(changes))
 
@@ -182,14 +210,36 @@ async def reconnect(gateway: Gateway, outcomes: Sequence[HealthOutcome]) -> list
     events: list[NewLiveEvent] = []
     for r in results:
         o = r.outcome
-        message = ("Reconnecting…" if r.ok and not r.qr_code else
-                   "Scan the new QR code to reconnect." if r.ok else
-                   "Automatic reconnection failed: reconnect manually.")
-        events.append(event(o.organization_id, Kind.HEALTH_RECONNECT, **_instance_fields(o), method=r.method,
-                            ok=r.ok, error=r.error, needs_qr=r.qr_code is not None, message=message))
+        message = (
+            "Reconnecting…"
+            if r.ok and not r.qr_code
+            else "Scan the new QR code to reconnect."
+            if r.ok
+            else "Automatic reconnection failed: reconnect manually."
+        )
+        events.append(
+            event(
+                o.organization_id,
+                Kind.HEALTH_RECONNECT,
+                **_instance_fields(o),
+                method=r.method,
+                ok=r.ok,
+                error=r.error,
+                needs_qr=r.qr_code is not None,
+                message=message,
+            )
+        )
         if r.qr_code:
-            events.append(event(o.organization_id, Kind.INSTANCE_QR, instance_id=str(o.instance_id),
-                                instance_name=o.instance_name, user_id=o.user_id, qr_code=r.qr_code))
+            events.append(
+                event(
+                    o.organization_id,
+                    Kind.INSTANCE_QR,
+                    instance_id=str(o.instance_id),
+                    instance_name=o.instance_name,
+                    user_id=o.user_id,
+                    qr_code=r.qr_code,
+                )
+            )
     await publish(events)
     return results
 
@@ -207,10 +257,15 @@ async def record_gateways(
             if g.health == g.health_before or (g.health_before is None and g.health == "healthy"):
                 continue
             kind = Kind.GATEWAY_UNHEALTHY if g.health == "unhealthy" else Kind.GATEWAY_RECOVERED
-            message = (f"Gateway {g.gateway} is unreachable: its instances' status is unknown until it answers."
-                       if g.health == "unhealthy" else f"Gateway {g.gateway} answers again.")
-            events += [event(org, kind, gateway=g.gateway, error=errors.get(g.gateway), message=message)
-                       for org in sorted(organizations.get(g.gateway, set()))]
+            message = (
+                f"Gateway {g.gateway} is unreachable: its instances' status is unknown until it answers."
+                if g.health == "unhealthy"
+                else f"Gateway {g.gateway} answers again."
+            )
+            events += [
+                event(org, kind, gateway=g.gateway, error=errors.get(g.gateway), message=message)
+                for org in sorted(organizations.get(g.gateway, set()))
+            ]
         await publish(events, session=session)
     return outcomes
 
@@ -221,14 +276,18 @@ def describe_issues(
     """Problems a person should know about one instance (seed 003's "problems detected"), most urgent first."""
     issues: list[str] = []
     if gateway is not None and gateway.get("health") == "unhealthy":
-        issues.append(f"gateway {gateway['gateway']} is unreachable ({gateway.get('last_error') or 'no answer'}): "
-                      "the instance's state is unknown")
+        issues.append(
+            f"gateway {gateway['gateway']} is unreachable ({gateway.get('last_error') or 'no answer'}): "
+            "the instance's state is unknown"
+        )
     if instance.get("logged_out"):
         issues.append("logged out by WhatsApp: scan a new QR code")
     failures = int(str(instance.get("consecutive_failures") or 0))
     if failures:
-        issues.append(f"{failures} failed health check{'s' if failures != 1 else ''} in a row"
-                      + (" (alert raised)" if failures >= alert_after else ""))
+        issues.append(
+            f"{failures} failed health check{'s' if failures != 1 else ''} in a row"
+            + (" (alert raised)" if failures >= alert_after else "")
+        )
         if failures >= reconnect_after and not instance.get("auto_reconnect"):
             issues.append("automatic reconnection is off for this organization")
     if instance.get("status") == InstanceStatus.QR_PENDING:

@@ -90,7 +90,10 @@ def retry_on_transient(_: Task[..., Any], __: TaskRun, state: State[Any]) -> boo
 
 
 PAGE_TASK: dict[str, Any] = {
-    "cache_policy": NO_CACHE, "retries": 2, "retry_delay_seconds": [1, 5], "retry_condition_fn": retry_on_transient,
+    "cache_policy": NO_CACHE,
+    "retries": 2,
+    "retry_delay_seconds": [1, 5],
+    "retry_condition_fn": retry_on_transient,
 }
 
 
@@ -101,8 +104,11 @@ PAGE_TASK: dict[str, Any] = {
 async def import_contacts_page(gateway: Gateway, ctx: ImportContext, page: int) -> PageOutcome:
     """One page of the address book: people become contacts (linked to clients by phone); groups are skipped."""
     batch = await gateway.fetch_contacts(ctx.scope.instance_name, page=page, page_size=ctx.page_size)
-    people = [ContactInput(c.jid, c.alt_jid, c.name) for c in batch
-              if chat_kind(c.jid) is ChatKind.CONTACT and c.kind not in ("group", "group_member")]
+    people = [
+        ContactInput(c.jid, c.alt_jid, c.name)
+        for c in batch
+        if chat_kind(c.jid) is ChatKind.CONTACT and c.kind not in ("group", "group_member")
+    ]
     last = len(batch) < ctx.page_size
 
     def advance(cursor: Cursor) -> Cursor | None:
@@ -115,8 +121,13 @@ async def import_contacts_page(gateway: Gateway, ctx: ImportContext, page: int) 
 
     async with session_scope() as session:
         written = await upsert_contacts(session, ctx.scope, people)
-        counts = {"contacts_seen": len(batch), "contacts_skipped": len(batch) - len(people),
-                  "contacts_created": written.created, "contacts_linked": written.linked, "pages": 1}
+        counts = {
+            "contacts_seen": len(batch),
+            "contacts_skipped": len(batch) - len(people),
+            "contacts_created": written.created,
+            "contacts_linked": written.linked,
+            "pages": 1,
+        }
         await record_progress(session, ctx.run_id, counts=counts, advance=advance)
     return PageOutcome(counts=counts, last=last)
 
@@ -154,10 +165,17 @@ async def import_chats_page(gateway: Gateway, ctx: ImportContext, skip: int) -> 
 
     async with session_scope() as session:
         written = await upsert_contacts(session, ctx.scope, (ContactInput(c.jid, c.alt_jid, c.name) for c in wanted))
-        refs = await ensure_conversations(session, ctx.scope, (
-            ConversationFact(written.ids[c.jid], c.last_message_at, bool(c.last_from_me))
-            for c in wanted if c.last_message_at is not None
-        ), now=ctx.until, closed_reason=IMPORTED)
+        refs = await ensure_conversations(
+            session,
+            ctx.scope,
+            (
+                ConversationFact(written.ids[c.jid], c.last_message_at, bool(c.last_from_me))
+                for c in wanted
+                if c.last_message_at is not None
+            ),
+            now=ctx.until,
+            closed_reason=IMPORTED,
+        )
         counts.update(_conversation_counts(refs.values()))
         counts.update(chats_imported=len(wanted), contacts_created=written.created, contacts_linked=written.linked)
         await record_progress(session, ctx.run_id, counts=counts, advance=advance)
@@ -185,7 +203,11 @@ async def import_messages_page(
 ) -> PageOutcome:
     """One page of the instance's messages: one-to-one ones are stored (ON CONFLICT DO NOTHING), others counted."""
     fetched = await gateway.fetch_messages(
-        ctx.scope.instance_name, page=page, page_size=ctx.page_size, since=ctx.since, until=ctx.until,
+        ctx.scope.instance_name,
+        page=page,
+        page_size=ctx.page_size,
+        since=ctx.since,
+        until=ctx.until,
     )
     rows = MessageRows()
     strays: list[GatewayMessage] = []
@@ -226,16 +248,23 @@ async def import_messages_page(
     return PageOutcome(counts=counts, last=page >= pages, pages=pages, total=fetched.total)
 
 
-async def _place_strays(session: Any, ctx: ImportContext, strays: list[GatewayMessage], rows: MessageRows
-                        ) -> dict[str, int]:
+async def _place_strays(
+    session: Any, ctx: ImportContext, strays: list[GatewayMessage], rows: MessageRows
+) -> dict[str, int]:
     """Messages of chats the chats phase did not list (they moved while it paged): contact and conversation
     now, never splitting a closed conversation (their order among pages is not known)."""
     names = {m.chat_jid: m.push_name for m in strays if not m.from_me}
-    written = await upsert_contacts(session, ctx.scope, (
-        ContactInput(m.chat_jid, m.alt_jid, names.get(m.chat_jid)) for m in strays))
-    refs = await ensure_conversations(session, ctx.scope, (
-        ConversationFact(written.ids[m.chat_jid], m.sent_at, m.from_me) for m in strays
-    ), now=ctx.until, closed_reason=IMPORTED, split_closed=False)
+    written = await upsert_contacts(
+        session, ctx.scope, (ContactInput(m.chat_jid, m.alt_jid, names.get(m.chat_jid)) for m in strays)
+    )
+    refs = await ensure_conversations(
+        session,
+        ctx.scope,
+        (ConversationFact(written.ids[m.chat_jid], m.sent_at, m.from_me) for m in strays),
+        now=ctx.until,
+        closed_reason=IMPORTED,
+        split_closed=False,
+    )
     for m in strays:
         rows.append(refs[written.ids[m.chat_jid]].id, m)
     counts = _conversation_counts(refs.values())
@@ -277,7 +306,9 @@ def connection_key(instance_id: uuid.UUID, connected_at: datetime) -> str:
 
 @task(name="start-pending-imports", cache_policy=NO_CACHE, retries=0)
 async def start_pending_imports(
-    became_connected: list[uuid.UUID], *, organization_id: uuid.UUID | None = None,
+    became_connected: list[uuid.UUID],
+    *,
+    organization_id: uuid.UUID | None = None,
     instance_id: uuid.UUID | None = None,
 ) -> int:
     """After a status sync: start imports for connected instances whose current connection is not imported
@@ -297,8 +328,12 @@ async def start_pending_imports(
         return 0
     async with session_scope() as session:
         pending = await pending_imports(
-            session, gateways=gateways, first=became_connected, organization_id=organization_id,
-            instance_id=instance_id, stale_minutes=settings.import_stale_minutes,
+            session,
+            gateways=gateways,
+            first=became_connected,
+            organization_id=organization_id,
+            instance_id=instance_id,
+            stale_minutes=settings.import_stale_minutes,
             limit=settings.import_starts_per_sync,
         )
     hour = int(datetime.now(UTC).timestamp() // 3600)

@@ -119,7 +119,12 @@ async def select_idle_conversations(
 
 @task(name="close-idle-conversations", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[1, 5])
 async def close_conversations(
-    policy: ClosePolicy, ids: Sequence[int], *, closed_at: datetime, message: str, transaction_size: int,
+    policy: ClosePolicy,
+    ids: Sequence[int],
+    *,
+    closed_at: datetime,
+    message: str,
+    transaction_size: int,
 ) -> list[ClosedConversation]:
     """Close one batch, ``transaction_size`` rows per transaction (short row locks: message writers that reach a
     locked conversation wait for at most one transaction), each with its system messages and one
@@ -127,12 +132,22 @@ async def close_conversations(
     closed: list[ClosedConversation] = []
     for start in range(0, len(ids), transaction_size):
         async with session_scope() as session:
-            done = await close_idle(session, policy, ids[start:start + transaction_size], closed_at=closed_at,
-                                    message=message)
+            done = await close_idle(
+                session, policy, ids[start : start + transaction_size], closed_at=closed_at, message=message
+            )
             if done:
-                await publish([event(
-                    policy.organization_id, Kind.CONVERSATIONS_CLOSED, reason="inactive", count=len(done),
-                    conversation_ids=[c.id for c in done], closed_at=closed_at.isoformat(),
-                )], session=session)
+                await publish(
+                    [
+                        event(
+                            policy.organization_id,
+                            Kind.CONVERSATIONS_CLOSED,
+                            reason="inactive",
+                            count=len(done),
+                            conversation_ids=[c.id for c in done],
+                            closed_at=closed_at.isoformat(),
+                        )
+                    ],
+                    session=session,
+                )
         closed += done
     return closed

@@ -28,9 +28,7 @@ def pick_live_confirmations(refs: Sequence[InstanceRef], *, force: bool, budget:
 
 
 @task(name="observe-instances", cache_policy=NO_CACHE, retries=0)
-async def observe_batch(
-    gateway: Gateway, refs: Sequence[InstanceRef], *, confirm: set[str]
-) -> list[StatusObservation]:
+async def observe_batch(gateway: Gateway, refs: Sequence[InstanceRef], *, confirm: set[str]) -> list[StatusObservation]:
     """Ask one gateway about a batch of its instances (the client retries and breaks on its own)."""
     observations = await gateway.fetch_states(
         [r.instance_name for r in refs],
@@ -41,7 +39,10 @@ async def observe_batch(
 
 
 def diff_observations(
-    refs: Sequence[InstanceRef], observations: Sequence[StatusObservation], *, confirmed: set[str] | None = None,
+    refs: Sequence[InstanceRef],
+    observations: Sequence[StatusObservation],
+    *,
+    confirmed: set[str] | None = None,
 ) -> tuple[list[Drift], list[UnreachableInstance], list[StatusWrite]]:
     """Compare database rows with observations: drift, unreachable instances, and the writes to apply.
 
@@ -53,20 +54,39 @@ def diff_observations(
     writes: list[StatusWrite] = []
     for ref, obs in zip(refs, observations, strict=True):
         if obs.status is None:
-            unreachable.append(UnreachableInstance(
-                instance_id=ref.id, instance_name=ref.instance_name, gateway=ref.gateway, error=obs.error,
-            ))
+            unreachable.append(
+                UnreachableInstance(
+                    instance_id=ref.id,
+                    instance_name=ref.instance_name,
+                    gateway=ref.gateway,
+                    error=obs.error,
+                )
+            )
             continue
-        writes.append(StatusWrite(
-            instance_id=ref.id, status=obs.status, observed_at=obs.observed_at, reason=obs.reason,
-            phone_number=obs.phone_number, profile_name=obs.profile_name,
-            live_confirmed=ref.instance_name in confirmed, logged_out=obs.logged_out,
-        ))
+        writes.append(
+            StatusWrite(
+                instance_id=ref.id,
+                status=obs.status,
+                observed_at=obs.observed_at,
+                reason=obs.reason,
+                phone_number=obs.phone_number,
+                profile_name=obs.profile_name,
+                live_confirmed=ref.instance_name in confirmed,
+                logged_out=obs.logged_out,
+            )
+        )
         if obs.status != ref.status:
-            drifts.append(Drift(
-                instance_id=ref.id, organization_id=ref.organization_id, instance_name=ref.instance_name,
-                gateway=ref.gateway, db_status=ref.status, gateway_status=obs.status, reason=obs.reason,
-            ))
+            drifts.append(
+                Drift(
+                    instance_id=ref.id,
+                    organization_id=ref.organization_id,
+                    instance_name=ref.instance_name,
+                    gateway=ref.gateway,
+                    db_status=ref.status,
+                    gateway_status=obs.status,
+                    reason=obs.reason,
+                )
+            )
     return drifts, unreachable, writes
 
 
@@ -77,4 +97,3 @@ async def apply_batch(
     """Write one batch of observations in one transaction (newest-wins guard, history, sessions)."""
     async with session_scope() as session:
         return await apply_status_writes(session, writes, source=source, flow_run_id=flow_run_id)
-

@@ -9,21 +9,31 @@ from collections.abc import AsyncIterator, Iterator
 # Settings are read from the environment: point everything at throwaway places before zapsync is imported.
 _HOME = tempfile.mkdtemp(prefix="zapsync-test-")
 os.environ["ZAPSYNC_HOME"] = _HOME
-for _var in ("DATABASE_URL", "EVOLUTION_API_URL", "EVOLUTION_API_KEY", "MEGA_API_HOST", "MEGA_API_TOKEN",
-             "ZAPSYNC_GATEWAYS", "CRON_SECRET", "ZAPSYNC_ADMIN_TOKEN"):
+for _var in (
+    "DATABASE_URL",
+    "EVOLUTION_API_URL",
+    "EVOLUTION_API_KEY",
+    "MEGA_API_HOST",
+    "MEGA_API_TOKEN",
+    "ZAPSYNC_GATEWAYS",
+    "CRON_SECRET",
+    "ZAPSYNC_ADMIN_TOKEN",
+):
     os.environ.pop(_var, None)
-os.environ.update({
-    "ZAPSYNC_GATEWAY_TIMEOUT": "0.5",
-    "ZAPSYNC_GATEWAY_RETRY_INITIAL": "0.01",
-    "ZAPSYNC_GATEWAY_RETRY_MAX": "0.05",
-    "ZAPSYNC_GATEWAY_BREAKER_RECOVERY": "0.3",
-    "CRON_SECRET": "test-cron-secret",
-    "ZAPSYNC_ADMIN_TOKEN": "test-admin-token",
-    "PREFECT_LOGGING_LEVEL": "WARNING",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "DO_NOT_TRACK": "1",
-    "ZAPSYNC_SCHEDULES_ENABLED": "false",  # served maintenance/health schedules would act on other tests' rows
-})
+os.environ.update(
+    {
+        "ZAPSYNC_GATEWAY_TIMEOUT": "0.5",
+        "ZAPSYNC_GATEWAY_RETRY_INITIAL": "0.01",
+        "ZAPSYNC_GATEWAY_RETRY_MAX": "0.05",
+        "ZAPSYNC_GATEWAY_BREAKER_RECOVERY": "0.3",
+        "CRON_SECRET": "test-cron-secret",
+        "ZAPSYNC_ADMIN_TOKEN": "test-admin-token",
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+        "ZAPSYNC_SCHEDULES_ENABLED": "false",  # served maintenance/health schedules would act on other tests' rows
+    }
+)
 
 import httpx  # noqa: E402
 import pytest  # noqa: E402
@@ -57,10 +67,14 @@ def simulator_state() -> SimulatorState:
 def simulator_server(simulator_state: SimulatorState) -> Iterator[SimulatorServer]:
     """The gateway simulator serving Evolution and MegaAPI routes on a loopback port."""
     with SimulatorServer(simulator_state) as server:
-        os.environ.update({
-            "EVOLUTION_API_URL": server.url, "EVOLUTION_API_KEY": SIM_EVOLUTION_KEY,
-            "MEGA_API_HOST": server.url, "MEGA_API_TOKEN": SIM_MEGAAPI_TOKEN,
-        })
+        os.environ.update(
+            {
+                "EVOLUTION_API_URL": server.url,
+                "EVOLUTION_API_KEY": SIM_EVOLUTION_KEY,
+                "MEGA_API_HOST": server.url,
+                "MEGA_API_TOKEN": SIM_MEGAAPI_TOKEN,
+            }
+        )
         get_settings.cache_clear()
         yield server
 
@@ -83,9 +97,20 @@ def prefect_server() -> Iterator[None]:
 
 
 TABLES = (
-    "live_events", "messages", "conversations", "contacts", "import_runs", "instance_status_changes",
-    "whatsapp_sessions", "webhook_events", "flow_reports", "api_tokens", "whatsapp_instances", "clients",
-    "organizations", "gateway_health",
+    "live_events",
+    "messages",
+    "conversations",
+    "contacts",
+    "import_runs",
+    "instance_status_changes",
+    "whatsapp_sessions",
+    "webhook_events",
+    "flow_reports",
+    "api_tokens",
+    "whatsapp_instances",
+    "clients",
+    "organizations",
+    "gateway_health",
 )
 
 

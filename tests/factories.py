@@ -19,8 +19,13 @@ async def make_organization(name: str = "Acme", *, secret: str = "org-secret") -
 
 
 async def make_instance(
-    organization_id: uuid.UUID, name: str, *, gateway: str = "evolution", status: str = "disconnected",
-    observed_at: datetime | None = None, user_id: str | None = None,
+    organization_id: uuid.UUID,
+    name: str,
+    *,
+    gateway: str = "evolution",
+    status: str = "disconnected",
+    observed_at: datetime | None = None,
+    user_id: str | None = None,
 ) -> uuid.UUID:
     """An instance row in the given status."""
     async with session_scope() as session:
@@ -29,8 +34,7 @@ async def make_instance(
                 "INSERT INTO whatsapp_instances (organization_id, gateway, instance_name, status, "
                 "status_observed_at, user_id) VALUES (:org, :gw, :name, :status, :obs, :uid) RETURNING id"
             ),
-            {"org": organization_id, "gw": gateway, "name": name, "status": status, "obs": observed_at,
-             "uid": user_id},
+            {"org": organization_id, "gw": gateway, "name": name, "status": status, "obs": observed_at, "uid": user_id},
         )
         return row.scalar_one()
 
@@ -46,8 +50,10 @@ async def history(instance_id: uuid.UUID) -> list[tuple[str | None, str, str]]:
     """(from, to, source) of every recorded transition, oldest first."""
     async with session_scope() as session:
         rows = await session.execute(
-            text("SELECT from_status, to_status, source FROM instance_status_changes "
-                 "WHERE instance_id = :id ORDER BY id"), {"id": instance_id},
+            text(
+                "SELECT from_status, to_status, source FROM instance_status_changes WHERE instance_id = :id ORDER BY id"
+            ),
+            {"id": instance_id},
         )
         return [tuple(r) for r in rows.all()]  # type: ignore[misc]
 

@@ -16,12 +16,27 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_bench_sync_applies_exactly_the_injected_drift() -> None:
     # Production defaults and its own throwaway database, not the test session's overrides (0.5 s timeouts, …).
-    env = {key: value for key, value in os.environ.items()
-           if key != "DATABASE_URL" and not key.startswith("ZAPSYNC_")}
+    env = {key: value for key, value in os.environ.items() if key != "DATABASE_URL" and not key.startswith("ZAPSYNC_")}
     result = subprocess.run(
-        [sys.executable, "-m", "bench", "sync", "--instances", "50", "--latency-ms", "0", "--json",
-         "--baseline-seconds", "1"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False,
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "sync",
+            "--instances",
+            "50",
+            "--latency-ms",
+            "0",
+            "--json",
+            "--baseline-seconds",
+            "1",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
 
     assert result.returncode == 0, result.stderr[-3000:]

@@ -39,22 +39,29 @@ async def _world() -> dict[str, int]:
         "a_expired_long_ago": await add_session(a2, connected_at=ago(days=400), disconnected_at=ago(days=399)),
         "a_recent": await add_session(a2, connected_at=ago(days=21), disconnected_at=ago(days=20)),
         # The instance's current session: connected 100 days ago, quiet for 60 — still never deleted.
-        "a_open": await add_session(a1, connected_at=ago(days=100), disconnected_at=None,
-                                    last_activity_at=ago(days=60)),
+        "a_open": await add_session(
+            a1, connected_at=ago(days=100), disconnected_at=None, last_activity_at=ago(days=60)
+        ),
         "b_expired": await add_session(b1, connected_at=ago(days=11), disconnected_at=ago(days=10)),
         "b_recent": await add_session(b1, connected_at=ago(days=4), disconnected_at=ago(days=3)),
     }
     async with session_scope() as session:
         for org, age_days, n in ((org_a, 40, 3), (org_a, 1, 2), (org_b, 31, 1)):
-            await session.execute(text(
-                "INSERT INTO webhook_events (organization_id, provider, event, dedupe_key, received_at, payload, "
-                "outcome) SELECT :org, 'evolution', 'messages.upsert', md5(random()::text), "
-                "now() - make_interval(days => :age), '{}'::jsonb, 'stored' FROM generate_series(1, :n)"),
-                {"org": org, "age": age_days, "n": n})
-        await session.execute(text(
-            "INSERT INTO live_events (organization_id, kind, payload, created_at) VALUES "
-            "(:a, 'instance.status', '{}', now() - interval '8 days'), (:a, 'instance.status', '{}', now())"),
-            {"a": org_a})
+            await session.execute(
+                text(
+                    "INSERT INTO webhook_events (organization_id, provider, event, dedupe_key, received_at, payload, "
+                    "outcome) SELECT :org, 'evolution', 'messages.upsert', md5(random()::text), "
+                    "now() - make_interval(days => :age), '{}'::jsonb, 'stored' FROM generate_series(1, :n)"
+                ),
+                {"org": org, "age": age_days, "n": n},
+            )
+        await session.execute(
+            text(
+                "INSERT INTO live_events (organization_id, kind, payload, created_at) VALUES "
+                "(:a, 'instance.status', '{}', now() - interval '8 days'), (:a, 'instance.status', '{}', now())"
+            ),
+            {"a": org_a},
+        )
     return sessions
 
 
@@ -102,5 +109,8 @@ async def test_one_organization_with_a_retention_override() -> None:
     assert report.deleted.sessions == 2  # both of B's ended sessions are older than one day
     assert report.deleted.webhook_events == 1
     assert await _remaining_sessions() == {
-        sessions["a_expired"], sessions["a_expired_long_ago"], sessions["a_recent"], sessions["a_open"],
+        sessions["a_expired"],
+        sessions["a_expired_long_ago"],
+        sessions["a_recent"],
+        sessions["a_open"],
     }

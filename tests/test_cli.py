@@ -71,12 +71,14 @@ def child_env(**overrides: str) -> dict[str, str]:
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*ZAPSYNC, *args], env=env or child_env(), capture_output=True, text=True,
-                          timeout=timeout, check=False)
+    return subprocess.run(
+        [*ZAPSYNC, *args], env=env or child_env(), capture_output=True, text=True, timeout=timeout, check=False
+    )
 
 
-def wait_until(condition: Callable[[], bool], *, timeout: float, what: str,
-               alive: subprocess.Popen[str] | None = None) -> None:
+def wait_until(
+    condition: Callable[[], bool], *, timeout: float, what: str, alive: subprocess.Popen[str] | None = None
+) -> None:
     """Poll ``condition`` until it holds; fail after ``timeout`` s (or at once if ``alive`` exits)."""
     deadline = time.monotonic() + timeout
     delay = 0.05
@@ -126,16 +128,19 @@ def test_help_lists_every_command() -> None:
         assert command in out
 
 
-@pytest.mark.parametrize("args", [
-    ("status", "--org", "not-a-uuid"),
-    ("instance", "add", "--org", str(uuid.uuid4()), "no-gateway-given"),
-    ("sync", "--no-such-option"),
-    ("simulator", "--provider", "waha"),
-    ("up", "--api-port", "0"),
-    ("import", "not-a-uuid"),
-    ("cleanup-sessions", "--retention-days", "0"),
-    ("close-inactive", "--org", "nope"),
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("status", "--org", "not-a-uuid"),
+        ("instance", "add", "--org", str(uuid.uuid4()), "no-gateway-given"),
+        ("sync", "--no-such-option"),
+        ("simulator", "--provider", "waha"),
+        ("up", "--api-port", "0"),
+        ("import", "not-a-uuid"),
+        ("cleanup-sessions", "--retention-days", "0"),
+        ("close-inactive", "--org", "nope"),
+    ],
+)
 def test_bad_usage_exits_2(args: tuple[str, ...]) -> None:
     code, _, err = invoke(*args)
     assert code == 2
@@ -172,8 +177,10 @@ def test_org_create_prints_the_secrets_once_and_they_work() -> None:
     assert created["name"] == "Acme"
     assert created["webhook_secret"].startswith("whsec_")
     assert created["token"].startswith("zs_")
-    assert created["webhooks"] == {"evolution": f"/webhooks/evolution/{org_id}",
-                                   "megaapi": f"/webhooks/megaapi/{org_id}"}
+    assert created["webhooks"] == {
+        "evolution": f"/webhooks/evolution/{org_id}",
+        "megaapi": f"/webhooks/megaapi/{org_id}",
+    }
     principal = run_async(lambda: _principal(created["token"]))
     assert principal is not None and principal.organization_id == org_id
 
@@ -280,7 +287,8 @@ def test_sync_check_then_apply_against_the_simulator(simulator: SimulatorState) 
     assert check["mode"] == "check" and check["flow_run_id"]
     assert check["checked"] == 3 and check["drifted"] == 1 and check["applied"] == 0
     assert [(d["instance_name"], d["db_status"], d["gateway_status"], d["applied"]) for d in check["changes"]] == [
-        ("evo-up", "disconnected", "connected", False)]
+        ("evo-up", "disconnected", "connected", False)
+    ]
     assert check["unreachable"] == 1
     assert check["unreachable_instances"][0]["instance_name"] == "lost-01"
     # Check mode wrote nothing.
@@ -294,8 +302,12 @@ def test_sync_check_then_apply_against_the_simulator(simulator: SimulatorState) 
     statuses = {i["instance_name"]: i["status"] for i in invoke_json("status", "--org", org_id)["instances"]}
     assert statuses == {"evo-up": "connected", "evo-down": "disconnected", "lost-01": "disconnected"}
 
-    again = invoke_json("sync", "--instance", next(
-        i["id"] for i in invoke_json("status")["instances"] if i["instance_name"] == "evo-up"), "--force")
+    again = invoke_json(
+        "sync",
+        "--instance",
+        next(i["id"] for i in invoke_json("status")["instances"] if i["instance_name"] == "evo-up"),
+        "--force",
+    )
     assert again["checked"] == 1 and again["drifted"] == 0 and again["in_sync"] == 1
 
 
@@ -346,8 +358,17 @@ def closed_port_url() -> str:
     return f"postgresql://postgres@127.0.0.1:{free_port()}/zapsync"
 
 
-@pytest.mark.parametrize("args", [("status",), ("db", "status"), ("db", "upgrade"), ("org", "create", "X"),
-                                  ("sync", "--check"), ("api", "--port", "0")])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("status",),
+        ("db", "status"),
+        ("db", "upgrade"),
+        ("org", "create", "X"),
+        ("sync", "--check"),
+        ("api", "--port", "0"),
+    ],
+)
 def test_unreachable_database_exits_2_with_one_sentence(args: tuple[str, ...]) -> None:
     if args[0] == "api":
         args = ("api", "--port", str(free_port()))
@@ -394,8 +415,10 @@ def test_busy_ports_are_named_with_the_option_that_changes_them() -> None:
         port = busy.getsockname()[1]
         code, _, err = invoke("simulator", "--port", str(port))
         assert code == 2
-        assert one_sentence(err) == (f"zapsync: port {port} (simulator) is already in use on 127.0.0.1: stop what "
-                                     "uses it or pass --port to choose another port.")
+        assert one_sentence(err) == (
+            f"zapsync: port {port} (simulator) is already in use on 127.0.0.1: stop what "
+            "uses it or pass --port to choose another port."
+        )
         code, _, err = invoke("api", "--port", str(port))
         assert code == 2 and "--port" in one_sentence(err)
 
@@ -404,8 +427,9 @@ def test_busy_ports_are_named_with_the_option_that_changes_them() -> None:
         line = one_sentence(done.stderr)
         assert f"port {port} (API)" in line and "--api-port" in line
 
-        done = run_cli("up", "--api-port", str(free_port()), "--prefect-port", str(port), "--sim-port",
-                       str(free_port()))
+        done = run_cli(
+            "up", "--api-port", str(free_port()), "--prefect-port", str(port), "--sim-port", str(free_port())
+        )
         assert done.returncode == 2 and "--prefect-port" in one_sentence(done.stderr)
 
 
@@ -413,8 +437,16 @@ def test_up_refuses_a_second_stack_on_the_same_home(tmp_path: Path) -> None:
     home = tmp_path / "home"
     home.mkdir()
     (home / "stack.json").write_text(json.dumps({"pid": os.getpid()}))  # a live process "runs" the stack
-    done = run_cli("up", "--api-port", str(free_port()), "--prefect-port", str(free_port()), "--sim-port",
-                   str(free_port()), env=_up_env(home))
+    done = run_cli(
+        "up",
+        "--api-port",
+        str(free_port()),
+        "--prefect-port",
+        str(free_port()),
+        "--sim-port",
+        str(free_port()),
+        env=_up_env(home),
+    )
     assert done.returncode == 2
     assert f"zapsync up is already running (pid {os.getpid()})" in one_sentence(done.stderr)
 
@@ -430,8 +462,15 @@ def test_serve_gives_up_on_a_prefect_api_that_never_answers() -> None:
 
 
 def test_strip_query_filter_removes_query_strings() -> None:
-    record = logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d',
-                               ("127.0.0.1:1", "POST", "/webhooks/megaapi/x?secret=abc&y=1", "1.1", 401), None)
+    record = logging.LogRecord(
+        "uvicorn.access",
+        logging.INFO,
+        __file__,
+        1,
+        '%s - "%s %s HTTP/%s" %d',
+        ("127.0.0.1:1", "POST", "/webhooks/megaapi/x?secret=abc&y=1", "1.1", 401),
+        None,
+    )
     assert cli.StripQueryFilter().filter(record)
     assert record.getMessage() == '127.0.0.1:1 - "POST /webhooks/megaapi/x HTTP/1.1" 401'
     config = cli.access_log_config()
@@ -441,8 +480,13 @@ def test_strip_query_filter_removes_query_strings() -> None:
 def test_api_serves_and_never_logs_query_strings() -> None:
     org_id = invoke_json("org", "create", "Acme")["id"]
     port = free_port()
-    process = subprocess.Popen([*ZAPSYNC, "api", "--port", str(port)], env=child_env(), text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        [*ZAPSYNC, "api", "--port", str(port)],
+        env=child_env(),
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         wait_until(lambda: answers(f"{base}/healthz"), timeout=60, what="the API", alive=process)
@@ -475,9 +519,26 @@ def test_simulator_demo_sends_webhooks_with_the_secret() -> None:
     port = free_port()
     with SimulatorServer(receiver.app) as hook:
         process = subprocess.Popen(
-            [*ZAPSYNC, "simulator", "--port", str(port), "--instances", "4", "--prefix", "t", "--demo",
-             "--interval", "0.1", "--flap-rate", "0.5", "--webhook-url", f"{hook.url}/hook"],
-            env=child_env(ZAPSYNC_SIM_WEBHOOK_SECRET="sim-secret"), text=True, stdout=subprocess.PIPE,
+            [
+                *ZAPSYNC,
+                "simulator",
+                "--port",
+                str(port),
+                "--instances",
+                "4",
+                "--prefix",
+                "t",
+                "--demo",
+                "--interval",
+                "0.1",
+                "--flap-rate",
+                "0.5",
+                "--webhook-url",
+                f"{hook.url}/hook",
+            ],
+            env=child_env(ZAPSYNC_SIM_WEBHOOK_SECRET="sim-secret"),
+            text=True,
+            stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
         base = f"http://127.0.0.1:{port}"
@@ -546,8 +607,17 @@ def test_a_running_demo_stack_lends_its_simulator_to_other_commands(
 
 def _up_env(home: Path) -> dict[str, str]:
     env = child_env(ZAPSYNC_HOME=str(home), PREFECT_LOGGING_LEVEL="WARNING")
-    for name in ("DATABASE_URL", "PREFECT_API_URL", "EVOLUTION_API_URL", "EVOLUTION_API_KEY", "MEGA_API_HOST",
-                 "MEGA_API_TOKEN", "ZAPSYNC_ADMIN_TOKEN", "ZAPSYNC_GATEWAYS", "PREFECT_HOME"):
+    for name in (
+        "DATABASE_URL",
+        "PREFECT_API_URL",
+        "EVOLUTION_API_URL",
+        "EVOLUTION_API_KEY",
+        "MEGA_API_HOST",
+        "MEGA_API_TOKEN",
+        "ZAPSYNC_ADMIN_TOKEN",
+        "ZAPSYNC_GATEWAYS",
+        "PREFECT_HOME",
+    ):
         env.pop(name, None)
     return env
 
@@ -564,8 +634,21 @@ def test_up_demo_runs_the_whole_stack_and_stops_it_cleanly(tmp_path: Path) -> No
     api_port, prefect_port, sim_port = free_port(), free_port(), free_port()
     env = _up_env(home)
     process = subprocess.Popen(
-        [*ZAPSYNC, "up", "--demo", "--api-port", str(api_port), "--prefect-port", str(prefect_port),
-         "--sim-port", str(sim_port)], env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        [
+            *ZAPSYNC,
+            "up",
+            "--demo",
+            "--api-port",
+            str(api_port),
+            "--prefect-port",
+            str(prefect_port),
+            "--sim-port",
+            str(sim_port),
+        ],
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     lines: list[str] = []
     assert process.stdout is not None
@@ -574,8 +657,10 @@ def test_up_demo_runs_the_whole_stack_and_stops_it_cleanly(tmp_path: Path) -> No
         while not any(line.startswith("Press Ctrl-C to stop") for line in lines):  # the end of the announcement
             line = process.stdout.readline()
             if not line:
-                raise AssertionError(f"zapsync up exited ({process.wait()}):\n{''.join(lines)}\n"
-                                     f"{process.stderr.read() if process.stderr else ''}")
+                raise AssertionError(
+                    f"zapsync up exited ({process.wait()}):\n{''.join(lines)}\n"
+                    f"{process.stderr.read() if process.stderr else ''}"
+                )
             lines.append(line.strip())
             assert time.monotonic() - began < 300, "zapsync up was not ready within 300 s"
         output = "\n".join(lines)
@@ -583,15 +668,22 @@ def test_up_demo_runs_the_whole_stack_and_stops_it_cleanly(tmp_path: Path) -> No
         api = f"http://127.0.0.1:{api_port}"
         admin_token = (home / "admin_token").read_text().strip()
         demo = json.loads((home / "demo.json").read_text())
-        for needle in (api, f"{api}/docs", f"http://127.0.0.1:{prefect_port}", f"http://127.0.0.1:{sim_port}",
-                       admin_token, demo["organization_id"], demo["webhook_secret"], demo["token"]):
+        for needle in (
+            api,
+            f"{api}/docs",
+            f"http://127.0.0.1:{prefect_port}",
+            f"http://127.0.0.1:{sim_port}",
+            admin_token,
+            demo["organization_id"],
+            demo["webhook_secret"],
+            demo["token"],
+        ):
             assert needle in output, needle
         assert stat_mode(home / "admin_token") == 0o600 and stat_mode(home / "demo.json") == 0o600
 
         assert httpx.get(f"{api}/healthz").json() == {"status": "ok"}
         assert httpx.get(f"http://127.0.0.1:{prefect_port}/api/health").json() is True
-        checked = httpx.get(f"{api}/instances/status", headers={"Authorization": f"Bearer {admin_token}"},
-                            timeout=30)
+        checked = httpx.get(f"{api}/instances/status", headers={"Authorization": f"Bearer {admin_token}"}, timeout=30)
         assert checked.status_code == 200, checked.text
         assert checked.json()["checked"] == 20 and checked.json()["unreachable"] == 0
 

@@ -99,8 +99,9 @@ async def test_a_message_between_selection_and_update_keeps_its_conversation_ope
         await add_message(late, bump=bump)  # committed after the selection, before the UPDATE
 
     policy = ClosePolicy(organization_id=a, inactivity_hours=24, close_waiting=False, cutoff=ago(hours=24))
-    summary = await close_organization(policy, closed_at=ago(), dry_run=False, batch_size=10, as_tasks=False,
-                                       before_update=customer_writes)
+    summary = await close_organization(
+        policy, closed_at=ago(), dry_run=False, batch_size=10, as_tasks=False, before_update=customer_writes
+    )
 
     assert sorted(seen[0]) == sorted(ids)  # it was selected as idle
     assert summary.closed == 2 and summary.raced == 1
@@ -117,7 +118,7 @@ async def test_a_row_held_by_another_transaction_is_skipped_not_waited_for(table
     lock = {  # a message handler mid-transaction locks the contact first (db/repositories/conversations.py)
         "conversations": "SELECT id FROM conversations WHERE id = :id FOR UPDATE",
         "contacts": "SELECT ct.id FROM contacts ct JOIN conversations c ON c.contact_id = ct.id WHERE c.id = :id "
-                    "FOR UPDATE OF ct",
+        "FOR UPDATE OF ct",
     }[table]
 
     async with get_engine().connect() as other:
@@ -136,8 +137,10 @@ async def test_a_row_held_by_another_transaction_is_skipped_not_waited_for(table
 async def test_many_small_rounds_close_every_idle_conversation_once() -> None:
     a, a_inst = await _org("A", hours=24)
     same_instant = ago(hours=40)  # ties on last_message_at: the keyset must still move past each row once
-    idle = [await add_conversation(a, a_inst, last_message_at=same_instant if i % 3 else ago(hours=30 + i))
-            for i in range(9)]
+    idle = [
+        await add_conversation(a, a_inst, last_message_at=same_instant if i % 3 else ago(hours=30 + i))
+        for i in range(9)
+    ]
     recent = await add_conversation(a, a_inst, last_message_at=ago(hours=1))
     rounds: list[Sequence[int]] = []
 
@@ -145,8 +148,9 @@ async def test_many_small_rounds_close_every_idle_conversation_once() -> None:
         rounds.append(ids)
 
     policy = ClosePolicy(organization_id=a, inactivity_hours=24, close_waiting=False, cutoff=ago(hours=24))
-    summary = await close_organization(policy, closed_at=ago(), dry_run=False, batch_size=2, concurrency=2,
-                                       as_tasks=False, before_update=note)
+    summary = await close_organization(
+        policy, closed_at=ago(), dry_run=False, batch_size=2, concurrency=2, as_tasks=False, before_update=note
+    )
 
     assert [len(r) for r in rounds] == [4, 4, 1]
     assert sorted(i for r in rounds for i in r) == sorted(idle)

@@ -17,13 +17,20 @@ from tests.factories import make_instance, make_organization
 ADMIN = {"authorization": "Bearer test-admin-token"}
 
 
-async def imported(simulator: Any, name: str, *, chats: int = 5, newest_at: datetime | None = None) -> tuple[
-        uuid.UUID, uuid.UUID]:
+async def imported(
+    simulator: Any, name: str, *, chats: int = 5, newest_at: datetime | None = None
+) -> tuple[uuid.UUID, uuid.UUID]:
     """An organization with one Evolution instance whose generated history was imported."""
     org = await make_organization(name)
     simulator.add_instance(name, "evolution", "open")
-    simulator.set_history(name, chats=chats, messages_per_chat=7, group_chats=1, media_every=0,
-                          newest_at=newest_at or datetime.now(UTC) - timedelta(minutes=5))
+    simulator.set_history(
+        name,
+        chats=chats,
+        messages_per_chat=7,
+        group_chats=1,
+        media_every=0,
+        newest_at=newest_at or datetime.now(UTC) - timedelta(minutes=5),
+    )
     instance_id = await make_instance(org, name, status="connected")
     report = await import_conversations(instance_id)
     assert report.outcome == "completed"
@@ -136,8 +143,9 @@ async def test_on_demand_import_runs_the_deployment_and_waits_for_its_report(cli
     headers = await token(org)
 
     foreign = await client.post(f"/instances/{instance_id}/import", headers=await token(other))
-    response = await client.post(f"/instances/{instance_id}/import", json={"wait": True, "timeout_seconds": 90},
-                                 headers=headers)
+    response = await client.post(
+        f"/instances/{instance_id}/import", json={"wait": True, "timeout_seconds": 90}, headers=headers
+    )
 
     assert foreign.status_code == 404
     assert response.status_code == 202, response.text

@@ -24,8 +24,9 @@ def test_a_second_process_shares_the_running_embedded_server() -> None:
         "c = psycopg.connect(host=u.query['host'], user='postgres', dbname=u.database);"
         "print(c.execute('select pg_postmaster_start_time()').fetchone()[0].isoformat())"
     )
-    child = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60,
-                           check=False)
+    child = subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
     assert child.returncode == 0, child.stderr[-2000:]
     with psycopg.connect(host=url.query["host"], user="postgres", dbname=url.database) as conn:
         started = conn.execute("select pg_postmaster_start_time()").fetchone()[0].isoformat()

@@ -41,8 +41,9 @@ class Stream:
                 fields[name] = value.lstrip(" ")
                 continue
             if "data" in fields:
-                self.events.append({"event": fields.get("event"), "id": int(fields["id"]),
-                                    **json.loads(fields["data"])})
+                self.events.append(
+                    {"event": fields.get("event"), "id": int(fields["id"]), **json.loads(fields["data"])}
+                )
                 self.changed.set()
             fields = {}
 
@@ -88,9 +89,13 @@ async def test_each_organization_receives_its_own_events_and_none_of_the_others(
     await publish([event(org_b, "flow.result", n=2)])
     async with httpx.AsyncClient(base_url=api_server.url) as client:  # the API process publishes too
         hook = await client.post(
-            f"/webhooks/evolution/{org_a}", headers={"x-webhook-secret": "secret-a"},
-            json={"event": "connection.update", "instance": "a-01",
-                  "data": {"instance": "a-01", "state": "open", "statusReason": 200}},
+            f"/webhooks/evolution/{org_a}",
+            headers={"x-webhook-secret": "secret-a"},
+            json={
+                "event": "connection.update",
+                "instance": "a-01",
+                "data": {"instance": "a-01", "state": "open", "statusReason": 200},
+            },
         )
         assert hook.status_code == 200 and hook.json()["outcome"] == "applied"
     await publish([event(org_a, "flow.result", n=3), event(org_b, "flow.result", n=4)])
@@ -101,7 +106,10 @@ async def test_each_organization_receives_its_own_events_and_none_of_the_others(
     await asyncio.sleep(0.3)  # anything else (e.g. a leak) would have arrived by now
 
     assert [(e["event"], e["payload"].get("n")) for e in stream_a.events] == [
-        ("flow.result", 1), ("instance.status", None), ("flow.result", 3)]
+        ("flow.result", 1),
+        ("instance.status", None),
+        ("flow.result", 3),
+    ]
     assert stream_a.events[1]["payload"]["to_status"] == "connected"
     assert {e["organization_id"] for e in stream_a.events} == {str(org_a)}
     assert [e["payload"]["n"] for e in stream_b.events] == [2, 4]
@@ -125,7 +133,6 @@ async def test_the_stream_needs_a_token_of_that_organization(api_server) -> None
     org_a, org_b = await make_organization("A"), await make_organization("B")
     async with httpx.AsyncClient(base_url=api_server.url) as client:
         anonymous = await client.get("/events")
-        elsewhere = await client.get("/events", params={"organization_id": str(org_b)},
-                                     headers=await org_token(org_a))
+        elsewhere = await client.get("/events", params={"organization_id": str(org_b)}, headers=await org_token(org_a))
     assert anonymous.status_code == 401
     assert elsewhere.status_code == 403

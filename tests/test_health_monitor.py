@@ -28,8 +28,11 @@ async def _connected(org: uuid.UUID, name: str, *, gateway: str = "evolution") -
 
 
 def _reconnect_calls(simulator, name: str) -> int:
-    return sum(n for key, n in simulator.calls.items()
-               if key.split(":", 1)[-1] == name and key.split(".", 1)[1].split(":")[0] in ("restart", "connect"))
+    return sum(
+        n
+        for key, n in simulator.calls.items()
+        if key.split(":", 1)[-1] == name and key.split(".", 1)[1].split(":")[0] in ("restart", "connect")
+    )
 
 
 async def _kinds(instance_id: uuid.UUID) -> list[str]:
@@ -100,8 +103,12 @@ async def test_logged_out_or_auto_reconnect_off_is_never_reconnected(simulator) 
 async def test_a_gateway_outage_counts_against_the_gateway_not_its_instances(simulator) -> None:
     org = await make_organization()
     ids = {}
-    for name, provider in (("evo-1", "evolution"), ("evo-2", "evolution"), ("mega-1", "megaapi"),
-                           ("mega-2", "megaapi")):
+    for name, provider in (
+        ("evo-1", "evolution"),
+        ("evo-2", "evolution"),
+        ("mega-1", "megaapi"),
+        ("mega-2", "megaapi"),
+    ):
         simulator.add_instance(name, provider, "open")
         ids[name] = await _connected(org, name, gateway=provider)
     assert (await monitor_health()).healthy == 4
@@ -112,8 +119,10 @@ async def test_a_gateway_outage_counts_against_the_gateway_not_its_instances(sim
         row = await instance_row(instance_id)
         assert (row["consecutive_failures"], row["health"], row["status"]) == (0, "healthy", "connected"), name
     assert all(r.not_judged == 4 and r.failing == 0 and r.alerts == 0 for r in during)
-    assert {name: g.health for name, g in during[0].by_gateway.items()} == {"evolution": "unhealthy",
-                                                                             "megaapi": "unhealthy"}
+    assert {name: g.health for name, g in during[0].by_gateway.items()} == {
+        "evolution": "unhealthy",
+        "megaapi": "unhealthy",
+    }
     assert during[0].by_gateway["evolution"].transition == "unhealthy"
     assert during[2].by_gateway["megaapi"].consecutive_failures == 3
     down = await live_events("gateway.unhealthy")

@@ -21,13 +21,29 @@ from zapsync.settings import get_settings
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
-SHAPE = {"chats": 9, "messages_per_chat": 7, "group_chats": 2, "group_messages": 4, "broadcast_messages": 3,
-         "empty_chats": 2, "extra_contacts": 2, "lid_every": 4, "no_ninth_digit_every": 3, "media_every": 3,
-         "spacing_s": 3600}
+SHAPE = {
+    "chats": 9,
+    "messages_per_chat": 7,
+    "group_chats": 2,
+    "group_messages": 4,
+    "broadcast_messages": 3,
+    "empty_chats": 2,
+    "extra_contacts": 2,
+    "lid_every": 4,
+    "no_ninth_digit_every": 3,
+    "media_every": 3,
+    "spacing_s": 3600,
+}
 STATUS_ORDER = ("failed", "pending", "sent", "delivered", "read", "played")
 WIRE_STATUS = {"DELIVERY_ACK": "delivered", "READ": "read"}
-TYPES = {"conversation": "text", "imageMessage": "image", "audioMessage": "audio", "documentMessage": "document",
-         "videoMessage": "video", "stickerMessage": "sticker"}
+TYPES = {
+    "conversation": "text",
+    "imageMessage": "image",
+    "audioMessage": "audio",
+    "documentMessage": "document",
+    "videoMessage": "video",
+    "stickerMessage": "sticker",
+}
 
 
 @pytest.fixture
@@ -40,8 +56,9 @@ def small_pages(monkeypatch: pytest.MonkeyPatch) -> Iterator[int]:
     get_settings.cache_clear()
 
 
-async def world(simulator: Any, *, newest_at: datetime, name: str = "evo-1", **shape: Any) -> tuple[
-        uuid.UUID, uuid.UUID, History]:
+async def world(
+    simulator: Any, *, newest_at: datetime, name: str = "evo-1", **shape: Any
+) -> tuple[uuid.UUID, uuid.UUID, History]:
     """An organization, a connected Evolution instance and its generated history."""
     org = await make_organization()
     simulator.add_instance(name, "evolution", "open")
@@ -52,9 +69,12 @@ async def world(simulator: Any, *, newest_at: datetime, name: str = "evo-1", **s
 
 async def add_client(organization_id: uuid.UUID, phone: str, name: str = "Client") -> uuid.UUID:
     async with session_scope() as session:
-        return (await session.execute(text(
-            "INSERT INTO clients (organization_id, name, phone) VALUES (:org, :name, :phone) RETURNING id"
-        ), {"org": organization_id, "name": name, "phone": phone})).scalar_one()
+        return (
+            await session.execute(
+                text("INSERT INTO clients (organization_id, name, phone) VALUES (:org, :name, :phone) RETURNING id"),
+                {"org": organization_id, "name": name, "phone": phone},
+            )
+        ).scalar_one()
 
 
 async def rows(sql: str, **params: Any) -> list[dict[str, Any]]:
@@ -64,17 +84,25 @@ async def rows(sql: str, **params: Any) -> list[dict[str, Any]]:
 
 async def snapshot(instance_id: uuid.UUID) -> dict[str, list[tuple[Any, ...]]]:
     """Every imported row of an instance, minus bookkeeping timestamps."""
-    contacts = await rows("SELECT id, jid, alt_jid, phone, name, client_id, is_group FROM contacts "
-                          "WHERE instance_id = :i ORDER BY id", i=instance_id)
+    contacts = await rows(
+        "SELECT id, jid, alt_jid, phone, name, client_id, is_group FROM contacts WHERE instance_id = :i ORDER BY id",
+        i=instance_id,
+    )
     conversations = await rows(
         "SELECT id, contact_id, status, opened_at, last_message_at, waiting_since, close_reason, closed_at IS NULL "
-        "AS open FROM conversations WHERE instance_id = :i ORDER BY id", i=instance_id)
+        "AS open FROM conversations WHERE instance_id = :i ORDER BY id",
+        i=instance_id,
+    )
     messages = await rows(
         "SELECT id, conversation_id, external_id, from_me, sender, type, content, media_url, media_mime, media_name, "
-        "media_size, sent_at, status FROM messages WHERE instance_id = :i ORDER BY id", i=instance_id)
-    return {"contacts": [tuple(r.values()) for r in contacts],
-            "conversations": [tuple(r.values()) for r in conversations],
-            "messages": [tuple(r.values()) for r in messages]}
+        "media_size, sent_at, status FROM messages WHERE instance_id = :i ORDER BY id",
+        i=instance_id,
+    )
+    return {
+        "contacts": [tuple(r.values()) for r in contacts],
+        "conversations": [tuple(r.values()) for r in conversations],
+        "messages": [tuple(r.values()) for r in messages],
+    }
 
 
 def expected_messages(history: History, since: int | None = None) -> dict[str, tuple[str, int, bool, str]]:
@@ -85,8 +113,12 @@ def expected_messages(history: History, since: int | None = None) -> dict[str, t
             record = history.record(c, k)
             if since is not None and record["messageTimestamp"] < since:
                 continue
-            found[record["key"]["id"]] = (record["key"]["remoteJid"], record["messageTimestamp"],
-                                          record["key"]["fromMe"], TYPES[record["messageType"]])
+            found[record["key"]["id"]] = (
+                record["key"]["remoteJid"],
+                record["messageTimestamp"],
+                record["key"]["fromMe"],
+                TYPES[record["messageType"]],
+            )
     return found
 
 
@@ -94,9 +126,9 @@ async def test_import_creates_exactly_the_expected_rows(simulator) -> None:
     now = datetime.now(UTC).replace(microsecond=0)
     org, instance_id, history = await world(simulator, newest_at=now - timedelta(minutes=30))
     people = [history.chat(c) for c in range(history.individual)]
-    short = next(p for p in people if p.phone != p.full_phone)       # jid lacks the ninth digit
+    short = next(p for p in people if p.phone != p.full_phone)  # jid lacks the ninth digit
     full = next(p for p in people if p.phone == p.full_phone and p.alt_jid is None)
-    lid = next(p for p in people if p.alt_jid is not None)            # keyed by @lid, phone in remoteJidAlt
+    lid = next(p for p in people if p.alt_jid is not None)  # keyed by @lid, phone in remoteJidAlt
     assert short.full_phone is not None and full.phone is not None and lid.phone is not None
     linked = {
         short.jid: await add_client(org, short.full_phone, "stored with the ninth digit"),
@@ -117,10 +149,12 @@ async def test_import_creates_exactly_the_expected_rows(simulator) -> None:
     assert c.messages_skipped == 2 * 4 + 3  # group and broadcast messages
     assert c.contacts_linked == 3
 
-    contacts = await rows("SELECT jid, alt_jid, phone, name, client_id FROM contacts WHERE instance_id = :i",
-                          i=instance_id)
-    expected_jids = {(p.alt_jid or p.jid) for p in people} | {history.chat(history.message_chats + e).jid
-                                                              for e in range(2)}
+    contacts = await rows(
+        "SELECT jid, alt_jid, phone, name, client_id FROM contacts WHERE instance_id = :i", i=instance_id
+    )
+    expected_jids = {(p.alt_jid or p.jid) for p in people} | {
+        history.chat(history.message_chats + e).jid for e in range(2)
+    }
     expected_jids |= {f"{history._person(history.chat_total + j, 0).phone}@s.whatsapp.net" for j in range(2)}
     assert {r["jid"] for r in contacts} == expected_jids  # no groups, no broadcast; LID chats keyed by phone
     by_jid = {r["jid"]: r for r in contacts}
@@ -132,24 +166,31 @@ async def test_import_creates_exactly_the_expected_rows(simulator) -> None:
     stored = await rows(
         "SELECT m.external_id, m.sent_at, m.from_me, m.type, m.sender, m.media_mime, m.content, m.status, c.jid "
         "FROM messages m JOIN conversations v ON v.id = m.conversation_id JOIN contacts c ON c.id = v.contact_id "
-        "WHERE m.instance_id = :i", i=instance_id)
+        "WHERE m.instance_id = :i",
+        i=instance_id,
+    )
     assert len(stored) == len(expected)
     for m in stored:
         chat_jid, ts, from_me, kind = expected[m["external_id"]]
         assert (int(m["sent_at"].timestamp()), m["from_me"], m["type"]) == (ts, from_me, kind)
-        assert m["jid"] in (chat_jid, by_jid.get(chat_jid, {}).get("jid"), history.chat_index(chat_jid) is not None
-                            and (history.chat(history.chat_index(chat_jid)).alt_jid))
+        assert m["jid"] in (
+            chat_jid,
+            by_jid.get(chat_jid, {}).get("jid"),
+            history.chat_index(chat_jid) is not None and (history.chat(history.chat_index(chat_jid)).alt_jid),
+        )
         assert m["sender"] == ("agent" if from_me else "client")
         assert (m["media_mime"] is not None) == (kind not in ("text",))
     assert {m["status"] for m in stored} <= {"delivered", "read"}
 
     conversations = await rows(
         "SELECT v.*, c.jid FROM conversations v JOIN contacts c ON c.id = v.contact_id WHERE v.instance_id = :i",
-        i=instance_id)
+        i=instance_id,
+    )
     assert len(conversations) == history.individual  # one per chat with messages
     for conv in conversations:
-        chat = history.chat(next(i for i in range(history.individual)
-                                 if conv["jid"] in (history.chat(i).jid, history.chat(i).alt_jid)))
+        chat = history.chat(
+            next(i for i in range(history.individual) if conv["jid"] in (history.chat(i).jid, history.chat(i).alt_jid))
+        )
         newest, oldest = history.record(chat.index, 0), history.record(chat.index, chat.messages - 1)
         assert conv["last_message_at"].timestamp() == newest["messageTimestamp"]
         assert conv["opened_at"].timestamp() == oldest["messageTimestamp"]
@@ -168,8 +209,11 @@ async def test_import_creates_exactly_the_expected_rows(simulator) -> None:
 
     async with session_scope() as session:
         run = (await session.execute(text("SELECT state, cursor, counts FROM import_runs"))).one()
-        stored_report = (await session.execute(text(
-            "SELECT report FROM flow_reports WHERE flow_run_id = :id"), {"id": report.flow_run_id})).scalar_one()
+        stored_report = (
+            await session.execute(
+                text("SELECT report FROM flow_reports WHERE flow_run_id = :id"), {"id": report.flow_run_id}
+            )
+        ).scalar_one()
     assert run.state == "completed" and run.cursor["phase"] == "done"
     assert stored_report["counts"]["messages_inserted"] == len(expected)
 
@@ -181,8 +225,9 @@ async def test_old_history_is_imported_closed(simulator) -> None:
     report = await import_conversations(instance_id)
 
     assert report.counts.conversations_closed == history.individual and report.counts.conversations_opened == 0
-    statuses = await rows("SELECT status, close_reason, waiting_since FROM conversations WHERE instance_id = :i",
-                          i=instance_id)
+    statuses = await rows(
+        "SELECT status, close_reason, waiting_since FROM conversations WHERE instance_id = :i", i=instance_id
+    )
     assert {(r["status"], r["close_reason"], r["waiting_since"]) for r in statuses} == {("closed", "imported", None)}
 
 
@@ -220,10 +265,14 @@ async def test_a_crashed_import_resumes_at_its_checkpoint_and_matches_a_clean_on
         await import_conversations.with_options(retries=0)(instance_id)
 
     async with session_scope() as session:
-        run = (await session.execute(text("SELECT id, state, cursor, error FROM import_runs "
-                                          "WHERE instance_id = :i"), {"i": instance_id})).one()
-        partial = (await session.execute(text("SELECT count(*) FROM messages WHERE instance_id = :i"),
-                                         {"i": instance_id})).scalar()
+        run = (
+            await session.execute(
+                text("SELECT id, state, cursor, error FROM import_runs WHERE instance_id = :i"), {"i": instance_id}
+            )
+        ).one()
+        partial = (
+            await session.execute(text("SELECT count(*) FROM messages WHERE instance_id = :i"), {"i": instance_id})
+        ).scalar()
         # A killed process leaves its run `running`: the next run takes it over just the same.
         await session.execute(text("UPDATE import_runs SET state = 'running' WHERE id = :id"), {"id": run.id})
     assert run.state == "failed" and "findMessages" in run.error
@@ -243,9 +292,12 @@ async def test_a_crashed_import_resumes_at_its_checkpoint_and_matches_a_clean_on
     crashed = await snapshot(instance_id)
     assert _shape(crashed) == _shape(clean)
     async with session_scope() as session:
-        duplicates = (await session.execute(text(
-            "SELECT count(*) - count(DISTINCT external_id) FROM messages WHERE instance_id = :i"),
-            {"i": instance_id})).scalar()
+        duplicates = (
+            await session.execute(
+                text("SELECT count(*) - count(DISTINCT external_id) FROM messages WHERE instance_id = :i"),
+                {"i": instance_id},
+            )
+        ).scalar()
     assert duplicates == 0
 
 
@@ -272,14 +324,16 @@ async def test_history_days_limits_what_is_imported(simulator) -> None:
     expected = expected_messages(history, since=int(since.timestamp()))
     assert 0 < len(expected) < len(expected_messages(history))
     assert report.counts.messages_inserted == len(expected)
-    stored = {r["external_id"] for r in await rows("SELECT external_id FROM messages WHERE instance_id = :i",
-                                                   i=instance_id)}
+    stored = {
+        r["external_id"] for r in await rows("SELECT external_id FROM messages WHERE instance_id = :i", i=instance_id)
+    }
     assert stored == set(expected)
 
 
 async def test_organization_history_setting_is_the_default_window(simulator) -> None:
-    org, instance_id, history = await world(simulator, newest_at=datetime.now(UTC) - timedelta(hours=1),
-                                            spacing_s=20 * 3600)
+    org, instance_id, history = await world(
+        simulator, newest_at=datetime.now(UTC) - timedelta(hours=1), spacing_s=20 * 3600
+    )
     async with session_scope() as session:
         await session.execute(text("UPDATE organizations SET import_history_days = 1 WHERE id = :id"), {"id": org})
 

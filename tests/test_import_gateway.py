@@ -22,11 +22,24 @@ NEWEST = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
 @pytest.fixture
 async def evolution(simulator) -> AsyncIterator[EvolutionGateway]:
     simulator.add_instance("evo-h", "evolution", "open")
-    simulator.set_history("evo-h", chats=6, messages_per_chat=5, group_chats=2, group_messages=2,
-                          broadcast_messages=2, empty_chats=1, extra_contacts=1, newest_at=NEWEST)
-    async with EvolutionGateway(name="evolution", base_url=os.environ["EVOLUTION_API_URL"],
-                                api_key=os.environ["EVOLUTION_API_KEY"], timeout=httpx.Timeout(5),
-                                retry=RetryPolicy(attempts=1)) as client:
+    simulator.set_history(
+        "evo-h",
+        chats=6,
+        messages_per_chat=5,
+        group_chats=2,
+        group_messages=2,
+        broadcast_messages=2,
+        empty_chats=1,
+        extra_contacts=1,
+        newest_at=NEWEST,
+    )
+    async with EvolutionGateway(
+        name="evolution",
+        base_url=os.environ["EVOLUTION_API_URL"],
+        api_key=os.environ["EVOLUTION_API_KEY"],
+        timeout=httpx.Timeout(5),
+        retry=RetryPolicy(attempts=1),
+    ) as client:
         yield client
 
 
@@ -69,8 +82,11 @@ async def test_find_messages_pages_newest_first_with_totals_and_windows(evolutio
     assert media.media_mime == "image/jpeg" and media.media_url and media.media_size
 
     since, until = NEWEST - timedelta(hours=2, minutes=30), NEWEST - timedelta(minutes=30)
-    window = [m async for page in iter_messages(evolution, "evo-h", page_size=50, since=since, until=until)
-              for m in page.messages]
+    window = [
+        m
+        async for page in iter_messages(evolution, "evo-h", page_size=50, since=since, until=until)
+        for m in page.messages
+    ]
     assert window and all(since.timestamp() <= m.timestamp <= until.timestamp() for m in window)
     assert len(window) == sum(1 for m in everything if since.timestamp() <= m.timestamp <= until.timestamp())
 
@@ -90,8 +106,9 @@ async def test_find_messages_failure_knob_and_unknown_instance(evolution, simula
 
 
 async def test_megaapi_has_no_history_api(simulator) -> None:
-    async with MegaApiGateway(name="megaapi", base_url=os.environ["MEGA_API_HOST"], api_key="t",
-                              timeout=httpx.Timeout(1)) as mega:
+    async with MegaApiGateway(
+        name="megaapi", base_url=os.environ["MEGA_API_HOST"], api_key="t", timeout=httpx.Timeout(1)
+    ) as mega:
         assert mega.supports_history is False
         with pytest.raises(GatewayNotSupported, match="no API to read"):
             await mega.fetch_messages("mega-1", page=1, page_size=10)
@@ -101,23 +118,58 @@ async def test_megaapi_has_no_history_api(simulator) -> None:
 
 def test_baileys_records_normalize_and_reject_what_is_not_a_message() -> None:
     key = {"remoteJid": "123@lid", "remoteJidAlt": "5511987654321@s.whatsapp.net", "fromMe": True, "id": "A1"}
-    document = from_baileys({
-        "key": key, "messageTimestamp": {"low": 1729425600, "high": 0},
-        "message": {"documentWithCaptionMessage": {"message": {"documentMessage": {
-            "fileName": "nota.pdf", "mimetype": "application/pdf", "caption": "segue", "fileLength": {"low": 10}}}}},
-        "MessageUpdate": [{"status": "DELIVERY_ACK"}, {"status": "READ"}, {"status": "SERVER_ACK"}],
-    })
+    document = from_baileys(
+        {
+            "key": key,
+            "messageTimestamp": {"low": 1729425600, "high": 0},
+            "message": {
+                "documentWithCaptionMessage": {
+                    "message": {
+                        "documentMessage": {
+                            "fileName": "nota.pdf",
+                            "mimetype": "application/pdf",
+                            "caption": "segue",
+                            "fileLength": {"low": 10},
+                        }
+                    }
+                }
+            },
+            "MessageUpdate": [{"status": "DELIVERY_ACK"}, {"status": "READ"}, {"status": "SERVER_ACK"}],
+        }
+    )
     assert (document.type, document.content, document.media_name, document.media_size) == (
-        "document", "segue", "nota.pdf", 10)
+        "document",
+        "segue",
+        "nota.pdf",
+        10,
+    )
     assert (document.status, document.alt_jid, document.timestamp, document.from_me) == (
-        "read", "5511987654321@s.whatsapp.net", 1729425600, True)
-    text = from_baileys({"key": {"remoteJid": "x@s.whatsapp.net", "id": "B"}, "messageTimestamp": "1729425600123",
-                         "message": {"extendedTextMessage": {"text": "olá"}}})
+        "read",
+        "5511987654321@s.whatsapp.net",
+        1729425600,
+        True,
+    )
+    text = from_baileys(
+        {
+            "key": {"remoteJid": "x@s.whatsapp.net", "id": "B"},
+            "messageTimestamp": "1729425600123",
+            "message": {"extendedTextMessage": {"text": "olá"}},
+        }
+    )
     assert (text.type, text.content, text.timestamp, text.status) == ("text", "olá", 1729425600, None)
-    reaction = from_baileys({"key": {"remoteJid": "x@s.whatsapp.net", "id": "C"}, "messageTimestamp": 1,
-                             "messageType": "reactionMessage", "message": {"reactionMessage": {"text": "👍"}}})
+    reaction = from_baileys(
+        {
+            "key": {"remoteJid": "x@s.whatsapp.net", "id": "C"},
+            "messageTimestamp": 1,
+            "messageType": "reactionMessage",
+            "message": {"reactionMessage": {"text": "👍"}},
+        }
+    )
     assert (reaction.type, reaction.content) == ("reaction", "👍")
-    for bad, needle in (({"messageTimestamp": 1}, "key"), ({"key": {"remoteJid": "x"}, "messageTimestamp": 1}, "id"),
-                        ({"key": {"id": "D", "remoteJid": "x"}, "messageTimestamp": True}, "messageTimestamp")):
+    for bad, needle in (
+        ({"messageTimestamp": 1}, "key"),
+        ({"key": {"remoteJid": "x"}, "messageTimestamp": 1}, "id"),
+        ({"key": {"id": "D", "remoteJid": "x"}, "messageTimestamp": True}, "messageTimestamp"),
+    ):
         with pytest.raises(MalformedMessage, match=needle):
             from_baileys(bad)

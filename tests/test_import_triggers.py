@@ -29,17 +29,29 @@ async def import_runs(instance_id: uuid.UUID) -> list[FlowRun]:
     async with get_client() as prefect:
         deployment = await prefect.read_deployment_by_name(str(IMPORT_ON_DEMAND))
         runs = await prefect.read_flow_runs(
-            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])))
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id]))
+        )
     return [r for r in runs if r.parameters.get("instance_id") == str(instance_id)]
 
 
 def opened(instance: str, at: datetime) -> dict[str, object]:
     """`connection.update` open (gateways.md §2.3)."""
-    return {"event": "connection.update", "instance": instance, "date_time": at.isoformat().replace("+00:00", "Z"),
-            "data": {"instance": instance, "state": "open", "statusReason": 200,
-                     "wuid": "5511988887777@s.whatsapp.net", "profileName": "Acme"},
-            "destination": "http://zapsync/webhooks", "sender": "5511988887777@s.whatsapp.net",
-            "server_url": "http://evolution", "apikey": None}
+    return {
+        "event": "connection.update",
+        "instance": instance,
+        "date_time": at.isoformat().replace("+00:00", "Z"),
+        "data": {
+            "instance": instance,
+            "state": "open",
+            "statusReason": 200,
+            "wuid": "5511988887777@s.whatsapp.net",
+            "profileName": "Acme",
+        },
+        "destination": "http://zapsync/webhooks",
+        "sender": "5511988887777@s.whatsapp.net",
+        "server_url": "http://evolution",
+        "apikey": None,
+    }
 
 
 async def test_open_webhook_delivered_three_times_starts_one_import_that_really_runs(client, simulator) -> None:
@@ -51,8 +63,11 @@ async def test_open_webhook_delivered_three_times_starts_one_import_that_really_
 
     outcomes = []
     for _ in range(3):
-        response = await client.post(f"/webhooks/evolution/{org}", content=body,
-                                     headers={"content-type": "application/json", "x-webhook-secret": "org-secret"})
+        response = await client.post(
+            f"/webhooks/evolution/{org}",
+            content=body,
+            headers={"content-type": "application/json", "x-webhook-secret": "org-secret"},
+        )
         outcomes.append(response.json()["outcome"])
     await wait_for_import_starts()
 
@@ -95,28 +110,49 @@ async def test_sync_transition_to_connected_starts_the_import(simulator) -> None
 async def test_pending_imports_covers_never_finished_and_new_connections() -> None:
     org = await make_organization()
     now = datetime.now(UTC)
-    ids = {name: await make_instance(org, name, status="connected") for name in
-           ("never", "failed", "dead", "busy", "done", "reconnected")}
+    ids = {
+        name: await make_instance(org, name, status="connected")
+        for name in ("never", "failed", "dead", "busy", "done", "reconnected")
+    }
     await make_instance(org, "offline", status="disconnected")
     await make_instance(org, "mega", gateway="megaapi", status="connected")
-    runs = {"failed": ("failed", now - timedelta(hours=1), now), "dead": ("running", now - timedelta(hours=2), None),
-            "busy": ("running", now - timedelta(minutes=1), now), "done": ("completed", now - timedelta(hours=1), None),
-            "reconnected": ("completed", now - timedelta(days=2), None)}
+    runs = {
+        "failed": ("failed", now - timedelta(hours=1), now),
+        "dead": ("running", now - timedelta(hours=2), None),
+        "busy": ("running", now - timedelta(minutes=1), now),
+        "done": ("completed", now - timedelta(hours=1), None),
+        "reconnected": ("completed", now - timedelta(days=2), None),
+    }
     async with session_scope() as session:
         for name, instance_id in ids.items():
             connected = now - timedelta(days=1) if name != "reconnected" else now - timedelta(hours=3)
-            await session.execute(text(
-                "INSERT INTO whatsapp_sessions (instance_id, status, connected_at, last_activity_at) "
-                "VALUES (:i, 'active', :c, :c)"), {"i": instance_id, "c": connected})
+            await session.execute(
+                text(
+                    "INSERT INTO whatsapp_sessions (instance_id, status, connected_at, last_activity_at) "
+                    "VALUES (:i, 'active', :c, :c)"
+                ),
+                {"i": instance_id, "c": connected},
+            )
         for name, (state, started, beat) in runs.items():
-            await session.execute(text(
-                "INSERT INTO import_runs (instance_id, trigger, state, started_at, cursor) VALUES "
-                "(:i, 'connect', :s, :t, CAST(:cursor AS jsonb))"),
-                {"i": ids[name], "s": state, "t": started,
-                 "cursor": orjson.dumps({"at": beat.isoformat()} if beat else {}).decode()})
+            await session.execute(
+                text(
+                    "INSERT INTO import_runs (instance_id, trigger, state, started_at, cursor) VALUES "
+                    "(:i, 'connect', :s, :t, CAST(:cursor AS jsonb))"
+                ),
+                {
+                    "i": ids[name],
+                    "s": state,
+                    "t": started,
+                    "cursor": orjson.dumps({"at": beat.isoformat()} if beat else {}).decode(),
+                },
+            )
         pending = await pending_imports(session, gateways=["evolution"], first=[ids["reconnected"]])
 
     reasons = {item.instance_id: item.reason for item in pending}
-    assert reasons == {ids["reconnected"]: "connected", ids["never"]: "never_imported", ids["failed"]: "unfinished",
-                       ids["dead"]: "unfinished"}
+    assert reasons == {
+        ids["reconnected"]: "connected",
+        ids["never"]: "never_imported",
+        ids["failed"]: "unfinished",
+        ids["dead"]: "unfinished",
+    }
     assert pending[0].instance_id == ids["reconnected"]  # just-connected instances first

@@ -9,8 +9,9 @@ from tests.factories import count, make_organization
 
 async def test_ten_thousand_events_for_one_organization_are_stored_and_notified() -> None:
     org = await make_organization()
-    events = [NewLiveEvent(org, "instance.status", {"instance": f"i-{i}", "status": "connected"})
-              for i in range(10_000)]
+    events = [
+        NewLiveEvent(org, "instance.status", {"instance": f"i-{i}", "status": "connected"}) for i in range(10_000)
+    ]
 
     async with session_scope() as session:  # the NOTIFYs are sent at this commit: too long a payload fails here
         ids = await insert_events(session, events)

@@ -22,8 +22,11 @@ async def test_close_inactive_through_the_deployment_waits_for_its_report(client
     mine = await add_conversation(org_a, a_inst, last_message_at=ago(hours=30))
     theirs = await add_conversation(org_b, b_inst, last_message_at=ago(hours=30))
 
-    response = await client.post("/maintenance/close-inactive-conversations",
-                                 json={"wait": True, "timeout_seconds": 90}, headers=await org_token(org_a))
+    response = await client.post(
+        "/maintenance/close-inactive-conversations",
+        json={"wait": True, "timeout_seconds": 90},
+        headers=await org_token(org_a),
+    )
 
     assert response.status_code == 202, response.text
     body = response.json()
@@ -43,8 +46,9 @@ async def test_cleanup_dry_run_returns_the_run_at_once_and_its_report_once_finis
     instance = await make_instance(org, "a-01")
     await add_session(instance, connected_at=ago(days=50), disconnected_at=ago(days=45))
 
-    started = await client.post("/maintenance/cleanup-sessions", json={"dry_run": True, "retention_days": 40},
-                                headers=ADMIN)
+    started = await client.post(
+        "/maintenance/cleanup-sessions", json={"dry_run": True, "retention_days": 40}, headers=ADMIN
+    )
     assert started.status_code == 202 and started.json()["report"] is None
     run = started.json()["flow_run"]
     assert run["deployment"] == "cleanup-sessions/on-demand"
@@ -62,8 +66,9 @@ async def test_maintenance_routes_need_a_token_and_stay_in_the_tokens_organizati
     headers = await org_token(org_a)
 
     anonymous = await client.post("/maintenance/cleanup-sessions")
-    elsewhere = await client.post("/maintenance/close-inactive-conversations",
-                                  json={"organization_id": str(org_b)}, headers=headers)
+    elsewhere = await client.post(
+        "/maintenance/close-inactive-conversations", json={"organization_id": str(org_b)}, headers=headers
+    )
     invalid = await client.post("/maintenance/cleanup-sessions", json={"retention_days": 0}, headers=headers)
 
     assert anonymous.status_code == 401
@@ -77,23 +82,41 @@ async def test_organization_settings_read_and_update(client: httpx.AsyncClient) 
 
     read = await client.get(f"/organizations/{org_a}/settings", headers=headers)
     assert read.status_code == 200
-    assert {k: read.json()[k] for k in ("inactivity_hours", "session_retention_days", "auto_reconnect",
-                                        "import_history_days", "close_waiting_conversations")} == {
-        "inactivity_hours": 24, "session_retention_days": 30, "auto_reconnect": True, "import_history_days": None,
-        "close_waiting_conversations": False}
+    assert {
+        k: read.json()[k]
+        for k in (
+            "inactivity_hours",
+            "session_retention_days",
+            "auto_reconnect",
+            "import_history_days",
+            "close_waiting_conversations",
+        )
+    } == {
+        "inactivity_hours": 24,
+        "session_retention_days": 30,
+        "auto_reconnect": True,
+        "import_history_days": None,
+        "close_waiting_conversations": False,
+    }
 
-    changed = await client.patch(f"/organizations/{org_a}/settings", headers=headers,
-                                 json={"inactivity_hours": 48, "auto_reconnect": False, "import_history_days": 7})
+    changed = await client.patch(
+        f"/organizations/{org_a}/settings",
+        headers=headers,
+        json={"inactivity_hours": 48, "auto_reconnect": False, "import_history_days": 7},
+    )
     assert changed.status_code == 200
     assert (changed.json()["inactivity_hours"], changed.json()["auto_reconnect"]) == (48, False)
     reread = (await client.get(f"/organizations/{org_a}/settings", headers=headers)).json()
     assert (reread["inactivity_hours"], reread["import_history_days"], reread["session_retention_days"]) == (48, 7, 30)
 
     assert (await client.get(f"/organizations/{org_b}/settings", headers=headers)).status_code == 403
-    assert (await client.patch(f"/organizations/{org_a}/settings", headers=headers,
-                               json={"inactivity_hours": 0})).status_code == 422
-    assert (await client.patch(f"/organizations/{org_a}/settings", headers=headers,
-                               json={"auto_reconnect": None})).status_code == 422
-    admin = await client.patch(f"/organizations/{org_b}/settings", headers=ADMIN,
-                               json={"close_waiting_conversations": True})
+    assert (
+        await client.patch(f"/organizations/{org_a}/settings", headers=headers, json={"inactivity_hours": 0})
+    ).status_code == 422
+    assert (
+        await client.patch(f"/organizations/{org_a}/settings", headers=headers, json={"auto_reconnect": None})
+    ).status_code == 422
+    admin = await client.patch(
+        f"/organizations/{org_b}/settings", headers=ADMIN, json={"close_waiting_conversations": True}
+    )
     assert admin.status_code == 200 and admin.json()["close_waiting_conversations"] is True

@@ -28,27 +28,53 @@ async def org() -> uuid.UUID:
 
 
 def envelope(event: str, data: object) -> dict[str, object]:
-    return {"event": event, "instance": "acme-01", "data": data, "destination": "http://zapsync/webhooks",
-            "date_time": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
-            "sender": "5511999990000@s.whatsapp.net", "server_url": "http://evolution", "apikey": None}
+    return {
+        "event": event,
+        "instance": "acme-01",
+        "data": data,
+        "destination": "http://zapsync/webhooks",
+        "date_time": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+        "sender": "5511999990000@s.whatsapp.net",
+        "server_url": "http://evolution",
+        "apikey": None,
+    }
 
 
-def message(key_id: str, *, from_me: bool = False, jid: str = CUSTOMER, at: datetime | None = None,
-            text_: str = "oi", **extra: Any) -> dict[str, Any]:
+def message(
+    key_id: str,
+    *,
+    from_me: bool = False,
+    jid: str = CUSTOMER,
+    at: datetime | None = None,
+    text_: str = "oi",
+    **extra: Any,
+) -> dict[str, Any]:
     """`messages.upsert` data (one message object, gateways.md §2.3)."""
     stamp = int((at or datetime.now(UTC)).timestamp())
-    body = {"key": {"remoteJid": jid, "fromMe": from_me, "id": key_id}, "pushName": "Ana",
-            "status": "DELIVERY_ACK", "message": {"conversation": text_}, "contextInfo": None,
-            "messageType": "conversation", "messageTimestamp": stamp, "instanceId": "uuid", "source": "android"}
+    body = {
+        "key": {"remoteJid": jid, "fromMe": from_me, "id": key_id},
+        "pushName": "Ana",
+        "status": "DELIVERY_ACK",
+        "message": {"conversation": text_},
+        "contextInfo": None,
+        "messageType": "conversation",
+        "messageTimestamp": stamp,
+        "instanceId": "uuid",
+        "source": "android",
+    }
     body.update(extra)
     return body
 
 
-async def post(client: httpx.AsyncClient, org: uuid.UUID, body: object, *, provider: str = "evolution",
-               suffix: str = "") -> httpx.Response:
+async def post(
+    client: httpx.AsyncClient, org: uuid.UUID, body: object, *, provider: str = "evolution", suffix: str = ""
+) -> httpx.Response:
     raw = body if isinstance(body, bytes) else orjson.dumps(body)
-    return await client.post(f"/webhooks/{provider}/{org}{suffix}", content=raw,
-                             headers={"content-type": "application/json", "x-webhook-secret": "org-secret"})
+    return await client.post(
+        f"/webhooks/{provider}/{org}{suffix}",
+        content=raw,
+        headers={"content-type": "application/json", "x-webhook-secret": "org-secret"},
+    )
 
 
 async def rows(sql: str, **params: Any) -> list[dict[str, Any]]:
@@ -76,7 +102,12 @@ async def test_inbound_message_creates_contact_waiting_conversation_and_message(
     assert conv["status"] == "waiting" and conv["waiting_since"] is not None
     stored = await message_row("3EB0A1")
     assert (stored["from_me"], stored["sender"], stored["type"], stored["content"], stored["status"]) == (
-        False, "client", "text", "oi", "delivered")
+        False,
+        "client",
+        "text",
+        "oi",
+        "delivered",
+    )
     assert stored["conversation_id"] == conv["id"]
     events = await rows("SELECT kind, payload FROM live_events")
     assert [e["kind"] for e in events] == ["message.new"]
@@ -100,8 +131,11 @@ async def test_business_reply_clears_waiting_and_moves_to_in_progress(client, or
     (conv,) = await conversations()
     assert int(conv["waiting_since"].timestamp()) == int(start.timestamp())  # the first unanswered message
 
-    reply = await post(client, org, envelope("send.message", message("OUT1", from_me=True, at=start + timedelta(
-        seconds=60), status="PENDING")))
+    reply = await post(
+        client,
+        org,
+        envelope("send.message", message("OUT1", from_me=True, at=start + timedelta(seconds=60), status="PENDING")),
+    )
 
     assert reply.json()["outcome"] == "applied"
     (conv,) = await conversations()
@@ -119,8 +153,12 @@ async def test_a_message_to_a_closed_conversation_opens_a_new_one(client, org) -
     start = datetime.now(UTC) - timedelta(minutes=10)
     await post(client, org, envelope("messages.upsert", message("OLD1", at=start)))
     async with session_scope() as session:
-        await session.execute(text("UPDATE conversations SET status = 'closed', closed_at = now(), "
-                                   "close_reason = 'resolved', waiting_since = NULL"))
+        await session.execute(
+            text(
+                "UPDATE conversations SET status = 'closed', closed_at = now(), "
+                "close_reason = 'resolved', waiting_since = NULL"
+            )
+        )
 
     await post(client, org, envelope("messages.upsert", message("NEW1", at=start + timedelta(minutes=5))))
     late = await post(client, org, envelope("messages.upsert", message("LATE", at=start - timedelta(minutes=1))))
@@ -137,9 +175,19 @@ async def test_receipts_move_forward_and_never_back(client, org) -> None:
     await post(client, org, envelope("send.message", message("OUT2", from_me=True, status="PENDING")))
 
     def update(status: str) -> dict[str, object]:
-        return envelope("messages.update", {"keyId": "OUT2", "remoteJid": CUSTOMER, "fromMe": True,
-                                            "participant": None, "status": status, "pollUpdates": None,
-                                            "instanceId": "uuid", "messageId": "cuid"})
+        return envelope(
+            "messages.update",
+            {
+                "keyId": "OUT2",
+                "remoteJid": CUSTOMER,
+                "fromMe": True,
+                "participant": None,
+                "status": status,
+                "pollUpdates": None,
+                "instanceId": "uuid",
+                "messageId": "cuid",
+            },
+        )
 
     assert (await post(client, org, update("DELIVERY_ACK"))).json()["outcome"] == "applied"
     assert (await message_row("OUT2"))["status"] == "delivered"
@@ -154,8 +202,11 @@ async def test_receipts_move_forward_and_never_back(client, org) -> None:
 async def test_deletion_is_final(client, org) -> None:
     await post(client, org, envelope("messages.upsert", message("DEL1")))
 
-    deleted = await post(client, org, envelope(
-        "messages.delete", {"remoteJid": CUSTOMER, "fromMe": False, "id": "DEL1", "participant": None}))
+    deleted = await post(
+        client,
+        org,
+        envelope("messages.delete", {"remoteJid": CUSTOMER, "fromMe": False, "id": "DEL1", "participant": None}),
+    )
     late_read = await post(client, org, envelope("messages.update", {"keyId": "DEL1", "status": "READ"}))
 
     assert deleted.json()["outcome"] == "applied" and late_read.status_code == 200
@@ -174,13 +225,37 @@ async def test_lid_addressed_messages_land_on_one_contact(client, org) -> None:
 
 
 async def test_media_message_keeps_type_caption_and_media_fields(client, org) -> None:
-    image = message("IMG1", messageType="imageMessage", message={"imageMessage": {
-        "url": "https://mmg.whatsapp.net/x.enc", "mimetype": "image/jpeg", "caption": "foto", "fileLength": "2048"}})
-    audio = message("AUD1", messageType="audioMessage", message={"audioMessage": {
-        "url": "https://mmg.whatsapp.net/a.enc", "mimetype": "audio/ogg; codecs=opus", "fileLength": 999}})
-    document = message("DOC1", messageType="documentMessage", message={
-        "documentMessage": {"mimetype": "application/pdf", "fileName": "boleto.pdf", "caption": "segue"},
-        "mediaUrl": "https://s3.example/doc.pdf"})
+    image = message(
+        "IMG1",
+        messageType="imageMessage",
+        message={
+            "imageMessage": {
+                "url": "https://mmg.whatsapp.net/x.enc",
+                "mimetype": "image/jpeg",
+                "caption": "foto",
+                "fileLength": "2048",
+            }
+        },
+    )
+    audio = message(
+        "AUD1",
+        messageType="audioMessage",
+        message={
+            "audioMessage": {
+                "url": "https://mmg.whatsapp.net/a.enc",
+                "mimetype": "audio/ogg; codecs=opus",
+                "fileLength": 999,
+            }
+        },
+    )
+    document = message(
+        "DOC1",
+        messageType="documentMessage",
+        message={
+            "documentMessage": {"mimetype": "application/pdf", "fileName": "boleto.pdf", "caption": "segue"},
+            "mediaUrl": "https://s3.example/doc.pdf",
+        },
+    )
 
     for body in (image, audio, document):
         assert (await post(client, org, envelope("messages.upsert", body))).json()["outcome"] == "applied"
@@ -188,7 +263,11 @@ async def test_media_message_keeps_type_caption_and_media_fields(client, org) ->
     img, aud, doc = [await message_row(k) for k in ("IMG1", "AUD1", "DOC1")]
     assert (img["type"], img["content"], img["media_mime"], img["media_size"]) == ("image", "foto", "image/jpeg", 2048)
     assert (aud["type"], aud["content"], aud["media_size"]) == ("audio", None, 999)
-    assert (doc["type"], doc["media_name"], doc["media_url"]) == ("document", "boleto.pdf", "https://s3.example/doc.pdf")
+    assert (doc["type"], doc["media_name"], doc["media_url"]) == (
+        "document",
+        "boleto.pdf",
+        "https://s3.example/doc.pdf",
+    )
 
 
 @pytest.mark.parametrize("jid", ["120363000000000001@g.us", "status@broadcast"])
@@ -211,12 +290,19 @@ async def test_by_events_suffix_reaches_the_same_handler(client, org) -> None:
     assert response.json()["outcome"] == "applied" and await count("messages") == 1
 
 
-@pytest.mark.parametrize(("event", "data"), [
-    ("contacts.upsert", [{"remoteJid": CUSTOMER, "pushName": "Ana Paula", "profilePicUrl": None,
-                          "instanceId": "uuid"}]),
-    ("contacts.update", {"remoteJid": CUSTOMER, "pushName": "Ana Paula", "profilePicUrl": None,
-                         "instanceId": "uuid"}),
-])
+@pytest.mark.parametrize(
+    ("event", "data"),
+    [
+        (
+            "contacts.upsert",
+            [{"remoteJid": CUSTOMER, "pushName": "Ana Paula", "profilePicUrl": None, "instanceId": "uuid"}],
+        ),
+        (
+            "contacts.update",
+            {"remoteJid": CUSTOMER, "pushName": "Ana Paula", "profilePicUrl": None, "instanceId": "uuid"},
+        ),
+    ],
+)
 async def test_contacts_events_in_both_shapes(client, org, event: str, data: object) -> None:
     response = await post(client, org, envelope(event, data))
 
@@ -224,21 +310,42 @@ async def test_contacts_events_in_both_shapes(client, org, event: str, data: obj
     assert await rows("SELECT jid, name FROM contacts") == [{"jid": CUSTOMER, "name": "Ana Paula"}]
 
 
-@pytest.mark.parametrize(("event", "data"), [
-    ("chats.upsert", [{"remoteJid": CUSTOMER, "instanceId": "uuid", "name": "Ana", "unreadMessages": 0}]),
-    ("chats.upsert", [{"remoteJid": CUSTOMER, "instanceId": "uuid", "unreadMessages": 0}]),
-    ("chats.upsert", [{"id": "clx0chatcuid", "name": "Ana (renamed)"}]),  # the variant without remoteJid
-    ("chats.update", [{"remoteJid": CUSTOMER, "instanceId": "uuid"}]),
-    ("chats.delete", [CUSTOMER]),
-    ("chats.set", [{"remoteJid": CUSTOMER, "instanceId": "uuid", "name": "Ana"}]),
-    ("presence.update", {"id": CUSTOMER, "presences": {CUSTOMER: {"lastKnownPresence": "composing",
-                                                                  "lastSeen": 1729425600}}}),
-    ("groups.upsert", [{"id": "120363000000000001@g.us", "subject": "Equipe", "owner": CUSTOMER,
-                        "participants": [{"id": CUSTOMER, "admin": "admin"}]}]),
-    ("group-participants.update", {"id": "120363000000000001@g.us", "participants": [CUSTOMER],
-                                   "action": "add", "participantsData": [{"jid": CUSTOMER}]}),
-    ("messages.edited", {"key": {"remoteJid": CUSTOMER, "id": "X"}, "type": 14, "editedMessage": {}}),
-])
+@pytest.mark.parametrize(
+    ("event", "data"),
+    [
+        ("chats.upsert", [{"remoteJid": CUSTOMER, "instanceId": "uuid", "name": "Ana", "unreadMessages": 0}]),
+        ("chats.upsert", [{"remoteJid": CUSTOMER, "instanceId": "uuid", "unreadMessages": 0}]),
+        ("chats.upsert", [{"id": "clx0chatcuid", "name": "Ana (renamed)"}]),  # the variant without remoteJid
+        ("chats.update", [{"remoteJid": CUSTOMER, "instanceId": "uuid"}]),
+        ("chats.delete", [CUSTOMER]),
+        ("chats.set", [{"remoteJid": CUSTOMER, "instanceId": "uuid", "name": "Ana"}]),
+        (
+            "presence.update",
+            {"id": CUSTOMER, "presences": {CUSTOMER: {"lastKnownPresence": "composing", "lastSeen": 1729425600}}},
+        ),
+        (
+            "groups.upsert",
+            [
+                {
+                    "id": "120363000000000001@g.us",
+                    "subject": "Equipe",
+                    "owner": CUSTOMER,
+                    "participants": [{"id": CUSTOMER, "admin": "admin"}],
+                }
+            ],
+        ),
+        (
+            "group-participants.update",
+            {
+                "id": "120363000000000001@g.us",
+                "participants": [CUSTOMER],
+                "action": "add",
+                "participantsData": [{"jid": CUSTOMER}],
+            },
+        ),
+        ("messages.edited", {"key": {"remoteJid": CUSTOMER, "id": "X"}, "type": 14, "editedMessage": {}}),
+    ],
+)
 async def test_other_events_are_stored_and_acknowledged(client, org, event: str, data: object) -> None:
     response = await post(client, org, envelope(event, data))
 
@@ -248,14 +355,24 @@ async def test_other_events_are_stored_and_acknowledged(client, org, event: str,
 
 
 async def test_megaapi_flat_message_and_acks(client, org) -> None:
-    flat = {"instance_key": "mega-01", "jid": "5511999990000@s.whatsapp.net", "messageType": "conversation",
-            "key": {"remoteJid": CUSTOMER, "id": "MEGA1", "fromMe": True, "participant": ""},
-            "messageTimestamp": int(datetime.now(UTC).timestamp()), "pushName": "Acme", "status": "",
-            "message": {"conversation": "olá"}}
+    flat = {
+        "instance_key": "mega-01",
+        "jid": "5511999990000@s.whatsapp.net",
+        "messageType": "conversation",
+        "key": {"remoteJid": CUSTOMER, "id": "MEGA1", "fromMe": True, "participant": ""},
+        "messageTimestamp": int(datetime.now(UTC).timestamp()),
+        "pushName": "Acme",
+        "status": "",
+        "message": {"conversation": "olá"},
+    }
 
     def ack(status: int) -> dict[str, object]:
-        return {"instance_key": "mega-01", "messageType": "message.ack",
-                "key": {"remoteJid": CUSTOMER, "id": "MEGA1"}, "update": {"status": status}}
+        return {
+            "instance_key": "mega-01",
+            "messageType": "message.ack",
+            "key": {"remoteJid": CUSTOMER, "id": "MEGA1"},
+            "update": {"status": status},
+        }
 
     first = await post(client, org, flat, provider="megaapi")
     again = await post(client, org, flat, provider="megaapi")
@@ -270,24 +387,34 @@ async def test_megaapi_flat_message_and_acks(client, org) -> None:
     assert (await message_row("MEGA1"))["status"] == "read"
 
 
-@pytest.mark.parametrize(("provider", "body", "needle"), [
-    ("evolution", envelope("messages.upsert", {"key": {"remoteJid": CUSTOMER}, "messageTimestamp": 1}), "key.id"),
-    ("evolution", envelope("messages.upsert", message("BAD1", messageTimestamp="soon")), "messageTimestamp"),
-    ("evolution", envelope("messages.upsert", "oi"), "message object"),
-    ("evolution", {**envelope("messages.upsert", message("BAD2")), "instance": None}, "instance"),
-    ("evolution", envelope("messages.update", {"remoteJid": CUSTOMER, "status": "READ"}), "keyId"),
-    ("evolution", envelope("messages.delete", {"remoteJid": CUSTOMER}), "id"),
-    ("evolution", envelope("contacts.upsert", 42), "array"),
-    ("evolution", envelope("chats.upsert", "nope"), "array"),
-    ("evolution", envelope("presence.update", []), "presence.update"),
-    ("megaapi", {"instance_key": "mega-01", "messageType": "message.ack", "key": {"id": "M"}}, "update.status"),
-    ("megaapi", {"instance_key": "mega-01", "messageType": "message.ack", "key": {"id": "M"},
-                 "update": {"status": 42}}, "unknown status"),
-    ("megaapi", {"instance_key": "mega-01", "messageType": "conversation", "key": {"id": "M"},
-                 "messageTimestamp": 1}, "remoteJid"),
-])
-async def test_malformed_payloads_get_422_and_lose_nothing(client, org, provider: str, body: dict[str, Any],
-                                                           needle: str) -> None:
+@pytest.mark.parametrize(
+    ("provider", "body", "needle"),
+    [
+        ("evolution", envelope("messages.upsert", {"key": {"remoteJid": CUSTOMER}, "messageTimestamp": 1}), "key.id"),
+        ("evolution", envelope("messages.upsert", message("BAD1", messageTimestamp="soon")), "messageTimestamp"),
+        ("evolution", envelope("messages.upsert", "oi"), "message object"),
+        ("evolution", {**envelope("messages.upsert", message("BAD2")), "instance": None}, "instance"),
+        ("evolution", envelope("messages.update", {"remoteJid": CUSTOMER, "status": "READ"}), "keyId"),
+        ("evolution", envelope("messages.delete", {"remoteJid": CUSTOMER}), "id"),
+        ("evolution", envelope("contacts.upsert", 42), "array"),
+        ("evolution", envelope("chats.upsert", "nope"), "array"),
+        ("evolution", envelope("presence.update", []), "presence.update"),
+        ("megaapi", {"instance_key": "mega-01", "messageType": "message.ack", "key": {"id": "M"}}, "update.status"),
+        (
+            "megaapi",
+            {"instance_key": "mega-01", "messageType": "message.ack", "key": {"id": "M"}, "update": {"status": 42}},
+            "unknown status",
+        ),
+        (
+            "megaapi",
+            {"instance_key": "mega-01", "messageType": "conversation", "key": {"id": "M"}, "messageTimestamp": 1},
+            "remoteJid",
+        ),
+    ],
+)
+async def test_malformed_payloads_get_422_and_lose_nothing(
+    client, org, provider: str, body: dict[str, Any], needle: str
+) -> None:
     await post(client, org, envelope("messages.upsert", message("KEEP1")))
     before = await rows("SELECT id, external_id, status, conversation_id FROM messages")
 

@@ -131,7 +131,9 @@ async def test_unknown_instance_is_404_before_auth(state: SimulatorState, client
         response = await client.get("/instance/connectionState/ghost", headers=headers)
         assert response.status_code == 404
         assert response.json() == {
-            "status": 404, "error": "Not Found", "response": {"message": ['The "ghost" instance does not exist']},
+            "status": 404,
+            "error": "Not Found",
+            "response": {"message": ['The "ghost" instance does not exist']},
         }
 
 
@@ -144,8 +146,9 @@ async def test_instance_token_only_reaches_its_own_instance(state: SimulatorStat
     assert (await client.post("/instance/restart/acme-02", headers=own)).status_code == 401
     rows = (await client.get("/instance/fetchInstances", headers=own)).json()
     assert [row["name"] for row in rows] == ["acme-01"]
-    create = await client.post("/instance/create", headers=own,
-                               json={"instanceName": "acme-03", "integration": "WHATSAPP-BAILEYS"})
+    create = await client.post(
+        "/instance/create", headers=own, json={"instanceName": "acme-03", "integration": "WHATSAPP-BAILEYS"}
+    )
     assert (create.status_code, create.json()) == (401, UNAUTHORIZED)
 
 
@@ -215,8 +218,13 @@ async def test_non_reconnectable_close_writes_the_column(state: SimulatorState, 
 
 
 async def test_create_instance_contract(state: SimulatorState, client: httpx.AsyncClient) -> None:
-    body = {"instanceName": "acme-01", "integration": "WHATSAPP-BAILEYS", "qrcode": True, "groupsIgnore": True,
-            "webhook": {"url": "https://sync.example/hook", "headers": {"x-secret": "s"}, "events": []}}
+    body = {
+        "instanceName": "acme-01",
+        "integration": "WHATSAPP-BAILEYS",
+        "qrcode": True,
+        "groupsIgnore": True,
+        "webhook": {"url": "https://sync.example/hook", "headers": {"x-secret": "s"}, "events": []},
+    }
     response = await client.post("/instance/create", headers=evo(state), json=body)
     assert response.status_code == 201
     created = response.json()
@@ -238,8 +246,9 @@ async def test_create_instance_contract(state: SimulatorState, client: httpx.Asy
     assert duplicate.json()["response"]["message"] == ['This name "acme-01" is already in use.']
     bad = await client.post("/instance/create", headers=evo(state), json={"instanceName": "acme-02"})
     assert (bad.status_code, bad.json()["response"]["message"]) == (400, ["Invalid integration"])
-    plain = await client.post("/instance/create", headers=evo(state),
-                              json={"instanceName": "acme-03", "integration": "WHATSAPP-BAILEYS"})
+    plain = await client.post(
+        "/instance/create", headers=evo(state), json={"instanceName": "acme-03", "integration": "WHATSAPP-BAILEYS"}
+    )
     assert plain.json()["instance"]["status"] == "close"
     assert "qrcode" not in plain.json()
 
@@ -248,8 +257,7 @@ async def test_connect_on_close_returns_qr_and_starts_connecting(
     state: SimulatorState, client: httpx.AsyncClient
 ) -> None:
     state.add_instance("acme-01", live_state="close")
-    response = await client.get("/instance/connect/acme-01", params={"number": "5511999990000"},
-                                headers=evo(state))
+    response = await client.get("/instance/connect/acme-01", params={"number": "5511999990000"}, headers=evo(state))
     qr = response.json()
     assert response.status_code == 200
     assert set(qr) == {"pairingCode", "code", "base64", "count"}
@@ -282,7 +290,8 @@ async def test_restart_reconnects_an_open_session(
     response = await client.post("/instance/restart/acme-01", headers=evo(state))
     assert response.json() == {"instance": {"instanceName": "acme-01", "state": "open"}}
     assert [(e.old, e.new, e.reason_code) for e in events if isinstance(e, StateChange)] == [
-        ("open", "connecting", 515), ("connecting", "open", None),
+        ("open", "connecting", 515),
+        ("connecting", "open", None),
     ]
 
 
@@ -290,8 +299,11 @@ async def test_logout_contract(state: SimulatorState, client: httpx.AsyncClient)
     state.add_instance("acme-01", live_state="close")
     closed = await client.delete("/instance/logout/acme-01", headers=evo(state))
     assert closed.status_code == 400
-    assert closed.json() == {"status": 400, "error": "Bad Request",
-                             "response": {"message": ['The "acme-01" instance is not connected']}}
+    assert closed.json() == {
+        "status": 400,
+        "error": "Bad Request",
+        "response": {"message": ['The "acme-01" instance is not connected']},
+    }
 
     state.set_state("acme-01", "open")
     response = await client.delete("/instance/logout/acme-01", headers=evo(state))
@@ -322,8 +334,10 @@ async def test_megaapi_status_contract(state: SimulatorState, client: httpx.Asyn
         assert denied.status_code == 401
         assert denied.json()["error"] is True
     ok = await client.get("/rest/instance/megacode-up", headers=mega(state))
-    assert ok.json() == {"error": False, "instance": {
-        "status": "connected", "user": {"id": up.owner_jid, "name": up.profile_name}}}
+    assert ok.json() == {
+        "error": False,
+        "instance": {"status": "connected", "user": {"id": up.owner_jid, "name": up.profile_name}},
+    }
     down = await client.get("/rest/instance/megacode-down", headers=mega(state))
     assert down.json()["instance"]["status"] == "disconnected"
     for key in ("ghost", "acme-01"):
@@ -356,9 +370,7 @@ async def test_megaapi_qrcode_logout_restart(state: SimulatorState, client: http
 # -- knobs and counters ---------------------------------------------------------------------------------------
 
 
-async def test_outage_answers_503_envelopes_but_not_control(
-    state: SimulatorState, client: httpx.AsyncClient
-) -> None:
+async def test_outage_answers_503_envelopes_but_not_control(state: SimulatorState, client: httpx.AsyncClient) -> None:
     state.add_instance("megacode-1", "megaapi", "open")
     state.config.outage = True
     evolution = await client.get("/instance/fetchInstances", headers=evo(state))
@@ -513,8 +525,9 @@ async def test_evolution_connection_update_envelope(state: SimulatorState, recei
     base, recv = receiver
     inst = state.add_instance("acme-01", live_state="open")
     url = f"{base}/hook"
-    async with WebhookEmitter(state, evolution_url=url, megaapi_url=None, headers={"x-zapsync-secret": "s3cr3t"},
-                              server_url="http://evo.test") as emitter:
+    async with WebhookEmitter(
+        state, evolution_url=url, megaapi_url=None, headers={"x-zapsync-secret": "s3cr3t"}, server_url="http://evo.test"
+    ) as emitter:
         state.set_state("acme-01", "close", reason_code=428)  # reconnectable: Evolution sends nothing
         state.set_state("acme-01", "open")
         state.set_state("acme-01", "close", reason_code=401)
@@ -524,10 +537,20 @@ async def test_evolution_connection_update_envelope(state: SimulatorState, recei
     opened, closed = bodies
     assert ISO_MS.match(opened.pop("date_time"))
     assert opened == {
-        "event": "connection.update", "instance": "acme-01",
-        "data": {"instance": "acme-01", "state": "open", "statusReason": 200, "wuid": inst.owner_jid,
-                 "profileName": inst.profile_name, "profilePictureUrl": inst.profile_pic_url},
-        "destination": url, "sender": inst.owner_jid, "server_url": "http://evo.test", "apikey": inst.token,
+        "event": "connection.update",
+        "instance": "acme-01",
+        "data": {
+            "instance": "acme-01",
+            "state": "open",
+            "statusReason": 200,
+            "wuid": inst.owner_jid,
+            "profileName": inst.profile_name,
+            "profilePictureUrl": inst.profile_pic_url,
+        },
+        "destination": url,
+        "sender": inst.owner_jid,
+        "server_url": "http://evo.test",
+        "apikey": inst.token,
     }
     assert closed["data"] == {"instance": "acme-01", "state": "close", "statusReason": 401}
     for delivery in recv.deliveries:
@@ -546,8 +569,11 @@ async def test_connect_over_http_emits_qrcode_updated_by_events(
         await emitter.flush()
     by_path = {d.path: d.body for d in recv.deliveries}
     assert set(by_path) == {"/hook/connection-update", "/hook/qrcode-updated"}
-    assert by_path["/hook/connection-update"]["data"] == {"instance": "acme-01", "state": "connecting",
-                                                           "statusReason": 200}
+    assert by_path["/hook/connection-update"]["data"] == {
+        "instance": "acme-01",
+        "state": "connecting",
+        "statusReason": 200,
+    }
     qrcode = by_path["/hook/qrcode-updated"]
     assert qrcode["event"] == "qrcode.updated"
     assert qrcode["destination"] == f"{base}/hook"
@@ -555,13 +581,12 @@ async def test_connect_over_http_emits_qrcode_updated_by_events(
     assert qrcode["data"]["qrcode"]["instance"] == "acme-01"
 
 
-async def test_megaapi_deliveries_alternate_both_shapes(
-    state: SimulatorState, receiver: tuple[str, Receiver]
-) -> None:
+async def test_megaapi_deliveries_alternate_both_shapes(state: SimulatorState, receiver: tuple[str, Receiver]) -> None:
     base, recv = receiver
     inst = state.add_instance("megacode-1", "megaapi", "open")
-    async with WebhookEmitter(state, evolution_url=f"{base}/evo", megaapi_url=f"{base}/mega",
-                              headers={"x-zapsync-secret": "s"}) as emitter:
+    async with WebhookEmitter(
+        state, evolution_url=f"{base}/evo", megaapi_url=f"{base}/mega", headers={"x-zapsync-secret": "s"}
+    ) as emitter:
         state.set_state("megacode-1", "close", reason_code=428)
         state.set_state("megacode-1", "open")
         await emitter.flush()
@@ -569,16 +594,23 @@ async def test_megaapi_deliveries_alternate_both_shapes(
     official = next(d.body for d in recv.deliveries if "connection_state" in d.body)
     modern = next(d.body for d in recv.deliveries if "message" in d.body)
     assert isinstance(official.pop("timestamp"), int)
-    assert official == {"instance_key": "megacode-1", "messageType": "connection_update",
-                        "connection_state": "close", "closeReason": 428}
-    assert modern == {"messageType": "connection_update", "message": "phone_connected", "jid": inst.owner_jid,
-                      "pushName": inst.profile_name, "instance_key": "megacode-1"}
+    assert official == {
+        "instance_key": "megacode-1",
+        "messageType": "connection_update",
+        "connection_state": "close",
+        "closeReason": 428,
+    }
+    assert modern == {
+        "messageType": "connection_update",
+        "message": "phone_connected",
+        "jid": inst.owner_jid,
+        "pushName": inst.profile_name,
+        "instance_key": "megacode-1",
+    }
     assert all("x-zapsync-secret" not in d.headers for d in recv.deliveries)
 
 
-async def test_delivery_failures_are_counted_not_raised(
-    state: SimulatorState, receiver: tuple[str, Receiver]
-) -> None:
+async def test_delivery_failures_are_counted_not_raised(state: SimulatorState, receiver: tuple[str, Receiver]) -> None:
     base, _ = receiver
     with socket.socket() as sock:  # a port nobody listens on
         sock.bind(("127.0.0.1", 0))
@@ -593,13 +625,15 @@ async def test_delivery_failures_are_counted_not_raised(
     assert emitter.last_error is not None
 
 
-async def test_jwt_key_header_becomes_a_signed_bearer(
-    state: SimulatorState, receiver: tuple[str, Receiver]
-) -> None:
+async def test_jwt_key_header_becomes_a_signed_bearer(state: SimulatorState, receiver: tuple[str, Receiver]) -> None:
     base, recv = receiver
     state.add_instance("acme-01", live_state="close")
-    async with WebhookEmitter(state, evolution_url=f"{base}/hook", megaapi_url=None,
-                              headers={"jwt_key": "org-secret-with-at-least-32-bytes!", "x-org": "7"}) as emitter:
+    async with WebhookEmitter(
+        state,
+        evolution_url=f"{base}/hook",
+        megaapi_url=None,
+        headers={"jwt_key": "org-secret-with-at-least-32-bytes!", "x-org": "7"},
+    ) as emitter:
         state.set_state("acme-01", "open")
         await emitter.flush()
     (delivery,) = recv.deliveries
@@ -618,8 +652,12 @@ async def test_instance_webhook_from_create_wins_and_filters_events(
 ) -> None:
     base, recv = receiver
     async with WebhookEmitter(state, evolution_url=f"{base}/default", megaapi_url=None) as emitter:
-        body = {"instanceName": "acme-01", "integration": "WHATSAPP-BAILEYS", "qrcode": True,
-                "webhook": {"url": f"{base}/own", "headers": {"x-org": "42"}, "events": ["QRCODE_UPDATED"]}}
+        body = {
+            "instanceName": "acme-01",
+            "integration": "WHATSAPP-BAILEYS",
+            "qrcode": True,
+            "webhook": {"url": f"{base}/own", "headers": {"x-org": "42"}, "events": ["QRCODE_UPDATED"]},
+        }
         assert (await client.post("/instance/create", headers=evo(state), json=body)).status_code == 201
         await emitter.flush()
     (delivery,) = recv.deliveries
@@ -662,7 +700,14 @@ async def test_simulator_server_async_with() -> None:
 
 
 def test_public_api_is_exported() -> None:
-    for name in ("SimulatorState", "SimInstance", "SimulatorConfig", "create_app", "WebhookEmitter",
-                 "SimulatorServer", "run_demo"):
+    for name in (
+        "SimulatorState",
+        "SimInstance",
+        "SimulatorConfig",
+        "create_app",
+        "WebhookEmitter",
+        "SimulatorServer",
+        "run_demo",
+    ):
         assert name in simulator.__all__
         assert hasattr(simulator, name)

@@ -55,9 +55,12 @@ async def test_apply_mode_writes_drift_for_evolution_and_megaapi(simulator) -> N
     assert await history(ids["evo-same"]) == []
     # Becoming connected opens a session; the phone number comes from the gateway.
     async with session_scope() as session:
-        sessions = (await session.execute(text(
-            "SELECT count(*) FROM whatsapp_sessions WHERE instance_id = :id AND disconnected_at IS NULL"),
-            {"id": ids["evo-up"]})).scalar_one()
+        sessions = (
+            await session.execute(
+                text("SELECT count(*) FROM whatsapp_sessions WHERE instance_id = :id AND disconnected_at IS NULL"),
+                {"id": ids["evo-up"]},
+            )
+        ).scalar_one()
     assert sessions == 1
     assert (await instance_row(ids["evo-up"]))["phone_number"]
     assert report.flow_run_id is not None  # it really ran as a Prefect flow run
@@ -131,8 +134,11 @@ async def test_breaker_opens_after_five_failures_and_closes_after_recovery(simul
     simulator.configure(outage=True)
 
     gateway = MegaApiGateway(
-        name="megaapi", base_url=os.environ["MEGA_API_HOST"], api_key=os.environ["MEGA_API_TOKEN"],
-        timeout=httpx.Timeout(1.0), retry=RetryPolicy(attempts=3, initial_seconds=0.01, max_seconds=0.02),
+        name="megaapi",
+        base_url=os.environ["MEGA_API_HOST"],
+        api_key=os.environ["MEGA_API_TOKEN"],
+        timeout=httpx.Timeout(1.0),
+        retry=RetryPolicy(attempts=3, initial_seconds=0.01, max_seconds=0.02),
         breaker=BreakerPolicy(failure_threshold=5, recovery_seconds=1.0),
     )
     async with gateway:

@@ -20,25 +20,46 @@ from tests.factories import count, history, instance_row, make_instance, make_or
 def evolution(event: str, instance: str, data: object, *, at: datetime | None = None) -> dict[str, object]:
     """An Evolution v2 delivery envelope (gateways.md §2.1)."""
     return {
-        "event": event, "instance": instance, "data": data, "destination": "http://zapsync/webhooks",
+        "event": event,
+        "instance": instance,
+        "data": data,
+        "destination": "http://zapsync/webhooks",
         "date_time": (at or datetime.now(UTC)).isoformat().replace("+00:00", "Z"),
-        "sender": "5511999990000@s.whatsapp.net", "server_url": "http://evolution", "apikey": None,
+        "sender": "5511999990000@s.whatsapp.net",
+        "server_url": "http://evolution",
+        "apikey": None,
     }
 
 
 def opened(instance: str, *, at: datetime | None = None) -> dict[str, object]:
     """`connection.update` with state open."""
-    return evolution("connection.update", instance, {
-        "instance": instance, "state": "open", "statusReason": 200,
-        "wuid": "5511988887777@s.whatsapp.net", "profileName": "Acme",
-    }, at=at)
+    return evolution(
+        "connection.update",
+        instance,
+        {
+            "instance": instance,
+            "state": "open",
+            "statusReason": 200,
+            "wuid": "5511988887777@s.whatsapp.net",
+            "profileName": "Acme",
+        },
+        at=at,
+    )
 
 
-async def post(client: httpx.AsyncClient, org: uuid.UUID, body: object, *, secret: str = "org-secret",
-               provider: str = "evolution", suffix: str = "") -> httpx.Response:
+async def post(
+    client: httpx.AsyncClient,
+    org: uuid.UUID,
+    body: object,
+    *,
+    secret: str = "org-secret",
+    provider: str = "evolution",
+    suffix: str = "",
+) -> httpx.Response:
     raw = body if isinstance(body, bytes) else orjson.dumps(body)
     return await client.post(
-        f"/webhooks/{provider}/{org}{suffix}", content=raw,
+        f"/webhooks/{provider}/{org}{suffix}",
+        content=raw,
         headers={"content-type": "application/json", "x-webhook-secret": secret},
     )
 
@@ -89,14 +110,17 @@ async def test_one_organizations_secret_cannot_touch_another_organizations_insta
     assert await history(b_instance) == []
 
 
-@pytest.mark.parametrize(("body", "needle"), [
-    (b"{not json", "not valid JSON"),
-    (b"", "empty body"),
-    (b"[1, 2]", "JSON object"),
-    (orjson.dumps({"instance": "acme-01", "data": {}}), "event"),
-    (orjson.dumps({"event": "connection.update", "instance": "acme-01", "data": {}}), "data.state"),
-    (orjson.dumps({"event": "connection.update", "instance": "acme-01", "data": {"state": "melted"}}), "melted"),
-])
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        (b"{not json", "not valid JSON"),
+        (b"", "empty body"),
+        (b"[1, 2]", "JSON object"),
+        (orjson.dumps({"instance": "acme-01", "data": {}}), "event"),
+        (orjson.dumps({"event": "connection.update", "instance": "acme-01", "data": {}}), "data.state"),
+        (orjson.dumps({"event": "connection.update", "instance": "acme-01", "data": {"state": "melted"}}), "melted"),
+    ],
+)
 async def test_malformed_payloads_get_422_with_a_message(client: httpx.AsyncClient, body: bytes, needle: str) -> None:
     org = await make_organization()
     instance_id = await make_instance(org, "acme-01")
@@ -213,17 +237,31 @@ async def test_qr_code_and_logged_out_close(client: httpx.AsyncClient) -> None:
     org = await make_organization()
     instance_id = await make_instance(org, "acme-01")
     start = datetime.now(UTC) - timedelta(seconds=3)
-    qr = evolution("qrcode.updated", "acme-01", {"qrcode": {
-        "instance": "acme-01", "pairingCode": None, "code": "2@abc", "base64": "data:image/png;base64,AAAA"}},
-        at=start)
+    qr = evolution(
+        "qrcode.updated",
+        "acme-01",
+        {
+            "qrcode": {
+                "instance": "acme-01",
+                "pairingCode": None,
+                "code": "2@abc",
+                "base64": "data:image/png;base64,AAAA",
+            }
+        },
+        at=start,
+    )
 
     assert (await post(client, org, qr, suffix="/qrcode-updated")).json()["outcome"] == "applied"
     row = await instance_row(instance_id)
     assert row["status"] == "qr_pending" and row["qr_code"] == "data:image/png;base64,AAAA"
 
     await post(client, org, opened("acme-01", at=start + timedelta(seconds=1)))
-    closed = evolution("connection.update", "acme-01", {"instance": "acme-01", "state": "close", "statusReason": 401},
-                       at=start + timedelta(seconds=2))
+    closed = evolution(
+        "connection.update",
+        "acme-01",
+        {"instance": "acme-01", "state": "close", "statusReason": 401},
+        at=start + timedelta(seconds=2),
+    )
     assert (await post(client, org, closed)).json()["outcome"] == "applied"
     row = await instance_row(instance_id)
     assert row["status"] == "disconnected" and "logged out" in row["status_reason"]
@@ -237,11 +275,21 @@ async def test_megaapi_connection_update_in_both_shapes(client: httpx.AsyncClien
     org = await make_organization()
     instance_id = await make_instance(org, "megacode-1", gateway="megaapi")
     if shape == "official":
-        body = {"instance_key": "megacode-1", "messageType": "connection_update", "connection_state": "open",
-                "timestamp": int(datetime.now(UTC).timestamp()), "closeReason": None}
+        body = {
+            "instance_key": "megacode-1",
+            "messageType": "connection_update",
+            "connection_state": "open",
+            "timestamp": int(datetime.now(UTC).timestamp()),
+            "closeReason": None,
+        }
     else:
-        body = {"instance_key": "megacode-1", "messageType": "connection_update", "message": "phone_connected",
-                "jid": "5511977776666@s.whatsapp.net", "pushName": "Mega"}
+        body = {
+            "instance_key": "megacode-1",
+            "messageType": "connection_update",
+            "message": "phone_connected",
+            "jid": "5511977776666@s.whatsapp.net",
+            "pushName": "Mega",
+        }
 
     response = await post(client, org, body, provider="megaapi")
 

@@ -56,8 +56,11 @@ def work_pool_stack(tmp_path_factory: pytest.TempPathFactory, simulator_server, 
     }
     logs = tmp_path_factory.mktemp("logs")
     server = subprocess.Popen(
-        [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env, cwd=ROOT,
-        stdout=(logs / "server.log").open("wb"), stderr=subprocess.STDOUT,
+        [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        cwd=ROOT,
+        stdout=(logs / "server.log").open("wb"),
+        stderr=subprocess.STDOUT,
     )
     worker: subprocess.Popen[bytes] | None = None
     try:
@@ -78,8 +81,11 @@ def work_pool_stack(tmp_path_factory: pytest.TempPathFactory, simulator_server, 
             done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=180, check=False)
             assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         worker = subprocess.Popen(
-            [PREFECT, "worker", "start", "--pool", "zapsync"], env=env, cwd=ROOT,
-            stdout=(logs / "worker.log").open("wb"), stderr=subprocess.STDOUT,
+            [PREFECT, "worker", "start", "--pool", "zapsync"],
+            env=env,
+            cwd=ROOT,
+            stdout=(logs / "worker.log").open("wb"),
+            stderr=subprocess.STDOUT,
         )
         yield api_url
     finally:
@@ -97,7 +103,8 @@ async def test_api_triggered_sync_completes_on_a_process_worker(work_pool_stack:
     with temporary_settings(updates={PREFECT_API_URL: work_pool_stack}):
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://zapsync") as client:
             response = await client.post(
-                "/instances/sync", json={"wait": True, "timeout_seconds": 120},
+                "/instances/sync",
+                json={"wait": True, "timeout_seconds": 120},
                 headers={"authorization": "Bearer test-admin-token"},
             )
 

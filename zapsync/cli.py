@@ -53,7 +53,10 @@ from zapsync.stack import (
 warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
 
 app = typer.Typer(
-    name="zapsync", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    name="zapsync",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
     help="Keep a CRM's PostgreSQL in step with its WhatsApp gateways.",
 )
 db_app = typer.Typer(no_args_is_help=True, help="Database migrations.")
@@ -125,8 +128,11 @@ def expected_errors() -> Iterator[None]:
     except (psycopg.OperationalError, sa_exc.OperationalError, sa_exc.InterfaceError) as exc:
         fail(f"the database is unreachable ({type(exc).__name__})", 2)
     except subprocess.CalledProcessError as exc:
-        fail(f"the embedded PostgreSQL could not start ({exc.cmd[0] if exc.cmd else 'pg_ctl'} exited with "
-             f"{exc.returncode}); see the log in {get_settings().data_dir / 'log'}", 2)
+        fail(
+            f"the embedded PostgreSQL could not start ({exc.cmd[0] if exc.cmd else 'pg_ctl'} exited with "
+            f"{exc.returncode}); see the log in {get_settings().data_dir / 'log'}",
+            2,
+        )
     except KeyboardInterrupt:
         fail("interrupted", 130)
 
@@ -143,8 +149,10 @@ def _note_ephemeral(what: str) -> None:
 
     if get_current_settings().api.url:
         return
-    err().print(f"Note: no PREFECT_API_URL and no `zapsync up` server answering: {what} (slower to start, and "
-                "its runs are not kept).")
+    err().print(
+        f"Note: no PREFECT_API_URL and no `zapsync up` server answering: {what} (slower to start, and "
+        "its runs are not kept)."
+    )
 
 
 def _quiet_signals() -> None:
@@ -217,8 +225,10 @@ def db_status(as_json: JsonOpt = False) -> None:
     if as_json:
         emit_json({"database": label, "current": current, "head": head, "up_to_date": current_ok})
     else:
-        out().print(f"Database {label}: migration {current or 'none'} (latest {head}), "
-                    f"{'up to date' if current_ok else 'behind'}.")
+        out().print(
+            f"Database {label}: migration {current or 'none'} (latest {head}), "
+            f"{'up to date' if current_ok else 'behind'}."
+        )
     if not current_ok:
         fail(f"the database is at migration {current or 'none'}, zapsync needs {head}: run `zapsync db upgrade`", 2)
 
@@ -252,8 +262,7 @@ def org_create(name: Annotated[str, typer.Argument(help="Organization name.")], 
     async def create() -> tuple[uuid.UUID, str]:
         async with session_scope() as session:
             org = await create_organization(session, name=name, webhook_secret=secret)
-            token = await create_token(session, name=f"{name} (created by zapsync org create)",
-                                       organization_id=org.id)
+            token = await create_token(session, name=f"{name} (created by zapsync org create)", organization_id=org.id)
             return org.id, token
 
     with expected_errors():
@@ -273,8 +282,10 @@ def org_create(name: Annotated[str, typer.Argument(help="Organization name.")], 
     table.add_row("API token", token)
     console = out()
     console.print(table)
-    console.print("\nThe secret and the token are shown only now: store them. Gateways send the secret in the "
-                  "X-Webhook-Secret header; API calls send 'Authorization: Bearer <token>'.")
+    console.print(
+        "\nThe secret and the token are shown only now: store them. Gateways send the secret in the "
+        "X-Webhook-Secret header; API calls send 'Authorization: Bearer <token>'."
+    )
 
 
 @token_app.command("create")
@@ -325,8 +336,9 @@ def instance_add(
     async def add() -> list[uuid.UUID]:
         async with session_scope() as session:
             await _check_organization(session, org)
-            return await register_instances(session, organization_id=org, gateway=gateway,
-                                             instance_names=[instance_name])
+            return await register_instances(
+                session, organization_id=org, gateway=gateway, instance_names=[instance_name]
+            )
 
     with expected_errors():
         ensure_migrated()
@@ -335,18 +347,31 @@ def instance_add(
         fail(f"an instance named {instance_name!r} is already registered at gateway {gateway!r}", 1)
     configured = gateway in get_settings().gateways()
     if as_json:
-        emit_json({"id": str(ids[0]), "organization_id": str(org), "gateway": gateway,
-                   "instance_name": instance_name, "gateway_configured": configured})
+        emit_json(
+            {
+                "id": str(ids[0]),
+                "organization_id": str(org),
+                "gateway": gateway,
+                "instance_name": instance_name,
+                "gateway_configured": configured,
+            }
+        )
         return
     out().print(f"Instance [bold]{instance_name}[/] registered at gateway {gateway} ({ids[0]}).")
     if not configured:
-        err().print(f"Note: gateway {gateway!r} is not configured here; syncs report the instance unreachable "
-                    "until it is (EVOLUTION_API_URL, MEGA_API_HOST or ZAPSYNC_GATEWAYS).")
+        err().print(
+            f"Note: gateway {gateway!r} is not configured here; syncs report the instance unreachable "
+            "until it is (EVOLUTION_API_URL, MEGA_API_HOST or ZAPSYNC_GATEWAYS)."
+        )
 
 
 def _instance_json(row: dict[str, Any]) -> dict[str, Any]:
-    return {key: (str(value) if isinstance(value, uuid.UUID) else value.isoformat()
-                  if isinstance(value, datetime) else value) for key, value in row.items()}
+    return {
+        key: (
+            str(value) if isinstance(value, uuid.UUID) else value.isoformat() if isinstance(value, datetime) else value
+        )
+        for key, value in row.items()
+    }
 
 
 @app.command("status")
@@ -375,12 +400,24 @@ def status(org: OrgOpt = None, as_json: JsonOpt = False) -> None:
     table = Table(title=None)
     for column in ("instance", "gateway", "status", "health", "last check", "observed at", "id"):
         table.add_column(column, no_wrap=True)
-    style = {"connected": "green", "disconnected": "red", "error": "red", "qr_pending": "yellow",
-             "connecting": "yellow"}
+    style = {
+        "connected": "green",
+        "disconnected": "red",
+        "error": "red",
+        "qr_pending": "yellow",
+        "connecting": "yellow",
+    }
     for r in rows:
         st = str(r["status"])
-        table.add_row(str(r["instance_name"]), str(r["gateway"]), f"[{style.get(st, 'white')}]{st}[/]",
-                      str(r["health"]), _when(r["last_checked_at"]), _when(r["status_observed_at"]), str(r["id"]))
+        table.add_row(
+            str(r["instance_name"]),
+            str(r["gateway"]),
+            f"[{style.get(st, 'white')}]{st}[/]",
+            str(r["health"]),
+            _when(r["last_checked_at"]),
+            _when(r["status_observed_at"]),
+            str(r["id"]),
+        )
     console.print(table)
     console.print(f"{len(rows)} instances: " + ", ".join(f"{n} {s}" for s, n in counts.most_common()) + ".")
 
@@ -391,8 +428,9 @@ def status(org: OrgOpt = None, as_json: JsonOpt = False) -> None:
 def _print_report(report: Any, state_name: str, ui: str | None) -> None:
     console = out()
     run = f" — flow run {report.flow_run_id}" if report.flow_run_id else ""
-    console.print(f"[bold]Status sync ({report.mode}, scope {report.scope.key})[/]{run}: {state_name} "
-                  f"in {report.seconds:.2f} s")
+    console.print(
+        f"[bold]Status sync ({report.mode}, scope {report.scope.key})[/]{run}: {state_name} in {report.seconds:.2f} s"
+    )
     if ui:
         console.print(f"Prefect UI: {ui}")
     if report.skipped:
@@ -400,16 +438,28 @@ def _print_report(report: Any, state_name: str, ui: str | None) -> None:
     counts = Table(show_header=True)
     for column in ("checked", "in sync", "drifted", "applied", "superseded", "unreachable"):
         counts.add_column(column, justify="right")
-    counts.add_row(*(str(v) for v in (report.checked, report.in_sync, report.drifted, report.applied,
-                                      report.superseded, report.unreachable)))
+    counts.add_row(
+        *(
+            str(v)
+            for v in (
+                report.checked,
+                report.in_sync,
+                report.drifted,
+                report.applied,
+                report.superseded,
+                report.unreachable,
+            )
+        )
+    )
     console.print(counts)
     if report.changes:
         drift = Table(title="Drift", title_justify="left")
         for column in ("instance", "gateway", "database", "gateway says", "applied", "reason"):
             drift.add_column(column, no_wrap=True)
         for d in report.changes:
-            drift.add_row(d.instance_name, d.gateway, d.db_status, d.gateway_status,
-                          "yes" if d.applied else "no", d.reason or "")
+            drift.add_row(
+                d.instance_name, d.gateway, d.db_status, d.gateway_status, "yes" if d.applied else "no", d.reason or ""
+            )
         console.print(drift)
     if report.unreachable_instances:
         unreachable = Table(title="Unreachable (status left as stored)", title_justify="left")
@@ -445,8 +495,15 @@ def sync(
         from zapsync.reports import SyncScope
 
         scope = SyncScope(organization_id=org, instance_id=instance)
-        _run_flow_here(sync_status, "sync", as_json, render=_print_report, scope=scope,
-                       mode="check" if check else "apply", force=force)
+        _run_flow_here(
+            sync_status,
+            "sync",
+            as_json,
+            render=_print_report,
+            scope=scope,
+            mode="check" if check else "apply",
+            force=force,
+        )
 
 
 # -- maintenance and import -------------------------------------------------------------------------------------
@@ -461,7 +518,11 @@ def _print_markdown(report: Any, _state_name: str, ui: str | None) -> None:
 
 
 def _run_flow_here(
-    flow: Any, title: str, as_json: bool, *, render: Callable[[Any, str, str | None], None] = _print_markdown,
+    flow: Any,
+    title: str,
+    as_json: bool,
+    *,
+    render: Callable[[Any, str, str | None], None] = _print_markdown,
     **parameters: Any,
 ) -> Any:
     """Run a flow in this process (a real Prefect flow run), print its report and return it; fail with a sentence."""
@@ -495,10 +556,18 @@ def import_(
     with flow_command():
         from flows.import_conversations import import_conversations
 
-        report = _run_flow_here(import_conversations, "import", as_json, instance_id=instance,
-                                history_days=history_days, full=full, trigger="cli")
-    if report.outcome == "failed" or (report.outcome == "skipped" and report.skipped and
-                                      report.skipped.startswith("no instance")):
+        report = _run_flow_here(
+            import_conversations,
+            "import",
+            as_json,
+            instance_id=instance,
+            history_days=history_days,
+            full=full,
+            trigger="cli",
+        )
+    if report.outcome == "failed" or (
+        report.outcome == "skipped" and report.skipped and report.skipped.startswith("no instance")
+    ):
         fail(f"import {report.outcome}: {report.error or report.skipped}", 1)
 
 
@@ -506,16 +575,16 @@ def import_(
 def cleanup_sessions(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Count what would be deleted; delete nothing.")] = False,
     org: OrgOpt = None,
-    retention_days: Annotated[int | None, typer.Option("--retention-days", min=1,
-                                                       help="Override the organizations' setting.")] = None,
+    retention_days: Annotated[
+        int | None, typer.Option("--retention-days", min=1, help="Override the organizations' setting.")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Delete ended WhatsApp sessions idle past their retention (and prune old webhook and live events)."""
     with flow_command():
         from flows.cleanup_sessions import cleanup_sessions as flow
 
-        _run_flow_here(flow, "cleanup", as_json, organization_id=org, retention_days=retention_days,
-                       dry_run=dry_run)
+        _run_flow_here(flow, "cleanup", as_json, organization_id=org, retention_days=retention_days, dry_run=dry_run)
 
 
 @app.command("close-inactive")
@@ -528,8 +597,7 @@ def close_inactive(
     with flow_command():
         from flows.close_inactive import close_inactive_conversations
 
-        _run_flow_here(close_inactive_conversations, "close-inactive", as_json, organization_id=org,
-                       dry_run=dry_run)
+        _run_flow_here(close_inactive_conversations, "close-inactive", as_json, organization_id=org, dry_run=dry_run)
 
 
 # -- processes ---------------------------------------------------------------------------------------------------
@@ -544,9 +612,14 @@ def simulator(
     prefix: Annotated[str, typer.Option(help="Seeded instances are named PREFIX-00001…")] = "sim",
     demo: Annotated[bool, typer.Option("--demo", help="Change instances now and then and send webhooks.")] = False,
     webhook_url: Annotated[str | None, typer.Option(help="Where demo webhooks are POSTed.")] = None,
-    webhook_secret: Annotated[str | None, typer.Option(
-        help="Sent in the X-Webhook-Secret header.", envvar="ZAPSYNC_SIM_WEBHOOK_SECRET", show_envvar=True,
-    )] = None,
+    webhook_secret: Annotated[
+        str | None,
+        typer.Option(
+            help="Sent in the X-Webhook-Secret header.",
+            envvar="ZAPSYNC_SIM_WEBHOOK_SECRET",
+            show_envvar=True,
+        ),
+    ] = None,
     interval: Annotated[float, typer.Option(min=0.05, help="Seconds between demo ticks.")] = 5.0,
     flap_rate: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of instances changed per tick.")] = 0.1,
 ) -> None:
@@ -565,24 +638,36 @@ def simulator(
     keys = SimulatorConfig()
 
     def started(url: str) -> None:
-        out().print(f"Simulator on {url}: {instances} {provider.value} instances ({prefix}-00001…), "
-                    f"Evolution apikey {keys.evolution_api_key}, MegaAPI token {keys.megaapi_token}"
-                    + (f"; demo ticks every {interval:g} s" if demo else "") + ". Ctrl-C stops it.")
+        out().print(
+            f"Simulator on {url}: {instances} {provider.value} instances ({prefix}-00001…), "
+            f"Evolution apikey {keys.evolution_api_key}, MegaAPI token {keys.megaapi_token}"
+            + (f"; demo ticks every {interval:g} s" if demo else "")
+            + ". Ctrl-C stops it."
+        )
 
     _quiet_signals()
-    ticks = asyncio.run(run_simulator(
-        host=host, port=port, instances=instances, provider=provider.value, prefix=prefix, demo=demo,
-        webhook_url=webhook_url, webhook_secret=webhook_secret, interval_s=interval, flap_rate=flap_rate,
-        on_started=started,
-    ))
+    ticks = asyncio.run(
+        run_simulator(
+            host=host,
+            port=port,
+            instances=instances,
+            provider=provider.value,
+            prefix=prefix,
+            demo=demo,
+            webhook_url=webhook_url,
+            webhook_secret=webhook_secret,
+            interval_s=interval,
+            flap_rate=flap_rate,
+            on_started=started,
+        )
+    )
     out().print(f"Simulator stopped{f' after {ticks} demo ticks' if demo else ''}.")
 
 
 @app.command("api")
 def api(
     host: Annotated[str | None, typer.Option(help="Interface (default ZAPSYNC_API_HOST or 127.0.0.1).")] = None,
-    port: Annotated[int | None, typer.Option(min=1, max=65535, help="Port (default ZAPSYNC_API_PORT or 8000).")]
-    = None,
+    port: Annotated[int | None, typer.Option(min=1, max=65535, help="Port (default ZAPSYNC_API_PORT or 8000).")] = None,
 ) -> None:
     """Run the HTTP API with uvicorn (refuses to start on an unmigrated database)."""
     import uvicorn
@@ -598,15 +683,20 @@ def api(
 
     configure_logging("INFO")
     _quiet_signals()
-    uvicorn.run(create_app(), host=host, port=port, log_config=access_log_config(), proxy_headers=False,
-                server_header=False)
+    uvicorn.run(
+        create_app(), host=host, port=port, log_config=access_log_config(), proxy_headers=False, server_header=False
+    )
 
 
 @app.command("serve")
 def serve(
-    wait: Annotated[float, typer.Option(
-        min=0, help="Seconds to wait for the Prefect API to answer before giving up (it may still be starting).",
-    )] = 0,
+    wait: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            help="Seconds to wait for the Prefect API to answer before giving up (it may still be starting).",
+        ),
+    ] = 0,
 ) -> None:
     """Serve the deployments (schedules and on-demand runs) from this process until Ctrl-C."""
     os.environ.setdefault("PREFECT_RUNNER_POLL_FREQUENCY", DEFAULT_POLL_FREQUENCY)
@@ -629,17 +719,22 @@ def serve(
 
 @app.command("up")
 def up(
-    demo: Annotated[bool | None, typer.Option(
-        "--demo/--no-demo", help="Run the simulator with a demo organization (default: when no gateway is set).",
-        show_default=False,
-    )] = None,
+    demo: Annotated[
+        bool | None,
+        typer.Option(
+            "--demo/--no-demo",
+            help="Run the simulator with a demo organization (default: when no gateway is set).",
+            show_default=False,
+        ),
+    ] = None,
     api_port: Annotated[int, typer.Option(min=1, max=65535, help="API port.")] = 8000,
     prefect_port: Annotated[int, typer.Option(min=1, max=65535, help="Local Prefect server port.")] = 4200,
     sim_port: Annotated[int, typer.Option(min=1, max=65535, help="Simulator port (demo mode).")] = 8081,
 ) -> None:
     """Run the whole local stack: PostgreSQL, Prefect server, simulator (demo), API and flow runner."""
-    code = run_stack(StackOptions(demo=demo, api_port=api_port, prefect_port=prefect_port, sim_port=sim_port),
-                     out(), err())
+    code = run_stack(
+        StackOptions(demo=demo, api_port=api_port, prefect_port=prefect_port, sim_port=sim_port), out(), err()
+    )
     raise typer.Exit(code)
 
 

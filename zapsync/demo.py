@@ -106,10 +106,20 @@ async def ensure_demo_organization(
                 token = new_secret("zs")
             await create_token(session, name="demo", organization_id=org_id, token=token)
         inserted = await register_instances(session, organization_id=org_id, gateway=gateway, instance_names=names)
-    write_private(path, json.dumps(
-        {"organization_id": str(org_id), "webhook_secret": secret, "token": token, "gateway": gateway,
-         "instances": len(names), "prefix": prefix}, indent=2,
-    ))
+    write_private(
+        path,
+        json.dumps(
+            {
+                "organization_id": str(org_id),
+                "webhook_secret": secret,
+                "token": token,
+                "gateway": gateway,
+                "instances": len(names),
+                "prefix": prefix,
+            },
+            indent=2,
+        ),
+    )
     return DemoOrganization(org_id, secret, token, names, created, len(inserted))
 
 
@@ -143,12 +153,21 @@ async def run_simulator(
     if demo:
         # Chats with history, so that an import on connect has something to bring in (groups, a broadcast and
         # an empty chat show what it skips).
-        state.configure(flap_rate=flap_rate, history=HistorySpec(
-            chats=6, messages_per_chat=8, group_chats=1, broadcast_messages=2, empty_chats=1, spacing_s=900,
-        ))
+        state.configure(
+            flap_rate=flap_rate,
+            history=HistorySpec(
+                chats=6,
+                messages_per_chat=8,
+                group_chats=1,
+                broadcast_messages=2,
+                empty_chats=1,
+                spacing_s=900,
+            ),
+        )
     base_url = f"http://{host}:{port}"
-    config = uvicorn.Config(create_app(state), host=host, port=port, log_level="warning", access_log=False,
-                            lifespan="off")
+    config = uvicorn.Config(
+        create_app(state), host=host, port=port, log_level="warning", access_log=False, lifespan="off"
+    )
 
     class Server(uvicorn.Server):
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:
@@ -165,7 +184,9 @@ async def run_simulator(
             state,
             evolution_url=webhook_url if provider == "evolution" else None,
             megaapi_url=webhook_url if provider == "megaapi" else None,
-            headers=headers, megaapi_headers=headers, server_url=base_url,
+            headers=headers,
+            megaapi_headers=headers,
+            server_url=base_url,
         )
     demo_task: asyncio.Task[int] | None = None
     if demo:

@@ -1,14 +1,14 @@
 """Domain errors. Each carries the HTTP status the API answers with; nothing outside api/ knows about HTTP.
 
-    ZapsyncError (500)
-    ├── DatabaseUnavailable (503)   the database cannot be reached: gateways should retry
-    ├── DatabaseNotMigrated (503)   the schema is behind: run `zapsync db upgrade`
-    ├── NotFound (404)
-    ├── Forbidden (403)
-    ├── Unauthorized (401)
-    ├── Conflict (409)
-    ├── InvalidInput (422)
-    └── FlowTriggerFailed (502)     Prefect refused or could not be reached
+ZapsyncError (500)
+├── DatabaseUnavailable (503)   the database cannot be reached: gateways should retry
+├── DatabaseNotMigrated (503)   the schema is behind: run `zapsync db upgrade`
+├── NotFound (404)
+├── Forbidden (403)
+├── Unauthorized (401)
+├── Conflict (409)
+├── InvalidInput (422)
+└── FlowTriggerFailed (502)     Prefect refused or could not be reached
 """
 
 from __future__ import annotations

@@ -43,8 +43,12 @@ class ImportCounts(BaseModel):
     @property
     def chats_skipped(self) -> int:
         """Chats not imported, every reason."""
-        return (self.chats_skipped_group + self.chats_skipped_broadcast + self.chats_skipped_empty
-                + self.chats_skipped_outside_history)
+        return (
+            self.chats_skipped_group
+            + self.chats_skipped_broadcast
+            + self.chats_skipped_empty
+            + self.chats_skipped_outside_history
+        )
 
 
 Outcome = Literal["completed", "skipped", "not_supported", "failed"]
@@ -94,7 +98,9 @@ class ImportReport(BaseModel):
         if self.skipped or self.error:
             lines += ["", f"{'Error' if self.error else 'Skipped'}: {self.error or self.skipped}"]
         lines += [
-            "", "| | seen | written | other |", "|---|---|---|---|",
+            "",
+            "| | seen | written | other |",
+            "|---|---|---|---|",
             f"| contacts | {c.contacts_seen} | {c.contacts_created} created, {c.contacts_linked} linked to clients "
             f"| {c.contacts_skipped} skipped |",
             f"| chats | {c.chats_seen} | {c.chats_imported} imported | {c.chats_skipped_group} groups, "

@@ -65,9 +65,17 @@ async def publish_quietly(events: Sequence[NewLiveEvent]) -> None:
 def status_change_events(changes: Sequence[AppliedChange], *, source: str) -> list[NewLiveEvent]:
     """`instance.status` events for transitions that were written."""
     return [
-        event(c.organization_id, Kind.INSTANCE_STATUS, instance_id=str(c.instance_id), instance_name=c.instance_name,
-              from_status=c.from_status, to_status=c.to_status, reason=c.reason, source=source,
-              observed_at=c.observed_at.isoformat())
+        event(
+            c.organization_id,
+            Kind.INSTANCE_STATUS,
+            instance_id=str(c.instance_id),
+            instance_name=c.instance_name,
+            from_status=c.from_status,
+            to_status=c.to_status,
+            reason=c.reason,
+            source=source,
+            observed_at=c.observed_at.isoformat(),
+        )
         for c in changes
     ]
 

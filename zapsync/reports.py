@@ -96,8 +96,11 @@ class SyncReport(BaseModel):
         if self.skipped:
             lines += ["", f"Skipped: {self.skipped}"]
         if self.by_gateway:
-            lines += ["", "| gateway | checked | unreachable | confirmed live | breaker | seconds |",
-                      "|---|---|---|---|---|---|"]
+            lines += [
+                "",
+                "| gateway | checked | unreachable | confirmed live | breaker | seconds |",
+                "|---|---|---|---|---|---|",
+            ]
             lines += [
                 f"| {name} | {g.checked} | {g.unreachable} | {g.confirmed_live} | {g.breaker} | {g.seconds:.2f} |"
                 for name, g in sorted(self.by_gateway.items())
@@ -205,8 +208,11 @@ class CloseInactiveReport(BaseModel):
         if self.skipped:
             lines += ["", f"Skipped: {self.skipped}"]
         if self.organizations:
-            lines += ["", "| organization | hours | close waiting | idle | closed | kept waiting | raced |",
-                      "|---|---|---|---|---|---|---|"]
+            lines += [
+                "",
+                "| organization | hours | close waiting | idle | closed | kept waiting | raced |",
+                "|---|---|---|---|---|---|---|",
+            ]
             lines += [
                 f"| {o.organization_id} | {o.inactivity_hours} | {o.close_waiting} | {o.idle} | {o.closed} "
                 f"| {o.kept_waiting} | {o.raced} |"

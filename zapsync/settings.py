@@ -50,14 +50,10 @@ class Settings(BaseSettings):
     evolution_api_key: SecretStr | None = Field(default=None, validation_alias="EVOLUTION_API_KEY")
     mega_api_host: str | None = Field(default=None, validation_alias="MEGA_API_HOST")
     mega_api_token: SecretStr | None = Field(default=None, validation_alias="MEGA_API_TOKEN")
-    extra_gateways: dict[str, GatewayConfig] = Field(
-        default_factory=dict, validation_alias="ZAPSYNC_GATEWAYS"
-    )
+    extra_gateways: dict[str, GatewayConfig] = Field(default_factory=dict, validation_alias="ZAPSYNC_GATEWAYS")
     gateway_timeout_seconds: float = Field(default=10.0, gt=0, validation_alias="ZAPSYNC_GATEWAY_TIMEOUT")
     gateway_retry_attempts: int = Field(default=3, ge=1, le=10, validation_alias="ZAPSYNC_GATEWAY_RETRY_ATTEMPTS")
-    gateway_retry_initial_seconds: float = Field(
-        default=1.0, ge=0, validation_alias="ZAPSYNC_GATEWAY_RETRY_INITIAL"
-    )
+    gateway_retry_initial_seconds: float = Field(default=1.0, ge=0, validation_alias="ZAPSYNC_GATEWAY_RETRY_INITIAL")
     gateway_retry_max_seconds: float = Field(default=30.0, ge=0, validation_alias="ZAPSYNC_GATEWAY_RETRY_MAX")
     gateway_breaker_failures: int = Field(default=5, ge=1, validation_alias="ZAPSYNC_GATEWAY_BREAKER_FAILURES")
     gateway_breaker_recovery_seconds: float = Field(
@@ -72,9 +68,7 @@ class Settings(BaseSettings):
         default=900.0, ge=0, validation_alias="ZAPSYNC_WEBHOOK_EVENT_TIME_TOLERANCE"
     )
     """A payload timestamp older than this (or in the future) is not trusted; the receive time is used."""
-    webhook_repeat_window_seconds: float = Field(
-        default=5.0, ge=0, validation_alias="ZAPSYNC_WEBHOOK_REPEAT_WINDOW"
-    )
+    webhook_repeat_window_seconds: float = Field(default=5.0, ge=0, validation_alias="ZAPSYNC_WEBHOOK_REPEAT_WINDOW")
     """How long an API process answers an identical status event from memory, without touching the DB."""
 
     api_host: str = Field(default="127.0.0.1", validation_alias="ZAPSYNC_API_HOST")
@@ -135,7 +129,7 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             for prefix in ("postgres://", "postgresql://"):
                 if value.startswith(prefix):
-                    return "postgresql+psycopg://" + value[len(prefix):]
+                    return "postgresql+psycopg://" + value[len(prefix) :]
         return value
 
     @model_validator(mode="after")
@@ -149,13 +143,17 @@ class Settings(BaseSettings):
         timeouts = {"timeout_seconds": self.gateway_timeout_seconds}
         if self.evolution_api_url:
             found["evolution"] = GatewayConfig(
-                provider=Provider.EVOLUTION, url=self.evolution_api_url,
-                api_key=self.evolution_api_key or SecretStr(""), **timeouts,
+                provider=Provider.EVOLUTION,
+                url=self.evolution_api_url,
+                api_key=self.evolution_api_key or SecretStr(""),
+                **timeouts,
             )
         if self.mega_api_host:
             found["megaapi"] = GatewayConfig(
-                provider=Provider.MEGAAPI, url=self.mega_api_host,
-                api_key=self.mega_api_token or SecretStr(""), **timeouts,
+                provider=Provider.MEGAAPI,
+                url=self.mega_api_host,
+                api_key=self.mega_api_token or SecretStr(""),
+                **timeouts,
             )
         found.update(self.extra_gateways)
         return found

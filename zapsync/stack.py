@@ -141,9 +141,7 @@ def upgrade_database() -> str:
     try:
         upgrade()
     except _database_errors() as exc:
-        raise DatabaseUnavailable(
-            f"cannot reach the database at {safe_url(url)}: {type(exc).__name__}"
-        ) from exc
+        raise DatabaseUnavailable(f"cannot reach the database at {safe_url(url)}: {type(exc).__name__}") from exc
     return head_revision()
 
 
@@ -194,12 +192,16 @@ def check_ports(host: str, wanted: list[tuple[int, str, str]]) -> None:
     seen: dict[int, str] = {}
     for port, what, option in wanted:
         if port in seen:
-            raise PortInUse(f"port {port} is asked for both the {seen[port]} and the {what}: pass {option} "
-                            "to give one of them another port")
+            raise PortInUse(
+                f"port {port} is asked for both the {seen[port]} and the {what}: pass {option} "
+                "to give one of them another port"
+            )
         seen[port] = option
         if port_in_use(host, port):
-            raise PortInUse(f"port {port} ({what}) is already in use on {host}: stop what uses it or pass "
-                            f"{option} to choose another port")
+            raise PortInUse(
+                f"port {port} ({what}) is already in use on {host}: stop what uses it or pass "
+                f"{option} to choose another port"
+            )
 
 
 def ensure_admin_token(home: Path) -> tuple[str, bool]:
@@ -253,8 +255,13 @@ class Child:
         self._offset = self._log.tell()
         self.started_at = time.time()
         self.process = subprocess.Popen(
-            self.argv, env=self.env, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-            start_new_session=True, preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            self.argv,
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
         )
 
     @property
@@ -357,7 +364,8 @@ def start_sync_run(prefect_api: str, deployment_id: str) -> str | None:
     try:
         response = httpx.post(
             f"{prefect_api}/deployments/{deployment_id}/create_flow_run",
-            json={"parameters": {"mode": "apply"}, "tags": ["zapsync-up"]}, timeout=10,
+            json={"parameters": {"mode": "apply"}, "tags": ["zapsync-up"]},
+            timeout=10,
         )
     except httpx.HTTPError:
         return None
@@ -445,16 +453,20 @@ class Stack:
         for child in self.children:
             code = child.exited()
             if code is not None:
-                raise StackError(f"the {child.name} process exited with code {code}; its log is {child.log_path}",
-                                 detail=child.log_tail())
+                raise StackError(
+                    f"the {child.name} process exited with code {code}; its log is {child.log_path}",
+                    detail=child.log_tail(),
+                )
 
     def _wait_for(self, what: str, ready: Callable[[], bool], deadline: float) -> None:
         delay = 0.1
         while not ready():
             self._check_alive()
             if time.monotonic() > deadline:
-                raise StackError(f"the {what} was not ready after {self.options.startup_timeout_s:.0f} s; "
-                                 f"see the logs in {self.home / 'logs'}")
+                raise StackError(
+                    f"the {what} was not ready after {self.options.startup_timeout_s:.0f} s; "
+                    f"see the logs in {self.home / 'logs'}"
+                )
             time.sleep(delay)
             delay = min(delay * 1.5, 0.5)
 
@@ -463,8 +475,11 @@ class Stack:
         while not prefect_healthy(prefect_api, timeout=1.0):
             self._check_alive()
             if time.monotonic() > deadline:
-                raise StackError(f"the Prefect API at {prefect_api} (PREFECT_API_URL) does not answer: start it, "
-                                 "or unset PREFECT_API_URL to let zapsync up run a local server", exit_code=2)
+                raise StackError(
+                    f"the Prefect API at {prefect_api} (PREFECT_API_URL) does not answer: start it, "
+                    "or unset PREFECT_API_URL to let zapsync up run a local server",
+                    exit_code=2,
+                )
             time.sleep(0.25)
 
     def _zapsync(self, *args: str) -> list[str]:
@@ -509,8 +524,10 @@ class Stack:
         running = read_stack(self.home)
         pid = running.get("pid")
         if isinstance(pid, int) and pid != os.getpid() and _pid_alive(pid):
-            raise AlreadyRunning(f"zapsync up is already running (pid {pid}) with ZAPSYNC_HOME={self.home}: stop it "
-                                 "first, or set ZAPSYNC_HOME to another folder")
+            raise AlreadyRunning(
+                f"zapsync up is already running (pid {pid}) with ZAPSYNC_HOME={self.home}: stop it "
+                "first, or set ZAPSYNC_HOME to another folder"
+            )
         demo = opts.demo if opts.demo is not None else not self.settings.gateways()
         external_prefect = os.environ.get("PREFECT_API_URL")
         wanted = [(opts.api_port, "API", "--api-port")]
@@ -521,11 +538,21 @@ class Stack:
         check_ports(host, wanted)
 
         gateways = ", ".join(sorted(self.settings.gateways()))
-        mode = "demo mode" if demo else f"gateways: {gateways}" if gateways else (
-            "no gateway configured: instances will be unreachable; --demo runs the simulator")
+        mode = (
+            "demo mode"
+            if demo
+            else f"gateways: {gateways}"
+            if gateways
+            else ("no gateway configured: instances will be unreachable; --demo runs the simulator")
+        )
         self.console.print(f"[bold]zapsync up[/] — ZAPSYNC_HOME={self.home} ({mode})", highlight=False)
-        env = {**os.environ, "ZAPSYNC_HOME": str(self.home), "PYTHONUNBUFFERED": "1",
-               "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
+        env = {
+            **os.environ,
+            "ZAPSYNC_HOME": str(self.home),
+            "PYTHONUNBUFFERED": "1",
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "DO_NOT_TRACK": "1",
+        }
         env.setdefault("PREFECT_RUNNER_POLL_FREQUENCY", DEFAULT_POLL_FREQUENCY)
 
         # (b) Prefect first: it is the slowest to boot, and boots while the database starts here.
@@ -538,8 +565,11 @@ class Stack:
             prefect_ui = f"http://{host}:{opts.prefect_port}"
             env.update({"PREFECT_API_URL": prefect_api, "PREFECT_HOME": str(self.home / "prefect")})
             server_env = {**env, **PREFECT_SERVER_ENV}
-            self._child("prefect-server", [sys.executable, "-m", "prefect", "server", "start", "--host", host,
-                                           "--port", str(opts.prefect_port)], server_env)
+            self._child(
+                "prefect-server",
+                [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(opts.prefect_port)],
+                server_env,
+            )
             self._say(f"Prefect server starting on {prefect_ui}")
 
         # (a) the database, in this process: it lives as long as the launcher.
@@ -556,8 +586,16 @@ class Stack:
             self._say(f"admin token created in {self.home / ADMIN_TOKEN_FILE}")
 
         api_url = f"http://{host}:{opts.api_port}"
-        info = StackInfo(home=self.home, demo=demo, database=database, revision=revision, api_url=api_url,
-                         prefect_api_url=prefect_api, prefect_ui_url=prefect_ui, admin_token=admin_token)
+        info = StackInfo(
+            home=self.home,
+            demo=demo,
+            database=database,
+            revision=revision,
+            api_url=api_url,
+            prefect_api_url=prefect_api,
+            prefect_ui_url=prefect_ui,
+            admin_token=admin_token,
+        )
 
         # (c) the simulator and the demo organization.
         if demo:
@@ -568,14 +606,31 @@ class Stack:
             if self.settings.gateways():
                 self._say("demo mode: the children use the simulator as their Evolution gateway")
             env.update({"EVOLUTION_API_URL": sim_url, "EVOLUTION_API_KEY": SIM_EVOLUTION_KEY})
-            self._say(f"demo organization {org.organization_id} "
-                      f"({'created' if org.created else 'reused'}, {org.registered} instances registered)")
+            self._say(
+                f"demo organization {org.organization_id} "
+                f"({'created' if org.created else 'reused'}, {org.registered} instances registered)"
+            )
             sim_env = {**env, "ZAPSYNC_SIM_WEBHOOK_SECRET": org.webhook_secret}
-            self._child("simulator", self._zapsync(
-                "simulator", "--host", host, "--port", str(opts.sim_port), "--instances", str(DEMO_INSTANCES),
-                "--provider", DEMO_GATEWAY, "--prefix", DEMO_PREFIX, "--demo",
-                "--webhook-url", f"{api_url}/webhooks/{DEMO_GATEWAY}/{org.organization_id}",
-            ), sim_env)
+            self._child(
+                "simulator",
+                self._zapsync(
+                    "simulator",
+                    "--host",
+                    host,
+                    "--port",
+                    str(opts.sim_port),
+                    "--instances",
+                    str(DEMO_INSTANCES),
+                    "--provider",
+                    DEMO_GATEWAY,
+                    "--prefix",
+                    DEMO_PREFIX,
+                    "--demo",
+                    "--webhook-url",
+                    f"{api_url}/webhooks/{DEMO_GATEWAY}/{org.organization_id}",
+                ),
+                sim_env,
+            )
             self._say(f"simulator starting on {sim_url}")
 
         # (d) the API.
@@ -583,8 +638,9 @@ class Stack:
         self._say(f"API starting on {api_url}")
 
         # (e) serve the deployments: it imports the flows while the Prefect server boots, then waits for it.
-        serve = self._child("serve", self._zapsync("serve", "--wait", f"{opts.startup_timeout_s:.0f}"), env,
-                            stop_timeout_s=15.0)
+        serve = self._child(
+            "serve", self._zapsync("serve", "--wait", f"{opts.startup_timeout_s:.0f}"), env, stop_timeout_s=15.0
+        )
         self._say("flow runner (zapsync serve) starting")
 
         deadline = time.monotonic() + opts.startup_timeout_s
@@ -615,9 +671,14 @@ class Stack:
 
     def _record(self, info: StackInfo) -> None:
         record = {
-            "pid": os.getpid(), "started_at": datetime.now(UTC).isoformat(), "api_url": info.api_url,
-            "prefect_api_url": info.prefect_api_url, "prefect_ui_url": info.prefect_ui_url,
-            "simulator_url": info.simulator_url, "demo": info.demo, "children": info.children,
+            "pid": os.getpid(),
+            "started_at": datetime.now(UTC).isoformat(),
+            "api_url": info.api_url,
+            "prefect_api_url": info.prefect_api_url,
+            "prefect_ui_url": info.prefect_ui_url,
+            "simulator_url": info.simulator_url,
+            "demo": info.demo,
+            "children": info.children,
             "demo_organization_id": str(info.demo_org.organization_id) if info.demo_org else None,
         }
         write_private(stack_file(self.home), json.dumps(record, indent=2))
@@ -634,8 +695,10 @@ class Stack:
             table.add_row("Prefect UI", f"{info.prefect_ui_url}  (classic UI, analytics off)")
         table.add_row("Prefect API", info.prefect_api_url)
         if info.simulator_url:
-            table.add_row("Simulator", f"{info.simulator_url}  (Evolution API key {SIM_EVOLUTION_KEY}, "
-                                       f"docs {info.simulator_url}/_sim/docs)")
+            table.add_row(
+                "Simulator",
+                f"{info.simulator_url}  (Evolution API key {SIM_EVOLUTION_KEY}, docs {info.simulator_url}/_sim/docs)",
+            )
         table.add_row("Admin token", info.admin_token)
         if info.demo_org:
             org = info.demo_org
@@ -648,11 +711,12 @@ class Stack:
         self.console.print(f"\n[bold green]ready in {took:.1f} s[/]", highlight=False)
         self.console.print(table)
         if info.initial_sync_run:
-            self.console.print(f"A first status sync is running (flow run {info.initial_sync_run}).",
-                               highlight=False)
+            self.console.print(f"A first status sync is running (flow run {info.initial_sync_run}).", highlight=False)
         self.console.print(
             f"\nTry: curl -H 'Authorization: Bearer {info.admin_token}' {info.api_url}/instances/status\n"
-            "Press Ctrl-C to stop.", highlight=False, soft_wrap=True,
+            "Press Ctrl-C to stop.",
+            highlight=False,
+            soft_wrap=True,
         )
 
     def _shutdown(self) -> None:

@@ -45,8 +45,9 @@ Order = Literal["desc", "asc"]
 class ImportRequest(BaseModel):
     """Start an import of one instance's history."""
 
-    history_days: int | None = Field(default=None, ge=1, le=3650,
-                                     description="Import this many days (default: the organization's setting).")
+    history_days: int | None = Field(
+        default=None, ge=1, le=3650, description="Import this many days (default: the organization's setting)."
+    )
     full: bool = Field(default=False, description="Start over instead of resuming an interrupted import.")
     wait: bool = Field(default=False, description="Wait for the run and include its report.")
     timeout_seconds: float = Field(default=300, gt=0, le=1800)
@@ -186,7 +187,8 @@ def _cursor(cursor: str | None, order: Order) -> tuple[datetime, int] | None:
 
 @router.get("/conversations", response_model=ConversationPage)
 async def conversations(
-    session: SessionDep, principal: PrincipalDep,
+    session: SessionDep,
+    principal: PrincipalDep,
     organization_id: uuid.UUID | None = Query(default=None, description="Admin tokens may name one organization."),
     instance_id: uuid.UUID | None = None,
     status: ConversationStatus | None = None,
@@ -198,8 +200,14 @@ async def conversations(
 ) -> ConversationPage:
     """Conversations of the caller's organization, filtered, keyset-paginated by (updated_at, id)."""
     rows = await list_conversations(
-        session, organization_id=scoped_organization(principal, organization_id), instance_id=instance_id,
-        status=status, phone=phone, updated_since=updated_since, after=_cursor(cursor, order), order=order,
+        session,
+        organization_id=scoped_organization(principal, organization_id),
+        instance_id=instance_id,
+        status=status,
+        phone=phone,
+        updated_since=updated_since,
+        after=_cursor(cursor, order),
+        order=order,
         limit=limit,
     )
     page, more = rows[:limit], len(rows) > limit
@@ -213,14 +221,22 @@ async def conversations(
 def _conversation(row: dict[str, Any]) -> ConversationRead:
     return ConversationRead(
         **{k: v for k, v in row.items() if not k.startswith("contact_")},
-        contact=ContactRead(id=row["contact_id"], jid=row["contact_jid"], phone=row["contact_phone"],
-                            name=row["contact_name"], client_id=row["contact_client_id"]),
+        contact=ContactRead(
+            id=row["contact_id"],
+            jid=row["contact_jid"],
+            phone=row["contact_phone"],
+            name=row["contact_name"],
+            client_id=row["contact_client_id"],
+        ),
     )
 
 
 @router.get("/conversations/{conversation_id}/messages", response_model=MessagePage)
 async def conversation_messages(
-    conversation_id: int, session: SessionDep, principal: PrincipalDep, cursor: str | None = None,
+    conversation_id: int,
+    session: SessionDep,
+    principal: PrincipalDep,
+    cursor: str | None = None,
     order: Order = Query(default="desc", description="By send time: newest first (desc) or oldest first (asc)."),
     limit: int = Query(default=50, ge=1, le=500),
 ) -> MessagePage:
@@ -231,16 +247,19 @@ async def conversation_messages(
     page, more = rows[:limit], len(rows) > limit
     last = page[-1] if page else None
     return MessagePage(
-        conversation_id=conversation_id, items=[MessageRead(**r) for r in page],
+        conversation_id=conversation_id,
+        items=[MessageRead(**r) for r in page],
         next_cursor=encode_cursor([last["sent_at"].isoformat(), last["id"], order]) if more and last else None,
     )
 
 
 @router.get("/instances/{instance_id}/chats", response_model=ChatsResponse)
 async def instance_chats(
-    instance_id: uuid.UUID, principal: PrincipalDep,
+    instance_id: uuid.UUID,
+    principal: PrincipalDep,
     live: bool = Query(default=False, description="Ask the gateway; the database answers when it cannot."),
-    skip: int = Query(default=0, ge=0), take: int = Query(default=50, ge=1, le=500),
+    skip: int = Query(default=0, ge=0),
+    take: int = Query(default=50, ge=1, le=500),
 ) -> ChatsResponse:
     """The instance's chats from the gateway (`live=true`) or the database, saying which one answered (seed 002:
     the gateway first, the database as the fallback)."""
@@ -254,19 +273,37 @@ async def instance_chats(
         except TimeoutError:
             reason = f"gateway {scope.gateway!r} did not answer in time"
         else:
-            return ChatsResponse(instance_id=instance_id, source="gateway", items=[
-                ChatRead(jid=c.jid, alt_jid=c.alt_jid, name=c.name, is_group=c.kind != "contact",
-                         last_message_at=c.last_message_at, last_from_me=c.last_from_me, last_preview=c.last_preview,
-                         unread=c.unread)
-                for c in chats
-            ])
+            return ChatsResponse(
+                instance_id=instance_id,
+                source="gateway",
+                items=[
+                    ChatRead(
+                        jid=c.jid,
+                        alt_jid=c.alt_jid,
+                        name=c.name,
+                        is_group=c.kind != "contact",
+                        last_message_at=c.last_message_at,
+                        last_from_me=c.last_from_me,
+                        last_preview=c.last_preview,
+                        unread=c.unread,
+                    )
+                    for c in chats
+                ],
+            )
     async with session_scope() as session:
         rows = await list_chats(session, instance_id, skip=skip, take=take)
-    return ChatsResponse(instance_id=instance_id, source="database", fallback_reason=reason, items=[
-        ChatRead(**{k: v for k, v in row.items() if k not in ("client_id", "last_type", "last_preview")},
-                 last_preview=row["last_preview"] or (f"[{row['last_type']}]" if row["last_type"] else None))
-        for row in rows
-    ])
+    return ChatsResponse(
+        instance_id=instance_id,
+        source="database",
+        fallback_reason=reason,
+        items=[
+            ChatRead(
+                **{k: v for k, v in row.items() if k not in ("client_id", "last_type", "last_preview")},
+                last_preview=row["last_preview"] or (f"[{row['last_type']}]" if row["last_type"] else None),
+            )
+            for row in rows
+        ],
+    )
 
 
 async def _live_chats(scope: InstanceScope, *, skip: int, take: int) -> list[GatewayChat]:

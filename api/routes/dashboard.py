@@ -24,15 +24,14 @@ templates = Jinja2Templates(directory=Path(__file__).resolve().parents[1] / "tem
 async def dashboard(request: Request, session: SessionDep) -> Response:
     """Instances with status, drift, health, last check and last import; the "Sync status" button."""
     try:
-        principal = await get_principal(session, request.headers.get("authorization"),
-                                        request.cookies.get(SESSION_COOKIE))
+        principal = await get_principal(
+            session, request.headers.get("authorization"), request.cookies.get(SESSION_COOKIE)
+        )
     except Unauthorized:
         return templates.TemplateResponse(request, "login.html", {"error": request.query_params.get("error")})
     organization_id = principal.organization_id
     report = await latest_report(session, SYNC_FLOW, organization_id) or {}
-    drifted = {
-        str(change["instance_id"]): change for change in report.get("changes", []) if not change.get("applied")
-    }
+    drifted = {str(change["instance_id"]): change for change in report.get("changes", []) if not change.get("applied")}
     run_id = report.get("flow_run_id")
     context = {
         "principal": principal,
@@ -54,8 +53,9 @@ async def login(request: Request, session: SessionDep, token: Annotated[str, For
     except Unauthorized:
         return RedirectResponse("/?error=unknown+token", status_code=303)
     response = RedirectResponse("/", status_code=303)
-    response.set_cookie(SESSION_COOKIE, token, httponly=True, samesite="strict",
-                        secure=request.url.scheme == "https", max_age=7 * 86400)
+    response.set_cookie(
+        SESSION_COOKIE, token, httponly=True, samesite="strict", secure=request.url.scheme == "https", max_age=7 * 86400
+    )
     return response
 
 

@@ -122,8 +122,13 @@ def broker_for(request: Request) -> LiveBroker:
 
 
 def _sse(event: StoredLiveEvent) -> ServerSentEvent:
-    body = {"id": event.id, "kind": event.kind, "organization_id": str(event.organization_id),
-            "created_at": event.created_at.isoformat(), "payload": event.payload}
+    body = {
+        "id": event.id,
+        "kind": event.kind,
+        "organization_id": str(event.organization_id),
+        "created_at": event.created_at.isoformat(),
+        "payload": event.payload,
+    }
     return ServerSentEvent(data=orjson.dumps(body).decode(), event=event.kind, id=str(event.id))
 
 
@@ -179,7 +184,8 @@ async def events(
     broker = broker_for(request)
     queue = await broker.subscribe(scope)
     return EventSourceResponse(
-        stream_events(broker, scope, queue, after), ping=PING_SECONDS,
+        stream_events(broker, scope, queue, after),
+        ping=PING_SECONDS,
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
@@ -191,6 +197,13 @@ async def announce_webhook(organization_id: uuid.UUID, event: WebhookEvent, resu
     events = status_change_events(result.changes, source="webhook")
     if event.qr_code and event.instance_name:
         ids = {str(c.instance_id) for c in result.changes}
-        events.append(notify_event(organization_id, Kind.INSTANCE_QR, instance_name=event.instance_name,
-                                   instance_id=ids.pop() if len(ids) == 1 else None, qr_code=event.qr_code))
+        events.append(
+            notify_event(
+                organization_id,
+                Kind.INSTANCE_QR,
+                instance_name=event.instance_name,
+                instance_id=ids.pop() if len(ids) == 1 else None,
+                qr_code=event.qr_code,
+            )
+        )
     await publish_quietly(events)

@@ -37,8 +37,10 @@ async def cron_sync_status(authorization: Annotated[str | None, Header()] = None
     """Start a sync of every instance for an external cron (`Authorization: Bearer $CRON_SECRET`)."""
     expected = get_settings().cron_secret
     presented = bearer(authorization)
-    if expected is None or presented is None or not hmac.compare_digest(
-        presented.encode(), expected.get_secret_value().encode()
+    if (
+        expected is None
+        or presented is None
+        or not hmac.compare_digest(presented.encode(), expected.get_secret_value().encode())
     ):
         raise Unauthorized("missing or wrong cron secret")
     # Crons fire twice now and then: one run per minute, whatever arrives.

@@ -66,20 +66,40 @@ async def instance_health_view(
     now = datetime.now(UTC)
     figures = await uptime(session, instance_id, now=now, windows=WINDOWS, tracked_since=row["created_at"])
     settings = get_settings()
-    issues = describe_issues(row, gateway, alert_after=settings.monitor_alert_after,
-                             reconnect_after=settings.monitor_reconnect_after)
+    issues = describe_issues(
+        row, gateway, alert_after=settings.monitor_alert_after, reconnect_after=settings.monitor_reconnect_after
+    )
     return InstanceHealthResponse(
-        **{k: row[k] for k in ("id", "instance_name", "gateway", "status", "health", "consecutive_failures",
-                               "last_health_check_at", "logged_out", "auto_reconnect")},
+        **{
+            k: row[k]
+            for k in (
+                "id",
+                "instance_name",
+                "gateway",
+                "status",
+                "health",
+                "consecutive_failures",
+                "last_health_check_at",
+                "logged_out",
+                "auto_reconnect",
+            )
+        },
         issues=issues,
         uptime=UptimeView(
             connected_since=figures.connected_since,
-            current_session_seconds=(now - figures.connected_since).total_seconds() if figures.connected_since
+            current_session_seconds=(now - figures.connected_since).total_seconds()
+            if figures.connected_since
             else None,
-            ratios=figures.windows, sessions=figures.sessions,
+            ratios=figures.windows,
+            sessions=figures.sessions,
         ),
         gateway_health=GatewayView(
-            name=gateway["gateway"], health=gateway["health"], consecutive_failures=gateway["consecutive_failures"],
-            last_error=gateway["last_error"], last_check_at=gateway["last_check_at"],
-        ) if gateway else None,
+            name=gateway["gateway"],
+            health=gateway["health"],
+            consecutive_failures=gateway["consecutive_failures"],
+            last_error=gateway["last_error"],
+            last_check_at=gateway["last_check_at"],
+        )
+        if gateway
+        else None,
     )

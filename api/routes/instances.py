@@ -30,9 +30,16 @@ router = APIRouter(prefix="/instances", tags=["instances"])
 def _checks(report: SyncReport) -> list[InstanceCheck]:
     drifted = {d.instance_id: d for d in report.changes}
     checks = [
-        InstanceCheck(id=d.instance_id, organization_id=d.organization_id, instance_name=d.instance_name,
-                      gateway=d.gateway, db_status=d.db_status, gateway_status=d.gateway_status, drift=True,
-                      reason=d.reason)
+        InstanceCheck(
+            id=d.instance_id,
+            organization_id=d.organization_id,
+            instance_name=d.instance_name,
+            gateway=d.gateway,
+            db_status=d.db_status,
+            gateway_status=d.gateway_status,
+            drift=True,
+            reason=d.reason,
+        )
         for d in drifted.values()
     ]
     return checks
@@ -40,21 +47,24 @@ def _checks(report: SyncReport) -> list[InstanceCheck]:
 
 @router.get("/status", response_model=StatusCheckResponse)
 async def check_instances(
-    principal: PrincipalDep, organization_id: uuid.UUID | None = None,
+    principal: PrincipalDep,
+    organization_id: uuid.UUID | None = None,
     force: bool = Query(default=False, description="Confirm every connected instance live."),
 ) -> StatusCheckResponse:
     """Compare each instance's database status with its gateway's, writing nothing. Lists the drifted ones."""
     scope = SyncScope(organization_id=scoped_organization(principal, organization_id))
     report = await check_status(scope, force=force)
     return StatusCheckResponse(
-        checked=report.checked, in_sync=report.in_sync, drifted=report.drifted, unreachable=report.unreachable,
-        seconds=report.seconds, instances=_checks(report),
+        checked=report.checked,
+        in_sync=report.in_sync,
+        drifted=report.drifted,
+        unreachable=report.unreachable,
+        seconds=report.seconds,
+        instances=_checks(report),
     )
 
 
-async def start_sync(
-    scope: SyncScope, request: SyncRequest, *, idempotency_key: str | None = None
-) -> FlowRunResponse:
+async def start_sync(scope: SyncScope, request: SyncRequest, *, idempotency_key: str | None = None) -> FlowRunResponse:
     """Trigger the on-demand sync deployment and, when asked, wait for its report."""
     parameters = {"scope": scope.model_dump(mode="json"), "mode": request.mode, "force": request.force}
     run = await trigger(SYNC_ON_DEMAND, parameters, idempotency_key=idempotency_key)
@@ -96,9 +106,24 @@ async def instance_status(
     else:
         gateway_status = str(row["status"])
     return InstanceStatusResponse(
-        **{k: row[k] for k in ("id", "instance_name", "gateway", "status", "is_connected", "status_reason",
-                               "status_observed_at", "last_checked_at", "phone_number", "profile_name", "health")},
-        gateway_status=gateway_status, drift=bool(report.changes),
+        **{
+            k: row[k]
+            for k in (
+                "id",
+                "instance_name",
+                "gateway",
+                "status",
+                "is_connected",
+                "status_reason",
+                "status_observed_at",
+                "last_checked_at",
+                "phone_number",
+                "profile_name",
+                "health",
+            )
+        },
+        gateway_status=gateway_status,
+        drift=bool(report.changes),
     )
 
 

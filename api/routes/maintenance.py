@@ -35,7 +35,9 @@ class CleanupRequest(MaintenanceRequest):
     """Start a cleanup."""
 
     retention_days: int | None = Field(
-        default=None, ge=1, le=3650,
+        default=None,
+        ge=1,
+        le=3650,
         description="Keep ended sessions this many days for this run (default: each organization's setting).",
     )
 
@@ -74,8 +76,11 @@ async def cleanup_sessions(principal: BriefPrincipalDep, request: CleanupRequest
     """Delete ended sessions past retention and prune old webhook and live events; `dry_run` only counts."""
     request = request or CleanupRequest()
     organization_id = scoped_organization(principal, request.organization_id)
-    parameters = {"organization_id": str(organization_id) if organization_id else None,
-                  "retention_days": request.retention_days, "dry_run": request.dry_run}
+    parameters = {
+        "organization_id": str(organization_id) if organization_id else None,
+        "retention_days": request.retention_days,
+        "dry_run": request.dry_run,
+    }
     run, report = await _run(CLEANUP_ON_DEMAND, parameters, request)
     return CleanupRunResponse(flow_run=run, report=CleanupReport.model_validate(report) if report else None)
 
@@ -89,6 +94,4 @@ async def close_inactive_conversations(
     organization_id = scoped_organization(principal, request.organization_id)
     parameters = {"organization_id": str(organization_id) if organization_id else None, "dry_run": request.dry_run}
     run, report = await _run(CLOSE_ON_DEMAND, parameters, request)
-    return CloseInactiveRunResponse(
-        flow_run=run, report=CloseInactiveReport.model_validate(report) if report else None
-    )
+    return CloseInactiveRunResponse(flow_run=run, report=CloseInactiveReport.model_validate(report) if report else None)

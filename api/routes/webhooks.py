@@ -70,7 +70,10 @@ async def authenticate(request: Request, organization_id: uuid.UUID, header_secr
 
 
 async def receive(
-    request: Request, organization_id: uuid.UUID, provider: Provider, header_secret: str | None,
+    request: Request,
+    organization_id: uuid.UUID,
+    provider: Provider,
+    header_secret: str | None,
     path_event: str | None = None,
 ) -> WebhookAck:
     """The shared receive path of every provider."""
@@ -80,7 +83,8 @@ async def receive(
     try:
         payload = decode_json(body)
         event: WebhookEvent = (
-            parse_evolution(payload, path_event=path_event) if provider is Provider.EVOLUTION
+            parse_evolution(payload, path_event=path_event)
+            if provider is Provider.EVOLUTION
             else parse_megaapi(payload)
         )
     except MalformedPayload as exc:
@@ -92,8 +96,12 @@ async def receive(
     metrics.webhook_events.labels(str(provider), event.event, result.outcome).inc()
     metrics.webhook_seconds.labels(str(provider)).observe(time.perf_counter() - begun)
     log.info(
-        "[WEBHOOK] %s %s %s -> %s in %.1f ms", provider, event.event, event.instance_name or "-",
-        result.outcome, (time.perf_counter() - begun) * 1000,
+        "[WEBHOOK] %s %s %s -> %s in %.1f ms",
+        provider,
+        event.event,
+        event.instance_name or "-",
+        result.outcome,
+        (time.perf_counter() - begun) * 1000,
     )
     hooks = getattr(request.app.state, "after_webhook", [])
     for hook in hooks:

@@ -52,10 +52,12 @@ class Conversation(Timestamps, Base):
     __tablename__ = "conversations"
     __table_args__ = (
         CheckConstraint(_one_of("status", CONVERSATION_STATUSES), name="status"),
-        Index("uq_conversations_one_open_per_contact", "contact_id", unique=True,
-              postgresql_where=text(OPEN_CONVERSATION)),
-        Index("ix_conversations_open_idle", "organization_id", "last_message_at",
-              postgresql_where=text(OPEN_CONVERSATION)),
+        Index(
+            "uq_conversations_one_open_per_contact", "contact_id", unique=True, postgresql_where=text(OPEN_CONVERSATION)
+        ),
+        Index(
+            "ix_conversations_open_idle", "organization_id", "last_message_at", postgresql_where=text(OPEN_CONVERSATION)
+        ),
         Index("ix_conversations_instance_updated", "instance_id", "updated_at"),
         Index("ix_conversations_organization_updated", "organization_id", "updated_at"),
         Index("ix_conversations_contact_last", "contact_id", "last_message_at"),

@@ -40,9 +40,7 @@ class FlowReport(Base):
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
     flow_run_id: Mapped[uuid.UUID | None] = mapped_column(unique=True)
     flow_name: Mapped[str] = mapped_column(String(64))
-    organization_id: Mapped[uuid.UUID | None] = mapped_column(
-        ForeignKey("organizations.id", ondelete="CASCADE")
-    )
+    organization_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("organizations.id", ondelete="CASCADE"))
     started_at: Mapped[datetime]
     finished_at: Mapped[datetime] = mapped_column(server_default=text("now()"))
     report: Mapped[dict[str, Any]] = mapped_column(JSONB)

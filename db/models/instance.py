@@ -27,9 +27,7 @@ class WhatsAppInstance(Timestamps, Base):
     )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, server_default=text("gen_random_uuid()"))
-    organization_id: Mapped[uuid.UUID] = mapped_column(
-        ForeignKey("organizations.id", ondelete="CASCADE"), index=True
-    )
+    organization_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("organizations.id", ondelete="CASCADE"), index=True)
     user_id: Mapped[str | None] = mapped_column(String(128), unique=True)
     gateway: Mapped[str] = mapped_column(String(64))
     instance_name: Mapped[str] = mapped_column(String(255))
@@ -76,7 +74,9 @@ class WhatsAppSession(Base):
     __tablename__ = "whatsapp_sessions"
     __table_args__ = (
         Index(
-            "uq_whatsapp_sessions_one_open", "instance_id", unique=True,
+            "uq_whatsapp_sessions_one_open",
+            "instance_id",
+            unique=True,
             postgresql_where=text("disconnected_at IS NULL"),
         ),
         Index("ix_whatsapp_sessions_last_activity", "last_activity_at"),

@@ -45,8 +45,9 @@ Order = Literal["asc", "desc"]
 
 def _pack(values: Iterable[object]) -> str:
     """One column as a delimited string for ``string_to_array(value, E'\\x1f', E'\\x1e')`` (None and '' → NULL)."""
-    return _SEP.join(_NULL if v is None or v == "" else ("t" if v is True else "f" if v is False else str(v))
-                     for v in values)
+    return _SEP.join(
+        _NULL if v is None or v == "" else ("t" if v is True else "f" if v is False else str(v)) for v in values
+    )
 
 
 def _pack_text(values: Sequence[str | None]) -> str:
@@ -90,10 +91,12 @@ async def instance_scope(
     session: AsyncSession, instance_id: uuid.UUID, *, organization_id: uuid.UUID | None = None
 ) -> InstanceScope | None:
     """The instance with its organization's settings (only within ``organization_id`` when given)."""
-    row = (await session.execute(
-        text(_SCOPE_SQL + "WHERE i.id = :id AND (CAST(:org AS uuid) IS NULL OR i.organization_id = :org)"),
-        {"id": instance_id, "org": organization_id},
-    )).one_or_none()
+    row = (
+        await session.execute(
+            text(_SCOPE_SQL + "WHERE i.id = :id AND (CAST(:org AS uuid) IS NULL OR i.organization_id = :org)"),
+            {"id": instance_id, "org": organization_id},
+        )
+    ).one_or_none()
     return InstanceScope(*row) if row else None
 
 
@@ -101,11 +104,15 @@ async def instance_scope_by_name(
     session: AsyncSession, *, organization_id: uuid.UUID, gateways: Sequence[str], instance_name: str
 ) -> InstanceScope | None:
     """The organization's instance of that name at one of ``gateways`` (no row lock: messages never need one)."""
-    row = (await session.execute(
-        text(_SCOPE_SQL + "WHERE i.organization_id = :org AND i.instance_name = :name "
-             "AND i.gateway = ANY(:gateways) ORDER BY i.gateway LIMIT 1"),
-        {"org": organization_id, "name": instance_name, "gateways": list(gateways)},
-    )).one_or_none()
+    row = (
+        await session.execute(
+            text(
+                _SCOPE_SQL + "WHERE i.organization_id = :org AND i.instance_name = :name "
+                "AND i.gateway = ANY(:gateways) ORDER BY i.gateway LIMIT 1"
+            ),
+            {"org": organization_id, "name": instance_name, "gateways": list(gateways)},
+        )
+    ).one_or_none()
     return InstanceScope(*row) if row else None
 
 
@@ -147,8 +154,9 @@ def _merge_contacts(contacts: Iterable[ContactInput]) -> list[ContactInput]:
             merged.append(ContactInput(jid, alt, contact.name))
             continue
         known = merged[index]
-        merged[index] = ContactInput(known.jid, known.alt_jid or (alt if alt != known.jid else jid),
-                                     contact.name or known.name)
+        merged[index] = ContactInput(
+            known.jid, known.alt_jid or (alt if alt != known.jid else jid), contact.name or known.name
+        )
         for address in (jid, alt):
             if address:
                 where[address] = index
@@ -228,12 +236,21 @@ async def upsert_contacts(
     if not people:
         return ContactsWritten(ids={})
     phones = [_phone(p) for p in people]
-    rows = (await session.execute(_UPSERT_CONTACTS_SQL, {
-        "org": scope.organization_id, "inst": scope.id, "phone_jid": _PHONE_JID,
-        "jids": _pack(p.jid for p in people), "alts": _pack(p.alt_jid for p in people), "phones": _pack(phones),
-        "names": _pack_text([p.name for p in people]),
-        "variants": _pack(",".join(phone_variants(phone)) or None for phone in phones),
-    })).all()
+    rows = (
+        await session.execute(
+            _UPSERT_CONTACTS_SQL,
+            {
+                "org": scope.organization_id,
+                "inst": scope.id,
+                "phone_jid": _PHONE_JID,
+                "jids": _pack(p.jid for p in people),
+                "alts": _pack(p.alt_jid for p in people),
+                "phones": _pack(phones),
+                "names": _pack_text([p.name for p in people]),
+                "variants": _pack(",".join(phone_variants(phone)) or None for phone in phones),
+            },
+        )
+    ).all()
     by_jid = {jid: contact_id for jid, contact_id, _, _ in rows}
     ids: dict[str, int] = {}
     for person in people:
@@ -302,8 +319,13 @@ SELECT cur.id, cur.contact_id, cur.status, false FROM cur WHERE cur.contact_id N
 
 
 async def ensure_conversations(
-    session: AsyncSession, scope: InstanceScope, facts: Iterable[ConversationFact], *, now: datetime,
-    closed_reason: str, split_closed: bool = True,
+    session: AsyncSession,
+    scope: InstanceScope,
+    facts: Iterable[ConversationFact],
+    *,
+    now: datetime,
+    closed_reason: str,
+    split_closed: bool = True,
 ) -> dict[int, ConversationRef]:
     """The conversation each contact's messages go to, opening (or creating closed) the ones that are missing.
 
@@ -319,12 +341,21 @@ async def ensure_conversations(
         return {}
     await session.execute(_LOCK_CONTACTS_SQL, {"ids": sorted(newest)})
     ordered = list(newest.values())
-    rows = (await session.execute(_ENSURE_SQL, {
-        "org": scope.organization_id, "inst": scope.id, "split": split_closed, "reason": closed_reason,
-        "open_after": now - timedelta(hours=scope.inactivity_hours),
-        "contacts": [f.contact_id for f in ordered], "last_at": [f.last_at for f in ordered],
-        "from_me": [f.last_from_me for f in ordered],
-    })).all()
+    rows = (
+        await session.execute(
+            _ENSURE_SQL,
+            {
+                "org": scope.organization_id,
+                "inst": scope.id,
+                "split": split_closed,
+                "reason": closed_reason,
+                "open_after": now - timedelta(hours=scope.inactivity_hours),
+                "contacts": [f.contact_id for f in ordered],
+                "last_at": [f.last_at for f in ordered],
+                "from_me": [f.last_from_me for f in ordered],
+            },
+        )
+    ).all()
     return {row[1]: ConversationRef(*row) for row in rows}
 
 
@@ -365,10 +396,14 @@ async def advance_conversations(session: AsyncSession, inserted: Sequence[Insert
     """Move conversations forward for newly stored messages: times, the waiting marker, waiting → in progress."""
     if not inserted:
         return
-    await session.execute(_ADVANCE_SQL, {
-        "convs": [m.conversation_id for m in inserted], "sent": [m.sent_at for m in inserted],
-        "from_me": [m.from_me for m in inserted],
-    })
+    await session.execute(
+        _ADVANCE_SQL,
+        {
+            "convs": [m.conversation_id for m in inserted],
+            "sent": [m.sent_at for m in inserted],
+            "from_me": [m.from_me for m in inserted],
+        },
+    )
 
 
 _FINALIZE_SQL = text("""
@@ -406,11 +441,14 @@ async def finalize_conversations(session: AsyncSession, instance_id: uuid.UUID) 
 
 async def conversation_targets(session: AsyncSession, instance_id: uuid.UUID) -> dict[str, int]:
     """Every contact address of the instance → its current conversation (where imported messages go)."""
-    rows = await session.execute(text(
-        "SELECT DISTINCT ON (v.contact_id) c.jid, c.alt_jid, v.id FROM conversations v "
-        "JOIN contacts c ON c.id = v.contact_id WHERE v.instance_id = :inst "
-        "ORDER BY v.contact_id, (v.status IN ('waiting', 'in_progress')) DESC, v.last_message_at DESC, v.id DESC"
-    ), {"inst": instance_id})
+    rows = await session.execute(
+        text(
+            "SELECT DISTINCT ON (v.contact_id) c.jid, c.alt_jid, v.id FROM conversations v "
+            "JOIN contacts c ON c.id = v.contact_id WHERE v.instance_id = :inst "
+            "ORDER BY v.contact_id, (v.status IN ('waiting', 'in_progress')) DESC, v.last_message_at DESC, v.id DESC"
+        ),
+        {"inst": instance_id},
+    )
     targets: dict[str, int] = {}
     for jid, alt, conversation_id in rows.all():
         targets[jid] = conversation_id
@@ -476,12 +514,18 @@ def _message_params(scope: InstanceScope, rows: MessageRows) -> dict[str, Any]:
         return columns[_FIELD[name]]
 
     return {
-        "org": scope.organization_id, "inst": scope.id,
-        "convs": _SEP.join(map(str, rows.conversation_id)), "exts": _pack_text(column("external_id")),
-        "fms": _SEP.join(["t" if v else "f" for v in column("from_me")]), "types": _SEP.join(column("type")),
-        "contents": _pack_text(column("content")), "murls": _pack_text(column("media_url")),
-        "mmimes": _pack_text(column("media_mime")), "mnames": _pack_text(column("media_name")),
-        "msizes": _pack(column("media_size")), "tss": _SEP.join(map(str, column("timestamp"))),
+        "org": scope.organization_id,
+        "inst": scope.id,
+        "convs": _SEP.join(map(str, rows.conversation_id)),
+        "exts": _pack_text(column("external_id")),
+        "fms": _SEP.join(["t" if v else "f" for v in column("from_me")]),
+        "types": _SEP.join(column("type")),
+        "contents": _pack_text(column("content")),
+        "murls": _pack_text(column("media_url")),
+        "mmimes": _pack_text(column("media_mime")),
+        "mnames": _pack_text(column("media_name")),
+        "msizes": _pack(column("media_size")),
+        "tss": _SEP.join(map(str, column("timestamp"))),
         "statuses": _pack(column("status")),
     }
 
@@ -519,14 +563,19 @@ async def advance_message_status(
     deleted is final). Returns how many messages changed."""
     best: dict[str, str] = {}
     for external_id, status in updates:
-        if status in STATUS_ORDER and (
-                external_id not in best or STATUS_RANK[status] > STATUS_RANK[best[external_id]]):
+        if status in STATUS_ORDER and (external_id not in best or STATUS_RANK[status] > STATUS_RANK[best[external_id]]):
             best[external_id] = status
     if not best:
         return 0
-    result = await session.execute(_STATUS_SQL, {
-        "inst": scope.id, "exts": _pack_text(list(best)), "statuses": _pack(best.values()), "order": list(STATUS_ORDER),
-    })
+    result = await session.execute(
+        _STATUS_SQL,
+        {
+            "inst": scope.id,
+            "exts": _pack_text(list(best)),
+            "statuses": _pack(best.values()),
+            "order": list(STATUS_ORDER),
+        },
+    )
     return int(getattr(result, "rowcount", 0) or 0)
 
 
@@ -558,27 +607,43 @@ _CONVERSATION_COLUMNS = (
 
 
 async def list_conversations(
-    session: AsyncSession, *, organization_id: uuid.UUID | None, instance_id: uuid.UUID | None = None,
-    status: str | None = None, phone: str | None = None, updated_since: datetime | None = None,
-    after: tuple[datetime, int] | None = None, order: Order = "desc", limit: int = 50,
+    session: AsyncSession,
+    *,
+    organization_id: uuid.UUID | None,
+    instance_id: uuid.UUID | None = None,
+    status: str | None = None,
+    phone: str | None = None,
+    updated_since: datetime | None = None,
+    after: tuple[datetime, int] | None = None,
+    order: Order = "desc",
+    limit: int = 50,
 ) -> list[dict[str, Any]]:
     """Conversations with their contact, keyset-paginated by (updated_at, id); ``limit + 1`` rows tell whether
     another page follows."""
     compare = "<" if order == "desc" else ">"
     variants = list(phone_variants(phone)) if phone else None
-    rows = await session.execute(text(
-        f"SELECT {_CONVERSATION_COLUMNS} FROM conversations v JOIN contacts c ON c.id = v.contact_id "
-        "WHERE (CAST(:org AS uuid) IS NULL OR v.organization_id = :org) "
-        "AND (CAST(:inst AS uuid) IS NULL OR v.instance_id = :inst) "
-        "AND (CAST(:status AS text) IS NULL OR v.status = :status) "
-        "AND (CAST(:phones AS text[]) IS NULL OR c.phone = ANY(:phones)) "
-        "AND (CAST(:since AS timestamptz) IS NULL OR v.updated_at >= :since) "
-        f"AND (CAST(:after_at AS timestamptz) IS NULL OR (v.updated_at, v.id) {compare} (:after_at, :after_id)) "
-        f"ORDER BY v.updated_at {order}, v.id {order} LIMIT :limit"
-    ), {
-        "org": organization_id, "inst": instance_id, "status": status, "phones": variants, "since": updated_since,
-        "after_at": after[0] if after else None, "after_id": after[1] if after else None, "limit": limit + 1,
-    })
+    rows = await session.execute(
+        text(
+            f"SELECT {_CONVERSATION_COLUMNS} FROM conversations v JOIN contacts c ON c.id = v.contact_id "
+            "WHERE (CAST(:org AS uuid) IS NULL OR v.organization_id = :org) "
+            "AND (CAST(:inst AS uuid) IS NULL OR v.instance_id = :inst) "
+            "AND (CAST(:status AS text) IS NULL OR v.status = :status) "
+            "AND (CAST(:phones AS text[]) IS NULL OR c.phone = ANY(:phones)) "
+            "AND (CAST(:since AS timestamptz) IS NULL OR v.updated_at >= :since) "
+            f"AND (CAST(:after_at AS timestamptz) IS NULL OR (v.updated_at, v.id) {compare} (:after_at, :after_id)) "
+            f"ORDER BY v.updated_at {order}, v.id {order} LIMIT :limit"
+        ),
+        {
+            "org": organization_id,
+            "inst": instance_id,
+            "status": status,
+            "phones": variants,
+            "since": updated_since,
+            "after_at": after[0] if after else None,
+            "after_id": after[1] if after else None,
+            "limit": limit + 1,
+        },
+    )
     return [dict(r) for r in rows.mappings().all()]
 
 
@@ -586,27 +651,41 @@ async def get_conversation(
     session: AsyncSession, conversation_id: int, *, organization_id: uuid.UUID | None
 ) -> dict[str, Any] | None:
     """One conversation with its contact, only within ``organization_id`` when given."""
-    row = await session.execute(text(
-        f"SELECT {_CONVERSATION_COLUMNS} FROM conversations v JOIN contacts c ON c.id = v.contact_id "
-        "WHERE v.id = :id AND (CAST(:org AS uuid) IS NULL OR v.organization_id = :org)"
-    ), {"id": conversation_id, "org": organization_id})
+    row = await session.execute(
+        text(
+            f"SELECT {_CONVERSATION_COLUMNS} FROM conversations v JOIN contacts c ON c.id = v.contact_id "
+            "WHERE v.id = :id AND (CAST(:org AS uuid) IS NULL OR v.organization_id = :org)"
+        ),
+        {"id": conversation_id, "org": organization_id},
+    )
     found = row.mappings().one_or_none()
     return dict(found) if found else None
 
 
 async def list_messages(
-    session: AsyncSession, conversation_id: int, *, after: tuple[datetime, int] | None = None,
-    order: Order = "desc", limit: int = 50,
+    session: AsyncSession,
+    conversation_id: int,
+    *,
+    after: tuple[datetime, int] | None = None,
+    order: Order = "desc",
+    limit: int = 50,
 ) -> list[dict[str, Any]]:
     """A conversation's messages keyset-paginated by (sent_at, id); ``limit + 1`` rows as above."""
     compare = "<" if order == "desc" else ">"
-    rows = await session.execute(text(
-        "SELECT id, external_id, from_me, sender, type, content, media_url, media_mime, media_name, media_size, "
-        "sent_at, status, created_at FROM messages WHERE conversation_id = :conv "
-        f"AND (CAST(:after_at AS timestamptz) IS NULL OR (sent_at, id) {compare} (:after_at, :after_id)) "
-        f"ORDER BY sent_at {order}, id {order} LIMIT :limit"
-    ), {"conv": conversation_id, "after_at": after[0] if after else None, "after_id": after[1] if after else None,
-        "limit": limit + 1})
+    rows = await session.execute(
+        text(
+            "SELECT id, external_id, from_me, sender, type, content, media_url, media_mime, media_name, media_size, "
+            "sent_at, status, created_at FROM messages WHERE conversation_id = :conv "
+            f"AND (CAST(:after_at AS timestamptz) IS NULL OR (sent_at, id) {compare} (:after_at, :after_id)) "
+            f"ORDER BY sent_at {order}, id {order} LIMIT :limit"
+        ),
+        {
+            "conv": conversation_id,
+            "after_at": after[0] if after else None,
+            "after_id": after[1] if after else None,
+            "limit": limit + 1,
+        },
+    )
     return [dict(r) for r in rows.mappings().all()]
 
 
@@ -614,14 +693,17 @@ async def list_chats(
     session: AsyncSession, instance_id: uuid.UUID, *, skip: int = 0, take: int = 50
 ) -> list[dict[str, Any]]:
     """The instance's chats as the database knows them (contacts with a conversation), most recent first."""
-    rows = await session.execute(text(
-        "SELECT c.jid, c.alt_jid, c.name, c.phone, c.client_id, v.id AS conversation_id, v.status, "
-        "v.last_message_at, lm.from_me AS last_from_me, lm.content AS last_preview, lm.type AS last_type "
-        "FROM contacts c "
-        "JOIN LATERAL (SELECT id, status, last_message_at FROM conversations WHERE contact_id = c.id "
-        "  ORDER BY (status IN ('waiting', 'in_progress')) DESC, last_message_at DESC, id DESC LIMIT 1) v ON true "
-        "LEFT JOIN LATERAL (SELECT from_me, content, type FROM messages WHERE conversation_id = v.id "
-        "  ORDER BY sent_at DESC, id DESC LIMIT 1) lm ON true "
-        "WHERE c.instance_id = :inst ORDER BY v.last_message_at DESC, c.id DESC OFFSET :skip LIMIT :take"
-    ), {"inst": instance_id, "skip": skip, "take": take})
+    rows = await session.execute(
+        text(
+            "SELECT c.jid, c.alt_jid, c.name, c.phone, c.client_id, v.id AS conversation_id, v.status, "
+            "v.last_message_at, lm.from_me AS last_from_me, lm.content AS last_preview, lm.type AS last_type "
+            "FROM contacts c "
+            "JOIN LATERAL (SELECT id, status, last_message_at FROM conversations WHERE contact_id = c.id "
+            "  ORDER BY (status IN ('waiting', 'in_progress')) DESC, last_message_at DESC, id DESC LIMIT 1) v ON true "
+            "LEFT JOIN LATERAL (SELECT from_me, content, type FROM messages WHERE conversation_id = v.id "
+            "  ORDER BY sent_at DESC, id DESC LIMIT 1) lm ON true "
+            "WHERE c.instance_id = :inst ORDER BY v.last_message_at DESC, c.id DESC OFFSET :skip LIMIT :take"
+        ),
+        {"inst": instance_id, "skip": skip, "take": take},
+    )
     return [dict(r) for r in rows.mappings().all()]

@@ -36,8 +36,10 @@ async def instances_overview(
 async def status_counts(session: AsyncSession, organization_id: uuid.UUID | None) -> dict[str, int]:
     """How many instances are in each status."""
     rows = await session.execute(
-        text("SELECT status, count(*) FROM whatsapp_instances "
-             "WHERE CAST(:org AS uuid) IS NULL OR organization_id = :org GROUP BY status"),
+        text(
+            "SELECT status, count(*) FROM whatsapp_instances "
+            "WHERE CAST(:org AS uuid) IS NULL OR organization_id = :org GROUP BY status"
+        ),
         {"org": organization_id},
     )
     return {status: int(n) for status, n in rows.all()}

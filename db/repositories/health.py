@@ -73,10 +73,15 @@ async def record_health(session: AsyncSession, checks: Sequence[HealthCheck]) ->
     """
     if not checks:
         return []
-    rows = await session.execute(_RECORD_SQL, {
-        "ids": [c.instance_id for c in checks], "ok": [c.ok for c in checks],
-        "health": [c.health for c in checks], "at": [c.checked_at for c in checks],
-    })
+    rows = await session.execute(
+        _RECORD_SQL,
+        {
+            "ids": [c.instance_id for c in checks],
+            "ok": [c.ok for c in checks],
+            "health": [c.health for c in checks],
+            "at": [c.checked_at for c in checks],
+        },
+    )
     return [HealthOutcome(*r) for r in rows.all()]
 
 
@@ -135,18 +140,25 @@ async def record_gateway_checks(session: AsyncSession, checks: Sequence[GatewayC
     """Store each gateway's health (consecutive failed checks, last error) and return before/after."""
     if not checks:
         return []
-    rows = await session.execute(_GATEWAY_SQL, {
-        "names": [c.gateway for c in checks], "ok": [c.reachable for c in checks],
-        "errors": [c.error for c in checks], "at": [c.checked_at for c in checks],
-    })
+    rows = await session.execute(
+        _GATEWAY_SQL,
+        {
+            "names": [c.gateway for c in checks],
+            "ok": [c.reachable for c in checks],
+            "errors": [c.error for c in checks],
+            "at": [c.checked_at for c in checks],
+        },
+    )
     return [GatewayOutcome(*r) for r in rows.all()]
 
 
 async def gateway_health(session: AsyncSession, gateway: str) -> dict[str, Any] | None:
     """The stored health of one gateway, if the monitor has checked it."""
     row = await session.execute(
-        text("SELECT gateway, health, consecutive_failures, last_error, last_check_at, changed_at "
-             "FROM gateway_health WHERE gateway = :g"),
+        text(
+            "SELECT gateway, health, consecutive_failures, last_error, last_check_at, changed_at "
+            "FROM gateway_health WHERE gateway = :g"
+        ),
         {"g": gateway},
     )
     found = row.mappings().one_or_none()
@@ -166,7 +178,11 @@ class Uptime:
 
 
 async def uptime(
-    session: AsyncSession, instance_id: uuid.UUID, *, now: datetime, windows: dict[str, timedelta],
+    session: AsyncSession,
+    instance_id: uuid.UUID,
+    *,
+    now: datetime,
+    windows: dict[str, timedelta],
     tracked_since: datetime,
 ) -> Uptime:
     """Fraction of each window the instance was connected, counted from ``tracked_since`` (its creation).
@@ -175,17 +191,21 @@ async def uptime(
     """
     starts = {label: max(now - span, tracked_since) for label, span in windows.items()}
     earliest = min(starts.values(), default=now)
-    rows = (await session.execute(
-        text(
-            "SELECT connected_at, COALESCE(disconnected_at, :now) FROM whatsapp_sessions "
-            "WHERE instance_id = :id AND connected_at < :now AND COALESCE(disconnected_at, :now) > :since"
-        ),
-        {"id": instance_id, "now": now, "since": earliest},
-    )).all()
-    open_since = (await session.execute(
-        text("SELECT connected_at FROM whatsapp_sessions WHERE instance_id = :id AND disconnected_at IS NULL"),
-        {"id": instance_id},
-    )).scalar_one_or_none()
+    rows = (
+        await session.execute(
+            text(
+                "SELECT connected_at, COALESCE(disconnected_at, :now) FROM whatsapp_sessions "
+                "WHERE instance_id = :id AND connected_at < :now AND COALESCE(disconnected_at, :now) > :since"
+            ),
+            {"id": instance_id, "now": now, "since": earliest},
+        )
+    ).all()
+    open_since = (
+        await session.execute(
+            text("SELECT connected_at FROM whatsapp_sessions WHERE instance_id = :id AND disconnected_at IS NULL"),
+            {"id": instance_id},
+        )
+    ).scalar_one_or_none()
     fractions: dict[str, float | None] = {}
     for label, start in starts.items():
         span = (now - start).total_seconds()

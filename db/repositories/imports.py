@@ -42,8 +42,14 @@ def _row(row: Sequence[Any], *, resumed: bool = False) -> ImportRunRow:
 
 
 async def begin_import(
-    session: AsyncSession, *, instance_id: uuid.UUID, trigger: str, connection_key: str | None, full: bool,
-    flow_run_id: uuid.UUID | None, cursor: Cursor,
+    session: AsyncSession,
+    *,
+    instance_id: uuid.UUID,
+    trigger: str,
+    connection_key: str | None,
+    full: bool,
+    flow_run_id: uuid.UUID | None,
+    cursor: Cursor,
 ) -> ImportRunRow | str:
     """The run to work on: the unfinished one resumed, or a new one (``cursor`` seeds it). A string says why
     nothing should run (this connection was already imported).
@@ -52,32 +58,61 @@ async def begin_import(
     unless ``full`` is set or it belongs to another connection; then it is closed as superseded.
     """
     if connection_key and not full:
-        done = (await session.execute(text(
-            "SELECT id FROM import_runs WHERE instance_id = :inst AND connection_key = :key AND state = 'completed' "
-            "ORDER BY id DESC LIMIT 1"
-        ), {"inst": instance_id, "key": connection_key})).scalar_one_or_none()
+        done = (
+            await session.execute(
+                text(
+                    "SELECT id FROM import_runs WHERE instance_id = :inst AND connection_key = :key "
+                    "AND state = 'completed' "
+                    "ORDER BY id DESC LIMIT 1"
+                ),
+                {"inst": instance_id, "key": connection_key},
+            )
+        ).scalar_one_or_none()
         if done is not None:
             return f"this connection was already imported (import run {done})"
-    latest = (await session.execute(text(
-        f"SELECT {_COLUMNS} FROM import_runs WHERE instance_id = :inst ORDER BY started_at DESC, id DESC LIMIT 1 "
-        "FOR UPDATE"
-    ), {"inst": instance_id})).one_or_none()
+    latest = (
+        await session.execute(
+            text(
+                f"SELECT {_COLUMNS} FROM import_runs WHERE instance_id = :inst "
+                "ORDER BY started_at DESC, id DESC LIMIT 1 "
+                "FOR UPDATE"
+            ),
+            {"inst": instance_id},
+        )
+    ).one_or_none()
     if latest is not None and latest.state in ("running", "failed"):
         other_connection = bool(connection_key and latest.connection_key and latest.connection_key != connection_key)
         if not full and not other_connection:
-            resumed = (await session.execute(text(
-                f"UPDATE import_runs SET state = 'running', error = NULL, finished_at = NULL, flow_run_id = :run "
-                f"WHERE id = :id RETURNING {_COLUMNS}"
-            ), {"id": latest.id, "run": flow_run_id})).one()
+            resumed = (
+                await session.execute(
+                    text(
+                        "UPDATE import_runs SET state = 'running', error = NULL, finished_at = NULL, "
+                        "flow_run_id = :run "
+                        f"WHERE id = :id RETURNING {_COLUMNS}"
+                    ),
+                    {"id": latest.id, "run": flow_run_id},
+                )
+            ).one()
             return _row(resumed, resumed=True)
-        await session.execute(text(
-            "UPDATE import_runs SET state = 'failed', finished_at = now(), error = :why WHERE id = :id"
-        ), {"id": latest.id, "why": "superseded by a full import" if full else "superseded by a newer connection"})
-    created = (await session.execute(text(
-        "INSERT INTO import_runs (instance_id, trigger, connection_key, state, cursor, counts, flow_run_id) "
-        f"VALUES (:inst, :trigger, :key, 'running', CAST(:cursor AS jsonb), '{{}}', :run) RETURNING {_COLUMNS}"
-    ), {"inst": instance_id, "trigger": trigger[:16], "key": connection_key, "run": flow_run_id,
-        "cursor": orjson.dumps(cursor).decode()})).one()
+        await session.execute(
+            text("UPDATE import_runs SET state = 'failed', finished_at = now(), error = :why WHERE id = :id"),
+            {"id": latest.id, "why": "superseded by a full import" if full else "superseded by a newer connection"},
+        )
+    created = (
+        await session.execute(
+            text(
+                "INSERT INTO import_runs (instance_id, trigger, connection_key, state, cursor, counts, flow_run_id) "
+                f"VALUES (:inst, :trigger, :key, 'running', CAST(:cursor AS jsonb), '{{}}', :run) RETURNING {_COLUMNS}"
+            ),
+            {
+                "inst": instance_id,
+                "trigger": trigger[:16],
+                "key": connection_key,
+                "run": flow_run_id,
+                "cursor": orjson.dumps(cursor).decode(),
+            },
+        )
+    ).one()
     return _row(created)
 
 
@@ -97,14 +132,17 @@ async def read_run(session: AsyncSession, run_id: int) -> ImportRunRow:
 
 
 async def record_progress(
-    session: AsyncSession, run_id: int, *, counts: Mapping[str, int],
+    session: AsyncSession,
+    run_id: int,
+    *,
+    counts: Mapping[str, int],
     advance: Callable[[Cursor], Cursor | None],
 ) -> bool:
     """Checkpoint a page: ``advance`` returns the new cursor (None when the page was already recorded, which
     then adds no counts). Locks the run row until the caller's commit. Returns whether anything was recorded."""
-    row = (await session.execute(
-        text("SELECT cursor, counts FROM import_runs WHERE id = :id FOR UPDATE"), {"id": run_id}
-    )).one()
+    row = (
+        await session.execute(text("SELECT cursor, counts FROM import_runs WHERE id = :id FOR UPDATE"), {"id": run_id})
+    ).one()
     cursor = advance(dict(row.cursor))
     if cursor is None:
         return False
@@ -113,18 +151,22 @@ async def record_progress(
     for key, value in counts.items():
         if value:
             merged[key] = int(merged.get(key, 0)) + int(value)
-    await session.execute(text(
-        "UPDATE import_runs SET cursor = CAST(:cursor AS jsonb), counts = CAST(:counts AS jsonb) WHERE id = :id"
-    ), {"id": run_id, "cursor": orjson.dumps(cursor).decode(), "counts": orjson.dumps(merged).decode()})
+    await session.execute(
+        text("UPDATE import_runs SET cursor = CAST(:cursor AS jsonb), counts = CAST(:counts AS jsonb) WHERE id = :id"),
+        {"id": run_id, "cursor": orjson.dumps(cursor).decode(), "counts": orjson.dumps(merged).decode()},
+    )
     return True
 
 
 async def finish_import(session: AsyncSession, run_id: int, *, state: str, error: str | None = None) -> None:
     """Close a run as completed or failed."""
-    await session.execute(text(
-        "UPDATE import_runs SET state = :state, error = :error, finished_at = now(), "
-        "cursor = cursor || jsonb_build_object('at', now()) WHERE id = :id"
-    ), {"id": run_id, "state": state, "error": error[:2000] if error else None})
+    await session.execute(
+        text(
+            "UPDATE import_runs SET state = :state, error = :error, finished_at = now(), "
+            "cursor = cursor || jsonb_build_object('at', now()) WHERE id = :id"
+        ),
+        {"id": run_id, "state": state, "error": error[:2000] if error else None},
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,8 +185,13 @@ class PendingImport:
 
 
 async def pending_imports(
-    session: AsyncSession, *, gateways: Sequence[str], first: Sequence[uuid.UUID] = (),
-    organization_id: uuid.UUID | None = None, instance_id: uuid.UUID | None = None, stale_minutes: int = 15,
+    session: AsyncSession,
+    *,
+    gateways: Sequence[str],
+    first: Sequence[uuid.UUID] = (),
+    organization_id: uuid.UUID | None = None,
+    instance_id: uuid.UUID | None = None,
+    stale_minutes: int = 15,
     limit: int = 100,
 ) -> list[PendingImport]:
     """Connected instances at history-capable ``gateways`` whose current connection is not imported: never
@@ -152,7 +199,8 @@ async def pending_imports(
     ``stale_minutes``. Instances in ``first`` (just connected) come first; at most ``limit``."""
     if not gateways:
         return []
-    rows = await session.execute(text("""
+    rows = await session.execute(
+        text("""
         SELECT i.id, s.connected_at, r.id, r.state, r.connection_key,
                CASE WHEN r.id IS NULL THEN 'never_imported'
                     WHEN r.state = 'completed' THEN 'connected' ELSE 'unfinished' END
@@ -172,15 +220,26 @@ async def pending_imports(
                    < now() - make_interval(mins => :stale)))
         ORDER BY i.id = ANY(CAST(:first AS uuid[])) DESC, i.id
         LIMIT :limit
-    """), {"gateways": list(gateways), "first": list(first), "org": organization_id, "iid": instance_id,
-           "stale": stale_minutes, "limit": limit})
+    """),
+        {
+            "gateways": list(gateways),
+            "first": list(first),
+            "org": organization_id,
+            "iid": instance_id,
+            "stale": stale_minutes,
+            "limit": limit,
+        },
+    )
     return [PendingImport(*row) for row in rows.all()]
 
 
 async def latest_runs(session: AsyncSession, instance_id: uuid.UUID, *, limit: int = 10) -> list[dict[str, Any]]:
     """The instance's most recent import runs, newest first."""
-    rows = await session.execute(text(
-        "SELECT id, trigger, connection_key, state, started_at, finished_at, counts, error, flow_run_id "
-        "FROM import_runs WHERE instance_id = :inst ORDER BY started_at DESC, id DESC LIMIT :limit"
-    ), {"inst": instance_id, "limit": limit})
+    rows = await session.execute(
+        text(
+            "SELECT id, trigger, connection_key, state, started_at, finished_at, counts, error, flow_run_id "
+            "FROM import_runs WHERE instance_id = :inst ORDER BY started_at DESC, id DESC LIMIT :limit"
+        ),
+        {"inst": instance_id, "limit": limit},
+    )
     return [dict(r) for r in rows.mappings().all()]

@@ -81,9 +81,7 @@ async def load_instances(
         ),
         params,
     )
-    return [
-        InstanceRef(r[0], r[1], r[2], r[3], InstanceStatus(r[4]), r[5], r[6]) for r in rows.all()
-    ]
+    return [InstanceRef(r[0], r[1], r[2], r[3], InstanceStatus(r[4]), r[5], r[6]) for r in rows.all()]
 
 
 _APPLY_SQL = text("""
@@ -184,26 +182,37 @@ async def apply_status_writes(
     await session.execute(_TOUCH_SQL, rows)
     if not changes:
         return changes
-    await session.execute(_HISTORY_SQL, {
-        "ids": [c.instance_id for c in changes],
-        "orgs": [c.organization_id for c in changes],
-        "froms": [c.from_status for c in changes],
-        "tos": [c.to_status for c in changes],
-        "sources": [source] * len(changes),
-        "reasons": [c.reason for c in changes],
-        "observed": [c.observed_at for c in changes],
-        "runs": [flow_run_id] * len(changes),
-    })
+    await session.execute(
+        _HISTORY_SQL,
+        {
+            "ids": [c.instance_id for c in changes],
+            "orgs": [c.organization_id for c in changes],
+            "froms": [c.from_status for c in changes],
+            "tos": [c.to_status for c in changes],
+            "sources": [source] * len(changes),
+            "reasons": [c.reason for c in changes],
+            "observed": [c.observed_at for c in changes],
+            "runs": [flow_run_id] * len(changes),
+        },
+    )
     connected = [c for c in changes if c.to_status == InstanceStatus.CONNECTED]
     left = [c for c in changes if c.from_status == InstanceStatus.CONNECTED]
     if left:
-        await session.execute(_CLOSE_SESSIONS_SQL, {
-            "ids": [c.instance_id for c in left], "ats": [c.observed_at for c in left],
-        })
+        await session.execute(
+            _CLOSE_SESSIONS_SQL,
+            {
+                "ids": [c.instance_id for c in left],
+                "ats": [c.observed_at for c in left],
+            },
+        )
     if connected:
-        await session.execute(_OPEN_SESSIONS_SQL, {
-            "ids": [c.instance_id for c in connected], "ats": [c.observed_at for c in connected],
-        })
+        await session.execute(
+            _OPEN_SESSIONS_SQL,
+            {
+                "ids": [c.instance_id for c in connected],
+                "ats": [c.observed_at for c in connected],
+            },
+        )
     return changes
 
 
@@ -242,9 +251,7 @@ async def register_instances(
     return [r[0] for r in rows.all()]
 
 
-async def list_instances(
-    session: AsyncSession, *, organization_id: uuid.UUID | None = None
-) -> list[dict[str, object]]:
+async def list_instances(session: AsyncSession, *, organization_id: uuid.UUID | None = None) -> list[dict[str, object]]:
     """Every instance (of one organization, when given) with its stored status, ordered by gateway and name."""
     rows = await session.execute(
         text(

@@ -63,11 +63,16 @@ async def insert_events(session: AsyncSession, events: Sequence[NewLiveEvent]) -
     """Store events and queue notifications of their ids per organization (sent when the transaction commits)."""
     if not events:
         return []
-    row = (await session.execute(_INSERT_SQL, {
-        "orgs": [e.organization_id for e in events],
-        "kinds": [e.kind[:32] for e in events],
-        "payloads": [orjson.dumps(e.payload, default=str).decode() for e in events],
-    })).one()
+    row = (
+        await session.execute(
+            _INSERT_SQL,
+            {
+                "orgs": [e.organization_id for e in events],
+                "kinds": [e.kind[:32] for e in events],
+                "payloads": [orjson.dumps(e.payload, default=str).decode() for e in events],
+            },
+        )
+    ).one()
     return list(row[1] or [])
 
 
@@ -81,8 +86,10 @@ async def events_by_id(
     if not ids:
         return []
     rows = await session.execute(
-        text(f"SELECT {_COLUMNS} FROM live_events WHERE id = ANY(:ids) "
-             "AND (CAST(:org AS uuid) IS NULL OR organization_id = :org) ORDER BY id"),
+        text(
+            f"SELECT {_COLUMNS} FROM live_events WHERE id = ANY(:ids) "
+            "AND (CAST(:org AS uuid) IS NULL OR organization_id = :org) ORDER BY id"
+        ),
         {"ids": list(ids), "org": organization_id},
     )
     return [StoredLiveEvent(*r) for r in rows.all()]
@@ -93,8 +100,10 @@ async def events_after(
 ) -> list[StoredLiveEvent]:
     """Events newer than ``after_id`` (a resumed stream), oldest first."""
     rows = await session.execute(
-        text(f"SELECT {_COLUMNS} FROM live_events WHERE id > :after "
-             "AND (CAST(:org AS uuid) IS NULL OR organization_id = :org) ORDER BY id LIMIT :limit"),
+        text(
+            f"SELECT {_COLUMNS} FROM live_events WHERE id > :after "
+            "AND (CAST(:org AS uuid) IS NULL OR organization_id = :org) ORDER BY id LIMIT :limit"
+        ),
         {"after": after_id, "org": organization_id, "limit": limit},
     )
     return [StoredLiveEvent(*r) for r in rows.all()]
@@ -123,8 +132,11 @@ def listener_conninfo() -> str:
 
     url = database_url()
     params: dict[str, Any] = {
-        "host": url.host or url.query.get("host"), "port": url.port, "user": url.username,
-        "password": url.password, "dbname": url.database,
+        "host": url.host or url.query.get("host"),
+        "port": url.port,
+        "user": url.username,
+        "password": url.password,
+        "dbname": url.database,
     }
     return make_conninfo(**{key: value for key, value in params.items() if value is not None})
 

@@ -45,8 +45,9 @@ _EXPIRED_SESSIONS = """
 """
 
 
-async def count_expired_sessions(session: AsyncSession, *, organization_ids: Sequence[uuid.UUID],
-                                 cutoff: datetime) -> int:
+async def count_expired_sessions(
+    session: AsyncSession, *, organization_ids: Sequence[uuid.UUID], cutoff: datetime
+) -> int:
     """Ended sessions of these organizations whose last activity is older than ``cutoff``."""
     found = await session.execute(
         text(f"SELECT count(*) {_EXPIRED_SESSIONS}"), {"orgs": list(organization_ids), "cutoff": cutoff}
@@ -70,7 +71,9 @@ async def delete_expired_sessions(
 
 PrunableTable = Literal["webhook_events", "live_events", "flow_reports"]
 _AGE_COLUMN: dict[str, str] = {
-    "webhook_events": "received_at", "live_events": "created_at", "flow_reports": "finished_at",
+    "webhook_events": "received_at",
+    "live_events": "created_at",
+    "flow_reports": "finished_at",
 }
 
 
@@ -83,9 +86,7 @@ async def count_older(
     session: AsyncSession, table: PrunableTable, *, cutoff: datetime, organization_id: uuid.UUID | None
 ) -> int:
     """Rows of ``table`` older than ``cutoff`` (of one organization, when given)."""
-    found = await session.execute(
-        text(f"SELECT count(*) {_older(table)}"), {"cutoff": cutoff, "org": organization_id}
-    )
+    found = await session.execute(text(f"SELECT count(*) {_older(table)}"), {"cutoff": cutoff, "org": organization_id})
     return int(found.scalar_one())
 
 
@@ -153,9 +154,12 @@ _CANDIDATE = """
 """
 # Idle: a candidate with no message row since the cutoff either (a writer may add the row before it moves the
 # conversation's clock). Repeated in the UPDATE: a message that lands between selection and update makes it false.
-_IDLE = _CANDIDATE + """
+_IDLE = (
+    _CANDIDATE
+    + """
     AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.conversation_id = c.id AND m.sent_at >= :cutoff)
 """
+)
 
 
 def _policy_params(policy: ClosePolicy) -> dict[str, object]:
@@ -164,16 +168,18 @@ def _policy_params(policy: ClosePolicy) -> dict[str, object]:
 
 async def count_idle(session: AsyncSession, policy: ClosePolicy) -> tuple[int, int]:
     """(idle conversations the policy closes, idle ones it keeps because the customer waits for an agent)."""
-    row = (await session.execute(
-        text(
-            "SELECT count(*) FILTER (WHERE CAST(:close_waiting AS boolean) OR c.waiting_since IS NULL), "
-            "count(*) FILTER (WHERE NOT CAST(:close_waiting AS boolean) AND c.waiting_since IS NOT NULL) "
-            "FROM conversations c WHERE c.organization_id = :org AND c.status IN ('waiting', 'in_progress') "
-            "AND c.last_message_at < :cutoff "
-            "AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.conversation_id = c.id AND m.sent_at >= :cutoff)"
-        ),
-        _policy_params(policy),
-    )).one()
+    row = (
+        await session.execute(
+            text(
+                "SELECT count(*) FILTER (WHERE CAST(:close_waiting AS boolean) OR c.waiting_since IS NULL), "
+                "count(*) FILTER (WHERE NOT CAST(:close_waiting AS boolean) AND c.waiting_since IS NOT NULL) "
+                "FROM conversations c WHERE c.organization_id = :org AND c.status IN ('waiting', 'in_progress') "
+                "AND c.last_message_at < :cutoff "
+                "AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.conversation_id = c.id AND m.sent_at >= :cutoff)"
+            ),
+            _policy_params(policy),
+        )
+    ).one()
     return int(row[0]), int(row[1])
 
 
@@ -182,9 +188,11 @@ async def count_kept_waiting(session: AsyncSession, policy: ClosePolicy) -> int:
     if policy.close_waiting:
         return 0
     found = await session.execute(
-        text("SELECT count(*) FROM conversations c WHERE c.organization_id = :org "
-             "AND c.status IN ('waiting', 'in_progress') AND c.last_message_at < :cutoff "
-             "AND c.waiting_since IS NOT NULL"),
+        text(
+            "SELECT count(*) FROM conversations c WHERE c.organization_id = :org "
+            "AND c.status IN ('waiting', 'in_progress') AND c.last_message_at < :cutoff "
+            "AND c.waiting_since IS NOT NULL"
+        ),
         _policy_params(policy),
     )
     return int(found.scalar_one())
@@ -197,12 +205,16 @@ async def select_idle(
     keyset = ""
     params = _policy_params(policy)
     if after is not None:
-        keyset = ("AND c.last_message_at >= :after_at "
-                  "AND (c.last_message_at, c.id) > (CAST(:after_at AS timestamptz), CAST(:after_id AS bigint))")
+        keyset = (
+            "AND c.last_message_at >= :after_at "
+            "AND (c.last_message_at, c.id) > (CAST(:after_at AS timestamptz), CAST(:after_id AS bigint))"
+        )
         params |= {"after_at": after.last_message_at, "after_id": after.id}
     rows = await session.execute(
-        text(f"SELECT c.id, c.last_message_at FROM conversations c WHERE {_CANDIDATE} {keyset} "
-             "ORDER BY c.last_message_at, c.id LIMIT :limit"),
+        text(
+            f"SELECT c.id, c.last_message_at FROM conversations c WHERE {_CANDIDATE} {keyset} "
+            "ORDER BY c.last_message_at, c.id LIMIT :limit"
+        ),
         params | {"limit": limit},
     )
     return [IdleConversation(r[0], r[1]) for r in rows.all()]

@@ -9,16 +9,19 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-SETTINGS = ("inactivity_hours", "session_retention_days", "import_history_days", "auto_reconnect",
-            "close_waiting_conversations")
+SETTINGS = (
+    "inactivity_hours",
+    "session_retention_days",
+    "import_history_days",
+    "auto_reconnect",
+    "close_waiting_conversations",
+)
 _RETURNING = "id, name, " + ", ".join(SETTINGS) + ", updated_at"
 
 
 async def read_settings(session: AsyncSession, organization_id: uuid.UUID) -> dict[str, Any] | None:
     """The organization's settings, or None when it does not exist."""
-    row = await session.execute(
-        text(f"SELECT {_RETURNING} FROM organizations WHERE id = :id"), {"id": organization_id}
-    )
+    row = await session.execute(text(f"SELECT {_RETURNING} FROM organizations WHERE id = :id"), {"id": organization_id})
     found = row.mappings().one_or_none()
     return dict(found) if found else None
 

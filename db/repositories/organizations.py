@@ -87,7 +87,5 @@ async def principal_for_token(session: AsyncSession, token: str) -> Principal | 
 
 async def organization_exists(session: AsyncSession, organization_id: uuid.UUID) -> bool:
     """Whether an organization with this id exists."""
-    found = await session.execute(
-        text("SELECT 1 FROM organizations WHERE id = :id"), {"id": organization_id}
-    )
+    found = await session.execute(text("SELECT 1 FROM organizations WHERE id = :id"), {"id": organization_id})
     return found.scalar_one_or_none() is not None

@@ -14,13 +14,21 @@ from db.models import FlowReport
 
 
 async def save_report(
-    session: AsyncSession, *, flow_name: str, flow_run_id: uuid.UUID | None,
-    organization_id: uuid.UUID | None, started_at: datetime, report: dict[str, Any],
+    session: AsyncSession,
+    *,
+    flow_name: str,
+    flow_run_id: uuid.UUID | None,
+    organization_id: uuid.UUID | None,
+    started_at: datetime,
+    report: dict[str, Any],
 ) -> None:
     """Store (or replace, on a retried run) the report of one flow run."""
     statement = insert(FlowReport).values(
-        flow_name=flow_name, flow_run_id=flow_run_id, organization_id=organization_id,
-        started_at=started_at, report=report,
+        flow_name=flow_name,
+        flow_run_id=flow_run_id,
+        organization_id=organization_id,
+        started_at=started_at,
+        report=report,
     )
     if flow_run_id is not None:
         statement = statement.on_conflict_do_update(
@@ -31,9 +39,7 @@ async def save_report(
 
 async def report_for_run(session: AsyncSession, flow_run_id: uuid.UUID) -> dict[str, Any] | None:
     """The report a flow run stored, if it finished."""
-    row = await session.execute(
-        text("SELECT report FROM flow_reports WHERE flow_run_id = :id"), {"id": flow_run_id}
-    )
+    row = await session.execute(text("SELECT report FROM flow_reports WHERE flow_run_id = :id"), {"id": flow_run_id})
     return row.scalar_one_or_none()
 
 

@@ -60,8 +60,16 @@ async def store_event(
             "outcome, error) VALUES (:org, :provider, :event, :instance, :key, CAST(:payload AS jsonb), "
             ":outcome, :error) ON CONFLICT (dedupe_key) DO NOTHING RETURNING id"
         ),
-        {"org": organization_id, "provider": provider, "event": event[:64], "instance": instance_name,
-         "key": dedupe_key, "payload": _json(payload), "outcome": outcome, "error": error},
+        {
+            "org": organization_id,
+            "provider": provider,
+            "event": event[:64],
+            "instance": instance_name,
+            "key": dedupe_key,
+            "payload": _json(payload),
+            "outcome": outcome,
+            "error": error,
+        },
     )
     return inserted.scalar_one_or_none() is not None
 

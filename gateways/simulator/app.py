@@ -31,8 +31,16 @@ from gateways.simulator.state import (
     SimulatorState,
 )
 
-_SETTING_FIELDS = ("rejectCall", "msgCall", "groupsIgnore", "alwaysOnline", "readMessages", "readStatus",
-                   "syncFullHistory", "wavoipToken")
+_SETTING_FIELDS = (
+    "rejectCall",
+    "msgCall",
+    "groupsIgnore",
+    "alwaysOnline",
+    "readMessages",
+    "readStatus",
+    "syncFullHistory",
+    "wavoipToken",
+)
 _URL = re.compile(r"^https?://")
 _UNAUTHORIZED = shapes.evolution_error(401, "Unauthorized")
 
@@ -109,11 +117,17 @@ def _evolution_router(state: SimulatorState) -> APIRouter:
     async def info(request: Request) -> Response:
         await _gate(state, "evolution", "info")
         base = str(request.base_url).rstrip("/")
-        return _json({
-            "status": 200, "message": "Welcome to the Evolution API, it is working!",
-            "version": state.config.version, "clientName": "evolution", "manager": f"{base}/manager",
-            "documentation": "https://doc.evolution-api.com", "whatsappWebVersion": "2.3000.1027934701",
-        })
+        return _json(
+            {
+                "status": 200,
+                "message": "Welcome to the Evolution API, it is working!",
+                "version": state.config.version,
+                "clientName": "evolution",
+                "manager": f"{base}/manager",
+                "documentation": "https://doc.evolution-api.com",
+                "whatsappWebVersion": "2.3000.1027934701",
+            }
+        )
 
     @router.post("/instance/create")
     async def create(request: Request) -> Response:
@@ -131,9 +145,14 @@ def _evolution_router(state: SimulatorState) -> APIRouter:
             raise _evolution_fail(400, "Invalid integration")
         webhook = body.get("webhook")
         if isinstance(webhook, dict) and webhook.get("url"):
-            webhook = {"url": webhook["url"], "enabled": True, "events": webhook.get("events") or [],
-                       "headers": webhook.get("headers") or {}, "byEvents": bool(webhook.get("byEvents")),
-                       "base64": bool(webhook.get("base64"))}
+            webhook = {
+                "url": webhook["url"],
+                "enabled": True,
+                "events": webhook.get("events") or [],
+                "headers": webhook.get("headers") or {},
+                "byEvents": bool(webhook.get("byEvents")),
+                "base64": bool(webhook.get("base64")),
+            }
         else:
             webhook = None
         try:
@@ -219,11 +238,17 @@ def _evolution_router(state: SimulatorState) -> APIRouter:
         if not isinstance(hook.get("url"), str) or not _URL.match(hook["url"]):
             raise _evolution_fail(400, 'Invalid "url" property')
         enabled = bool(hook.get("enabled", True))
-        inst = state.set_webhook(instance, {
-            "url": hook["url"], "enabled": enabled, "events": list(hook.get("events") or []) if enabled else [],
-            "headers": hook.get("headers") or {}, "byEvents": bool(hook.get("byEvents")),
-            "base64": bool(hook.get("base64")),
-        })
+        inst = state.set_webhook(
+            instance,
+            {
+                "url": hook["url"],
+                "enabled": enabled,
+                "events": list(hook.get("events") or []) if enabled else [],
+                "headers": hook.get("headers") or {},
+                "byEvents": bool(hook.get("byEvents")),
+                "base64": bool(hook.get("base64")),
+            },
+        )
         return _json(shapes.webhook_row(inst), 201)
 
     @router.get("/webhook/find/{instance}")
@@ -310,8 +335,7 @@ def _messages_page(history: History | None, where: Any, page: int, offset: int) 
     total = end - first
     start = first + (page - 1) * offset
     records = history.records(range(start, min(start + offset, end)), chat) if history is not None else []
-    return {"messages": {"total": total, "pages": math.ceil(total / offset), "currentPage": page,
-                         "records": records}}
+    return {"messages": {"total": total, "pages": math.ceil(total / offset), "currentPage": page, "records": records}}
 
 
 def _megaapi_router(state: SimulatorState) -> APIRouter:
@@ -450,8 +474,13 @@ def _control_router(state: SimulatorState) -> APIRouter:
     async def add_instances(body: InstancesRequest) -> Response:
         try:
             if body.count is not None:
-                created = state.seed_instances(body.count, provider=body.provider, prefix=body.prefix,
-                                               connected_ratio=body.connected_ratio, start=body.start)
+                created = state.seed_instances(
+                    body.count,
+                    provider=body.provider,
+                    prefix=body.prefix,
+                    connected_ratio=body.connected_ratio,
+                    start=body.start,
+                )
             elif body.name:
                 created = [state.add_instance(body.name, body.provider, body.live_state, token=body.token)]
             else:
@@ -479,15 +508,28 @@ def _control_router(state: SimulatorState) -> APIRouter:
     async def set_history(name: str, body: HistorySpec) -> Response:
         known(name)
         history = state.set_history(name, body)
-        return _json({"name": name, "chats": history.chat_total, "messages": history.total_messages,
-                      "newest_ts": history.newest_ts})
+        return _json(
+            {
+                "name": name,
+                "chats": history.chat_total,
+                "messages": history.total_messages,
+                "newest_ts": history.newest_ts,
+            }
+        )
 
     @router.post("/instances/{name}/qr")
     async def emit_qr(name: str, number: str | None = None) -> Response:
         known(name)
         qr = state.emit_qr(name, number=number)
-        return _json({"name": qr.name, "code": qr.code, "pairing_code": qr.pairing_code, "count": qr.count,
-                      "limit_reached": qr.limit_reached})
+        return _json(
+            {
+                "name": qr.name,
+                "code": qr.code,
+                "pairing_code": qr.pairing_code,
+                "count": qr.count,
+                "limit_reached": qr.limit_reached,
+            }
+        )
 
     @router.post("/tick")
     async def tick() -> Response:
@@ -502,12 +544,12 @@ def _control_router(state: SimulatorState) -> APIRouter:
 
 def create_app(state: SimulatorState) -> FastAPI:
     """Build the simulator's ASGI app over ``state`` (Evolution at ``/``, MegaAPI at ``/rest``, control ``/_sim``)."""
-    app = FastAPI(title="zapsync gateway simulator", docs_url="/_sim/docs", redoc_url=None,
-                  openapi_url="/_sim/openapi.json")
+    app = FastAPI(
+        title="zapsync gateway simulator", docs_url="/_sim/docs", redoc_url=None, openapi_url="/_sim/openapi.json"
+    )
     app.state.simulator = state
     app.add_exception_handler(_Reply, _reply)
     app.include_router(_evolution_router(state))
     app.include_router(_megaapi_router(state))
     app.include_router(_control_router(state))
     return app
-

@@ -29,11 +29,26 @@ from pydantic import BaseModel, ConfigDict, Field
 AREA_CODES = (11, 21, 31, 41, 51, 61, 71, 81, 91, 19, 27, 48, 62, 85, 98)
 FIRST_NAMES = ("Ana", "Bruno", "Carla", "Diego", "Elisa", "Fábio", "Gabi", "Heitor", "Iara", "João", "Lia", "Marcos")
 SURNAMES = ("Silva", "Souza", "Costa", "Lima", "Rocha", "Alves", "Dias", "Melo", "Pires", "Reis", "Ramos")
-PHRASES = ("oi, tudo bem?", "bom dia!", "qual o valor?", "pode me mandar o orçamento?", "obrigado 🙏",
-           "vou verificar e te retorno", "chegou o pedido", "amanhã às 10h?", "pode ser", "perfeito, combinado")
+PHRASES = (
+    "oi, tudo bem?",
+    "bom dia!",
+    "qual o valor?",
+    "pode me mandar o orçamento?",
+    "obrigado 🙏",
+    "vou verificar e te retorno",
+    "chegou o pedido",
+    "amanhã às 10h?",
+    "pode ser",
+    "perfeito, combinado",
+)
 MEDIA_TYPES = ("imageMessage", "audioMessage", "documentMessage", "videoMessage", "stickerMessage")
-_MIMES = {"imageMessage": "image/jpeg", "audioMessage": "audio/ogg; codecs=opus", "documentMessage": "application/pdf",
-          "videoMessage": "video/mp4", "stickerMessage": "image/webp"}
+_MIMES = {
+    "imageMessage": "image/jpeg",
+    "audioMessage": "audio/ogg; codecs=opus",
+    "documentMessage": "application/pdf",
+    "videoMessage": "video/mp4",
+    "stickerMessage": "image/webp",
+}
 BROADCAST_JID = "status@broadcast"
 
 
@@ -147,8 +162,16 @@ class History:
             return self._person(index, messages)
         if index < self.individual + spec.group_chats:
             g = index - self.individual
-            return ChatInfo(index, f"120363{spec.seed % 1000:03d}{g:09d}@g.us", None, None, None,
-                            f"Grupo {g + 1}", self.sizes[index], "group")
+            return ChatInfo(
+                index,
+                f"120363{spec.seed % 1000:03d}{g:09d}@g.us",
+                None,
+                None,
+                None,
+                f"Grupo {g + 1}",
+                self.sizes[index],
+                "group",
+            )
         return ChatInfo(index, BROADCAST_JID, None, None, None, "Status", self.sizes[index], "broadcast")
 
     def _person(self, index: int, messages: int) -> ChatInfo:
@@ -191,12 +214,19 @@ class History:
             info = self.chat(i)
             last = self.record(i, 0) if info.messages else None
             at = self.timestamp(i, 0) if info.messages else self.newest_ts - 400 * 86_400 - i
-            rows.append({
-                "id": f"cm{self.instance_id[:8]}c{i:08x}", "remoteJid": info.jid,
-                "pushName": info.name if info.kind == "contact" else None, "name": info.name,
-                "profilePicUrl": None, "updatedAt": iso(datetime.fromtimestamp(at, UTC)),
-                "lastMessage": last, "unreadCount": 1 if last and not last["key"]["fromMe"] else 0, "isSaved": True,
-            })
+            rows.append(
+                {
+                    "id": f"cm{self.instance_id[:8]}c{i:08x}",
+                    "remoteJid": info.jid,
+                    "pushName": info.name if info.kind == "contact" else None,
+                    "name": info.name,
+                    "profilePicUrl": None,
+                    "updatedAt": iso(datetime.fromtimestamp(at, UTC)),
+                    "lastMessage": last,
+                    "unreadCount": 1 if last and not last["key"]["fromMe"] else 0,
+                    "isSaved": True,
+                }
+            )
         return rows
 
     def contact_rows(self, page: int, offset: int | None) -> list[dict[str, Any]]:
@@ -207,11 +237,21 @@ class History:
             start = (max(page, 1) - 1) * offset
             everything = list(itertools.islice(self.contacts(), start, start + offset))
         created = iso(datetime.fromtimestamp(self.newest_ts - 30 * 86_400, UTC))
-        return [{
-            "id": f"cm{self.instance_id[:8]}k{info.index:08x}", "remoteJid": info.jid, "pushName": info.name,
-            "profilePicUrl": None, "createdAt": created, "updatedAt": created, "instanceId": self.instance_id,
-            "isGroup": info.kind == "group", "isSaved": True, "type": "group" if info.kind == "group" else "contact",
-        } for info in everything]
+        return [
+            {
+                "id": f"cm{self.instance_id[:8]}k{info.index:08x}",
+                "remoteJid": info.jid,
+                "pushName": info.name,
+                "profilePicUrl": None,
+                "createdAt": created,
+                "updatedAt": created,
+                "instanceId": self.instance_id,
+                "isGroup": info.kind == "group",
+                "isSaved": True,
+                "type": "group" if info.kind == "group" else "contact",
+            }
+            for info in everything
+        ]
 
     # -- messages -------------------------------------------------------------------------------------------
 
@@ -245,6 +285,7 @@ class History:
 
             def ts(k: int) -> int:
                 return self.timestamp(chat, k)
+
         first = 0 if lte is None else _bsearch(0, size, lambda i: ts(i) <= lte)
         end = size if gte is None else _bsearch(first, size, lambda i: ts(i) < gte)
         return first, end
@@ -274,8 +315,11 @@ class History:
         info = self.chat(c)
         spec = self.spec
         from_me = (c + k) % 3 == 1 if info.kind != "broadcast" else False
-        key: dict[str, Any] = {"id": f"3EB0{c:05X}{k:07X}{spec.seed % 256:02X}", "fromMe": from_me,
-                               "remoteJid": info.jid}
+        key: dict[str, Any] = {
+            "id": f"3EB0{c:05X}{k:07X}{spec.seed % 256:02X}",
+            "fromMe": from_me,
+            "remoteJid": info.jid,
+        }
         if info.alt_jid:
             key["remoteJidAlt"], key["addressingMode"] = info.alt_jid, "lid"
         if info.kind != "contact":
@@ -283,8 +327,10 @@ class History:
         if spec.media_every and k % spec.media_every == spec.media_every - 1:
             wire_type = MEDIA_TYPES[(c + k) % len(MEDIA_TYPES)]
             media: dict[str, Any] = {
-                "url": f"https://mmg.whatsapp.net/v/t62.7118-24/{c}_{k}.enc", "mimetype": _MIMES[wire_type],
-                "fileLength": str(1024 + (c * 131 + k) % 500_000), "mediaKey": "k" * 44,
+                "url": f"https://mmg.whatsapp.net/v/t62.7118-24/{c}_{k}.enc",
+                "mimetype": _MIMES[wire_type],
+                "fileLength": str(1024 + (c * 131 + k) % 500_000),
+                "mediaKey": "k" * 44,
             }
             if wire_type in ("imageMessage", "videoMessage"):
                 media["caption"] = PHRASES[(c + k) % len(PHRASES)]
@@ -299,8 +345,14 @@ class History:
         else:
             updates = [] if k == 0 else [{"status": "READ"}]
         return {
-            "id": f"cm{c:06x}{k:08x}", "key": key, "pushName": self.owner_name if from_me else info.name,
-            "messageType": wire_type, "message": body, "messageTimestamp": self.timestamp(c, k),
-            "instanceId": self.instance_id, "source": ("android", "ios", "web")[(c + k) % 3],
-            "contextInfo": None, "MessageUpdate": updates,
+            "id": f"cm{c:06x}{k:08x}",
+            "key": key,
+            "pushName": self.owner_name if from_me else info.name,
+            "messageType": wire_type,
+            "message": body,
+            "messageTimestamp": self.timestamp(c, k),
+            "instanceId": self.instance_id,
+            "source": ("android", "ios", "web")[(c + k) % 3],
+            "contextInfo": None,
+            "MessageUpdate": updates,
         }

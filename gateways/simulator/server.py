@@ -69,8 +69,9 @@ class SimulatorServer:
         self._bound_port = int(sock.getsockname()[1])
         config = uvicorn.Config(self.app, log_level=self._log_level, access_log=False, lifespan="off")
         server = uvicorn.Server(config)
-        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True,
-                                  name=f"sim-server-{self._bound_port}")
+        thread = threading.Thread(
+            target=server.run, kwargs={"sockets": [sock]}, daemon=True, name=f"sim-server-{self._bound_port}"
+        )
         self._sock, self._server, self._thread = sock, server, thread
         thread.start()
         deadline = time.monotonic() + self._startup_timeout_s

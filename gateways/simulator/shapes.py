@@ -12,11 +12,23 @@ from typing import Any
 from gateways.simulator.state import NON_RECONNECTABLE_CODES, QrCode, QrEmitted, SimInstance, StateChange
 
 QR_LIMIT_MESSAGE = "QR code limit reached, please login again"
-_HTTP_ERRORS = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
-                500: "Internal Server Error", 503: "Service Unavailable"}
+_HTTP_ERRORS = {
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
 _DEFAULT_SETTINGS: dict[str, Any] = {
-    "rejectCall": False, "msgCall": "", "groupsIgnore": False, "alwaysOnline": False, "readMessages": False,
-    "readStatus": False, "syncFullHistory": False, "wavoipToken": "",
+    "rejectCall": False,
+    "msgCall": "",
+    "groupsIgnore": False,
+    "alwaysOnline": False,
+    "readMessages": False,
+    "readStatus": False,
+    "syncFullHistory": False,
+    "wavoipToken": "",
 }
 
 
@@ -68,8 +80,11 @@ def evolution_row(inst: SimInstance) -> dict[str, Any]:
         "Sqs": None,
         "Websocket": None,
         "Setting": {
-            "id": "c" + inst.instance_id.replace("-", "")[:24], **settings_of(inst),
-            "createdAt": created, "updatedAt": created, "instanceId": inst.instance_id,
+            "id": "c" + inst.instance_id.replace("-", "")[:24],
+            **settings_of(inst),
+            "createdAt": created,
+            "updatedAt": created,
+            "instanceId": inst.instance_id,
         },
         "_count": {"Message": inst.message_count, "Contact": inst.contact_count, "Chat": inst.chat_count},
     }
@@ -93,10 +108,16 @@ def webhook_row(inst: SimInstance) -> dict[str, Any] | None:
     if hook is None:
         return None
     return {
-        "id": hook["id"], "url": hook.get("url"), "headers": hook.get("headers") or {},
-        "enabled": hook.get("enabled", True), "events": hook.get("events") or [],
-        "webhookByEvents": hook.get("byEvents", False), "webhookBase64": hook.get("base64", False),
-        "createdAt": iso(hook["createdAt"]), "updatedAt": iso(hook["updatedAt"]), "instanceId": inst.instance_id,
+        "id": hook["id"],
+        "url": hook.get("url"),
+        "headers": hook.get("headers") or {},
+        "enabled": hook.get("enabled", True),
+        "events": hook.get("events") or [],
+        "webhookByEvents": hook.get("byEvents", False),
+        "webhookBase64": hook.get("base64", False),
+        "createdAt": iso(hook["createdAt"]),
+        "updatedAt": iso(hook["updatedAt"]),
+        "instanceId": inst.instance_id,
     }
 
 
@@ -105,15 +126,24 @@ def create_response(inst: SimInstance, qr: QrEmitted | None) -> dict[str, Any]:
     hook = inst.webhook or {}
     body: dict[str, Any] = {
         "instance": {
-            "instanceName": inst.name, "instanceId": inst.instance_id, "integration": inst.integration,
-            "webhookWaBusiness": None, "accessTokenWaBusiness": "", "status": inst.live_state,
+            "instanceName": inst.name,
+            "instanceId": inst.instance_id,
+            "integration": inst.integration,
+            "webhookWaBusiness": None,
+            "accessTokenWaBusiness": "",
+            "status": inst.live_state,
         },
         "hash": inst.token,
         "webhook": {
-            "webhookUrl": hook.get("url"), "webhookHeaders": hook.get("headers") or {},
-            "webhookByEvents": hook.get("byEvents", False), "webhookBase64": hook.get("base64", False),
+            "webhookUrl": hook.get("url"),
+            "webhookHeaders": hook.get("headers") or {},
+            "webhookByEvents": hook.get("byEvents", False),
+            "webhookBase64": hook.get("base64", False),
         },
-        "websocket": {}, "rabbitmq": {}, "nats": {}, "sqs": {},
+        "websocket": {},
+        "rabbitmq": {},
+        "nats": {},
+        "sqs": {},
         "settings": settings_of(inst),
     }
     if qr is not None:
@@ -124,22 +154,35 @@ def create_response(inst: SimInstance, qr: QrEmitted | None) -> dict[str, Any]:
 def megaapi_status(inst: SimInstance) -> dict[str, Any]:
     """``GET /rest/instance/{key}``: ``connected`` only when the live state is ``open`` (no ``user`` otherwise)."""
     if inst.live_state == "open":
-        return {"error": False,
-                "instance": {"status": "connected", "user": {"id": inst.owner_jid, "name": inst.profile_name}}}
+        return {
+            "error": False,
+            "instance": {"status": "connected", "user": {"id": inst.owner_jid, "name": inst.profile_name}},
+        }
     return {"error": False, "instance": {"status": "disconnected"}}
 
 
 def connection_update_data(change: StateChange) -> dict[str, Any] | None:
     """Evolution ``connection.update`` data; None for a reconnectable close, which Evolution never sends."""
     if change.new == "open":
-        return {"instance": change.name, "state": "open", "statusReason": 200, "wuid": change.owner_jid,
-                "profileName": change.profile_name, "profilePictureUrl": change.profile_pic_url}
+        return {
+            "instance": change.name,
+            "state": "open",
+            "statusReason": 200,
+            "wuid": change.owner_jid,
+            "profileName": change.profile_name,
+            "profilePictureUrl": change.profile_pic_url,
+        }
     if change.new == "connecting":
         return {"instance": change.name, "state": "connecting", "statusReason": 200}
     if change.new == "refused":
-        return {"instance": change.name, "state": "refused", "statusReason": change.reason_code or 428,
-                "wuid": change.owner_jid, "profileName": change.profile_name,
-                "profilePictureUrl": change.profile_pic_url}
+        return {
+            "instance": change.name,
+            "state": "refused",
+            "statusReason": change.reason_code or 428,
+            "wuid": change.owner_jid,
+            "profileName": change.profile_name,
+            "profilePictureUrl": change.profile_pic_url,
+        }
     if change.reason_code in NON_RECONNECTABLE_CODES:
         return {"instance": change.name, "state": "close", "statusReason": change.reason_code}
     return None
@@ -155,27 +198,49 @@ def qrcode_updated_data(qr: QrEmitted) -> dict[str, Any]:
 def megaapi_connection_update(change: StateChange, *, variant: int) -> dict[str, Any]:
     """MegaAPI ``connection_update``: variant 0 = official sample shape, 1 = the 2026 ``phone_*`` shape."""
     if variant == 0:
-        return {"instance_key": change.name, "messageType": "connection_update",
-                "connection_state": "close" if change.new == "refused" else change.new,
-                "timestamp": int(change.at.timestamp()),
-                "closeReason": None if change.new == "open" else change.reason_code}
-    return {"messageType": "connection_update",
-            "message": "phone_connected" if change.new == "open" else "phone_disconnected",
-            "jid": change.owner_jid, "pushName": change.profile_name, "instance_key": change.name}
+        return {
+            "instance_key": change.name,
+            "messageType": "connection_update",
+            "connection_state": "close" if change.new == "refused" else change.new,
+            "timestamp": int(change.at.timestamp()),
+            "closeReason": None if change.new == "open" else change.reason_code,
+        }
+    return {
+        "messageType": "connection_update",
+        "message": "phone_connected" if change.new == "open" else "phone_disconnected",
+        "jid": change.owner_jid,
+        "pushName": change.profile_name,
+        "instance_key": change.name,
+    }
 
 
 def sim_instance(inst: SimInstance) -> dict[str, Any]:
     """The whole simulator record of an instance (control routes)."""
     return {
-        "name": inst.name, "provider": inst.provider, "instance_id": inst.instance_id, "token": inst.token,
-        "live_state": inst.live_state, "column_state": inst.column_state, "owner_jid": inst.owner_jid,
-        "profile_name": inst.profile_name, "qr_count": inst.qr_count,
-        "disconnection_reason_code": inst.disconnection_reason_code, "paired": inst.paired,
-        "created_at": iso(inst.created_at), "updated_at": iso(inst.updated_at),
+        "name": inst.name,
+        "provider": inst.provider,
+        "instance_id": inst.instance_id,
+        "token": inst.token,
+        "live_state": inst.live_state,
+        "column_state": inst.column_state,
+        "owner_jid": inst.owner_jid,
+        "profile_name": inst.profile_name,
+        "qr_count": inst.qr_count,
+        "disconnection_reason_code": inst.disconnection_reason_code,
+        "paired": inst.paired,
+        "created_at": iso(inst.created_at),
+        "updated_at": iso(inst.updated_at),
     }
 
 
 def state_change(change: StateChange) -> dict[str, Any]:
     """A change as JSON (control routes)."""
-    return {"name": change.name, "provider": change.provider, "old": change.old, "new": change.new,
-            "reason_code": change.reason_code, "column": change.column, "at": iso(change.at)}
+    return {
+        "name": change.name,
+        "provider": change.provider,
+        "old": change.old,
+        "new": change.new,
+        "reason_code": change.reason_code,
+        "column": change.column,
+        "at": iso(change.at),
+    }

@@ -47,15 +47,13 @@ RECONNECTABLE_CODES = (408, 428, 440, 515)
 QR_LIMIT_REASON = 428
 
 PNG_1X1 = (
-    "data:image/png;base64,"
-    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAQAAAC1HAwCAAAAC0lEQVR42mNkYAAAAAYAAjCB0C8AAAAASUVORK5CYII="
+    "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAQAAAC1HAwCAAAAC0lEQVR42mNkYAAAAAYAAjCB0C8AAAAASUVORK5CYII="
 )
 _UUID_CLEAR = ~((0xC000 << 48) | (0xF000 << 64))
 _UUID_V4 = (0x8000 << 48) | (4 << 76)
 _PAIRING_ALPHABET = "123456789ABCDEFGHJKLMNPQRSTVWXYZ"
 _QR_ALPHABET = string.ascii_letters + string.digits + "+/"
-_FIRST_NAMES = ("Ana", "Bruno", "Carla", "Diego", "Elisa", "Fábio", "Gabi", "Heitor", "Iara", "João", "Lia",
-                "Marcos")
+_FIRST_NAMES = ("Ana", "Bruno", "Carla", "Diego", "Elisa", "Fábio", "Gabi", "Heitor", "Iara", "João", "Lia", "Marcos")
 _BUSINESSES = ("Padaria", "Clínica", "Oficina", "Loja", "Studio", "Mercado", "Pet Shop", "Imobiliária", "Escola")
 
 
@@ -151,8 +149,16 @@ class SimInstance:
 
     def row_key(self) -> tuple[Any, ...]:
         """The persisted row's fields that change over time (Evolution writes ``updatedAt`` when they do)."""
-        return (self.column_state, self.owner_jid, self.profile_name, self.profile_pic_url,
-                self.number, self.token, self.disconnection_reason_code, self.disconnection_at)
+        return (
+            self.column_state,
+            self.owner_jid,
+            self.profile_name,
+            self.profile_pic_url,
+            self.number,
+            self.token,
+            self.disconnection_reason_code,
+            self.disconnection_at,
+        )
 
     @property
     def paired(self) -> bool:
@@ -320,8 +326,9 @@ class SimulatorState:
             created_at=now,
             updated_at=now,
             integration=integration,
-            profile_name=(_BUSINESSES[int(draw() * len(_BUSINESSES))] + " "
-                          + _FIRST_NAMES[int(draw() * len(_FIRST_NAMES))]),
+            profile_name=(
+                _BUSINESSES[int(draw() * len(_BUSINESSES))] + " " + _FIRST_NAMES[int(draw() * len(_FIRST_NAMES))]
+            ),
             message_count=int(draw() * 5000),
             contact_count=int(draw() * 300),
             chat_count=int(draw() * 120),
@@ -408,8 +415,12 @@ class SimulatorState:
                 return None
             cached = self._histories.get(name)
             if cached is None or cached[0] != spec:
-                built = History(spec, instance_id=inst.instance_id, owner_name=inst.profile_name,
-                                now=self._clock().replace(microsecond=0))
+                built = History(
+                    spec,
+                    instance_id=inst.instance_id,
+                    owner_name=inst.profile_name,
+                    now=self._clock().replace(microsecond=0),
+                )
                 cached = self._histories[name] = (spec, built)
             return cached[1]
 
@@ -490,8 +501,19 @@ class SimulatorState:
         inst.qr_count += 1
         if inst.qr_count > self.config.qrcode_limit:
             self._apply(inst, "refused", QR_LIMIT_REASON, events)
-            qr = QrEmitted(inst.name, inst.provider, None, None, None, inst.qr_count, now, limit_reached=True,
-                           owner_jid=inst.owner_jid, token=inst.token, webhook=inst.webhook)
+            qr = QrEmitted(
+                inst.name,
+                inst.provider,
+                None,
+                None,
+                None,
+                inst.qr_count,
+                now,
+                limit_reached=True,
+                owner_jid=inst.owner_jid,
+                token=inst.token,
+                webhook=inst.webhook,
+            )
             events.append(qr)
             return qr
         old, old_column, old_row = inst.live_state, inst.column_state, inst.row_key()
@@ -504,8 +526,18 @@ class SimulatorState:
             inst.updated_at = now
         if old != "connecting" or old_column != "connecting":
             events.append(self._change(inst, old, None, now))
-        qr = QrEmitted(inst.name, inst.provider, inst.qr_code, PNG_1X1, inst.pairing_code, inst.qr_count, now,
-                       owner_jid=inst.owner_jid, token=inst.token, webhook=inst.webhook)
+        qr = QrEmitted(
+            inst.name,
+            inst.provider,
+            inst.qr_code,
+            PNG_1X1,
+            inst.pairing_code,
+            inst.qr_count,
+            now,
+            owner_jid=inst.owner_jid,
+            token=inst.token,
+            webhook=inst.webhook,
+        )
         events.append(qr)
         return qr
 

@@ -232,9 +232,7 @@ class WebhookEmitter:
             url = f"{url}/{event_suffix(event)}"
         return await self._post(url, payload, {"User-Agent": EVOLUTION_USER_AGENT, **delivery_headers(self.headers)})
 
-    def _evolution_target(
-        self, hook: Mapping[str, Any] | None, event: str
-    ) -> tuple[str, str, dict[str, str]] | None:
+    def _evolution_target(self, hook: Mapping[str, Any] | None, event: str) -> tuple[str, str, dict[str, str]] | None:
         """(post URL, ``destination``, headers): the instance's own webhook if it has one, else the default."""
         if hook and hook.get("url") and hook.get("enabled", True):
             events = hook.get("events") or []

@@ -22,20 +22,26 @@ depends_on = None
 
 
 def upgrade() -> None:
-    op.create_index(
-        "ix_conversations_contact_last", "conversations", ["contact_id", "last_message_at"], unique=False
-    )
+    op.create_index("ix_conversations_contact_last", "conversations", ["contact_id", "last_message_at"], unique=False)
     op.drop_constraint("fk_messages_organization_id_organizations", "messages", type_="foreignkey")
     op.drop_constraint("fk_messages_instance_id_whatsapp_instances", "messages", type_="foreignkey")
 
 
 def downgrade() -> None:
     op.create_foreign_key(
-        "fk_messages_instance_id_whatsapp_instances", "messages", "whatsapp_instances", ["instance_id"], ["id"],
+        "fk_messages_instance_id_whatsapp_instances",
+        "messages",
+        "whatsapp_instances",
+        ["instance_id"],
+        ["id"],
         ondelete="CASCADE",
     )
     op.create_foreign_key(
-        "fk_messages_organization_id_organizations", "messages", "organizations", ["organization_id"], ["id"],
+        "fk_messages_organization_id_organizations",
+        "messages",
+        "organizations",
+        ["organization_id"],
+        ["id"],
         ondelete="CASCADE",
     )
     op.drop_index("ix_conversations_contact_last", table_name="conversations")
