@@ -10,10 +10,10 @@ from typing import Annotated
 from fastapi import Cookie, Depends, Header
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from core.errors import Forbidden, Unauthorized
+from core.settings import get_settings
 from db.engine import session_scope
 from db.repositories.organizations import Principal, principal_for_token
-from zapsync.errors import Forbidden, Unauthorized
-from zapsync.settings import get_settings
 
 
 async def get_session() -> AsyncIterator[AsyncSession]:

@@ -8,8 +8,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from gateways.base import GatewayError, GatewayNotSupported, GatewayTransientError
-from zapsync.errors import ZapsyncError
+from core.errors import GatewayError, GatewayNotSupported, GatewayTransientError, ZapsyncError
 
 log = logging.getLogger("zapsync.api")
 

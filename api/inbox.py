@@ -23,6 +23,12 @@ from typing import Any, Literal
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from core.domain import AppliedChange, ChatKind, GatewayMessage, Provider, StatusWrite
+from core.errors import FlowTriggerFailed
+from core.events import Kind
+from core.events import event as live_event
+from core.policies.imports import connection_key
+from core.settings import get_settings
 from db.engine import session_scope
 from db.repositories.conversations import (
     ContactInput,
@@ -37,15 +43,12 @@ from db.repositories.conversations import (
     instance_scope_by_name,
     upsert_contacts,
 )
-from db.repositories.instances import AppliedChange, StatusWrite, apply_status_writes
-from db.repositories.webhooks import lock_instance, store_event
-from gateways.base import ChatKind, GatewayMessage, Provider
-from gateways.webhooks import EventKind, WebhookEvent, dedupe_key, observation_time
-from tasks.imports import HISTORY_PROVIDERS, connection_key
-from zapsync.errors import FlowTriggerFailed
-from zapsync.notify import Kind, publish
-from zapsync.notify import event as live_event
-from zapsync.settings import get_settings
+from db.repositories.instances import apply_status_writes
+from db.repositories.live_events import publish
+from db.repositories.webhook_events import lock_instance, store_event
+from flows.runs import start_import
+from gateways.registry import client_class
+from gateways.webhook_payloads import EventKind, WebhookEvent, dedupe_key, observation_time
 
 log = logging.getLogger("zapsync.webhooks")
 
@@ -278,7 +281,7 @@ async def start_import_on_connect(_organization_id: uuid.UUID, event: WebhookEve
     The idempotency key names the connection (instance and connect time), so redelivered events, and a status
     sync that saw the same connection, start one run. It runs in the background: the gateway gets its 200 now.
     """
-    if result.outcome != "applied" or event.provider not in HISTORY_PROVIDERS:
+    if result.outcome != "applied" or not client_class(event.provider).supports_history:
         return
     for change in result.changes:
         if change.to_status == "connected":
@@ -291,8 +294,6 @@ async def start_import_on_connect(_organization_id: uuid.UUID, event: WebhookEve
 
 async def _start_import(instance_id: uuid.UUID, key: str) -> None:
     from prefect.settings import PREFECT_API_URL
-
-    from deployments.imports import start_import  # deployments import the flows, which import the tasks
 
     if not PREFECT_API_URL.value():  # no server a deployment could be served from; never start an ephemeral one
         log.info("[WEBHOOK] import of %s not started: no Prefect API configured", instance_id)

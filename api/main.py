@@ -16,16 +16,16 @@ from api.routes import (
     dashboard,
     events,
     flow_runs,
-    health,
-    health_monitor,
+    instance_health,
     instances,
     maintenance,
     metrics,
     organizations,
+    probes,
     webhooks,
 )
+from core.settings import get_settings
 from db.engine import check_migrated, dispose_engine
-from zapsync.settings import get_settings
 
 log = logging.getLogger("zapsync.api")
 
@@ -51,13 +51,13 @@ def create_app(*, check_database: bool = True) -> FastAPI:
     app.state.metrics = Metrics()
     install_error_handlers(app)
     for router in (
-        health.router,
+        probes.router,
         instances.router,
         webhooks.router,
         flow_runs.router,
         metrics.router,
         dashboard.router,
-        health_monitor.router,
+        instance_health.router,
         maintenance.router,
         organizations.router,
         events.router,

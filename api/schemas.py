@@ -8,8 +8,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from deployments.trigger import FlowRunRef
-from zapsync.reports import SyncReport
+from core.reports import SyncReport
+from flows.runs import FlowRunRef
 
 
 class SyncRequest(BaseModel):

@@ -153,7 +153,7 @@ def configure_gateway(provider: ProviderName, url: str, *, max_concurrency: int 
     The seeds' variables (``EVOLUTION_API_URL``/``EVOLUTION_API_KEY``, ``MEGA_API_HOST``/``MEGA_API_TOKEN``) by default;
     ``ZAPSYNC_GATEWAYS`` when ``max_concurrency`` is given, the only way to set a gateway's concurrency.
     """
-    from zapsync.settings import get_settings
+    from core.settings import get_settings
 
     for var in _GATEWAY_VARS:
         os.environ.pop(var, None)
@@ -209,9 +209,9 @@ def bench_database() -> Iterator[BenchDatabase]:
     if not os.environ.get("DATABASE_URL"):
         home = tempfile.mkdtemp(prefix="zapsync-bench-")
         os.environ["ZAPSYNC_HOME"] = home
+    from core.settings import get_settings
     from db.engine import database_url, safe_url, stop_embedded_postgres
     from db.migrate import upgrade
-    from zapsync.settings import get_settings
 
     get_settings.cache_clear()
     try:

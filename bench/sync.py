@@ -180,9 +180,9 @@ async def measure(
     options: SyncOptions, world: World, simulator: SimulatorProcess, database: BenchDatabase
 ) -> dict[str, Any]:
     """Seed the rows, time the apply-mode flow run(s), check each, then run the capped baseline."""
+    from core.settings import get_settings
     from db.engine import dispose_engine
     from flows.sync_status import sync_status
-    from zapsync.settings import get_settings
 
     runs: list[dict[str, Any]] = []
     try:

@@ -23,8 +23,8 @@ from sqlalchemy import URL, make_url, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
-from zapsync.errors import DatabaseNotMigrated, DatabaseUnavailable
-from zapsync.settings import get_settings
+from core.errors import DatabaseNotMigrated, DatabaseUnavailable
+from core.settings import get_settings
 
 log = logging.getLogger("zapsync.db")
 

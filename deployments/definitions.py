@@ -7,46 +7,30 @@ On-demand runs (API, CLI, webhooks) queue behind a small limit instead of being 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 from prefect.deployments.runner import EntrypointType, RunnerDeployment
 from prefect.schedules import Cron, Interval
 
-from flows.cleanup_sessions import FLOW_NAME as CLEANUP_FLOW
+from core.names import (
+    CLEANUP_ON_DEMAND,
+    CLEANUP_SCHEDULED,
+    CLOSE_ON_DEMAND,
+    CLOSE_SCHEDULED,
+    IMPORT_ON_DEMAND,
+    MONITOR_SCHEDULED,
+    SYNC_ON_DEMAND,
+    SYNC_SCHEDULED,
+)
+from core.settings import get_settings
 from flows.cleanup_sessions import cleanup_sessions
-from flows.close_inactive import FLOW_NAME as CLOSE_FLOW
 from flows.close_inactive import close_inactive_conversations
-from flows.import_conversations import FLOW_NAME as IMPORT_FLOW
 from flows.import_conversations import import_conversations
-from flows.monitor_health import FLOW_NAME as MONITOR_FLOW
 from flows.monitor_health import monitor_health
-from flows.sync_status import FLOW_NAME as SYNC_FLOW
 from flows.sync_status import sync_status
-from zapsync.settings import get_settings
 
 TAGS = ["zapsync"]
 
 
-@dataclass(frozen=True)
-class DeploymentName:
-    """`<flow>/<deployment>` as Prefect addresses it."""
-
-    flow: str
-    deployment: str
-
-    def __str__(self) -> str:
-        return f"{self.flow}/{self.deployment}"
-
-
-SYNC_SCHEDULED = DeploymentName(SYNC_FLOW, "scheduled")
-SYNC_ON_DEMAND = DeploymentName(SYNC_FLOW, "on-demand")
-CLEANUP_SCHEDULED = DeploymentName(CLEANUP_FLOW, "scheduled")
-CLEANUP_ON_DEMAND = DeploymentName(CLEANUP_FLOW, "on-demand")
-CLOSE_SCHEDULED = DeploymentName(CLOSE_FLOW, "scheduled")
-CLOSE_ON_DEMAND = DeploymentName(CLOSE_FLOW, "on-demand")
-MONITOR_SCHEDULED = DeploymentName(MONITOR_FLOW, "scheduled")
-IMPORT_ON_DEMAND = DeploymentName(IMPORT_FLOW, "on-demand")
 CLEANUP_CRON = "0 2 * * *"
 HOURLY_CRON = "0 * * * *"
 DAY, HOUR = 86_400, 3_600

@@ -13,19 +13,18 @@ from datetime import UTC, datetime, timedelta
 
 from prefect import flow
 
+from core.events import Kind, event
+from core.logs import run_logger
+from core.names import CLEANUP_FLOW
+from core.reports import CleanupReport
+from core.settings import get_settings
 from db.locks import try_advisory_lock
-from flows.reporting import organization_known, store_report
-from flows.sync_status import current_flow_run_id, late_by
+from db.repositories.live_events import publish_quietly
+from flows.guard import current_flow_run_id, late_by, organization_known, store_report
 from tasks.maintenance import prune_sessions, prune_table
-from zapsync.logs import run_logger
-from zapsync.notify import Kind, event, publish_quietly
-from zapsync.reports import CleanupReport
-from zapsync.settings import get_settings
-
-FLOW_NAME = "cleanup-sessions"
 
 
-@flow(name=FLOW_NAME, flow_run_name="cleanup-sessions dry_run={dry_run}", retries=1, retry_delay_seconds=30)
+@flow(name=CLEANUP_FLOW, flow_run_name="cleanup-sessions dry_run={dry_run}", retries=1, retry_delay_seconds=30)
 async def cleanup_sessions(
     organization_id: uuid.UUID | None = None,
     retention_days: int | None = None,
@@ -111,7 +110,7 @@ async def run_cleanup(report: CleanupReport, *, batch_size: int) -> None:
 async def _publish(report: CleanupReport, *, known: bool) -> None:
     """Store the report, show it in the Prefect UI, and tell an organization-scoped run's stream."""
     await store_report(
-        FLOW_NAME,
+        CLEANUP_FLOW,
         report,
         organization_id=report.organization_id if known else None,
         artifact_key="cleanup-sessions-report",
@@ -123,7 +122,7 @@ async def _publish(report: CleanupReport, *, known: bool) -> None:
                 event(
                     report.organization_id,
                     Kind.FLOW_RESULT,
-                    flow=FLOW_NAME,
+                    flow=CLEANUP_FLOW,
                     flow_run_id=report.flow_run_id,
                     dry_run=report.dry_run,
                     skipped=report.skipped,

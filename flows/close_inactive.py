@@ -19,29 +19,30 @@ from datetime import UTC, datetime, timedelta
 
 from prefect import flow
 
+from core.batching import chunks
+from core.events import Kind, event
+from core.logs import run_logger
+from core.names import CLOSE_FLOW
+from core.policies.inactivity import closing_message
+from core.reports import CloseInactiveReport, OrganizationClose
+from core.settings import get_settings
 from db.engine import session_scope
 from db.locks import try_advisory_lock
+from db.repositories.live_events import publish_quietly
 from db.repositories.maintenance import ClosePolicy, organizations_closing
-from flows.reporting import organization_known, store_report
-from flows.sync_status import chunks, current_flow_run_id, late_by
+from flows.guard import current_flow_run_id, late_by, organization_known, store_report
 from tasks.maintenance import (
     close_conversations,
-    closing_message,
     count_idle_conversations,
     count_waiting_conversations,
     select_idle_conversations,
 )
-from zapsync.logs import run_logger
-from zapsync.notify import Kind, event, publish_quietly
-from zapsync.reports import CloseInactiveReport, OrganizationClose
-from zapsync.settings import get_settings
 
-FLOW_NAME = "close-inactive-conversations"
 BeforeUpdate = Callable[[Sequence[int]], Awaitable[None]]
 """Called with the candidate ids between selection and update (a test seam)."""
 
 
-@flow(name=FLOW_NAME, flow_run_name="close-inactive dry_run={dry_run}", retries=1, retry_delay_seconds=30)
+@flow(name=CLOSE_FLOW, flow_run_name="close-inactive dry_run={dry_run}", retries=1, retry_delay_seconds=30)
 async def close_inactive_conversations(
     organization_id: uuid.UUID | None = None,
     dry_run: bool = False,
@@ -197,7 +198,7 @@ async def _close_rounds(
 async def _publish(report: CloseInactiveReport, *, known: bool) -> None:
     """Store the report, show it in the Prefect UI, and tell each organization that had work done."""
     await store_report(
-        FLOW_NAME,
+        CLOSE_FLOW,
         report,
         organization_id=report.organization_id if known else None,
         artifact_key="close-inactive-report",
@@ -208,7 +209,7 @@ async def _publish(report: CloseInactiveReport, *, known: bool) -> None:
             event(
                 o.organization_id,
                 Kind.FLOW_RESULT,
-                flow=FLOW_NAME,
+                flow=CLOSE_FLOW,
                 flow_run_id=report.flow_run_id,
                 dry_run=report.dry_run,
                 closed=o.closed,

@@ -24,15 +24,18 @@ from typing import Any
 from prefect import flow
 from prefect.artifacts import acreate_progress_artifact, aupdate_progress_artifact
 
+from core.logs import run_logger
+from core.names import IMPORT_FLOW
+from core.reports import ImportCounts, ImportReport
+from core.settings import get_settings
 from db.engine import session_scope
 from db.locks import try_advisory_lock
 from db.repositories.conversations import InstanceScope, instance_scope
-from db.repositories.imports import ImportRunRow, begin_import, finish_import, read_run
-from flows.reporting import store_report
-from flows.sync_status import current_flow_run_id
+from db.repositories.import_runs import ImportRunRow, begin_import, finish_import, read_run
+from flows.guard import current_flow_run_id, store_report
 from gateways.base import Gateway
 from gateways.registry import open_gateways
-from tasks.imports import (
+from tasks.import_pages import (
     ImportContext,
     finalize_import,
     import_chats_page,
@@ -40,14 +43,9 @@ from tasks.imports import (
     import_messages_page,
     load_targets,
 )
-from zapsync.import_report import ImportCounts, ImportReport
-from zapsync.logs import run_logger
-from zapsync.settings import get_settings
-
-FLOW_NAME = "import-conversations"
 
 
-@flow(name=FLOW_NAME, flow_run_name="import {instance_id}", retries=1, retry_delay_seconds=30, log_prints=False)
+@flow(name=IMPORT_FLOW, flow_run_name="import {instance_id}", retries=1, retry_delay_seconds=30, log_prints=False)
 async def import_conversations(
     instance_id: uuid.UUID,
     history_days: int | None = None,
@@ -288,7 +286,7 @@ class _Progress:
 async def _publish(report: ImportReport, scope: InstanceScope | None) -> None:
     """Store the report for the API and dashboard, and show it in the Prefect UI."""
     await store_report(
-        FLOW_NAME,
+        IMPORT_FLOW,
         report,
         organization_id=scope.organization_id if scope else None,
         artifact_key="import-conversations-report",

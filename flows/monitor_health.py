@@ -19,24 +19,26 @@ from datetime import UTC, datetime
 
 from prefect import flow
 
+from core.batching import chunks
+from core.domain import HealthOutcome, InstanceRef, StatusObservation
+from core.logs import run_logger
+from core.names import MONITOR_FLOW
+from core.policies.health import HealthDecision
+from core.policies.status import pick_live_confirmations
+from core.reports import GatewayHealthSummary, HealthReport, HealthTransition
+from core.settings import get_settings
 from db.engine import session_scope
 from db.locks import try_advisory_lock
-from db.repositories.health import GatewayCheck, HealthOutcome, failing_instance_ids
-from db.repositories.instances import InstanceRef, load_instances
-from flows.reporting import store_report
-from flows.sync_status import BULK_PROVIDERS, chunks, current_flow_run_id, late_by
-from gateways.base import Gateway, StatusObservation
+from db.repositories.health import GatewayCheck, failing_instance_ids
+from db.repositories.instances import load_instances
+from flows.guard import current_flow_run_id, late_by, store_report
+from gateways.base import Gateway
 from gateways.registry import open_gateways
-from tasks.health import HealthDecision, reconnect, record_checks, record_gateways
-from tasks.status import observe_batch, pick_live_confirmations
-from zapsync.logs import run_logger
-from zapsync.reports import GatewayHealthSummary, HealthReport, HealthTransition
-from zapsync.settings import get_settings
-
-FLOW_NAME = "monitor-health"
+from tasks.instance_health import reconnect, record_checks, record_gateways
+from tasks.status import observe_batch
 
 
-@flow(name=FLOW_NAME, flow_run_name="monitor-health", retries=0, log_prints=False)
+@flow(name=MONITOR_FLOW, flow_run_name="monitor-health", retries=0, log_prints=False)
 async def monitor_health(late_after_seconds: int | None = None) -> HealthReport:
     """One health check of every instance (a run later than ``late_after_seconds`` skips: the next one covers it)."""
     log = run_logger("zapsync.health")
@@ -74,7 +76,7 @@ async def monitor_health(late_after_seconds: int | None = None) -> HealthReport:
 async def _observe(
     gateway: Gateway, refs: Sequence[InstanceRef], *, confirm: set[str], batch_size: int
 ) -> list[StatusObservation]:
-    batches = [refs] if gateway.provider in BULK_PROVIDERS else chunks(refs, batch_size)
+    batches = [refs] if gateway.bulk_states else chunks(refs, batch_size)
     results = await asyncio.gather(*(observe_batch(gateway, batch, confirm=confirm) for batch in batches))
     return [obs for batch in results for obs in batch]
 
@@ -220,5 +222,9 @@ async def _unconfigured(refs: Sequence[InstanceRef], name: str, at: datetime) ->
 async def _publish(report: HealthReport) -> None:
     """Store the report and show it in the Prefect UI (transitions went out as live events already)."""
     await store_report(
-        FLOW_NAME, report, organization_id=None, artifact_key="monitor-health-report", description="Health check report"
+        MONITOR_FLOW,
+        report,
+        organization_id=None,
+        artifact_key="monitor-health-report",
+        description="Health check report",
     )

@@ -10,55 +10,30 @@ from __future__ import annotations
 import asyncio
 import gc
 import time
-import uuid
 from collections import defaultdict
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Literal, TypeVar
+from typing import Literal
 
 from prefect import flow
-from prefect.runtime import flow_run
 from prefect.utilities.annotations import quote
 
+from core.batching import chunks
+from core.domain import AppliedChange, InstanceRef, StatusObservation
+from core.logs import run_logger
+from core.names import SYNC_FLOW
+from core.policies.status import diff_observations, pick_live_confirmations
+from core.reports import GatewaySummary, SyncReport, SyncScope, UnreachableInstance
+from core.settings import get_settings
 from db.engine import session_scope
 from db.locks import try_advisory_lock
-from db.repositories.instances import AppliedChange, InstanceRef, load_instances
-from flows.reporting import store_report
-from gateways.base import Gateway, Provider, StatusObservation
+from db.repositories.instances import load_instances
+from db.repositories.live_events import publish_status_changes
+from flows.guard import current_flow_run_id, late_by, store_report
+from flows.runs import start_pending_imports
+from gateways.base import Gateway
 from gateways.registry import open_gateways
-from tasks.imports import start_pending_imports
-from tasks.status import apply_batch, diff_observations, observe_batch, pick_live_confirmations
-from zapsync.logs import run_logger
-from zapsync.notify import publish_status_changes
-from zapsync.reports import GatewaySummary, SyncReport, SyncScope, UnreachableInstance
-from zapsync.settings import get_settings
-
-FLOW_NAME = "sync-status"
-BULK_PROVIDERS = frozenset({Provider.EVOLUTION})
-"""Providers whose one listing call covers every instance: observed in one task, not in batches."""
-
-
-T = TypeVar("T")
-
-
-def chunks(items: Sequence[T], size: int) -> list[Sequence[T]]:
-    """Split ``items`` into consecutive slices of at most ``size``."""
-    return [items[i : i + size] for i in range(0, len(items), size)]
-
-
-def current_flow_run_id() -> uuid.UUID | None:
-    """The running flow run's id, or None outside Prefect."""
-    run_id = flow_run.get_id()
-    return uuid.UUID(run_id) if run_id else None
-
-
-def late_by(limit_seconds: int | None) -> float | None:
-    """Seconds a scheduled run started past its slot, when that exceeds ``limit_seconds``."""
-    scheduled = flow_run.get_scheduled_start_time() if limit_seconds else None
-    if scheduled is None or limit_seconds is None:
-        return None
-    lateness = (datetime.now(UTC) - scheduled).total_seconds()
-    return lateness if lateness > limit_seconds else None
+from tasks.status import apply_batch, observe_batch
 
 
 async def _observe_gateway(
@@ -73,7 +48,7 @@ async def _observe_gateway(
 ) -> tuple[list[StatusObservation], set[str]]:
     begun = time.perf_counter()
     confirm = pick_live_confirmations(refs, force=force, budget=budget)
-    batches = [refs] if gateway.provider in BULK_PROVIDERS else chunks(refs, batch_size)
+    batches = [refs] if gateway.bulk_states else chunks(refs, batch_size)
     if as_tasks:  # quote(): Prefect would otherwise walk (and copy) every element of the arguments
         results = await asyncio.gather(
             *(observe_batch(gateway, quote(batch), confirm=quote(confirm)) for batch in batches)
@@ -89,7 +64,7 @@ async def _observe_gateway(
     return observations, confirm
 
 
-@flow(name=FLOW_NAME, flow_run_name="sync-status {mode}", retries=1, retry_delay_seconds=10, log_prints=False)
+@flow(name=SYNC_FLOW, flow_run_name="sync-status {mode}", retries=1, retry_delay_seconds=10, log_prints=False)
 async def sync_status(
     scope: SyncScope | None = None,
     mode: Literal["check", "apply"] = "apply",
@@ -246,7 +221,7 @@ async def run_sync(report: SyncReport, *, force: bool, batch_size: int, budget: 
 async def _publish(report: SyncReport) -> None:
     """Store the report for the API and dashboard, and show it in the Prefect UI."""
     await store_report(
-        FLOW_NAME,
+        SYNC_FLOW,
         report,
         organization_id=report.scope.organization_id,
         artifact_key="sync-status-report",

@@ -12,23 +12,22 @@ import msgspec
 from pydantic import TypeAdapter, ValidationError
 from typing_extensions import TypedDict
 
-from gateways.base import (
+from core.domain import (
     ConnectResult,
     GatewayChat,
     GatewayContact,
-    GatewayError,
     GatewayMessage,
-    GatewayNotFound,
-    GatewayRequestError,
     InstanceStatus,
     MessagePage,
     Provider,
     StatusObservation,
 )
+from core.errors import GatewayError, GatewayNotFound, GatewayRequestError
+from core.phones import phone_from_jid
 from gateways.http import HttpGateway
 from gateways.messages import MalformedMessage, from_baileys
 from gateways.resilience import BreakerPolicy, RetryPolicy
-from gateways.status import LOGGED_OUT_CODES, from_evolution, phone_from_jid
+from gateways.status import LOGGED_OUT_CODES, from_evolution
 
 MISSING_AT_GATEWAY = "instance not found at the gateway"
 
@@ -38,6 +37,8 @@ class EvolutionGateway(HttpGateway):
 
     provider = Provider.EVOLUTION
     supports_history = True
+    bulk_states = True
+    """One listing call observes every instance (observed in one task, not in batches)."""
 
     def __init__(
         self,

@@ -11,7 +11,7 @@ import httpx
 import orjson
 from pydantic import TypeAdapter, ValidationError
 
-from gateways.base import GatewayRequestError
+from core.errors import GatewayRequestError
 from gateways.resilience import (
     BREAKER_STATES,
     BreakerPolicy,

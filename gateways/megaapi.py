@@ -13,21 +13,20 @@ from typing import NoReturn
 
 import httpx
 
-from gateways.base import (
+from core.domain import (
     ConnectResult,
     GatewayChat,
     GatewayContact,
-    GatewayError,
-    GatewayNotFound,
-    GatewayNotSupported,
     InstanceStatus,
     MessagePage,
     Provider,
     StatusObservation,
 )
+from core.errors import GatewayError, GatewayNotFound, GatewayNotSupported
+from core.phones import phone_from_jid
 from gateways.http import HttpGateway
 from gateways.resilience import BreakerPolicy, RetryPolicy
-from gateways.status import from_megaapi, phone_from_jid
+from gateways.status import from_megaapi
 
 
 class MegaApiGateway(HttpGateway):
@@ -35,6 +34,8 @@ class MegaApiGateway(HttpGateway):
 
     provider = Provider.MEGAAPI
     supports_history = False
+    bulk_states = False
+    """One listing call observes every instance (observed in one task, not in batches)."""
 
     def __init__(
         self,

@@ -13,7 +13,7 @@ from typing import Any, NotRequired
 
 from typing_extensions import TypedDict
 
-from gateways.base import GatewayMessage
+from core.domain import STATUS_RANK, GatewayMessage
 
 
 class BaileysKey(TypedDict):
@@ -39,11 +39,6 @@ class BaileysMessage(TypedDict):
     status: NotRequired[Any]
     MessageUpdate: NotRequired[Any]
 
-
-STATUS_ORDER = ("failed", "pending", "sent", "delivered", "read", "played", "deleted")
-"""Message statuses from least to most advanced (Baileys' ERROR < PENDING < SERVER_ACK < DELIVERY_ACK < READ <
-PLAYED); a receipt never moves a message backwards, and nothing but a deletion follows `deleted`."""
-STATUS_RANK = {status: rank for rank, status in enumerate(STATUS_ORDER)}
 
 _STATUS: dict[Any, str] = {
     "ERROR": "failed",

@@ -7,11 +7,13 @@ from contextlib import asynccontextmanager
 
 import httpx
 
-from gateways.base import Gateway, GatewayNotSupported, Provider
+from core.domain import Provider
+from core.errors import GatewayNotSupported
+from core.settings import GatewayConfig, Settings, get_settings
+from gateways.base import Gateway
 from gateways.evolution import EvolutionGateway
 from gateways.megaapi import MegaApiGateway
 from gateways.resilience import BreakerPolicy, RetryPolicy
-from zapsync.settings import GatewayConfig, Settings, get_settings
 
 
 def build_gateway(
@@ -43,11 +45,31 @@ def build_gateway(
         "retry": retry,
         "breaker": breaker,
     }
-    if config.provider is Provider.EVOLUTION:
-        return EvolutionGateway(**common)
-    if config.provider is Provider.MEGAAPI:
-        return MegaApiGateway(**common)
-    raise GatewayNotSupported(f"gateway {name!r}: provider {config.provider} has no client yet", gateway=name)
+    return client_class(config.provider, name=name)(**common)
+
+
+_CLIENTS: dict[Provider, type[EvolutionGateway] | type[MegaApiGateway]] = {
+    Provider.EVOLUTION: EvolutionGateway,
+    Provider.MEGAAPI: MegaApiGateway,
+}
+
+
+def client_class(provider: Provider, *, name: str = "") -> type[EvolutionGateway] | type[MegaApiGateway]:
+    """The client class of ``provider``: what it can do is asked of it (``supports_history``, ``bulk_states``)."""
+    try:
+        return _CLIENTS[provider]
+    except KeyError:
+        raise GatewayNotSupported(f"gateway {name!r}: provider {provider} has no client yet", gateway=name) from None
+
+
+def history_gateways(settings: Settings | None = None) -> list[str]:
+    """Configured gateways whose client can read history (imports)."""
+    configs = (settings or get_settings()).gateways()
+    return [
+        name
+        for name, config in configs.items()
+        if config.provider in _CLIENTS and _CLIENTS[config.provider].supports_history
+    ]
 
 
 @asynccontextmanager

@@ -18,7 +18,7 @@ import httpx
 from circuitbreaker import STATE_CLOSED, STATE_HALF_OPEN, STATE_OPEN, CircuitBreaker
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
-from gateways.base import (
+from core.errors import (
     GatewayAuthError,
     GatewayError,
     GatewayNotFound,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gateways.base import InstanceStatus
+from core.domain import InstanceStatus
 
 _EVOLUTION = {
     "open": InstanceStatus.CONNECTED,
@@ -42,12 +42,3 @@ def from_waha(status: str | None) -> InstanceStatus | None:
 def from_megaapi(status: str | None) -> InstanceStatus:
     """MegaAPI: `connected` is connected; anything else is disconnected."""
     return InstanceStatus.CONNECTED if (status or "").lower() in _MEGAAPI_CONNECTED else InstanceStatus.DISCONNECTED
-
-
-def phone_from_jid(jid: str | None) -> str | None:
-    """Digits of a WhatsApp jid (`5511999990000@s.whatsapp.net`, `...:12@s.whatsapp.net`, `...@c.us`)."""
-    if not jid:
-        return None
-    user = jid.split("@", 1)[0].split(":", 1)[0]
-    digits = "".join(ch for ch in user if ch.isdigit())
-    return digits or None

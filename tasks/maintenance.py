@@ -9,7 +9,9 @@ from datetime import datetime, timedelta
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from core.events import Kind, event
 from db.engine import session_scope
+from db.repositories.live_events import publish
 from db.repositories.maintenance import (
     ClosedConversation,
     ClosePolicy,
@@ -25,7 +27,6 @@ from db.repositories.maintenance import (
     select_idle,
     session_retention_groups,
 )
-from zapsync.notify import Kind, event, publish
 
 # -- cleanup ------------------------------------------------------------------------------------------------------
 
@@ -82,16 +83,6 @@ async def prune_table(
 
 
 # -- inactive conversations ---------------------------------------------------------------------------------------
-
-
-def closing_message(inactivity_hours: int) -> str:
-    """The system message left in a conversation closed for inactivity (days when the hours make whole days)."""
-    if inactivity_hours % 24 == 0:
-        days = inactivity_hours // 24
-        span = f"{days} day{'s' if days != 1 else ''}"
-    else:
-        span = f"{inactivity_hours} hour{'s' if inactivity_hours != 1 else ''}"
-    return f"Conversation closed automatically after {span} of inactivity."
 
 
 @task(name="count-idle-conversations", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[1, 5])

@@ -39,11 +39,11 @@ import httpx  # noqa: E402
 import pytest  # noqa: E402
 from sqlalchemy import text  # noqa: E402
 
+from core.settings import get_settings  # noqa: E402
 from db.engine import database_url, dispose_engine, session_scope  # noqa: E402
 from db.migrate import upgrade  # noqa: E402
 from gateways.simulator import SimulatorState  # noqa: E402
 from gateways.simulator.server import SimulatorServer  # noqa: E402
-from zapsync.settings import get_settings  # noqa: E402
 
 SIM_EVOLUTION_KEY = "sim-evolution-key"
 SIM_MEGAAPI_TOKEN = "sim-megaapi-token"

@@ -7,7 +7,7 @@ import uuid
 import httpx
 import pytest
 
-from deployments.trigger import wait_for_run
+from flows.runs import wait_for_run
 from tests.factories import auth_headers as org_token
 from tests.factories import count, instance_row, make_instance, make_organization
 

@@ -7,11 +7,11 @@ from collections.abc import Iterator
 import pytest
 from sqlalchemy import text
 
+from core.settings import get_settings
 from db.engine import session_scope
 from flows.cleanup_sessions import cleanup_sessions
 from tests.factories import count, make_instance, make_organization
 from tests.maintenance_rows import add_session, ago, set_org
-from zapsync.settings import get_settings
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 

@@ -30,11 +30,11 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from typer.testing import CliRunner
 
+from core.settings import get_settings
 from db.migrate import head_revision
 from db.repositories.organizations import Principal, principal_for_token
 from gateways.simulator import SimulatorServer, SimulatorState
 from zapsync import cli, prefect_env
-from zapsync.settings import get_settings
 from zapsync.stack import adopt_demo_gateway, run_async
 
 ZAPSYNC = [sys.executable, "-m", "zapsync.cli"]

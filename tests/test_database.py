@@ -10,9 +10,9 @@ import psycopg
 import pytest
 from sqlalchemy import make_url
 
+from core.errors import DatabaseNotMigrated
+from core.settings import get_settings
 from db.engine import check_migrated, database_url
-from zapsync.errors import DatabaseNotMigrated
-from zapsync.settings import get_settings
 
 
 def test_a_second_process_shares_the_running_embedded_server() -> None:

@@ -11,10 +11,11 @@ import httpx
 import pytest
 
 from api.main import create_app
+from core.events import event
+from db.repositories.live_events import publish
 from gateways.simulator.server import SimulatorServer
 from tests.factories import make_instance, make_organization
 from tests.maintenance_rows import org_token
-from zapsync.notify import event, publish
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,11 @@ import httpx
 import pytest
 
 from api.main import create_app
+from core.domain import InstanceStatus, Provider
+from core.policies.health import reconnect_method
 from db.engine import session_scope
 from db.repositories.health import gateway_health
 from flows.monitor_health import monitor_health
-from gateways.base import InstanceStatus, Provider
-from tasks.health import reconnect_method
 from tests.factories import instance_row, make_instance, make_organization
 from tests.maintenance_rows import add_session, ago, live_events, org_token, set_org
 

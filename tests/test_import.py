@@ -11,13 +11,13 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
+from core.phones import phone_variants
+from core.settings import get_settings
 from db.engine import session_scope
 from db.locks import try_advisory_lock
 from flows.import_conversations import import_conversations
 from gateways.simulator.history import History
 from tests.factories import make_instance, make_organization
-from zapsync.phones import phone_variants
-from zapsync.settings import get_settings
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 

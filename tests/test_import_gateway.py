@@ -10,7 +10,9 @@ from datetime import UTC, datetime, timedelta
 import httpx
 import pytest
 
-from gateways.base import ChatKind, GatewayNotSupported, GatewayRequestError, iter_chats, iter_contacts, iter_messages
+from core.domain import ChatKind
+from core.errors import GatewayNotSupported, GatewayRequestError
+from gateways.base import iter_chats, iter_contacts, iter_messages
 from gateways.evolution import EvolutionGateway
 from gateways.megaapi import MegaApiGateway
 from gateways.messages import MalformedMessage, from_baileys

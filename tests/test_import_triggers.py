@@ -14,10 +14,10 @@ from prefect.client.schemas.objects import FlowRun
 from sqlalchemy import text
 
 from api.inbox import wait_for_import_starts
+from core.names import IMPORT_ON_DEMAND
 from db.engine import session_scope
-from db.repositories.imports import pending_imports
-from deployments.definitions import IMPORT_ON_DEMAND
-from deployments.trigger import wait_for_run
+from db.repositories.import_runs import pending_imports
+from flows.runs import wait_for_run
 from flows.sync_status import sync_status
 from tests.factories import count, make_instance, make_organization
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from core.events import NewLiveEvent
 from db.engine import session_scope
-from db.repositories.live_events import NewLiveEvent, insert_events
+from db.repositories.live_events import insert_events
 from tests.factories import count, make_organization
 
 

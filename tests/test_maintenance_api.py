@@ -7,7 +7,7 @@ import uuid
 import httpx
 import pytest
 
-from deployments.trigger import wait_for_run
+from flows.runs import wait_for_run
 from tests.factories import count, make_instance, make_organization
 from tests.maintenance_rows import add_conversation, add_session, ago, conversation, org_token
 

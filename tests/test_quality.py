@@ -40,8 +40,8 @@ def test_prefect_yaml_declares_every_served_deployment() -> None:
 
 @pytest.mark.usefixtures("simulator")
 async def test_secrets_never_reach_the_logs(caplog: pytest.LogCaptureFixture) -> None:
+    from core.reports import SyncScope
     from flows.sync_status import check_status
-    from zapsync.reports import SyncScope
 
     caplog.set_level(logging.DEBUG)
     from tests.factories import make_instance, make_organization

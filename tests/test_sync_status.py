@@ -9,12 +9,12 @@ import httpx
 import pytest
 from sqlalchemy import text
 
+from core.reports import SyncScope
 from db.engine import session_scope
 from flows.sync_status import check_status, sync_status
 from gateways.megaapi import MegaApiGateway
 from gateways.resilience import BreakerPolicy, RetryPolicy
 from tests.factories import count, history, instance_row, make_instance, make_organization
-from zapsync.reports import SyncScope
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 

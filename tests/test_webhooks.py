@@ -9,11 +9,11 @@ import httpx
 import orjson
 import pytest
 
-from db.repositories.instances import InstanceRef
-from flows.sync_status import chunks
-from gateways.base import InstanceStatus
+from core.batching import chunks
+from core.domain import InstanceRef, InstanceStatus
+from core.policies.status import diff_observations
 from gateways.registry import open_gateways
-from tasks.status import apply_batch, diff_observations, observe_batch
+from tasks.status import apply_batch, observe_batch
 from tests.factories import count, history, instance_row, make_instance, make_organization
 
 

@@ -31,11 +31,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from core.errors import DatabaseNotMigrated, DatabaseUnavailable, GatewayError, InvalidInput, NotFound, ZapsyncError
+from core.settings import get_settings
 from db.engine import current_revision
-from gateways.base import GatewayError
-from zapsync.errors import DatabaseNotMigrated, DatabaseUnavailable, InvalidInput, NotFound, ZapsyncError
 from zapsync.prefect_env import configure_prefect_env, prefect_healthy
-from zapsync.settings import get_settings
 from zapsync.stack import (
     DEFAULT_POLL_FREQUENCY,
     StackError,
@@ -491,8 +490,8 @@ def sync(
 ) -> None:
     """Run the sync_status flow here (a real Prefect flow run) and print its report; exit 1 if the run failed."""
     with flow_command():
+        from core.reports import SyncScope
         from flows.sync_status import sync_status
-        from zapsync.reports import SyncScope
 
         scope = SyncScope(organization_id=org, instance_id=instance)
         _run_flow_here(
@@ -526,7 +525,7 @@ def _run_flow_here(
     **parameters: Any,
 ) -> Any:
     """Run a flow in this process (a real Prefect flow run), print its report and return it; fail with a sentence."""
-    from deployments.trigger import ui_url
+    from flows.runs import ui_url
 
     async def go() -> tuple[Any, Any]:
         state = await flow(**parameters, return_state=True)
@@ -626,9 +625,9 @@ def simulator(
     """Run the gateway simulator (Evolution API v2 and MegaAPI contracts) with seeded instances."""
     import asyncio
 
+    from core.logs import configure_logging
     from gateways.simulator.state import SimulatorConfig
     from zapsync.demo import run_simulator
-    from zapsync.logs import configure_logging
 
     with expected_errors():
         check_ports(host, [(port, "simulator", "--port")])
@@ -679,7 +678,7 @@ def api(
         check_ports(host, [(port, "API", "--port")])
         ensure_migrated()
     from api.main import create_app
-    from zapsync.logs import configure_logging
+    from core.logs import configure_logging
 
     configure_logging("INFO")
     _quiet_signals()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 
-from zapsync.settings import get_settings
+from core.settings import get_settings
 
 DEFAULT_PREFECT_PORT = 4200
 LOCAL_HOST = "127.0.0.1"

@@ -34,6 +34,8 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
+from core.errors import DatabaseNotMigrated, DatabaseUnavailable, PortInUse, StackError
+from core.settings import get_settings
 from zapsync.demo import (
     DEMO_GATEWAY,
     DEMO_INSTANCES,
@@ -42,9 +44,7 @@ from zapsync.demo import (
     ensure_demo_organization,
     write_private,
 )
-from zapsync.errors import DatabaseNotMigrated, DatabaseUnavailable, ZapsyncError
 from zapsync.prefect_env import STACK_FILE, prefect_healthy, read_stack, stack_file
-from zapsync.settings import get_settings
 
 HOST = "127.0.0.1"
 ADMIN_TOKEN_FILE = "admin_token"
@@ -62,25 +62,6 @@ PREFECT_SERVER_ENV = {
     "PREFECT_SERVER_LOGGING_LEVEL": "WARNING",
 }
 T = TypeVar("T")
-
-
-class StackError(ZapsyncError):
-    """The stack could not start or a part of it died; the CLI exits with :attr:`exit_code`."""
-
-    exit_code = 1
-
-    def __init__(self, message: str, *, exit_code: int | None = None, detail: str = "") -> None:
-        super().__init__(message)
-        self.detail = detail
-        """More lines shown after the sentence (a dead child's last log lines)."""
-        if exit_code is not None:
-            self.exit_code = exit_code
-
-
-class PortInUse(StackError):
-    """A port the stack needs is taken (checked before anything starts)."""
-
-    exit_code = 2
 
 
 class AlreadyRunning(StackError):

@@ -15,6 +15,11 @@ from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
 
 from api.deps import BriefPrincipalDep, PrincipalDep, SessionDep, scoped_organization
+from core.domain import GatewayChat
+from core.errors import GatewayError, InvalidInput, NotFound
+from core.names import IMPORT_ON_DEMAND
+from core.reports import ImportReport
+from core.settings import get_settings
 from db.engine import session_scope
 from db.repositories.conversations import (
     InstanceScope,
@@ -27,14 +32,8 @@ from db.repositories.conversations import (
     list_messages,
 )
 from db.repositories.reports import report_for_run
-from deployments.definitions import IMPORT_ON_DEMAND
-from deployments.imports import start_import
-from deployments.trigger import FlowRunRef, wait_for_run
-from gateways.base import GatewayChat, GatewayError
+from flows.runs import FlowRunRef, start_import, wait_for_run
 from gateways.registry import open_gateways
-from zapsync.errors import InvalidInput, NotFound
-from zapsync.import_report import ImportReport
-from zapsync.settings import get_settings
 
 router = APIRouter(tags=["conversations"])
 

@@ -10,11 +10,11 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
 from api.deps import SESSION_COOKIE, SessionDep, get_principal
+from core.errors import Unauthorized
+from core.names import SYNC_FLOW
 from db.repositories.dashboard import instances_overview, recent_conversations, status_counts
 from db.repositories.reports import latest_report
-from deployments.trigger import ui_url
-from flows.sync_status import FLOW_NAME as SYNC_FLOW
-from zapsync.errors import Unauthorized
+from flows.runs import ui_url
 
 router = APIRouter(include_in_schema=False)
 templates = Jinja2Templates(directory=Path(__file__).resolve().parents[1] / "templates")

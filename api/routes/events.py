@@ -24,6 +24,8 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from api.deps import BriefPrincipalDep, scoped_organization
 from api.inbox import HandlingResult
+from core.events import Kind, status_change_events
+from core.events import event as notify_event
 from db.engine import session_scope
 from db.repositories.live_events import (
     StoredLiveEvent,
@@ -33,10 +35,9 @@ from db.repositories.live_events import (
     listener_conninfo,
     listening,
     parse_notification,
+    publish_quietly,
 )
-from gateways.webhooks import WebhookEvent
-from zapsync.notify import Kind, publish_quietly, status_change_events
-from zapsync.notify import event as notify_event
+from gateways.webhook_payloads import WebhookEvent
 
 log = logging.getLogger("zapsync.events")
 router = APIRouter(tags=["events"])

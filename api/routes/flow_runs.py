@@ -9,9 +9,9 @@ from fastapi import APIRouter
 from pydantic import BaseModel
 
 from api.deps import PrincipalDep, SessionDep
+from core.errors import NotFound
 from db.repositories.reports import report_for_run
-from deployments.trigger import FlowRunRef, read_run
-from zapsync.errors import NotFound
+from flows.runs import FlowRunRef, read_run
 
 router = APIRouter(prefix="/flow-runs", tags=["flow runs"])
 

@@ -14,15 +14,15 @@ from api.schemas import (
     StatusCheckResponse,
     SyncRequest,
 )
+from core.domain import UNREACHABLE
+from core.errors import NotFound
+from core.names import SYNC_ON_DEMAND
+from core.reports import SyncReport, SyncScope
 from db.engine import session_scope
 from db.repositories.instances import get_instance
 from db.repositories.reports import report_for_run
-from deployments.definitions import SYNC_ON_DEMAND
-from deployments.trigger import trigger, wait_for_run
+from flows.runs import start_run, wait_for_run
 from flows.sync_status import check_status
-from gateways.base import UNREACHABLE
-from zapsync.errors import NotFound
-from zapsync.reports import SyncReport, SyncScope
 
 router = APIRouter(prefix="/instances", tags=["instances"])
 
@@ -67,7 +67,7 @@ async def check_instances(
 async def start_sync(scope: SyncScope, request: SyncRequest, *, idempotency_key: str | None = None) -> FlowRunResponse:
     """Trigger the on-demand sync deployment and, when asked, wait for its report."""
     parameters = {"scope": scope.model_dump(mode="json"), "mode": request.mode, "force": request.force}
-    run = await trigger(SYNC_ON_DEMAND, parameters, idempotency_key=idempotency_key)
+    run = await start_run(SYNC_ON_DEMAND, parameters, idempotency_key=idempotency_key)
     report = None
     if request.wait:
         run = await wait_for_run(run.id, timeout=request.timeout_seconds, deployment=str(SYNC_ON_DEMAND))

@@ -9,13 +9,13 @@ from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
 from api.deps import BriefPrincipalDep, scoped_organization
+from core.errors import NotFound
+from core.names import CLEANUP_ON_DEMAND, CLOSE_ON_DEMAND, DeploymentName
+from core.reports import CleanupReport, CloseInactiveReport
 from db.engine import session_scope
 from db.repositories.organizations import organization_exists
 from db.repositories.reports import report_for_run
-from deployments.definitions import CLEANUP_ON_DEMAND, CLOSE_ON_DEMAND, DeploymentName
-from deployments.trigger import FlowRunRef, trigger, wait_for_run
-from zapsync.errors import NotFound
-from zapsync.reports import CleanupReport, CloseInactiveReport
+from flows.runs import FlowRunRef, start_run, wait_for_run
 
 router = APIRouter(prefix="/maintenance", tags=["maintenance"])
 
@@ -63,7 +63,7 @@ async def _run(
         async with session_scope() as session:
             if not await organization_exists(session, request.organization_id):
                 raise NotFound(f"no organization {request.organization_id}")
-    run = await trigger(deployment, parameters)
+    run = await start_run(deployment, parameters)
     if not request.wait:
         return run, None
     run = await wait_for_run(run.id, timeout=request.timeout_seconds, deployment=str(deployment))

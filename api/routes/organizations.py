@@ -9,8 +9,8 @@ from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
 from api.deps import PrincipalDep, SessionDep, scoped_organization
+from core.errors import InvalidInput, NotFound
 from db.repositories.organization_settings import read_settings, update_settings
-from zapsync.errors import InvalidInput, NotFound
 
 router = APIRouter(prefix="/organizations", tags=["organizations"])
 

@@ -17,21 +17,15 @@ from pydantic import BaseModel
 
 from api.deps import bearer
 from api.inbox import RepeatFilter, handle_event
+from core.domain import Provider
+from core.errors import InvalidInput, PayloadTooLarge, Unauthorized
+from core.settings import get_settings
 from db.engine import session_scope
 from db.repositories.organizations import webhook_secret_matches
-from gateways.base import Provider
-from gateways.webhooks import MalformedPayload, WebhookEvent, decode_json, parse_evolution, parse_megaapi
-from zapsync.errors import InvalidInput, Unauthorized, ZapsyncError
-from zapsync.settings import get_settings
+from gateways.webhook_payloads import MalformedPayload, WebhookEvent, decode_json, parse_evolution, parse_megaapi
 
 log = logging.getLogger("zapsync.webhooks")
 router = APIRouter(prefix="/webhooks", tags=["webhooks"])
-
-
-class PayloadTooLarge(ZapsyncError):
-    """The body is larger than the configured limit."""
-
-    status_code = 413
 
 
 class WebhookAck(BaseModel):

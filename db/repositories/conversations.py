@@ -30,10 +30,8 @@ import orjson
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from gateways.base import GatewayMessage
-from gateways.messages import STATUS_ORDER, STATUS_RANK
-from gateways.status import phone_from_jid
-from zapsync.phones import phone_variants
+from core.domain import STATUS_ORDER, STATUS_RANK, GatewayMessage
+from core.phones import phone_from_jid, phone_variants
 
 OPEN_STATUSES = ("waiting", "in_progress")
 _SEP, _NULL = "\x1f", "\x1e"

@@ -11,36 +11,7 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-
-@dataclass(frozen=True, slots=True)
-class HealthCheck:
-    """One instance's result in one health check."""
-
-    instance_id: uuid.UUID
-    ok: bool
-    health: str
-    checked_at: datetime
-
-
-@dataclass(frozen=True, slots=True)
-class HealthOutcome:
-    """An instance after its check was recorded, with what the monitor decides transitions from."""
-
-    instance_id: uuid.UUID
-    organization_id: uuid.UUID
-    user_id: str | None
-    gateway: str
-    instance_name: str
-    status: str
-    logged_out: bool
-    failures_before: int
-    failures: int
-    health_before: str
-    health: str
-    auto_reconnect: bool
-    paired: bool
-    """The instance had a WhatsApp session before (a phone number or a session row): reconnecting can work."""
-
+from core.domain import HealthCheck, HealthOutcome
 
 _RECORD_SQL = text("""
 WITH obs AS (

@@ -4,55 +4,12 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import datetime
 
 import orjson
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from gateways.base import InstanceStatus
-
-
-@dataclass(frozen=True, slots=True)
-class InstanceRef:
-    """What status sync needs to know about one instance row."""
-
-    id: uuid.UUID
-    organization_id: uuid.UUID
-    gateway: str
-    instance_name: str
-    status: InstanceStatus
-    status_observed_at: datetime | None
-    live_confirmed_at: datetime | None
-
-
-@dataclass(frozen=True, slots=True)
-class StatusWrite:
-    """One observation to apply to one instance row."""
-
-    instance_id: uuid.UUID
-    status: InstanceStatus
-    observed_at: datetime
-    reason: str | None = None
-    phone_number: str | None = None
-    profile_name: str | None = None
-    qr_code: str | None = None
-    live_confirmed: bool = False
-    logged_out: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class AppliedChange:
-    """A transition that was actually written (it won the newest-wins guard)."""
-
-    instance_id: uuid.UUID
-    organization_id: uuid.UUID
-    instance_name: str
-    from_status: str | None
-    to_status: str
-    observed_at: datetime
-    reason: str | None
+from core.domain import AppliedChange, InstanceRef, InstanceStatus, StatusWrite
 
 
 async def load_instances(

@@ -3,10 +3,15 @@
 The table is the source of truth (any process can write it; a client resumes from `Last-Event-ID`); the
 notification carries only ``<organization_id>:<id>[,<id>…]`` (NOTIFY payloads are capped at 8000 bytes), and
 listeners read the rows by id, so an event is delivered when its transaction commits, whatever its id order.
+
+Pass ``session`` to :func:`publish` to publish inside an ongoing unit of work (the event exists exactly when the
+change it reports was committed); without one, the event gets its own short transaction. Notifications that follow
+a change already committed use :func:`publish_quietly`: losing one must not fail the webhook or flow that made it.
 """
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -17,18 +22,16 @@ from typing import Any
 import orjson
 import psycopg
 from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from core.domain import AppliedChange
+from core.errors import DatabaseUnavailable
+from core.events import NewLiveEvent, status_change_events
+from db.engine import session_scope
+
 CHANNEL = "zapsync_events"
-
-
-@dataclass(frozen=True, slots=True)
-class NewLiveEvent:
-    """An event to publish to one organization's stream."""
-
-    organization_id: uuid.UUID
-    kind: str
-    payload: dict[str, Any]
+log = logging.getLogger("zapsync.notify")
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,3 +153,29 @@ async def listening(conninfo: str) -> AsyncIterator[psycopg.AsyncConnection[Any]
         yield conn
     finally:
         await conn.close()
+
+
+# -- publishing ------------------------------------------------------------------------------------------------
+
+
+async def publish(events: Sequence[NewLiveEvent], *, session: AsyncSession | None = None) -> list[int]:
+    """Store ``events`` and notify listeners on commit; returns their ids."""
+    if not events:
+        return []
+    if session is not None:
+        return await insert_events(session, events)
+    async with session_scope() as own:
+        return await insert_events(own, events)
+
+
+async def publish_quietly(events: Sequence[NewLiveEvent]) -> None:
+    """:func:`publish` after the fact: a database failure is logged, not raised."""
+    try:
+        await publish(events)
+    except (SQLAlchemyError, DatabaseUnavailable, OSError) as exc:
+        log.warning("live events not published (%d lost): %s", len(events), type(exc).__name__)
+
+
+async def publish_status_changes(changes: Sequence[AppliedChange], *, source: str) -> None:
+    """Announce written transitions (webhooks, sync) on their organizations' streams."""
+    await publish_quietly(status_change_events(changes, source=source))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from gateways.simulator.app import create_app
 from gateways.simulator.demo import run_demo
+from gateways.simulator.emitter import WebhookEmitter
 from gateways.simulator.history import History, HistorySpec
 from gateways.simulator.server import SimulatorServer
 from gateways.simulator.state import (
@@ -22,7 +23,6 @@ from gateways.simulator.state import (
     SimulatorState,
     StateChange,
 )
-from gateways.simulator.webhooks import WebhookEmitter
 
 __all__ = [
     "History",

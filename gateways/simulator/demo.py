@@ -6,8 +6,8 @@ import asyncio
 import contextlib
 import logging
 
+from gateways.simulator.emitter import WebhookEmitter
 from gateways.simulator.state import SimulatorState
-from gateways.simulator.webhooks import WebhookEmitter
 
 logger = logging.getLogger(__name__)
 

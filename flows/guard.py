@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from prefect.artifacts import acreate_markdown_artifact
+from prefect.runtime import flow_run
 
 from db.engine import session_scope
 from db.repositories.organizations import organization_exists
@@ -50,3 +51,18 @@ async def organization_known(organization_id: uuid.UUID) -> bool:
     """Whether an organization-scoped run names an organization that exists."""
     async with session_scope() as session:
         return await organization_exists(session, organization_id)
+
+
+def current_flow_run_id() -> uuid.UUID | None:
+    """The running flow run's id, or None outside Prefect."""
+    run_id = flow_run.get_id()
+    return uuid.UUID(run_id) if run_id else None
+
+
+def late_by(limit_seconds: int | None) -> float | None:
+    """Seconds a scheduled run started past its slot, when that exceeds ``limit_seconds``."""
+    scheduled = flow_run.get_scheduled_start_time() if limit_seconds else None
+    if scheduled is None or limit_seconds is None:
+        return None
+    lateness = (datetime.now(UTC) - scheduled).total_seconds()
+    return lateness if lateness > limit_seconds else None

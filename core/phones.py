@@ -38,3 +38,12 @@ def phone_variants(phone: str | None) -> tuple[str, ...]:
     with_nine, without_nine = f"{area}9{subscriber}", f"{area}{subscriber}"
     forms = [number, f"55{with_nine}", f"55{without_nine}", with_nine, without_nine]
     return tuple(dict.fromkeys(forms))
+
+
+def phone_from_jid(jid: str | None) -> str | None:
+    """Digits of a WhatsApp jid (`5511999990000@s.whatsapp.net`, `...:12@s.whatsapp.net`, `...@c.us`)."""
+    if not jid:
+        return None
+    user = jid.split("@", 1)[0].split(":", 1)[0]
+    digits = "".join(ch for ch in user if ch.isdigit())
+    return digits or None

@@ -9,10 +9,10 @@ from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
 from api.deps import PrincipalDep, SessionDep
+from core.errors import NotFound
+from core.policies.health import describe_issues
+from core.settings import get_settings
 from db.repositories.health import gateway_health, instance_health, uptime
-from tasks.health import describe_issues
-from zapsync.errors import NotFound
-from zapsync.settings import get_settings
 
 router = APIRouter(prefix="/instances", tags=["health"])
 WINDOWS = {"24h": timedelta(hours=24), "7d": timedelta(days=7), "30d": timedelta(days=30)}

@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import AliasChoices, BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from gateways.base import Provider
+from core.domain import Provider
 
 _ENV = SettingsConfigDict(env_file=".env", env_ignore_empty=True, extra="ignore")
 

@@ -9,11 +9,9 @@ writes exactly the rows an uninterrupted one would.
 
 from __future__ import annotations
 
-import asyncio
-import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from prefect import Task, task
@@ -21,6 +19,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import TaskRun
 from prefect.states import State
 
+from core.domain import ChatKind, GatewayMessage, chat_kind
+from core.errors import DatabaseUnavailable, GatewayTransientError
 from db.engine import session_scope
 from db.repositories.conversations import (
     ContactInput,
@@ -33,16 +33,11 @@ from db.repositories.conversations import (
     insert_messages,
     upsert_contacts,
 )
-from db.repositories.imports import Cursor, PendingImport, pending_imports, record_progress, relax_durability
-from gateways.base import ChatKind, Gateway, GatewayMessage, GatewayTransientError, Provider, chat_kind
-from zapsync.errors import DatabaseUnavailable, FlowTriggerFailed
-from zapsync.logs import run_logger
-from zapsync.settings import get_settings
+from db.repositories.import_runs import Cursor, record_progress, relax_durability
+from gateways.base import Gateway
 
 IMPORTED = "imported"
 """`close_reason` of conversations created closed by an import."""
-HISTORY_PROVIDERS = frozenset({Provider.EVOLUTION})
-"""Providers whose clients can read history (their `supports_history`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,72 +284,3 @@ async def finalize_import(ctx: ImportContext) -> int:
         fixed = await finalize_conversations(session, ctx.scope.id)
         await record_progress(session, ctx.run_id, counts={}, advance=advance)
     return fixed
-
-
-# -- starting imports ------------------------------------------------------------------------------------------
-
-
-def history_gateways() -> list[str]:
-    """Configured gateways whose provider can read history."""
-    return [name for name, config in get_settings().gateways().items() if config.provider in HISTORY_PROVIDERS]
-
-
-def connection_key(instance_id: uuid.UUID, connected_at: datetime) -> str:
-    """Names one connection of one instance (when its session began): at most one import per connection."""
-    return f"import:{instance_id}:{connected_at.astimezone(UTC).isoformat()}"
-
-
-@task(name="start-pending-imports", cache_policy=NO_CACHE, retries=0)
-async def start_pending_imports(
-    became_connected: list[uuid.UUID],
-    *,
-    organization_id: uuid.UUID | None = None,
-    instance_id: uuid.UUID | None = None,
-) -> int:
-    """After a status sync: start imports for connected instances whose current connection is not imported
-    (just connected, never imported, or the last import failed or died), those that just connected first.
-
-    Each start carries an idempotency key — the connection's, which a `connection.update` webhook for the same
-    connection also uses — so overlapping syncs and the webhook start one run. At most
-    ``import_starts_per_sync`` per sync (the rest stay pending for the next one); nothing is tried while the
-    import deployment is not registered, and a Prefect that cannot be reached is logged, not raised.
-    """
-    from deployments.imports import import_deployment_registered, start_import  # deployments import the flows
-
-    settings = get_settings()
-    log = run_logger("zapsync.imports")
-    gateways = history_gateways()
-    if not gateways or not await import_deployment_registered():
-        return 0
-    async with session_scope() as session:
-        pending = await pending_imports(
-            session,
-            gateways=gateways,
-            first=became_connected,
-            organization_id=organization_id,
-            instance_id=instance_id,
-            stale_minutes=settings.import_stale_minutes,
-            limit=settings.import_starts_per_sync,
-        )
-    hour = int(datetime.now(UTC).timestamp() // 3600)
-    semaphore = asyncio.Semaphore(8)
-
-    async def start(item: PendingImport) -> bool:
-        key = connection_key(item.instance_id, item.connected_at) if item.connected_at else None
-        # A retry of the same failed run at most once an hour; otherwise the connection's own key.
-        if item.reason == "unfinished" or key is None:
-            idempotency = f"import:{item.instance_id}:{item.run_id or 'initial'}:{hour}"
-        else:
-            idempotency = key
-        async with semaphore:
-            try:
-                await start_import(item.instance_id, trigger="sync", connection_key=key, idempotency_key=idempotency)
-            except FlowTriggerFailed as exc:
-                log.warning("[IMPORT] could not start the import of %s: %s", item.instance_id, exc.message)
-                return False
-        return True
-
-    started = sum(await asyncio.gather(*(start(item) for item in pending)))
-    if pending:
-        log.info("[SYNC] %d imports requested for %d connected instances not imported yet", started, len(pending))
-    return started

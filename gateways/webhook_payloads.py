@@ -16,9 +16,10 @@ from typing import Any
 
 import orjson
 
-from gateways.base import ChatKind, GatewayContact, GatewayMessage, InstanceStatus, Provider, chat_kind
+from core.domain import ChatKind, GatewayContact, GatewayMessage, InstanceStatus, Provider, chat_kind
+from core.phones import phone_from_jid
 from gateways.messages import MalformedMessage, from_baileys, status_from_wire
-from gateways.status import LOGGED_OUT_CODES, from_evolution, from_megaapi, phone_from_jid
+from gateways.status import LOGGED_OUT_CODES, from_evolution, from_megaapi
 
 
 class MalformedPayload(ValueError):

@@ -11,10 +11,10 @@ from fastapi import APIRouter, Header
 from api.deps import bearer
 from api.routes.instances import start_sync
 from api.schemas import FlowRunResponse, SyncRequest
+from core.errors import Unauthorized
+from core.reports import SyncScope
+from core.settings import get_settings
 from db.engine import check_migrated
-from zapsync.errors import Unauthorized
-from zapsync.reports import SyncScope
-from zapsync.settings import get_settings
 
 router = APIRouter(tags=["health"])
 

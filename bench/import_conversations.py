@@ -124,9 +124,9 @@ def bench_import(options: ImportOptions, out: IO[str]) -> None:
 
 async def measure(options: ImportOptions, name: str, simulator: SimulatorProcess) -> dict[str, Any]:
     """Insert the instance row, time one import flow run, check the rows."""
+    from core.settings import get_settings
     from db.engine import dispose_engine
     from flows.import_conversations import import_conversations
-    from zapsync.settings import get_settings
 
     try:
         instance_id = await insert_instance(name)

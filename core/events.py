@@ -1,0 +1,58 @@
+"""Live events: what `GET /events` streams; built here, published by ``db.repositories.live_events``."""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from core.domain import AppliedChange
+
+
+@dataclass(frozen=True, slots=True)
+class NewLiveEvent:
+    """An event to publish to one organization's stream."""
+
+    organization_id: uuid.UUID
+    kind: str
+    payload: dict[str, Any]
+
+
+class Kind(enum.StrEnum):
+    """Event kinds on the stream (the SSE `event:` field)."""
+
+    INSTANCE_STATUS = "instance.status"
+    INSTANCE_QR = "instance.qr"
+    MESSAGE_NEW = "message.new"
+    HEALTH_ALERT = "health.alert"
+    HEALTH_RECONNECT = "health.reconnect"
+    HEALTH_RECOVERED = "health.recovered"
+    GATEWAY_UNHEALTHY = "gateway.unhealthy"
+    GATEWAY_RECOVERED = "gateway.recovered"
+    CONVERSATIONS_CLOSED = "conversations.closed"
+    FLOW_RESULT = "flow.result"
+
+
+def event(organization_id: uuid.UUID, kind: Kind | str, **payload: Any) -> NewLiveEvent:
+    """One event for one organization's stream."""
+    return NewLiveEvent(organization_id=organization_id, kind=str(kind), payload=payload)
+
+
+def status_change_events(changes: Sequence[AppliedChange], *, source: str) -> list[NewLiveEvent]:
+    """`instance.status` events for transitions that were written."""
+    return [
+        event(
+            c.organization_id,
+            Kind.INSTANCE_STATUS,
+            instance_id=str(c.instance_id),
+            instance_name=c.instance_name,
+            from_status=c.from_status,
+            to_status=c.to_status,
+            reason=c.reason,
+            source=source,
+            observed_at=c.observed_at.isoformat(),
+        )
+        for c in changes
+    ]
