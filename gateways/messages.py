@@ -122,8 +122,9 @@ def _size(value: Any) -> int | None:
         return value
     if isinstance(value, str) and value.isdigit():
         return int(value)
-    if isinstance(value, dict) and isinstance(value.get("low"), int):
-        return (value["low"] & 0xFFFFFFFF) | (int(value.get("high") or 0) << 32)
+    low = value.get("low") if isinstance(value, dict) else None
+    if isinstance(low, int):
+        return (low & 0xFFFFFFFF) | (int(value.get("high") or 0) << 32)
     return None
 
 

@@ -35,17 +35,16 @@ def build_gateway(
         failure_threshold=settings.gateway_breaker_failures,
         recovery_seconds=settings.gateway_breaker_recovery_seconds,
     )
-    common = {
-        "name": name,
-        "base_url": config.url,
-        "api_key": config.api_key.get_secret_value(),
-        "timeout": timeout,
-        "max_concurrency": config.max_concurrency,
-        "transport": transport,
-        "retry": retry,
-        "breaker": breaker,
-    }
-    return client_class(config.provider, name=name)(**common)
+    return client_class(config.provider, name=name)(
+        name=name,
+        base_url=config.url,
+        api_key=config.api_key.get_secret_value(),
+        timeout=timeout,
+        max_concurrency=config.max_concurrency,
+        transport=transport,
+        retry=retry,
+        breaker=breaker,
+    )
 
 
 _CLIENTS: dict[Provider, type[EvolutionGateway] | type[MegaApiGateway]] = {

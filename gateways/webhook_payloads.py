@@ -12,7 +12,7 @@ import enum
 import hashlib
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypedDict
 
 import orjson
 
@@ -66,6 +66,15 @@ class WebhookEvent:
     """What makes a delivery the same event (instance, message key id, event[, status]); else the body decides."""
 
 
+class _Envelope(TypedDict):
+    """The fields every event of a delivery shares, spread into each :class:`WebhookEvent`."""
+
+    provider: Provider
+    event: str
+    instance_name: str | None
+    event_time: datetime | None
+
+
 def decode_json(body: bytes) -> dict[str, Any]:
     """The body as a JSON object, or MalformedPayload with the parser's reason."""
     if not body.strip():
@@ -98,7 +107,7 @@ def parse_evolution(payload: dict[str, Any], *, path_event: str | None = None) -
         raise MalformedPayload("'instance' must be the instance name")
     data = payload.get("data")
     event_time = _parse_time(payload.get("date_time"))
-    base = {"provider": Provider.EVOLUTION, "event": event, "instance_name": instance, "event_time": event_time}
+    base = _Envelope(provider=Provider.EVOLUTION, event=event, instance_name=instance, event_time=event_time)
 
     if event == "connection.update":
         if not instance:
@@ -172,7 +181,7 @@ def _message(event: str, raw: dict[str, Any]) -> GatewayMessage:
         raise MalformedPayload(f"{event}: {exc}") from exc
 
 
-def _evolution_messages(base: dict[str, Any], event: str, instance: str | None, data: Any) -> WebhookEvent:
+def _evolution_messages(base: _Envelope, event: str, instance: str | None, data: Any) -> WebhookEvent:
     if not instance:
         raise MalformedPayload(f"{event} without 'instance'")
     records = data if isinstance(data, list) else [data]
@@ -188,7 +197,7 @@ def _evolution_messages(base: dict[str, Any], event: str, instance: str | None, 
     )
 
 
-def _evolution_receipts(base: dict[str, Any], event: str, instance: str | None, data: Any) -> WebhookEvent:
+def _evolution_receipts(base: _Envelope, event: str, instance: str | None, data: Any) -> WebhookEvent:
     if not instance:
         raise MalformedPayload(f"{event} without 'instance'")
     rows = data if isinstance(data, list) else [data]
@@ -196,7 +205,9 @@ def _evolution_receipts(base: dict[str, Any], event: str, instance: str | None, 
     for row in rows:
         if not isinstance(row, dict):
             raise MalformedPayload(f"{event} needs data as an object")
-        key = row.get("key") if isinstance(row.get("key"), dict) else {}
+        raw_key = row.get("key")
+        key: dict[str, Any] = raw_key if isinstance(raw_key, dict) else {}
+        status: str | None
         if event == "messages.delete":
             key_id, status, field = (key or row).get("id"), "deleted", "id"
         else:
@@ -222,7 +233,7 @@ def _rows(event: str, data: Any, *, strings: bool = False) -> list[Any]:
     return rows
 
 
-def _contacts(base: dict[str, Any], event: str, instance: str | None, data: Any) -> WebhookEvent:
+def _contacts(base: _Envelope, event: str, instance: str | None, data: Any) -> WebhookEvent:
     if not instance:
         raise MalformedPayload(f"{event} without 'instance'")
     contacts = tuple(
@@ -245,7 +256,7 @@ def parse_megaapi(payload: dict[str, Any]) -> WebhookEvent:
     if instance is not None and not isinstance(instance, str):
         raise MalformedPayload("'instance_key' must be a string")
     event_time = _parse_time(payload.get("timestamp"))
-    base = {"provider": Provider.MEGAAPI, "event": kind, "instance_name": instance, "event_time": event_time}
+    base = _Envelope(provider=Provider.MEGAAPI, event=kind, instance_name=instance, event_time=event_time)
     if kind == "connection_update":
         if not instance:
             raise MalformedPayload("connection_update without 'instance_key'")
@@ -277,14 +288,14 @@ def parse_megaapi(payload: dict[str, Any]) -> WebhookEvent:
         key_id = key.get("id") if isinstance(key, dict) else None
         if not isinstance(key_id, str) or not key_id or not isinstance(update, dict):
             raise MalformedPayload("message.ack needs key.id and update.status")
-        status = status_from_wire(update.get("status"))
-        if status is None:
+        ack = status_from_wire(update.get("status"))
+        if ack is None:
             raise MalformedPayload(f"message.ack has unknown status {update.get('status')!r}")
         return WebhookEvent(
             **base,
             kind=EventKind.RECEIPTS,
-            receipts=((key_id, status),),
-            dedupe_id=f"{instance}|message.ack|{key_id}|{status}",
+            receipts=((key_id, ack),),
+            dedupe_id=f"{instance}|message.ack|{key_id}|{ack}",
         )
     if isinstance(key, dict):  # a flat Baileys message typed by its content (`conversation`, `imageMessage`…)
         if not instance:

@@ -1,4 +1,4 @@
-"""Repository-wide gates: lint, prefect.yaml in step with the served deployments, no secrets in logs."""
+"""Repository-wide gates: lint, format, types, prefect.yaml in step with the served deployments, no secrets in logs."""
 
 from __future__ import annotations
 
@@ -17,6 +17,29 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_ruff_is_clean() -> None:
     ruff = shutil.which("ruff") or str(Path(sys.executable).with_name("ruff"))
     result = subprocess.run([ruff, "check", str(ROOT)], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_ruff_format_is_clean() -> None:
+    ruff = shutil.which("ruff") or str(Path(sys.executable).with_name("ruff"))
+    result = subprocess.run([ruff, "format", "--check", str(ROOT)], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+TYPED_PACKAGES = ("core", "db", "gateways")
+"""Packages `mypy` checks under the strict configuration of pyproject.toml ([tool.mypy])."""
+
+
+def test_mypy_is_clean() -> None:
+    mypy = shutil.which("mypy") or str(Path(sys.executable).with_name("mypy"))
+    packages = [arg for package in TYPED_PACKAGES for arg in ("-p", package)]
+    result = subprocess.run(
+        [mypy, "--config-file", str(ROOT / "pyproject.toml"), *packages],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 

@@ -38,7 +38,8 @@ _COLUMNS = "id, instance_id, trigger, connection_key, state, started_at, cursor,
 
 
 def _row(row: Sequence[Any], *, resumed: bool = False) -> ImportRunRow:
-    return ImportRunRow(*row, resumed=resumed)
+    run_id, instance_id, trigger, connection_key, state, started_at, cursor, counts = row  # the order of _COLUMNS
+    return ImportRunRow(run_id, instance_id, trigger, connection_key, state, started_at, cursor, counts, resumed)
 
 
 async def begin_import(

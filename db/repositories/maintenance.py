@@ -66,7 +66,7 @@ async def delete_expired_sessions(
         ),
         {"orgs": list(organization_ids), "cutoff": cutoff, "limit": limit},
     )
-    return int(deleted.rowcount or 0)  # type: ignore[attr-defined]
+    return int(deleted.rowcount or 0)  # type: ignore[attr-defined]  # a DELETE gives a CursorResult, typed as Result
 
 
 PrunableTable = Literal["webhook_events", "live_events", "flow_reports"]
@@ -98,7 +98,7 @@ async def delete_older(
         text(f"DELETE FROM {table} WHERE id IN (SELECT id {_older(table)} LIMIT :limit)"),
         {"cutoff": cutoff, "org": organization_id, "limit": limit},
     )
-    return int(deleted.rowcount or 0)  # type: ignore[attr-defined]
+    return int(deleted.rowcount or 0)  # type: ignore[attr-defined]  # a DELETE gives a CursorResult, typed as Result
 
 
 # -- inactive conversations ---------------------------------------------------------------------------------------

@@ -278,6 +278,7 @@ class History:
 
     def message_window(self, gte: int | None, lte: int | None, chat: int | None) -> tuple[int, int]:
         """[first, end) of the messages within the time bounds, as instance-wide or in-chat indices."""
+        ts: Callable[[int], int]
         if chat is None:
             ts, size = self._global_ts, self.total_messages
         else:
