@@ -94,6 +94,20 @@ async def test_missing_or_wrong_secret_is_401_and_changes_nothing(client: httpx.
     assert await count("webhook_events") == 0
 
 
+async def test_the_secret_may_travel_as_a_bearer_token(client: httpx.AsyncClient) -> None:
+    org = await make_organization()
+    instance_id = await make_instance(org, "acme-01")
+    url = f"/webhooks/evolution/{org}"
+
+    wrong = await client.post(url, json=opened("acme-01"), headers={"authorization": "Bearer not-the-secret"})
+    other_scheme = await client.post(url, json=opened("acme-01"), headers={"authorization": "Basic org-secret"})
+    right = await client.post(url, json=opened("acme-01"), headers={"authorization": "Bearer org-secret"})
+
+    assert [wrong.status_code, other_scheme.status_code, right.status_code] == [401, 401, 200]
+    assert right.json()["outcome"] == "applied"
+    assert (await instance_row(instance_id))["status"] == "connected"
+
+
 async def test_one_organizations_secret_cannot_touch_another_organizations_instance(
     client: httpx.AsyncClient,
 ) -> None:

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import hmac
 from datetime import UTC, datetime
-from typing import Annotated
 
-from fastapi import APIRouter, Header
+from fastapi import APIRouter
 
-from api.deps import bearer
+from api.deps import BearerDep, bearer
 from api.routes.instances import start_sync
 from api.schemas import FlowRunResponse, SyncRequest
 from core.errors import Unauthorized
@@ -33,10 +32,10 @@ async def readyz() -> dict[str, str]:
 
 
 @router.get("/cron/sync-status", response_model=FlowRunResponse, status_code=202)
-async def cron_sync_status(authorization: Annotated[str | None, Header()] = None) -> FlowRunResponse:
+async def cron_sync_status(credentials: BearerDep) -> FlowRunResponse:
     """Start a sync of every instance for an external cron (`Authorization: Bearer $CRON_SECRET`)."""
     expected = get_settings().cron_secret
-    presented = bearer(authorization)
+    presented = bearer(credentials)
     if (
         expected is None
         or presented is None
