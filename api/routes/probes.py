@@ -1,4 +1,6 @@
-"""Liveness, readiness and the external-cron trigger (seed 000's `/api/cron/sync-status`)."""
+"""Probes of the service itself: liveness (`/healthz`), readiness (`/readyz`) and the external-cron trigger
+`/cron/sync-status` (seed 000's `/api/cron/sync-status`). The health of WhatsApp instances is in
+:mod:`api.routes.instance_health`."""
 
 from __future__ import annotations
 
