@@ -7,7 +7,8 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import Cookie, Depends, Header
+from fastapi import Cookie, Depends
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.errors import Forbidden, Unauthorized
@@ -25,24 +26,28 @@ async def get_session() -> AsyncIterator[AsyncSession]:
 SessionDep = Annotated[AsyncSession, Depends(get_session)]
 
 
-def bearer(authorization: str | None) -> str | None:
-    """The token of an `Authorization: Bearer <token>` header."""
-    if authorization and authorization[:7].lower() == "bearer ":
-        return authorization[7:].strip() or None
-    return None
+bearer_scheme = HTTPBearer(
+    auto_error=False,
+    scheme_name="BearerToken",
+    description="An API token (`zapsync token create`); `/cron/sync-status` takes CRON_SECRET, webhooks may take "
+    "the organization's webhook secret.",
+)
+BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)]
+"""The `Authorization: Bearer <token>` credentials, or None (routes decide what a missing token means)."""
+
+
+def bearer(credentials: HTTPAuthorizationCredentials | None) -> str | None:
+    """The token of parsed `Authorization: Bearer <token>` credentials."""
+    return credentials.credentials if credentials is not None else None
 
 
 SESSION_COOKIE = "zapsync_token"
 """The dashboard keeps the token the user signed in with in this HttpOnly, SameSite=Strict cookie."""
+CookieToken = Annotated[str | None, Cookie(alias=SESSION_COOKIE)]
 
 
-async def get_principal(
-    session: SessionDep,
-    authorization: Annotated[str | None, Header()] = None,
-    cookie_token: Annotated[str | None, Cookie(alias=SESSION_COOKIE)] = None,
-) -> Principal:
-    """Who is calling: the admin token from settings, or a stored token (organization-scoped or admin)."""
-    token = bearer(authorization) or cookie_token
+async def principal_for(session: AsyncSession, token: str | None) -> Principal:
+    """Who ``token`` speaks for: the admin token from settings, or a stored token (organization-scoped or admin)."""
     if token is None:
         raise Unauthorized("missing bearer token: send 'Authorization: Bearer <token>'")
     admin = get_settings().admin_token
@@ -54,17 +59,19 @@ async def get_principal(
     return principal
 
 
+async def get_principal(session: SessionDep, credentials: BearerDep, cookie_token: CookieToken = None) -> Principal:
+    """Who is calling: the bearer token, else the dashboard's cookie."""
+    return await principal_for(session, bearer(credentials) or cookie_token)
+
+
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
 
 
-async def get_principal_briefly(
-    authorization: Annotated[str | None, Header()] = None,
-    cookie_token: Annotated[str | None, Cookie(alias=SESSION_COOKIE)] = None,
-) -> Principal:
+async def get_principal_briefly(credentials: BearerDep, cookie_token: CookieToken = None) -> Principal:
     """:func:`get_principal` in a transaction of its own, for routes that stream or wait (a request-scoped
     session would stay checked out, idle in transaction, for as long as they run)."""
     async with session_scope() as session:
-        return await get_principal(session, authorization, cookie_token)
+        return await principal_for(session, bearer(credentials) or cookie_token)
 
 
 BriefPrincipalDep = Annotated[Principal, Depends(get_principal_briefly)]

@@ -15,12 +15,12 @@ import hashlib
 import logging
 import time
 import uuid
-from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
+from cachetools import TTLCache
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.domain import AppliedChange, ChatKind, GatewayMessage, Provider, StatusWrite
@@ -69,13 +69,18 @@ class RepeatFilter:
 
     A delivery equal to that last one (same state, reason and QR code) within the window is a repeat and costs
     only this lookup. Only the *last* state counts, so a real flip-flop (open, connecting, open) is never
-    swallowed. Bounded (LRU) so a flood across many instances cannot grow it without limit.
+    swallowed. A TTL cache, bounded (least recently used first out) so a flood across many instances cannot grow
+    it without limit; ``timer`` is its clock (tests pass one they can advance). A window of 0 disables it.
     """
 
-    def __init__(self, window_seconds: float, max_entries: int = 50_000) -> None:
+    def __init__(
+        self, window_seconds: float, max_entries: int = 50_000, *, timer: Callable[[], float] = time.monotonic
+    ) -> None:
         self.window = window_seconds
         self.max_entries = max_entries
-        self._last: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self._last: TTLCache[str, str] | None = (
+            TTLCache(maxsize=max_entries, ttl=window_seconds, timer=timer) if window_seconds > 0 else None
+        )
 
     @staticmethod
     def keys(organization_id: uuid.UUID, event: WebhookEvent) -> tuple[str, str]:
@@ -85,15 +90,12 @@ class RepeatFilter:
 
     def is_repeat(self, instance_key: str, state_key: str) -> bool:
         """True when ``state_key`` is the instance's last handled state and the window has not passed."""
-        last = self._last.get(instance_key)
-        return last is not None and last[0] == state_key and last[1] > time.monotonic()
+        return self._last is not None and self._last.get(instance_key) == state_key
 
     def remember(self, instance_key: str, state_key: str) -> None:
         """Make ``state_key`` the instance's last handled state for the window."""
-        self._last[instance_key] = (state_key, time.monotonic() + self.window)
-        self._last.move_to_end(instance_key)
-        while len(self._last) > self.max_entries:
-            self._last.popitem(last=False)
+        if self._last is not None:
+            self._last[instance_key] = state_key
 
 
 def gateways_for(provider: Provider) -> list[str]:

@@ -31,6 +31,34 @@ async def test_management_routes_need_a_token(client: httpx.AsyncClient) -> None
     assert (await client.post("/instances/sync")).status_code == 401
 
 
+async def test_the_token_may_also_come_from_the_dashboards_cookie(client: httpx.AsyncClient) -> None:
+    client.cookies.set("zapsync_token", "test-admin-token")
+    by_cookie = await client.get("/instances/status")
+    header_wins = await client.get("/instances/status", headers={"authorization": "Bearer nope"})
+    client.cookies.clear()
+
+    assert by_cookie.status_code == 200
+    assert header_wins.status_code == 401 and header_wins.json()["detail"] == "unknown or revoked token"
+
+
+async def test_openapi_declares_the_bearer_scheme_on_protected_routes(client: httpx.AsyncClient) -> None:
+    document = (await client.get("/openapi.json")).json()
+    paths = document["paths"]
+
+    [(name, scheme)] = document["components"]["securitySchemes"].items()
+    assert scheme["type"] == "http" and scheme["scheme"] == "bearer"
+    for path, method in [
+        ("/instances/status", "get"),
+        ("/instances/sync", "post"),
+        ("/events", "get"),
+        ("/cron/sync-status", "get"),
+        ("/webhooks/evolution/{organization_id}", "post"),
+    ]:
+        assert {name: []} in paths[path][method].get("security", []), path
+    assert "security" not in paths["/healthz"]["get"]
+    assert "security" not in paths["/readyz"]["get"]
+
+
 async def test_check_is_read_only_and_scoped_to_the_tokens_organization(client: httpx.AsyncClient, simulator) -> None:
     org_a, org_b, a, b = await two_orgs(simulator)
 

@@ -9,6 +9,8 @@ import httpx
 import orjson
 import pytest
 
+from api.inbox import RepeatFilter
+from api.main import create_app
 from core.batching import chunks
 from core.domain import InstanceRef, InstanceStatus
 from core.policies.status import diff_observations
@@ -92,6 +94,20 @@ async def test_missing_or_wrong_secret_is_401_and_changes_nothing(client: httpx.
     assert "secret" in missing.json()["detail"]
     assert (await instance_row(instance_id))["status"] == "disconnected"
     assert await count("webhook_events") == 0
+
+
+async def test_the_secret_may_travel_as_a_bearer_token(client: httpx.AsyncClient) -> None:
+    org = await make_organization()
+    instance_id = await make_instance(org, "acme-01")
+    url = f"/webhooks/evolution/{org}"
+
+    wrong = await client.post(url, json=opened("acme-01"), headers={"authorization": "Bearer not-the-secret"})
+    other_scheme = await client.post(url, json=opened("acme-01"), headers={"authorization": "Basic org-secret"})
+    right = await client.post(url, json=opened("acme-01"), headers={"authorization": "Bearer org-secret"})
+
+    assert [wrong.status_code, other_scheme.status_code, right.status_code] == [401, 401, 200]
+    assert right.json()["outcome"] == "applied"
+    assert (await instance_row(instance_id))["status"] == "connected"
 
 
 async def test_one_organizations_secret_cannot_touch_another_organizations_instance(
@@ -182,6 +198,62 @@ async def test_reconnect_loop_flood_costs_no_row_per_event(client: httpx.AsyncCl
     assert await history(instance_id) == [("disconnected", "connected", "webhook")]
     assert await count("webhook_events") == 1
     assert await count("whatsapp_sessions") == 1
+
+
+class Clock:
+    """A monotonic clock a test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_a_repeat_is_answered_from_memory_only_within_the_window() -> None:
+    clock = Clock()
+    app = create_app(check_database=False)
+    app.state.repeat_filter = RepeatFilter(5.0, timer=clock)
+    org = await make_organization()
+    instance_id = await make_instance(org, "acme-01")
+    start = datetime.now(UTC) - timedelta(seconds=10)
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://zapsync") as http:
+        first = await post(http, org, opened("acme-01", at=start))
+        clock.now += 4.9
+        within = await post(http, org, opened("acme-01", at=start + timedelta(seconds=1)))
+        clock.now += 0.2
+        after = await post(http, org, opened("acme-01", at=start + timedelta(seconds=2)))
+
+    assert first.json()["outcome"] == "applied"
+    assert (within.json()["outcome"], within.json()["detail"]) == ("duplicate", "repeat of the state just handled")
+    assert (after.json()["outcome"], after.json()["detail"]) == ("duplicate", "state already stored")  # asked the DB
+    assert await history(instance_id) == [("disconnected", "connected", "webhook")]
+
+
+def test_repeat_filter_keeps_only_the_last_state_of_a_bounded_number_of_instances() -> None:
+    clock = Clock()
+    repeats = RepeatFilter(5.0, max_entries=2, timer=clock)
+
+    repeats.remember("a", "open")
+    repeats.remember("a", "connecting")
+    assert not repeats.is_repeat("a", "open") and repeats.is_repeat("a", "connecting")
+
+    repeats.remember("b", "open")
+    repeats.remember("c", "open")  # over the bound: "a", the least recently used, goes
+    assert [repeats.is_repeat(key, "open") for key in "bc"] == [True, True]
+    assert not repeats.is_repeat("a", "connecting")
+
+    clock.now += 5.0
+    assert not repeats.is_repeat("c", "open")
+
+
+def test_a_zero_window_disables_the_repeat_filter() -> None:
+    repeats = RepeatFilter(0.0, timer=Clock())
+
+    repeats.remember("a", "open")
+
+    assert not repeats.is_repeat("a", "open")
 
 
 async def test_real_transitions_in_a_flood_are_each_recorded(client: httpx.AsyncClient) -> None:

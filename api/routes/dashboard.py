@@ -9,7 +9,7 @@ from fastapi import APIRouter, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
-from api.deps import SESSION_COOKIE, SessionDep, get_principal
+from api.deps import SESSION_COOKIE, BearerDep, SessionDep, bearer, principal_for
 from core.errors import Unauthorized
 from core.names import SYNC_FLOW
 from db.repositories.dashboard import instances_overview, recent_conversations, status_counts
@@ -21,12 +21,10 @@ templates = Jinja2Templates(directory=Path(__file__).resolve().parents[1] / "tem
 
 
 @router.get("/", response_class=HTMLResponse)
-async def dashboard(request: Request, session: SessionDep) -> Response:
+async def dashboard(request: Request, session: SessionDep, credentials: BearerDep) -> Response:
     """Instances with status, drift, health, last check and last import; the "Sync status" button."""
     try:
-        principal = await get_principal(
-            session, request.headers.get("authorization"), request.cookies.get(SESSION_COOKIE)
-        )
+        principal = await principal_for(session, bearer(credentials) or request.cookies.get(SESSION_COOKIE))
     except Unauthorized:
         return templates.TemplateResponse(request, "login.html", {"error": request.query_params.get("error")})
     organization_id = principal.organization_id
@@ -49,7 +47,7 @@ async def dashboard(request: Request, session: SessionDep) -> Response:
 async def login(request: Request, session: SessionDep, token: Annotated[str, Form()]) -> Response:
     """Check the token and keep it in an HttpOnly cookie for the dashboard's own requests."""
     try:
-        await get_principal(session, f"Bearer {token}", None)
+        await principal_for(session, token.strip() or None)
     except Unauthorized:
         return RedirectResponse("/?error=unknown+token", status_code=303)
     response = RedirectResponse("/", status_code=303)

@@ -1,4 +1,5 @@
-"""`GET /instances/{id}/health`: health, failure streak, detected problems and uptime from sessions (seed 003)."""
+"""Health of WhatsApp instances: `GET /instances/{id}/health` gives the failure streak, detected problems and uptime
+from sessions (seed 003). Probes of the service itself (`/healthz`, `/readyz`) are in :mod:`api.routes.probes`."""
 
 from __future__ import annotations
 

@@ -1,14 +1,15 @@
-"""Liveness, readiness and the external-cron trigger (seed 000's `/api/cron/sync-status`)."""
+"""Probes of the service itself: liveness (`/healthz`), readiness (`/readyz`) and the external-cron trigger
+`/cron/sync-status` (seed 000's `/api/cron/sync-status`). The health of WhatsApp instances is in
+:mod:`api.routes.instance_health`."""
 
 from __future__ import annotations
 
 import hmac
 from datetime import UTC, datetime
-from typing import Annotated
 
-from fastapi import APIRouter, Header
+from fastapi import APIRouter
 
-from api.deps import bearer
+from api.deps import BearerDep, bearer
 from api.routes.instances import start_sync
 from api.schemas import FlowRunResponse, SyncRequest
 from core.errors import Unauthorized
@@ -33,10 +34,10 @@ async def readyz() -> dict[str, str]:
 
 
 @router.get("/cron/sync-status", response_model=FlowRunResponse, status_code=202)
-async def cron_sync_status(authorization: Annotated[str | None, Header()] = None) -> FlowRunResponse:
+async def cron_sync_status(credentials: BearerDep) -> FlowRunResponse:
     """Start a sync of every instance for an external cron (`Authorization: Bearer $CRON_SECRET`)."""
     expected = get_settings().cron_secret
-    presented = bearer(authorization)
+    presented = bearer(credentials)
     if (
         expected is None
         or presented is None

@@ -12,10 +12,10 @@ import time
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Request
+from fastapi import APIRouter, Depends, Header, Request
 from pydantic import BaseModel
 
-from api.deps import bearer
+from api.deps import BearerDep, bearer
 from api.inbox import RepeatFilter, handle_event
 from core.domain import Provider
 from core.errors import InvalidInput, PayloadTooLarge, Unauthorized
@@ -53,9 +53,20 @@ async def read_limited_body(request: Request) -> bytes:
     return b"".join(chunks)
 
 
-async def authenticate(request: Request, organization_id: uuid.UUID, header_secret: str | None) -> None:
+async def presented_secret(
+    request: Request,
+    credentials: BearerDep,
+    header: Annotated[str | None, Header(alias="x-webhook-secret")] = None,
+) -> str | None:
+    """The webhook secret as sent: `X-Webhook-Secret`, else `Authorization: Bearer`, else `?secret=` (MegaAPI)."""
+    return header or bearer(credentials) or request.query_params.get("secret")
+
+
+SecretDep = Annotated[str | None, Depends(presented_secret)]
+
+
+async def authenticate(organization_id: uuid.UUID, presented: str | None) -> None:
     """Check the organization's webhook secret (constant time); 401 otherwise."""
-    presented = header_secret or bearer(request.headers.get("authorization")) or request.query_params.get("secret")
     if not presented:
         raise Unauthorized("missing webhook secret: send it in the X-Webhook-Secret header")
     async with session_scope() as session:
@@ -67,13 +78,13 @@ async def receive(
     request: Request,
     organization_id: uuid.UUID,
     provider: Provider,
-    header_secret: str | None,
+    secret: str | None,
     path_event: str | None = None,
 ) -> WebhookAck:
     """The shared receive path of every provider."""
     begun = time.perf_counter()
     body = await read_limited_body(request)
-    await authenticate(request, organization_id, header_secret)
+    await authenticate(organization_id, secret)
     try:
         payload = decode_json(body)
         event: WebhookEvent = (
@@ -103,24 +114,21 @@ async def receive(
     return WebhookAck(outcome=result.outcome, event=event.event, instance=event.instance_name, detail=result.detail)
 
 
-SecretHeader = Annotated[str | None, Header(alias="x-webhook-secret")]
-
-
 @router.post("/evolution/{organization_id}", response_model=WebhookAck)
-async def evolution_webhook(request: Request, organization_id: uuid.UUID, secret: SecretHeader = None) -> WebhookAck:
+async def evolution_webhook(request: Request, organization_id: uuid.UUID, secret: SecretDep) -> WebhookAck:
     """Evolution API v2 deliveries (all events to one URL)."""
     return await receive(request, organization_id, Provider.EVOLUTION, secret)
 
 
 @router.post("/evolution/{organization_id}/{event_suffix}", response_model=WebhookAck)
 async def evolution_webhook_by_event(
-    request: Request, organization_id: uuid.UUID, event_suffix: str, secret: SecretHeader = None
+    request: Request, organization_id: uuid.UUID, event_suffix: str, secret: SecretDep
 ) -> WebhookAck:
     """Evolution API v2 deliveries in by-events mode (`.../connection-update`)."""
     return await receive(request, organization_id, Provider.EVOLUTION, secret, path_event=event_suffix)
 
 
 @router.post("/megaapi/{organization_id}", response_model=WebhookAck)
-async def megaapi_webhook(request: Request, organization_id: uuid.UUID, secret: SecretHeader = None) -> WebhookAck:
+async def megaapi_webhook(request: Request, organization_id: uuid.UUID, secret: SecretDep) -> WebhookAck:
     """MegaAPI deliveries."""
     return await receive(request, organization_id, Provider.MEGAAPI, secret)
