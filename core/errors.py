@@ -133,9 +133,10 @@ class GatewayUnavailable(GatewayTransientError):
 class GatewayRequestError(GatewayError):
     """The gateway answered with a permanent error; retrying will not help."""
 
-    def __init__(self, message: str, *, status_code: int, body: str = "", gateway: str | None = None) -> None:
+    def __init__(self, message: str, *, upstream_status: int, body: str = "", gateway: str | None = None) -> None:
         super().__init__(message, gateway=gateway)
-        self.status_code = status_code
+        self.upstream_status = upstream_status
+        """The gateway's own HTTP status (``status_code`` stays the one zapsync answers with: 502)."""
         self.body = body[:500]
 
 

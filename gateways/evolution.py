@@ -259,7 +259,7 @@ class EvolutionGateway(HttpGateway):
         except (ValidationError, AttributeError) as exc:
             raise GatewayRequestError(
                 f"{self.name}: findMessages answered an unexpected body",
-                status_code=200,
+                upstream_status=200,
                 body=content[:200].decode(errors="replace"),
                 gateway=self.name,
             ) from exc
@@ -278,7 +278,7 @@ class EvolutionGateway(HttpGateway):
 def _raise_for_error_body(gateway: str, what: str, body: Any) -> None:
     if isinstance(body, dict) and body.get("error") is True:
         raise GatewayRequestError(
-            f"{gateway}: {what} refused: {str(body.get('message'))[:200]}", status_code=200, gateway=gateway
+            f"{gateway}: {what} refused: {str(body.get('message'))[:200]}", upstream_status=200, gateway=gateway
         )
 
 
@@ -393,7 +393,7 @@ def _decode_fetched(gateway: str, content: bytes) -> list[FetchedRow]:
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise GatewayRequestError(
             f"{gateway}: fetchInstances answered an unexpected body",
-            status_code=200,
+            upstream_status=200,
             body=content[:200].decode(errors="replace"),
             gateway=gateway,
         ) from exc

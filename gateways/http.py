@@ -120,7 +120,7 @@ class HttpGateway:
         except (orjson.JSONDecodeError, ValidationError) as exc:
             raise GatewayRequestError(
                 f"{self.name}: {what} answered an unexpected body",
-                status_code=200,
+                upstream_status=200,
                 body=content[:200].decode(errors="replace"),
                 gateway=self.name,
             ) from exc

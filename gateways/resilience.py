@@ -85,10 +85,10 @@ def raise_for_status(gateway: str, what: str, response: httpx.Response) -> None:
     if code in RETRYABLE_STATUS:
         raise GatewayTransientError(message, gateway=gateway)
     if code in (401, 403):
-        raise GatewayAuthError(message, status_code=code, body=body, gateway=gateway)
+        raise GatewayAuthError(message, upstream_status=code, body=body, gateway=gateway)
     if code == 404:
-        raise GatewayNotFound(message, status_code=code, body=body, gateway=gateway)
-    raise GatewayRequestError(message, status_code=code, body=body, gateway=gateway)
+        raise GatewayNotFound(message, upstream_status=code, body=body, gateway=gateway)
+    raise GatewayRequestError(message, upstream_status=code, body=body, gateway=gateway)
 
 
 def is_retryable(exc: BaseException) -> bool:
