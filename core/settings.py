@@ -112,6 +112,14 @@ class Settings(BaseSettings):
     import_starts_per_sync: int = Field(default=100, ge=1, validation_alias="ZAPSYNC_IMPORT_STARTS_PER_SYNC")
     """Imports one status sync may request; instances beyond it stay pending for the next sync."""
 
+    queue_lease_seconds: float = Field(default=120.0, gt=0, validation_alias="ZAPSYNC_QUEUE_LEASE")
+    """How long a claimed work item stays with its claimer without a heartbeat before another run may take it."""
+    queue_max_attempts: int = Field(default=5, ge=1, validation_alias="ZAPSYNC_QUEUE_MAX_ATTEMPTS")
+    """Tries of one work item before it is marked failed."""
+    queue_retry_initial_seconds: float = Field(default=5.0, ge=0, validation_alias="ZAPSYNC_QUEUE_RETRY_INITIAL")
+    queue_retry_max_seconds: float = Field(default=300.0, ge=0, validation_alias="ZAPSYNC_QUEUE_RETRY_MAX")
+    """Cap of the full-jitter delay before a failed work item is tried again (it doubles from the initial delay)."""
+
     @field_validator("cleanup_timezone")
     @classmethod
     def _known_zone(cls, value: str) -> str:

@@ -6,6 +6,7 @@ from db.models.events import FlowReport, WebhookEvent
 from db.models.health import GatewayHealth
 from db.models.instance import InstanceStatusChange, WhatsAppInstance, WhatsAppSession
 from db.models.organization import ApiToken, Client, Organization
+from db.models.queue import WorkItem
 
 __all__ = [
     "ApiToken",
@@ -23,4 +24,5 @@ __all__ = [
     "WebhookEvent",
     "WhatsAppInstance",
     "WhatsAppSession",
+    "WorkItem",
 ]

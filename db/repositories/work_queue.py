@@ -1,0 +1,353 @@
+"""The durable work queue (DESIGN.md §5.1): enqueue with the fact that asks for the work, claim in batches under
+a lease, finish with the lease's token.
+
+Functions flush, never commit: an item enqueued in the caller's transaction exists exactly when the fact that asks
+for it (a status change, an API call) does. Claim, heartbeat and finish in short transactions of their own: times
+are the transaction's ``now()``, and claimed rows stay locked until it ends.
+
+The rules, kept by two partial unique indexes: at most one pending and one running item per (kind, key).
+Enqueuing while an item is pending adds nothing (see ``merge``); while one is running, it adds one pending
+follow-up, which is not claimed before the running one finishes, so one key never runs twice at once. A running
+item whose lease expired is claimed again (attempts + 1) under a new token; its former holder's token no longer
+matches, so that process can no longer complete, retry or fail it (fencing).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+import orjson
+import psycopg
+from sqlalchemy import text
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from core.errors import Conflict
+
+SUPERSEDED = "superseded by a newer request"
+LEASE_EXPIRED = "lease expired"
+
+
+@dataclass(frozen=True, slots=True)
+class WorkRequest:
+    """One item to enqueue (see :func:`enqueue`)."""
+
+    kind: str
+    key: str
+    organization_id: uuid.UUID | None = None
+    instance_id: uuid.UUID | None = None
+    payload: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Enqueued:
+    """The pending item that holds a request, and whether this request created it."""
+
+    id: int
+    created: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedItem:
+    """An item leased to its claimer; ``lease_token`` is needed to extend, complete, retry or fail it."""
+
+    id: int
+    kind: str
+    key: str
+    organization_id: uuid.UUID | None
+    instance_id: uuid.UUID | None
+    payload: dict[str, Any]
+    attempts: int
+    """Claims so far, this one included."""
+    lease_token: uuid.UUID
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    """The state of one kind of work, for /metrics, the dashboard and the API."""
+
+    kind: str
+    pending: int
+    running: int
+    failed: int
+    oldest_pending_age_seconds: float | None
+    """Age of the oldest pending item since it was enqueued (None when nothing is pending)."""
+
+
+_ENQUEUE_SQL = text("""
+INSERT INTO work_items AS w (kind, key, organization_id, instance_id, payload)
+SELECT * FROM unnest(CAST(:kinds AS text[]), CAST(:keys AS text[]), CAST(:orgs AS uuid[]), CAST(:insts AS uuid[]),
+                     CAST(:payloads AS jsonb[]))
+ON CONFLICT (kind, key) WHERE state = 'pending' DO UPDATE SET
+    payload = CASE WHEN :merging THEN
+        w.payload || EXCLUDED.payload || COALESCE(
+            (SELECT jsonb_object_agg(s.k, true) FROM unnest(CAST(:sticky AS text[])) AS s(k)
+             WHERE w.payload -> s.k = 'true'::jsonb),
+            '{}'::jsonb)
+        ELSE w.payload END,
+    updated_at = now()
+-- xmax is 0 on a freshly inserted row version and set on one written by DO UPDATE (a long-standing PostgreSQL
+-- behaviour, relied on here to tell the two apart without a second statement).
+RETURNING w.kind, w.key, w.id, (w.xmax = 0) AS created
+""")
+
+
+def _combine(stored: Mapping[str, Any], new: Mapping[str, Any], merge: Collection[str] | None) -> dict[str, Any]:
+    """The SQL merge rule, for duplicates within one call."""
+    if merge is None:
+        return dict(stored)
+    combined = {**stored, **new}
+    for key in merge:
+        if stored.get(key) is True:
+            combined[key] = True
+    return combined
+
+
+async def enqueue_many(
+    session: AsyncSession, requests: Iterable[WorkRequest], *, merge: Collection[str] | None = None
+) -> list[Enqueued]:
+    """Enqueue many requests in one statement; one result per request, in order (duplicates share theirs).
+
+    Idempotent per (kind, key): a request whose key already has a pending item adds nothing. With ``merge=None``
+    the pending item keeps its payload (the first request wins: a send cannot be changed by a repeat); with a
+    collection of keys, the newer request's values win, except for the named boolean keys, where true sticks
+    (``merge=("full",)``: a full import asked for once stays full). A key whose item is running gets one pending
+    follow-up; later requests merge into it.
+    """
+    ordered = list(requests)
+    unique: dict[tuple[str, str], WorkRequest] = {}
+    for request in ordered:
+        seen = unique.get((request.kind, request.key))
+        if seen is None:
+            unique[(request.kind, request.key)] = request
+        else:
+            combined = _combine(seen.payload, request.payload, merge)
+            unique[(request.kind, request.key)] = WorkRequest(
+                seen.kind, seen.key, seen.organization_id, seen.instance_id, combined
+            )
+    if not unique:
+        return []
+    batch = list(unique.values())
+    rows = await session.execute(
+        _ENQUEUE_SQL,
+        {
+            "kinds": [r.kind for r in batch],
+            "keys": [r.key for r in batch],
+            "orgs": [r.organization_id for r in batch],
+            "insts": [r.instance_id for r in batch],
+            "payloads": [orjson.dumps(dict(r.payload), default=str).decode() for r in batch],
+            "merging": merge is not None,
+            "sticky": list(merge or ()),
+        },
+    )
+    found = {(kind, key): Enqueued(id=item_id, created=created) for kind, key, item_id, created in rows.all()}
+    return [found[(r.kind, r.key)] for r in ordered]
+
+
+async def enqueue(
+    session: AsyncSession,
+    *,
+    kind: str,
+    key: str,
+    organization_id: uuid.UUID | None = None,
+    instance_id: uuid.UUID | None = None,
+    payload: Mapping[str, Any] | None = None,
+    merge: Collection[str] | None = None,
+) -> Enqueued:
+    """Enqueue one request in the caller's transaction (the rules of :func:`enqueue_many`)."""
+    request = WorkRequest(kind, key, organization_id, instance_id, payload or {})
+    (result,) = await enqueue_many(session, [request], merge=merge)
+    return result
+
+
+_CLAIM_SQL = text("""
+WITH expired AS (
+    SELECT id FROM work_items
+    WHERE kind = :kind AND state = 'running' AND lease_until <= now()
+    ORDER BY next_attempt_at, id
+    LIMIT :limit
+    FOR UPDATE SKIP LOCKED
+), due AS (
+    SELECT p.id FROM work_items AS p
+    WHERE p.kind = :kind AND p.state = 'pending' AND p.next_attempt_at <= now()
+      -- never start a key that is still running (its lease may have expired: then it is re-claimed first)
+      AND NOT EXISTS (
+          SELECT 1 FROM work_items AS r WHERE r.kind = p.kind AND r.key = p.key AND r.state = 'running'
+      )
+    ORDER BY p.next_attempt_at, p.id
+    LIMIT :limit - (SELECT count(*) FROM expired)
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE work_items AS w SET
+    state = 'running',
+    attempts = w.attempts + 1,
+    lease_token = gen_random_uuid(),
+    lease_until = now() + make_interval(secs => :lease),
+    last_error = CASE WHEN w.state = 'running' THEN :expired_error ELSE w.last_error END,
+    updated_at = now()
+-- an array, not a join: the planner cannot size the CTEs, and a join may scan the whole primary key
+WHERE w.id = ANY (ARRAY(SELECT id FROM expired UNION ALL SELECT id FROM due))
+RETURNING w.id, w.kind, w.key, w.organization_id, w.instance_id, w.payload, w.attempts, w.lease_token,
+          w.next_attempt_at
+""")
+
+
+async def claim(session: AsyncSession, *, kind: str, limit: int, lease_seconds: float) -> list[ClaimedItem]:
+    """Lease up to ``limit`` items of ``kind`` for ``lease_seconds``, oldest due first, in one statement.
+
+    Takes running items whose lease expired (their claimer is presumed dead) and due pending items whose key is
+    not running, skipping rows other claimers hold locked, so concurrent claimers get disjoint items. Each claim
+    counts as an attempt; the caller decides with ``core.policies.backoff.should_give_up`` whether to go on.
+    """
+    if limit <= 0:
+        return []
+    rows = await session.execute(
+        _CLAIM_SQL, {"kind": kind, "limit": limit, "lease": float(lease_seconds), "expired_error": LEASE_EXPIRED}
+    )
+    ordered = sorted(rows.all(), key=lambda r: (r.next_attempt_at, r.id))
+    return [
+        ClaimedItem(
+            id=r.id,
+            kind=r.kind,
+            key=r.key,
+            organization_id=r.organization_id,
+            instance_id=r.instance_id,
+            payload=r.payload,
+            attempts=r.attempts,
+            lease_token=r.lease_token,
+        )
+        for r in ordered
+    ]
+
+
+_HELD = "id = :id AND lease_token = :token AND state = 'running'"
+_RELEASE = "lease_until = NULL, lease_token = NULL, updated_at = now()"
+
+
+async def _update_held(session: AsyncSession, sql: str, params: dict[str, Any]) -> bool:
+    result = await session.execute(text(sql), params)
+    return int(result.rowcount or 0) == 1  # type: ignore[attr-defined]
+
+
+async def extend_lease(session: AsyncSession, item_id: int, token: uuid.UUID, lease_seconds: float) -> bool:
+    """Heartbeat: the lease runs ``lease_seconds`` from now. False when the lease was lost to another claimer."""
+    return await _update_held(
+        session,
+        f"UPDATE work_items SET lease_until = now() + make_interval(secs => :lease), updated_at = now() WHERE {_HELD}",
+        {"id": item_id, "token": token, "lease": float(lease_seconds)},
+    )
+
+
+async def complete(session: AsyncSession, item_id: int, token: uuid.UUID) -> bool:
+    """Mark the item done; False (and nothing changes) when ``token`` no longer holds it."""
+    return await _update_held(
+        session,
+        f"UPDATE work_items SET state = 'done', finished_at = now(), {_RELEASE} WHERE {_HELD}",
+        {"id": item_id, "token": token},
+    )
+
+
+async def fail(session: AsyncSession, item_id: int, token: uuid.UUID, *, error: str) -> bool:
+    """Mark the item failed for good with the reason; False when ``token`` no longer holds it."""
+    return await _update_held(
+        session,
+        f"UPDATE work_items SET state = 'failed', last_error = :error, finished_at = now(), {_RELEASE} WHERE {_HELD}",
+        {"id": item_id, "token": token, "error": error},
+    )
+
+
+_RETRY_SQL = text(f"""
+UPDATE work_items AS w SET
+    state = CASE WHEN s.superseded THEN 'done' ELSE 'pending' END,
+    next_attempt_at = CASE WHEN s.superseded THEN w.next_attempt_at ELSE now() + make_interval(secs => :delay) END,
+    last_error = CASE WHEN s.superseded THEN :superseded ELSE :error END,
+    finished_at = CASE WHEN s.superseded THEN now() END,
+    {_RELEASE}
+FROM (
+    SELECT t.id, EXISTS (
+        SELECT 1 FROM work_items AS p WHERE p.kind = t.kind AND p.key = t.key AND p.state = 'pending'
+    ) AS superseded
+    FROM work_items AS t WHERE t.id = :id
+) AS s
+WHERE w.id = s.id AND w.id = :id AND w.lease_token = :token AND w.state = 'running'
+RETURNING w.state
+""")
+
+
+async def retry_later(
+    session: AsyncSession, item_id: int, token: uuid.UUID, *, error: str, delay_seconds: float
+) -> Literal["pending", "done"] | None:
+    """Put the item back to pending, due in ``delay_seconds``, with the error; returns the resulting state.
+
+    When a pending follow-up for the same key exists, that one covers this request: the item is marked done
+    with ``last_error`` "superseded by a newer request". None when ``token`` no longer holds the item.
+    """
+    params = {"id": item_id, "token": token, "error": error, "delay": float(delay_seconds), "superseded": SUPERSEDED}
+    for _ in range(3):
+        try:
+            # A follow-up enqueued concurrently (not yet visible to this statement) makes "back to pending" break
+            # the one-pending rule; the savepoint keeps the caller's transaction, and the next try sees it.
+            async with session.begin_nested():
+                state = (await session.execute(_RETRY_SQL, params)).scalar_one_or_none()
+        except IntegrityError as exc:
+            if not isinstance(exc.orig, psycopg.errors.UniqueViolation):
+                raise
+            continue
+        return state
+    raise Conflict(f"work item {item_id}: a follow-up kept appearing while it was put back to pending")
+
+
+_STATS_SQL = text("""
+SELECT kind,
+       count(*) FILTER (WHERE state = 'pending') AS pending,
+       count(*) FILTER (WHERE state = 'running') AS running,
+       count(*) FILTER (WHERE state = 'failed') AS failed,
+       GREATEST(EXTRACT(EPOCH FROM clock_timestamp() - min(created_at) FILTER (WHERE state = 'pending')), 0) AS age
+FROM work_items
+WHERE state IN ('pending', 'running', 'failed')
+GROUP BY kind
+""")
+
+
+async def queue_stats(session: AsyncSession, *, kinds: Iterable[str] = ()) -> list[QueueStats]:
+    """Counts per kind (pending, running, failed) and the oldest pending item's age, sorted by kind; ``kinds``
+    are always listed, with zeros when they have nothing outstanding."""
+    found = {
+        r.kind: QueueStats(r.kind, r.pending, r.running, r.failed, None if r.age is None else float(r.age))
+        for r in (await session.execute(_STATS_SQL)).all()
+    }
+    for kind in kinds:
+        found.setdefault(kind, QueueStats(kind, 0, 0, 0, None))
+    return [found[kind] for kind in sorted(found)]
+
+
+async def prune_finished(session: AsyncSession, *, older_than: datetime, limit: int) -> int:
+    """Delete up to ``limit`` done items finished before ``older_than``; returns how many (failed ones stay)."""
+    result = await session.execute(
+        text(
+            "DELETE FROM work_items WHERE id IN ("
+            "SELECT id FROM work_items WHERE state = 'done' AND finished_at < :cutoff "
+            "ORDER BY finished_at LIMIT :limit FOR UPDATE SKIP LOCKED)"
+        ),
+        {"cutoff": older_than, "limit": limit},
+    )
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+
+async def outstanding_keys(session: AsyncSession, kind: str, keys: Iterable[str]) -> set[str]:
+    """Which of ``keys`` have an unfinished (pending or running) item of ``kind`` (the safety net enqueues the rest)."""
+    wanted = list(keys)
+    if not wanted:
+        return set()
+    rows = await session.execute(
+        text(
+            "SELECT DISTINCT key FROM work_items "
+            "WHERE kind = :kind AND key = ANY(CAST(:keys AS text[])) AND state IN ('pending', 'running')"
+        ),
+        {"kind": kind, "keys": wanted},
+    )
+    return set(rows.scalars().all())
