@@ -111,6 +111,7 @@ TABLES = (
     "clients",
     "organizations",
     "gateway_health",
+    "work_items",
 )
 
 
