@@ -49,7 +49,7 @@ def app() -> FastAPI:
     @app.get("/test/gateway/{kind}")
     async def gateway(kind: str) -> None:
         if kind == "not-found":
-            raise GatewayNotFound("instance unknown at the gateway", status_code=404, gateway="evolution")
+            raise GatewayNotFound("instance unknown at the gateway", upstream_status=404, gateway="evolution")
         if kind == "transient":
             raise GatewayTransientError("gateway timed out", gateway="evolution")
         raise GatewayNotSupported("no such operation", gateway="megaapi")
