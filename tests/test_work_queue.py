@@ -502,3 +502,32 @@ async def test_migration_0005_downgrades_and_upgrades_again(sync_engine: Any) ->
         names = {ix["name"] for ix in inspect(conn).get_indexes("work_items")}
     assert {"uq_work_items_pending_key", "uq_work_items_running_key", "ix_work_items_due"} <= names
     assert (await enqueue(str(uuid.uuid4()))).created
+
+
+async def test_enqueue_wakes_listeners_when_its_transaction_commits() -> None:
+    from db.repositories.live_events import listener_conninfo, listening
+
+    async with listening(listener_conninfo(), q.WORK_CHANNEL) as conn:
+        async with session_scope() as session:
+            await q.enqueue(session, kind=IMPORT, key="inst-1")
+            await q.enqueue(session, kind="send", key="msg-1")
+            await q.enqueue(session, kind=IMPORT, key="inst-2")
+            assert conn.pgconn.notifies() is None  # nothing before the commit
+        kinds: list[str] = []
+        async for note in conn.notifies(timeout=10, stop_after=2):
+            kinds.append(note.payload)
+    assert sorted(kinds) == ["import", "send"]
+
+
+async def test_due_kinds_and_next_due_at_see_pending_and_expired_work() -> None:
+    await enqueue("inst-1")
+    async with session_scope() as session:
+        assert await q.due_kinds(session, [IMPORT, "send"]) == {IMPORT}
+    (item,) = await claim(lease=60)
+    async with session_scope() as session:
+        assert await q.due_kinds(session, [IMPORT]) == set()  # leased, not expired
+        assert await q.next_due_at(session, IMPORT) is not None
+    await execute("UPDATE work_items SET lease_until = now() - interval '1 second' WHERE id = :id", id=item.id)
+    async with session_scope() as session:
+        assert await q.due_kinds(session, [IMPORT]) == {IMPORT}
+        assert await q.next_due_at(session, "send") is None

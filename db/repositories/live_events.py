@@ -145,11 +145,11 @@ def listener_conninfo() -> str:
 
 
 @asynccontextmanager
-async def listening(conninfo: str) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
-    """A dedicated autocommit connection LISTENing on the live-event channel (iterate ``conn.notifies()``)."""
-    conn = await psycopg.AsyncConnection.connect(conninfo, autocommit=True, application_name="zapsync.events")
+async def listening(conninfo: str, channel: str = CHANNEL) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+    """A dedicated autocommit connection LISTENing on ``channel`` (iterate ``conn.notifies()``)."""
+    conn = await psycopg.AsyncConnection.connect(conninfo, autocommit=True, application_name=f"zapsync.{channel}")
     try:
-        await conn.execute(f"LISTEN {CHANNEL}")
+        await conn.execute(f"LISTEN {channel}")
         yield conn
     finally:
         await conn.close()

@@ -28,6 +28,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.errors import Conflict
 
+WORK_CHANNEL = "zapsync_work"
+"""Enqueuing NOTIFYs this channel with the item's kind when its transaction commits: warm workers wake at once."""
 SUPERSEDED = "superseded by a newer request"
 LEASE_EXPIRED = "lease expired"
 
@@ -79,6 +81,7 @@ class QueueStats:
 
 
 _ENQUEUE_SQL = text("""
+WITH written AS (
 INSERT INTO work_items AS w (kind, key, organization_id, instance_id, payload)
 SELECT * FROM unnest(CAST(:kinds AS text[]), CAST(:keys AS text[]), CAST(:orgs AS uuid[]), CAST(:insts AS uuid[]),
                      CAST(:payloads AS jsonb[]))
@@ -93,6 +96,10 @@ ON CONFLICT (kind, key) WHERE state = 'pending' DO UPDATE SET
 -- xmax is 0 on a freshly inserted row version and set on one written by DO UPDATE (a long-standing PostgreSQL
 -- behaviour, relied on here to tell the two apart without a second statement).
 RETURNING w.kind, w.key, w.id, (w.xmax = 0) AS created
+), notified AS (  -- wake the workers when this transaction commits (once per kind: NOTIFY folds duplicates)
+    SELECT pg_notify(:channel, kind) FROM (SELECT DISTINCT kind FROM written) AS kinds
+)
+SELECT kind, key, id, created, (SELECT count(*) FROM notified) AS notified FROM written
 """)
 
 
@@ -142,9 +149,10 @@ async def enqueue_many(
             "payloads": [orjson.dumps(dict(r.payload), default=str).decode() for r in batch],
             "merging": merge is not None,
             "sticky": list(merge or ()),
+            "channel": WORK_CHANNEL,
         },
     )
-    found = {(kind, key): Enqueued(id=item_id, created=created) for kind, key, item_id, created in rows.all()}
+    found = {(kind, key): Enqueued(id=item_id, created=created) for kind, key, item_id, created, _ in rows.all()}
     return [found[(r.kind, r.key)] for r in ordered]
 
 
@@ -351,3 +359,28 @@ async def outstanding_keys(session: AsyncSession, kind: str, keys: Iterable[str]
         {"kind": kind, "keys": wanted},
     )
     return set(rows.scalars().all())
+
+
+async def due_kinds(session: AsyncSession, kinds: Iterable[str]) -> set[str]:
+    """Which of ``kinds`` have work a claim would take now (a due pending item, or a running one whose lease
+    expired)."""
+    rows = await session.execute(
+        text(
+            "SELECT DISTINCT kind FROM work_items WHERE kind = ANY(:kinds) AND ("
+            "(state = 'pending' AND next_attempt_at <= now()) OR (state = 'running' AND lease_until <= now()))"
+        ),
+        {"kinds": list(kinds)},
+    )
+    return {row[0] for row in rows}
+
+
+async def next_due_at(session: AsyncSession, kind: str) -> datetime | None:
+    """When the next pending item of ``kind`` comes due, or a running one's lease expires (None: nothing waits)."""
+    row = await session.execute(
+        text(
+            "SELECT min(CASE WHEN state = 'pending' THEN next_attempt_at ELSE lease_until END) FROM work_items "
+            "WHERE kind = :kind AND state IN ('pending', 'running')"
+        ),
+        {"kind": kind},
+    )
+    return row.scalar_one_or_none()
