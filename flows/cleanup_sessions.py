@@ -18,6 +18,7 @@ from core.names import CLEANUP_FLOW
 from core.reports import CleanupCounts, CleanupReport
 from core.settings import get_settings
 from db.repositories.live_events import publish_quietly
+from db.repositories.maintenance import PrunableTable
 from flows.guard import Reporting, current_flow_run_id, fill, guarded, unknown_organization
 from tasks.maintenance import prune_sessions, prune_table
 
@@ -91,11 +92,12 @@ async def run_cleanup(
         organization_id=org, override_days=retention_days, now=now, batch_size=batch_size, dry_run=dry
     )
     deleted = CleanupCounts(sessions=sum(by_retention.values()))
-    for table, days in (
-        ("webhook_events", settings.webhook_retention_days),
-        ("live_events", settings.live_event_retention_days),
-        ("flow_reports", settings.report_retention_days),
-    ):
+    retention: dict[PrunableTable, int] = {
+        "webhook_events": settings.webhook_retention_days,
+        "live_events": settings.live_event_retention_days,
+        "flow_reports": settings.report_retention_days,
+    }
+    for table, days in retention.items():
         rows, table_batches = await prune_table(
             table, cutoff=now - timedelta(days=days), organization_id=org, batch_size=batch_size, dry_run=dry
         )

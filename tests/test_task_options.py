@@ -5,9 +5,10 @@ The predicate is tested on its own; real task runs under the test Prefect server
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
-from typing import TypeVar
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
+import httpx
 import psycopg
 import pytest
 from prefect import Task, flow, task
@@ -15,18 +16,22 @@ from prefect.context import TaskRunContext
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
 
-from core.errors import (
-    DatabaseUnavailable,
-    GatewayNotFound,
-    GatewayRequestError,
-    GatewayTransientError,
-    GatewayUnavailable,
-)
+from core.errors import DatabaseUnavailable, GatewayError, GatewayTransientError, GatewayUnavailable
 from db.engine import get_engine
+from gateways.resilience import raise_for_status
 from tasks.options import TASK_OPTIONS, is_transient, retried_by_task
 
 T = TypeVar("T")
 SQL = "SELECT 1"
+
+
+def gateway_error(status: int) -> GatewayError:
+    """The error a gateway client raises for an answer with HTTP ``status``."""
+    try:
+        raise_for_status("evolution", "fetchInstances", httpx.Response(status))
+    except GatewayError as exc:
+        return exc
+    raise AssertionError(f"HTTP {status} raised nothing")
 
 
 def lost_connection() -> sa_exc.DBAPIError:
@@ -57,8 +62,8 @@ PERMANENT = {
     "statement-timeout": sa_exc.OperationalError(SQL, {}, psycopg.errors.QueryCanceled("statement timeout")),
     "statement-timeout-raw": psycopg.errors.QueryCanceled("statement timeout"),
     "interface-not-invalidated": sa_exc.DBAPIError(SQL, {}, psycopg.InterfaceError("bad parameter")),
-    "gateway-4xx": GatewayRequestError("evolution: HTTP 400", status_code=400),
-    "gateway-404": GatewayNotFound("evolution: HTTP 404", status_code=404),
+    "gateway-4xx": gateway_error(400),
+    "gateway-404": gateway_error(404),
 }
 
 
@@ -96,7 +101,7 @@ def _run_count() -> int:
     return context.task_run.run_count
 
 
-async def _in_a_flow(write: Task[[], Awaitable[T]]) -> T | Exception:
+async def _in_a_flow(write: Task[[], Coroutine[Any, Any, T]]) -> T | Exception:
     """Call the task once inside a flow run, as the flows do: what it returned, or what it raised."""
     outcome: list[T | Exception] = []
 
