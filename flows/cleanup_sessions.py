@@ -7,24 +7,34 @@ reports past their retention settings. Every delete is a batch in its own transa
 
 from __future__ import annotations
 
-import time
 import uuid
 from datetime import UTC, datetime, timedelta
 
 from prefect import flow
+from pydantic import BaseModel
 
 from core.events import Kind, event
-from core.logs import run_logger
 from core.names import CLEANUP_FLOW
-from core.reports import CleanupReport
+from core.reports import CleanupCounts, CleanupReport
 from core.settings import get_settings
-from db.locks import try_advisory_lock
 from db.repositories.live_events import publish_quietly
-from flows.guard import current_flow_run_id, late_by, organization_known, store_report
+from db.repositories.maintenance import PrunableTable
+from flows.guard import Reporting, current_flow_run_id, fill, guarded, unknown_organization
 from tasks.maintenance import prune_sessions, prune_table
 
 
-@flow(name=CLEANUP_FLOW, flow_run_name="cleanup-sessions dry_run={dry_run}", retries=1, retry_delay_seconds=30)
+def _summary(r: CleanupReport) -> str:
+    d = r.deleted
+    return (
+        f"{'dry run, would delete' if r.dry_run else 'deleted'} sessions={d.sessions} webhook_events="
+        f"{d.webhook_events} live_events={d.live_events} flow_reports={d.flow_reports} batches={r.batches}"
+    )
+
+
+CLEANUP = Reporting(CLEANUP_FLOW, "CLEANUP", "zapsync.cleanup", "cleanup-sessions-report", "Cleanup report", _summary)
+
+
+@flow(name=CLEANUP_FLOW, flow_run_name="cleanup-sessions dry_run={dry_run}", retries=1, retry_delay_seconds=300)
 async def cleanup_sessions(
     organization_id: uuid.UUID | None = None,
     retention_days: int | None = None,
@@ -33,11 +43,10 @@ async def cleanup_sessions(
 ) -> CleanupReport:
     """Delete what is past retention (one organization, or all); ``dry_run`` reports counts and deletes nothing.
 
-    ``retention_days`` overrides every organization's own session retention for this run.
+    ``retention_days`` overrides every organization's own session retention for this run. Retried once after
+    5 minutes: the schedule is daily, and a retry deletes only what is still past retention.
     """
     settings = get_settings()
-    log = run_logger("zapsync.cleanup")
-    begun = time.perf_counter()
     report = CleanupReport(
         dry_run=dry_run,
         organization_id=organization_id,
@@ -48,85 +57,67 @@ async def cleanup_sessions(
         started_at=datetime.now(UTC),
         flow_run_id=current_flow_run_id(),
     )
-    known = organization_id is None or await organization_known(organization_id)
-    if (lateness := late_by(late_after_seconds)) is not None:
-        report.skipped = f"scheduled run started {lateness:.0f} s late; the next run covers it"
-    elif not known:
-        report.skipped = f"no organization {organization_id}"
-    else:
-        async with try_advisory_lock(f"cleanup_sessions:{organization_id or 'all'}") as acquired:
-            if acquired:
-                await run_cleanup(report, batch_size=settings.maintenance_batch_size)
-            else:
-                report.skipped = "another cleanup of this scope is running"
-    report.finished_at = datetime.now(UTC)
-    report.seconds = round(time.perf_counter() - begun, 3)
-    d = report.deleted
-    log.info(
-        "[CLEANUP] %s sessions=%d webhook_events=%d live_events=%d flow_reports=%d batches=%d in %.2fs%s",
-        "dry run, would delete" if dry_run else "deleted",
-        d.sessions,
-        d.webhook_events,
-        d.live_events,
-        d.flow_reports,
-        report.batches,
-        report.seconds,
-        f" (skipped: {report.skipped})" if report.skipped else "",
-    )
-    await _publish(report, known=known)
+    unknown = await unknown_organization(organization_id)
+    async with guarded(
+        report,
+        CLEANUP,
+        lock=f"cleanup_sessions:{organization_id or 'all'}",
+        busy="another cleanup of this scope is running",
+        late_after_seconds=late_after_seconds,
+        skip=unknown,
+        organization_id=None if unknown else organization_id,
+    ) as go:
+        if go:
+            fill(report, await run_cleanup(organization_id, retention_days, dry_run=dry_run, now=report.started_at))
+    if organization_id is not None and not unknown:
+        await _announce(organization_id, report)
     return report
 
 
-async def run_cleanup(report: CleanupReport, *, batch_size: int) -> None:
-    """Fill ``report``: sessions by retention group, then each pruned table."""
-    now = report.started_at
-    org, dry = report.organization_id, report.dry_run
+class CleanupResult(BaseModel):
+    """What one cleanup deleted (or would delete)."""
+
+    deleted: CleanupCounts
+    sessions_by_retention: dict[int, int]
+    batches: int
+
+
+async def run_cleanup(
+    organization_id: uuid.UUID | None, retention_days: int | None, *, dry_run: bool, now: datetime
+) -> CleanupResult:
+    """Sessions by retention group, then each pruned table past its retention as of ``now``; one task each."""
+    settings = get_settings()
+    org, dry, batch_size = organization_id, dry_run, settings.maintenance_batch_size
     by_retention, batches = await prune_sessions(
-        organization_id=org,
-        override_days=report.retention_days,
-        now=now,
-        batch_size=batch_size,
-        dry_run=dry,
+        organization_id=org, override_days=retention_days, now=now, batch_size=batch_size, dry_run=dry
     )
-    report.sessions_by_retention = by_retention
-    report.deleted.sessions = sum(by_retention.values())
-    report.batches += batches
-    for table, days in (
-        ("webhook_events", report.webhook_retention_days),
-        ("live_events", report.live_event_retention_days),
-        ("flow_reports", report.report_retention_days),
-    ):
-        rows, batches = await prune_table(
-            table,
-            cutoff=now - timedelta(days=days),
-            organization_id=org,
-            batch_size=batch_size,
-            dry_run=dry,
+    deleted = CleanupCounts(sessions=sum(by_retention.values()))
+    retention: dict[PrunableTable, int] = {
+        "webhook_events": settings.webhook_retention_days,
+        "live_events": settings.live_event_retention_days,
+        "flow_reports": settings.report_retention_days,
+    }
+    for table, days in retention.items():
+        rows, table_batches = await prune_table(
+            table, cutoff=now - timedelta(days=days), organization_id=org, batch_size=batch_size, dry_run=dry
         )
-        setattr(report.deleted, table, rows)
-        report.batches += batches
+        setattr(deleted, table, rows)
+        batches += table_batches
+    return CleanupResult(deleted=deleted, sessions_by_retention=by_retention, batches=batches)
 
 
-async def _publish(report: CleanupReport, *, known: bool) -> None:
-    """Store the report, show it in the Prefect UI, and tell an organization-scoped run's stream."""
-    await store_report(
-        CLEANUP_FLOW,
-        report,
-        organization_id=report.organization_id if known else None,
-        artifact_key="cleanup-sessions-report",
-        description="Cleanup report",
+async def _announce(organization_id: uuid.UUID, report: CleanupReport) -> None:
+    """Tell an organization-scoped run's live stream what it did."""
+    await publish_quietly(
+        [
+            event(
+                organization_id,
+                Kind.FLOW_RESULT,
+                flow=CLEANUP_FLOW,
+                flow_run_id=report.flow_run_id,
+                dry_run=report.dry_run,
+                skipped=report.skipped,
+                deleted=report.deleted.model_dump(),
+            )
+        ]
     )
-    if report.organization_id is not None and known:
-        await publish_quietly(
-            [
-                event(
-                    report.organization_id,
-                    Kind.FLOW_RESULT,
-                    flow=CLEANUP_FLOW,
-                    flow_run_id=report.flow_run_id,
-                    dry_run=report.dry_run,
-                    skipped=report.skipped,
-                    deleted=report.deleted.model_dump(),
-                )
-            ]
-        )

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -23,16 +22,16 @@ from typing import Any
 
 from prefect import flow
 from prefect.artifacts import acreate_progress_artifact, aupdate_progress_artifact
+from pydantic import BaseModel, Field
 
 from core.logs import run_logger
 from core.names import IMPORT_FLOW
-from core.reports import ImportCounts, ImportReport
+from core.reports import ImportCounts, ImportReport, Outcome
 from core.settings import get_settings
 from db.engine import session_scope
-from db.locks import try_advisory_lock
 from db.repositories.conversations import InstanceScope, instance_scope
 from db.repositories.import_runs import ImportRunRow, begin_import, finish_import, read_run
-from flows.guard import current_flow_run_id, store_report
+from flows.guard import Reporting, current_flow_run_id, fill, guarded
 from gateways.base import Gateway
 from gateways.registry import open_gateways
 from tasks.import_pages import (
@@ -42,6 +41,21 @@ from tasks.import_pages import (
     import_contacts_page,
     import_messages_page,
     load_targets,
+)
+
+
+def _summary(r: ImportReport) -> str:
+    c = r.counts
+    return (
+        f"{r.instance_name or r.instance_id} {r.outcome}: {c.chats_seen} chats ({c.chats_imported} imported, "
+        f"{c.chats_skipped} skipped), {c.contacts_created} contacts created, {c.contacts_linked} linked, "
+        f"{c.messages_inserted} messages inserted, {c.messages_present} already present, {c.messages_skipped} "
+        f"skipped ({r.messages_per_second:.0f} msg/s){f' (error: {r.error})' if r.error else ''}"
+    )
+
+
+IMPORT = Reporting(
+    IMPORT_FLOW, "IMPORT", "zapsync.imports", "import-conversations-report", "Conversation import", _summary
 )
 
 
@@ -55,9 +69,10 @@ async def import_conversations(
 ) -> ImportReport:
     """Import the instance's history: messages of the last ``history_days`` (default: the organization's
     setting, else everything). An interrupted import resumes from its checkpoint unless ``full`` asks for a
-    fresh one; ``connection_key`` (set on connect) makes a second import of the same connection a no-op."""
-    log = run_logger("zapsync.imports")
-    begun = time.perf_counter()
+    fresh one; ``connection_key`` (set on connect) makes a second import of the same connection a no-op.
+
+    Retried once after 30 s: the retry resumes at the checkpoint, so only the page that failed is asked again.
+    """
     report = ImportReport(
         instance_id=instance_id,
         trigger=trigger,
@@ -69,76 +84,129 @@ async def import_conversations(
     )
     async with session_scope() as session:
         scope = await instance_scope(session, instance_id)
-    failure: BaseException | None = None
-    if scope is None:
-        report.outcome, report.skipped = "skipped", f"no instance {instance_id}"
-    else:
+    if scope is not None:
         report.instance_name, report.gateway = scope.instance_name, scope.gateway
-        async with open_gateways({scope.gateway}) as gateways:
-            gateway = gateways.get(scope.gateway)
-            if gateway is None:
-                report.outcome, report.skipped = "skipped", f"gateway {scope.gateway!r} is not configured"
-            elif not gateway.supports_history:
-                report.outcome = "not_supported"
-                report.skipped = (
-                    f"not supported by this gateway: {gateway.provider} has no API to read chat "
-                    "history; its messages arrive by webhook only"
-                )
+    failure: BaseException | None = None
+    async with open_gateways({scope.gateway} if scope else set()) as gateways:
+        gateway = gateways.get(scope.gateway) if scope else None
+        refusal = _refusal(instance_id, scope, gateway)
+        async with guarded(
+            report,
+            IMPORT,
+            lock=f"import:{instance_id}",
+            busy="another import of this instance is running",
+            skip=refusal[1] if refusal else None,
+            organization_id=scope.organization_id if scope else None,
+        ) as go:
+            if go and scope is not None and gateway is not None:
+                try:
+                    result = await run_import(
+                        gateway,
+                        scope,
+                        trigger=trigger,
+                        connection_key=connection_key,
+                        history_days=history_days,
+                        full=full,
+                        flow_run_id=report.flow_run_id,
+                    )
+                    fill(report, result)
+                except ImportFailed as failed:
+                    fill(report, failed.result)
+                    failure = failed.error
             else:
-                async with try_advisory_lock(f"import:{instance_id}") as acquired:
-                    if not acquired:
-                        report.outcome, report.skipped = "skipped", "another import of this instance is running"
-                    else:
-                        failure = await _guarded(report, gateway, scope, history_days=history_days, full=full)
-    report.finished_at = datetime.now(UTC)
-    report.seconds = round(time.perf_counter() - begun, 3)
-    c = report.counts
-    log.info(
-        "[IMPORT] %s %s: %d chats (%d imported, %d skipped), %d contacts created, %d linked, %d messages "
-        "inserted, %d already present, %d skipped in %.2fs (%.0f msg/s)%s",
-        report.instance_name or instance_id,
-        report.outcome,
-        c.chats_seen,
-        c.chats_imported,
-        c.chats_skipped,
-        c.contacts_created,
-        c.contacts_linked,
-        c.messages_inserted,
-        c.messages_present,
-        c.messages_skipped,
-        report.seconds,
-        report.messages_per_second,
-        f" ({report.skipped or report.error})" if report.skipped or report.error else "",
-    )
-    await _publish(report, scope)
+                report.outcome = refusal[0] if refusal else "skipped"
     if failure is not None:
         raise failure
     return report
 
 
-async def _guarded(
-    report: ImportReport, gateway: Gateway, scope: InstanceScope, *, history_days: int | None, full: bool
-) -> BaseException | None:
-    """Run the import; on failure mark its run failed and return the error (the flow re-raises it)."""
-    try:
-        await run_import(report, gateway, scope, history_days=history_days, full=full)
-    except Exception as exc:
-        error = exc.exceptions[0] if isinstance(exc, ExceptionGroup) and exc.exceptions else exc
-        report.outcome, report.error = "failed", f"{type(error).__name__}: {getattr(error, 'message', error)}"
-        if report.import_run_id is not None:
-            async with session_scope() as session:
-                await finish_import(session, report.import_run_id, state="failed", error=report.error)
-                report.counts = ImportCounts(**(await read_run(session, report.import_run_id)).counts)
-        return error
+def _refusal(
+    instance_id: uuid.UUID, scope: InstanceScope | None, gateway: Gateway | None
+) -> tuple[Outcome, str] | None:
+    """Why this instance cannot be imported at all (outcome, reason), or None."""
+    if scope is None:
+        return "skipped", f"no instance {instance_id}"
+    if gateway is None:
+        return "skipped", f"gateway {scope.gateway!r} is not configured"
+    if not gateway.supports_history:
+        return "not_supported", (
+            f"not supported by this gateway: {gateway.provider} has no API to read chat history; its messages "
+            "arrive by webhook only"
+        )
     return None
 
 
+class ImportResult(BaseModel):
+    """What one import did: the fields of its report it sets."""
+
+    outcome: Outcome = "completed"
+    skipped: str | None = None
+    error: str | None = None
+    import_run_id: int | None = None
+    resumed: bool = False
+    history_days: int | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    counts: ImportCounts = Field(default_factory=ImportCounts)
+
+
+class ImportFailed(Exception):
+    """An import stopped by ``error``, its run marked failed; ``result`` is what it had done (stored, then the flow
+    raises ``error``)."""
+
+    def __init__(self, result: ImportResult, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.result, self.error = result, error
+
+
 async def run_import(
-    report: ImportReport, gateway: Gateway, scope: InstanceScope, *, history_days: int | None, full: bool
-) -> None:
-    """Begin or resume the instance's import run and work through its remaining phases; fills ``report``."""
+    gateway: Gateway,
+    scope: InstanceScope,
+    *,
+    trigger: str,
+    connection_key: str | None,
+    history_days: int | None,
+    full: bool,
+    flow_run_id: uuid.UUID | None,
+) -> ImportResult:
+    """Begin or resume the instance's import run and work through its remaining phases, one task per page.
+
+    On an error the run is marked failed and ImportFailed raised with what the run had done."""
+    run: ImportRunRow | None = None
+    try:
+        begun = await _begin(
+            scope,
+            trigger=trigger,
+            connection_key=connection_key,
+            history_days=history_days,
+            full=full,
+            flow_run_id=flow_run_id,
+        )
+        if isinstance(begun, str):
+            return ImportResult(outcome="skipped", skipped=begun)
+        run = begun
+        await _work_through(gateway, scope, run)
+        return await _finish(run, state="completed")
+    except Exception as exc:
+        error = exc.exceptions[0] if isinstance(exc, ExceptionGroup) and exc.exceptions else exc
+        message = f"{type(error).__name__}: {getattr(error, 'message', error)}"
+        done = (
+            await _finish(run, state="failed", error=message) if run else ImportResult(outcome="failed", error=message)
+        )
+        raise ImportFailed(done, error) from None
+
+
+async def _begin(
+    scope: InstanceScope,
+    *,
+    trigger: str,
+    connection_key: str | None,
+    history_days: int | None,
+    full: bool,
+    flow_run_id: uuid.UUID | None,
+) -> ImportRunRow | str:
+    """The import run to work on: resumed from its checkpoint, or new; a string says why none runs."""
     settings = get_settings()
-    log = run_logger("zapsync.imports")
     now = datetime.now(UTC).replace(microsecond=0)
     days = history_days if history_days is not None or full else scope.import_history_days
     seed = {
@@ -152,27 +220,32 @@ async def run_import(
         "page_size": settings.import_page_size,
     }
     async with session_scope() as session:
-        run = await begin_import(
+        return await begin_import(
             session,
             instance_id=scope.id,
-            trigger=report.trigger,
-            connection_key=report.connection_key,
+            trigger=trigger,
+            connection_key=connection_key,
             full=full,
-            flow_run_id=report.flow_run_id,
+            flow_run_id=flow_run_id,
             cursor=seed,
         )
-    if isinstance(run, str):
-        report.outcome, report.skipped = "skipped", run
-        return
+
+
+def _window(run: ImportRunRow) -> tuple[datetime | None, datetime]:
     cursor = run.cursor
     since = datetime.fromisoformat(cursor["since"]) if cursor.get("since") else None
-    until = datetime.fromisoformat(cursor["until"])
-    report.import_run_id, report.resumed = run.id, run.resumed
-    report.since, report.until, report.history_days = since, until, cursor.get("history_days")
+    return since, datetime.fromisoformat(cursor["until"])
+
+
+async def _work_through(gateway: Gateway, scope: InstanceScope, run: ImportRunRow) -> None:
+    """The run's remaining phases, from the phase its checkpoint names."""
+    settings = get_settings()
+    cursor = run.cursor
+    since, until = _window(run)
     # A resumed run keeps its window and its page size: its checkpoints are page numbers of that size.
     page_size = int(cursor.get("page_size") or settings.import_page_size)
     ctx = ImportContext(run_id=run.id, scope=scope, page_size=page_size, until=until, since=since)
-    log.info(
+    run_logger("zapsync.imports").info(
         "[IMPORT] %s: run %d %s at phase %s (%s)",
         scope.instance_name,
         run.id,
@@ -196,9 +269,24 @@ async def run_import(
         phase = "finalize"
     if phase == "finalize":
         await finalize_import(ctx)
+
+
+async def _finish(run: ImportRunRow, *, state: str, error: str | None = None) -> ImportResult:
+    """Close the run as ``state`` and read back its counts (cumulative over every attempt of the run)."""
     async with session_scope() as session:
-        await finish_import(session, run.id, state="completed")
-        report.counts = ImportCounts(**(await read_run(session, run.id)).counts)
+        await finish_import(session, run.id, state=state, error=error)
+        counts = ImportCounts(**(await read_run(session, run.id)).counts)
+    since, until = _window(run)
+    return ImportResult(
+        outcome="completed" if state == "completed" else "failed",
+        error=error,
+        import_run_id=run.id,
+        resumed=run.resumed,
+        history_days=run.cursor.get("history_days"),
+        since=since,
+        until=until,
+        counts=counts,
+    )
 
 
 async def _fresh_cursor(run: ImportRunRow) -> dict[str, Any]:
@@ -281,14 +369,3 @@ class _Progress:
     async def finish(self) -> None:
         if self.artifact is not None:
             await aupdate_progress_artifact(self.artifact, progress=100.0)
-
-
-async def _publish(report: ImportReport, scope: InstanceScope | None) -> None:
-    """Store the report for the API and dashboard, and show it in the Prefect UI."""
-    await store_report(
-        IMPORT_FLOW,
-        report,
-        organization_id=scope.organization_id if scope else None,
-        artifact_key="import-conversations-report",
-        description="Conversation import",
-    )

@@ -8,63 +8,48 @@ Check mode stops after the diff and writes nothing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import time
+import uuid
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Awaitable, Iterator, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Literal, Protocol
 
 from prefect import flow
 from prefect.utilities.annotations import quote
+from pydantic import BaseModel
 
 from core.batching import chunks
-from core.domain import AppliedChange, InstanceRef, StatusObservation
+from core.domain import AppliedChange, InstanceRef, StatusObservation, StatusWrite
 from core.logs import run_logger
 from core.names import SYNC_FLOW
 from core.policies.status import diff_observations, pick_live_confirmations
-from core.reports import GatewaySummary, SyncReport, SyncScope, UnreachableInstance
+from core.reports import REPORT_LIST_CAP, Drift, GatewaySummary, SyncReport, SyncScope, UnreachableInstance
 from core.settings import get_settings
 from db.engine import session_scope
-from db.locks import try_advisory_lock
 from db.repositories.instances import load_instances
 from db.repositories.live_events import publish_status_changes
-from flows.guard import current_flow_run_id, late_by, store_report
+from flows.guard import Reporting, current_flow_run_id, fill, guarded
 from flows.runs import start_pending_imports
 from gateways.base import Gateway
 from gateways.registry import open_gateways
-from tasks.status import apply_batch, observe_batch
+from tasks.status import apply_batch, observe_batch, observe_instances
 
 
-async def _observe_gateway(
-    gateway: Gateway,
-    refs: Sequence[InstanceRef],
-    *,
-    force: bool,
-    budget: int,
-    batch_size: int,
-    summary: GatewaySummary,
-    as_tasks: bool,
-) -> tuple[list[StatusObservation], set[str]]:
-    begun = time.perf_counter()
-    confirm = pick_live_confirmations(refs, force=force, budget=budget)
-    batches = [refs] if gateway.bulk_states else chunks(refs, batch_size)
-    if as_tasks:  # quote(): Prefect would otherwise walk (and copy) every element of the arguments
-        results = await asyncio.gather(
-            *(observe_batch(gateway, quote(batch), confirm=quote(confirm)) for batch in batches)
-        )
-    else:
-        results = await asyncio.gather(*(observe_batch.fn(gateway, batch, confirm=confirm) for batch in batches))
-    observations = [obs for batch in results for obs in batch]
-    summary.checked = len(observations)
-    summary.unreachable = sum(1 for obs in observations if obs.status is None)
-    summary.confirmed_live = len(confirm)
-    summary.breaker = getattr(gateway, "breaker_state", "closed")
-    summary.seconds = round(time.perf_counter() - begun, 3)
-    return observations, confirm
+def _summary(r: SyncReport) -> str:
+    return (
+        f"{r.mode} scope={r.scope.key} checked={r.checked} drifted={r.drifted} applied={r.applied} "
+        f"superseded={r.superseded} unreachable={r.unreachable}"
+    )
 
 
-@flow(name=SYNC_FLOW, flow_run_name="sync-status {mode}", retries=1, retry_delay_seconds=10, log_prints=False)
+SYNC = Reporting(SYNC_FLOW, "SYNC", "zapsync.sync", "sync-status-report", "Status sync report", _summary)
+
+
+@flow(name=SYNC_FLOW, flow_run_name="sync-status {mode}", retries=0, log_prints=False)
 async def sync_status(
     scope: SyncScope | None = None,
     mode: Literal["check", "apply"] = "apply",
@@ -75,47 +60,20 @@ async def sync_status(
 
     ``force`` confirms every connected instance live at providers whose bulk view lags. A scheduled run sets
     ``late_after_seconds`` (its interval) so that a run started later than that — a pile-up after downtime —
-    does nothing and leaves the work to the next one.
+    does nothing and leaves the work to the next one. Not retried as a whole: the next scheduled run is the retry.
     """
     scope = scope or SyncScope()
-    log = run_logger("zapsync.sync")
-    settings = get_settings()
-    begun = time.perf_counter()
     report = SyncReport(mode=mode, scope=scope, started_at=datetime.now(UTC), flow_run_id=current_flow_run_id())
-
-    if (lateness := late_by(late_after_seconds)) is not None:
-        report.skipped = f"scheduled run started {lateness:.0f} s late; the next run covers it"
-    else:
-        async with try_advisory_lock(f"sync_status:{scope.key}") as acquired:
-            if not acquired:
-                report.skipped = f"another sync of scope {scope.key} is running"
-            else:
-                gc.freeze()
-                thresholds = gc.get_threshold()
-                gc.set_threshold(100_000, 50, 1000)
-                try:
-                    await run_sync(
-                        report, force=force, batch_size=settings.sync_batch_size, budget=settings.sync_confirm_budget
-                    )
-                finally:
-                    gc.set_threshold(*thresholds)
-                    gc.unfreeze()
-
-    report.finished_at = datetime.now(UTC)
-    report.seconds = round(time.perf_counter() - begun, 3)
-    log.info(
-        "[SYNC] %s scope=%s checked=%d drifted=%d applied=%d superseded=%d unreachable=%d in %.2fs%s",
-        mode,
-        scope.key,
-        report.checked,
-        report.drifted,
-        report.applied,
-        report.superseded,
-        report.unreachable,
-        report.seconds,
-        f" (skipped: {report.skipped})" if report.skipped else "",
-    )
-    await _publish(report)
+    async with guarded(
+        report,
+        SYNC,
+        lock=f"sync_status:{scope.key}",
+        busy=f"another sync of scope {scope.key} is running",
+        late_after_seconds=late_after_seconds,
+        organization_id=scope.organization_id,
+    ) as go:
+        if go:
+            fill(report, await run_sync(scope, mode, force=force, flow_run_id=report.flow_run_id))
     if mode == "apply" and report.skipped is None:
         await start_pending_imports(
             report.became_connected, organization_id=scope.organization_id, instance_id=scope.instance_id
@@ -123,45 +81,88 @@ async def sync_status(
     return report
 
 
+class SyncResult(BaseModel):
+    """What one sync found and did (the counts and lists of its report)."""
+
+    checked: int
+    in_sync: int
+    drifted: int
+    applied: int
+    superseded: int
+    unreachable: int
+    by_gateway: dict[str, GatewaySummary]
+    changes: list[Drift]
+    unreachable_instances: list[UnreachableInstance]
+    became_connected: list[uuid.UUID]
+
+
+async def run_sync(
+    scope: SyncScope, mode: Literal["check", "apply"], *, force: bool, flow_run_id: uuid.UUID | None
+) -> SyncResult:
+    """Observe every instance in ``scope``, diff, and in apply mode write what drifted; one task per batch."""
+    with _long_lived_objects_frozen():
+        seen = await observe_scope(scope, force=force, observe=_observe_in_task)
+        drifts, unreachable, writes = diff_observations(seen.refs, seen.observations, confirmed=seen.confirmed)
+        applied = await _apply(writes, flow_run_id=flow_run_id) if mode == "apply" and writes else []
+    result = sync_result(seen, drifts, unreachable, applied, mode=mode)
+    _log_drifts(result.changes)
+    return result
+
+
 async def check_status(scope: SyncScope, *, force: bool = False) -> SyncReport:
     """Check mode without Prefect (the API's read-only `GET /instances/status`): observe and diff, write nothing."""
-    settings = get_settings()
     report = SyncReport(mode="check", scope=scope, started_at=datetime.now(UTC))
     begun = time.perf_counter()
-    await run_sync(
-        report, force=force, batch_size=settings.sync_batch_size, budget=settings.sync_confirm_budget, as_tasks=False
-    )
+    seen = await observe_scope(scope, force=force, observe=observe_instances)
+    drifts, unreachable, _ = diff_observations(seen.refs, seen.observations, confirmed=seen.confirmed)
+    fill(report, sync_result(seen, drifts, unreachable, [], mode="check"))
+    _log_drifts(report.changes)
     report.finished_at = datetime.now(UTC)
     report.seconds = round(time.perf_counter() - begun, 3)
     return report
 
 
-async def run_sync(report: SyncReport, *, force: bool, batch_size: int, budget: int, as_tasks: bool = True) -> None:
-    """Fill ``report`` for its scope and mode: observe, diff and (apply mode) write; one task per batch."""
-    log = run_logger("zapsync.sync")
-    scope, mode, settings_batch = report.scope, report.mode, batch_size
+class Observe(Protocol):
+    """Observes one batch of one gateway's instances (a task run, or the plain function)."""
+
+    def __call__(
+        self, gateway: Gateway, refs: Sequence[InstanceRef], *, confirm: set[str]
+    ) -> Awaitable[list[StatusObservation]]: ...
+
+
+@dataclass(slots=True)
+class ScopeObservation:
+    """Every instance of a scope as its gateway sees it (instances of unconfigured gateways apart)."""
+
+    total: int
+    """Instances in the scope, unconfigured gateways included."""
+    refs: list[InstanceRef] = field(default_factory=list)
+    observations: list[StatusObservation] = field(default_factory=list)
+    """One per ref, in the same order."""
+    confirmed: set[str] = field(default_factory=set)
+    by_gateway: dict[str, GatewaySummary] = field(default_factory=dict)
+    unconfigured: list[UnreachableInstance] = field(default_factory=list)
+
+
+async def observe_scope(scope: SyncScope, *, force: bool, observe: Observe) -> ScopeObservation:
+    """Load the scope's instances and observe them at their gateways, the gateways concurrently."""
+    settings = get_settings()
     async with session_scope() as session:
         refs = await load_instances(session, organization_id=scope.organization_id, instance_id=scope.instance_id)
-    log.info("[SYNC] %d instances in scope %s", len(refs), scope.key)
+    run_logger("zapsync.sync").info("[SYNC] %d instances in scope %s", len(refs), scope.key)
     by_gateway: dict[str, list[InstanceRef]] = defaultdict(list)
     for ref in refs:
         by_gateway[ref.gateway].append(ref)
-
+    seen = ScopeObservation(total=len(refs))
     async with open_gateways(set(by_gateway)) as gateways:
-        unconfigured = sorted(set(by_gateway) - set(gateways))
-        for name in unconfigured:
-            report.unreachable_instances.extend(
-                UnreachableInstance(
-                    instance_id=r.id,
-                    instance_name=r.instance_name,
-                    gateway=name,
-                    error=f"gateway {name!r} is not configured",
-                )
+        for name in sorted(set(by_gateway) - set(gateways)):
+            error = f"gateway {name!r} is not configured"
+            seen.unconfigured += [
+                UnreachableInstance(instance_id=r.id, instance_name=r.instance_name, gateway=name, error=error)
                 for r in by_gateway[name]
-            )
-            report.by_gateway[name] = GatewaySummary(
-                checked=len(by_gateway[name]), unreachable=len(by_gateway[name]), breaker="unconfigured"
-            )
+            ]
+            count = len(by_gateway[name])
+            seen.by_gateway[name] = GatewaySummary(checked=count, unreachable=count, breaker="unconfigured")
         names = sorted(gateways)
         observed = await asyncio.gather(
             *(
@@ -169,44 +170,94 @@ async def run_sync(report: SyncReport, *, force: bool, batch_size: int, budget: 
                     gateways[name],
                     by_gateway[name],
                     force=force,
-                    budget=budget,
-                    as_tasks=as_tasks,
-                    batch_size=settings_batch,
-                    summary=report.by_gateway.setdefault(name, GatewaySummary()),
+                    budget=settings.sync_confirm_budget,
+                    batch_size=settings.sync_batch_size,
+                    observe=observe,
                 )
                 for name in names
             )
         )
+    for name, (observations, confirm, summary) in zip(names, observed, strict=True):
+        seen.refs += by_gateway[name]
+        seen.observations += observations
+        seen.confirmed |= confirm
+        seen.by_gateway[name] = summary
+    return seen
 
-    ordered_refs = [ref for name in names for ref in by_gateway[name]]
-    observations = [obs for result, _ in observed for obs in result]
-    confirmed = set().union(*(confirm for _, confirm in observed)) if observed else set()
-    drifts, unreachable, writes = diff_observations(ordered_refs, observations, confirmed=confirmed)
-    unreachable = report.unreachable_instances + unreachable
 
-    applied: list[AppliedChange] = []
-    if mode == "apply" and writes:
-        batches = await asyncio.gather(
-            *(
-                apply_batch(quote(batch), source="sync", flow_run_id=report.flow_run_id)
-                for batch in chunks(writes, settings_batch)
-            )
+async def _observe_gateway(
+    gateway: Gateway,
+    refs: Sequence[InstanceRef],
+    *,
+    force: bool,
+    budget: int,
+    batch_size: int,
+    observe: Observe,
+) -> tuple[list[StatusObservation], set[str], GatewaySummary]:
+    begun = time.perf_counter()
+    confirm = pick_live_confirmations(refs, force=force, budget=budget)
+    batches = [refs] if gateway.bulk_states else chunks(refs, batch_size)
+    results = await asyncio.gather(*(observe(gateway, batch, confirm=confirm) for batch in batches))
+    observations = [obs for batch in results for obs in batch]
+    summary = GatewaySummary(
+        checked=len(observations),
+        unreachable=sum(1 for obs in observations if obs.status is None),
+        confirmed_live=len(confirm),
+        breaker=getattr(gateway, "breaker_state", "closed"),
+        seconds=round(time.perf_counter() - begun, 3),
+    )
+    return observations, confirm, summary
+
+
+async def _observe_in_task(
+    gateway: Gateway, refs: Sequence[InstanceRef], *, confirm: set[str]
+) -> list[StatusObservation]:
+    """One `observe-instances` task run (quote(): Prefect would otherwise walk and copy every element)."""
+    return await observe_batch(gateway, quote(refs), confirm=quote(confirm))
+
+
+async def _apply(writes: Sequence[StatusWrite], *, flow_run_id: uuid.UUID | None) -> list[AppliedChange]:
+    """Write the observations, one `apply-status` task per batch, and announce what changed."""
+    batches = await asyncio.gather(
+        *(
+            apply_batch(quote(batch), source="sync", flow_run_id=flow_run_id)
+            for batch in chunks(writes, get_settings().sync_batch_size)
         )
-        applied = [change for batch in batches for change in batch]
-        await publish_status_changes(applied, source="sync")
+    )
+    applied = [change for batch in batches for change in batch]
+    await publish_status_changes(applied, source="sync")
+    return applied
+
+
+def sync_result(
+    seen: ScopeObservation,
+    drifts: list[Drift],
+    unreachable: list[UnreachableInstance],
+    applied: list[AppliedChange],
+    *,
+    mode: Literal["check", "apply"],
+) -> SyncResult:
+    """The counts and lists of a sync's report; each drift is marked applied when it was written."""
     applied_ids = {change.instance_id for change in applied}
     for drift in drifts:
         drift.applied = drift.instance_id in applied_ids
+    unreachable = seen.unconfigured + unreachable
+    return SyncResult(
+        checked=seen.total,
+        in_sync=seen.total - len(drifts) - len(unreachable),
+        drifted=len(drifts),
+        applied=len(applied),
+        superseded=len(drifts) - len(applied) if mode == "apply" else 0,
+        unreachable=len(unreachable),
+        by_gateway=seen.by_gateway,
+        changes=drifts[:REPORT_LIST_CAP],
+        unreachable_instances=unreachable[:REPORT_LIST_CAP],
+        became_connected=[c.instance_id for c in applied if c.to_status == "connected"],
+    )
 
-    report.checked = len(refs)
-    report.unreachable = len(unreachable)
-    report.drifted = len(drifts)
-    report.in_sync = report.checked - report.drifted - report.unreachable
-    report.applied = len(applied)
-    report.superseded = report.drifted - report.applied if mode == "apply" else 0
-    report.changes = drifts[:500]
-    report.unreachable_instances = unreachable[:500]
-    report.became_connected = [c.instance_id for c in applied if c.to_status == "connected"]
+
+def _log_drifts(drifts: Sequence[Drift]) -> None:
+    log = run_logger("zapsync.sync")
     for drift in drifts[:20]:
         log.info(
             "[SYNC] %s/%s: %s -> %s%s",
@@ -218,12 +269,15 @@ async def run_sync(report: SyncReport, *, force: bool, batch_size: int, budget: 
         )
 
 
-async def _publish(report: SyncReport) -> None:
-    """Store the report for the API and dashboard, and show it in the Prefect UI."""
-    await store_report(
-        SYNC_FLOW,
-        report,
-        organization_id=report.scope.organization_id,
-        artifact_key="sync-status-report",
-        description="Status sync report",
-    )
+@contextlib.contextmanager
+def _long_lived_objects_frozen() -> Iterator[None]:
+    """Keep the process's long-lived objects out of the cyclic collector's passes while batches allocate many
+    small objects, and collect young ones less often (handed back afterwards)."""
+    gc.freeze()
+    thresholds = gc.get_threshold()
+    gc.set_threshold(100_000, 50, 1000)
+    try:
+        yield
+    finally:
+        gc.set_threshold(*thresholds)
+        gc.unfreeze()

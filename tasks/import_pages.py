@@ -1,4 +1,5 @@
-"""Import work, one gateway page per task: fetch it, write it in one transaction with its checkpoint.
+"""Import work, one gateway page per task: fetch it, write it in one transaction with its checkpoint. Each page is
+a plain function (callable without Prefect) wrapped by one thin task.
 
 Phases (the cursor's ``phase``): contacts (address book) → chats (one contact and one conversation per
 one-to-one chat) → messages (the instance's messages, newest first, within [since, until]) → finalize (stretch
@@ -14,13 +15,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from prefect import Task, task
-from prefect.cache_policies import NO_CACHE
-from prefect.client.schemas.objects import TaskRun
-from prefect.states import State
+from prefect import task
 
 from core.domain import ChatKind, GatewayMessage, chat_kind
-from core.errors import DatabaseUnavailable, GatewayTransientError
 from db.engine import session_scope
 from db.repositories.conversations import (
     ContactInput,
@@ -35,6 +32,7 @@ from db.repositories.conversations import (
 )
 from db.repositories.import_runs import Cursor, record_progress, relax_durability
 from gateways.base import Gateway
+from tasks.options import TASK_OPTIONS
 
 IMPORTED = "imported"
 """`close_reason` of conversations created closed by an import."""
@@ -79,24 +77,10 @@ class ConversationTargets:
         return found
 
 
-def retry_on_transient(_: Task[..., Any], __: TaskRun, state: State[Any]) -> bool:
-    """Retry a page only when a retry can help (gateway timeouts/5xx, database unreachable)."""
-    return isinstance(state.data, GatewayTransientError | DatabaseUnavailable)
-
-
-PAGE_TASK: dict[str, Any] = {
-    "cache_policy": NO_CACHE,
-    "retries": 2,
-    "retry_delay_seconds": [1, 5],
-    "retry_condition_fn": retry_on_transient,
-}
-
-
 # -- contacts -----------------------------------------------------------------------------------------------------
 
 
-@task(name="import-contacts-page", **PAGE_TASK)
-async def import_contacts_page(gateway: Gateway, ctx: ImportContext, page: int) -> PageOutcome:
+async def copy_contacts_page(gateway: Gateway, ctx: ImportContext, page: int) -> PageOutcome:
     """One page of the address book: people become contacts (linked to clients by phone); groups are skipped."""
     batch = await gateway.fetch_contacts(ctx.scope.instance_name, page=page, page_size=ctx.page_size)
     people = [
@@ -127,11 +111,13 @@ async def import_contacts_page(gateway: Gateway, ctx: ImportContext, page: int) 
     return PageOutcome(counts=counts, last=last)
 
 
+import_contacts_page = task(name="import-contacts-page", **TASK_OPTIONS)(copy_contacts_page)
+
+
 # -- chats --------------------------------------------------------------------------------------------------------
 
 
-@task(name="import-chats-page", **PAGE_TASK)
-async def import_chats_page(gateway: Gateway, ctx: ImportContext, skip: int) -> PageOutcome:
+async def copy_chats_page(gateway: Gateway, ctx: ImportContext, skip: int) -> PageOutcome:
     """One page of chats: each one-to-one chat with messages in the window gets its contact and conversation."""
     batch = await gateway.fetch_chats(ctx.scope.instance_name, skip=skip, take=ctx.page_size)
     counts = {"chats_seen": len(batch), "pages": 1}
@@ -177,6 +163,9 @@ async def import_chats_page(gateway: Gateway, ctx: ImportContext, skip: int) -> 
     return PageOutcome(counts=counts, last=last)
 
 
+import_chats_page = task(name="import-chats-page", **TASK_OPTIONS)(copy_chats_page)
+
+
 def _conversation_counts(refs: Iterable[Any]) -> dict[str, int]:
     created = [r for r in refs if r.created]
     closed = sum(1 for r in created if r.status == "closed")
@@ -192,8 +181,7 @@ async def load_targets(scope: InstanceScope) -> ConversationTargets:
         return ConversationTargets(await conversation_targets(session, scope.id))
 
 
-@task(name="import-messages-page", **PAGE_TASK)
-async def import_messages_page(
+async def copy_messages_page(
     gateway: Gateway, ctx: ImportContext, page: int, targets: ConversationTargets
 ) -> PageOutcome:
     """One page of the instance's messages: one-to-one ones are stored (ON CONFLICT DO NOTHING), others counted."""
@@ -243,6 +231,9 @@ async def import_messages_page(
     return PageOutcome(counts=counts, last=page >= pages, pages=pages, total=fetched.total)
 
 
+import_messages_page = task(name="import-messages-page", **TASK_OPTIONS)(copy_messages_page)
+
+
 async def _place_strays(
     session: Any, ctx: ImportContext, strays: list[GatewayMessage], rows: MessageRows
 ) -> dict[str, int]:
@@ -270,8 +261,7 @@ async def _place_strays(
 # -- finalize -----------------------------------------------------------------------------------------------------
 
 
-@task(name="import-finalize", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[1, 5])
-async def finalize_import(ctx: ImportContext) -> int:
+async def stretch_conversations(ctx: ImportContext) -> int:
     """Stretch conversations over their messages and mark the first unanswered one; returns conversations fixed."""
 
     def advance(cursor: Cursor) -> Cursor | None:
@@ -284,3 +274,6 @@ async def finalize_import(ctx: ImportContext) -> int:
         fixed = await finalize_conversations(session, ctx.scope.id)
         await record_progress(session, ctx.run_id, counts={}, advance=advance)
     return fixed
+
+
+finalize_import = task(name="import-finalize", **TASK_OPTIONS)(stretch_conversations)

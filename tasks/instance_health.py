@@ -1,4 +1,5 @@
-"""Health-monitor work: judge observations (pure), record them with their transitions, reconnect through gateways.
+"""Health-monitor work: judge observations (pure), record them with their transitions, reconnect through gateways
+(plain functions, each wrapped by one thin task).
 
 Transitions are derived from the failure counter the same statement increments, and their live events are
 written in that transaction, so each alert, reconnect decision and recovery is announced exactly once.
@@ -25,6 +26,7 @@ from db.repositories.health import GatewayCheck, GatewayOutcome, record_gateway_
 from db.repositories.instances import apply_status_writes
 from db.repositories.live_events import publish
 from gateways.base import Gateway
+from tasks.options import TASK_OPTIONS
 
 
 def _instance_fields(outcome: HealthOutcome) -> dict[str, object]:
@@ -47,8 +49,7 @@ class RecordedChecks:
     status_changes: int
 
 
-@task(name="record-health", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[1, 5])
-async def record_checks(
+async def record_health_checks(
     refs: Sequence[InstanceRef],
     observations: Sequence[StatusObservation],
     *,
@@ -99,6 +100,9 @@ async def record_checks(
     return RecordedChecks(decisions=decisions, status_changes=len(changes))
 
 
+record_checks = task(name="record-health", **TASK_OPTIONS)(record_health_checks)
+
+
 @dataclass(frozen=True, slots=True)
 class ReconnectResult:
     """One reconnect attempt through the gateway."""
@@ -122,12 +126,8 @@ async def _reconnect_one(gateway: Gateway, outcome: HealthOutcome) -> ReconnectR
         return ReconnectResult(outcome, method, ok=False, error=exc.message)
 
 
-@task(name="reconnect-instances", cache_policy=NO_CACHE, retries=0)
-async def reconnect(gateway: Gateway, outcomes: Sequence[HealthOutcome]) -> list[ReconnectResult]:
-    """Reconnect instances at one gateway (the client bounds concurrency); announce each attempt and any QR code.
-
-    Not retried as a task: a reconnect is asked once per failure streak, and a failed one asks the user to act.
-    """
+async def reconnect_instances(gateway: Gateway, outcomes: Sequence[HealthOutcome]) -> list[ReconnectResult]:
+    """Reconnect instances at one gateway (the client bounds concurrency); announce each attempt and any QR code."""
     results = list(await asyncio.gather(*(_reconnect_one(gateway, o) for o in outcomes)))
     events: list[NewLiveEvent] = []
     for r in results:
@@ -166,8 +166,11 @@ async def reconnect(gateway: Gateway, outcomes: Sequence[HealthOutcome]) -> list
     return results
 
 
-@task(name="record-gateway-health", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[1, 5])
-async def record_gateways(
+# retries=0: a reconnect is asked once per failure streak, and a failed one asks the user to act.
+reconnect = task(name="reconnect-instances", cache_policy=NO_CACHE, retries=0)(reconnect_instances)
+
+
+async def record_gateway_health(
     checks: Sequence[GatewayCheck], organizations: dict[str, set[uuid.UUID]]
 ) -> list[GatewayOutcome]:
     """Store each gateway's health; tell every organization with instances there when it goes down or recovers."""
@@ -190,3 +193,6 @@ async def record_gateways(
             ]
         await publish(events, session=session)
     return outcomes
+
+
+record_gateways = task(name="record-gateway-health", **TASK_OPTIONS)(record_gateway_health)

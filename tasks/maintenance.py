@@ -1,4 +1,8 @@
-"""Cleanup and inactive-conversation work, one batch per transaction (thin tasks over db/repositories)."""
+"""Cleanup and inactive-conversation work: plain functions over db/repositories, each wrapped by one thin task.
+
+Every delete or close is a batch in its own transaction, so a task retried after a database failure redoes
+only what is still to do.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,6 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from core.events import Kind, event
 from db.engine import session_scope
@@ -27,12 +30,12 @@ from db.repositories.maintenance import (
     select_idle,
     session_retention_groups,
 )
+from tasks.options import TASK_OPTIONS
 
 # -- cleanup ------------------------------------------------------------------------------------------------------
 
 
-@task(name="prune-sessions", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[1, 5])
-async def prune_sessions(
+async def prune_expired_sessions(
     *, organization_id: uuid.UUID | None, override_days: int | None, now: datetime, batch_size: int, dry_run: bool
 ) -> tuple[dict[int, int], int]:
     """Delete (or count) ended sessions past their organization's retention; ({days: sessions}, batches)."""
@@ -62,8 +65,7 @@ async def prune_sessions(
     return {days: n for days, n in found.items() if n}, batches
 
 
-@task(name="prune-table", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[1, 5])
-async def prune_table(
+async def prune_old_rows(
     table: PrunableTable, *, cutoff: datetime, organization_id: uuid.UUID | None, batch_size: int, dry_run: bool
 ) -> tuple[int, int]:
     """Delete (or count) rows of ``table`` older than ``cutoff`` in batches; (rows, batches)."""
@@ -82,25 +84,26 @@ async def prune_table(
             return total, batches
 
 
+prune_sessions = task(name="prune-sessions", **TASK_OPTIONS)(prune_expired_sessions)
+prune_table = task(name="prune-table", **TASK_OPTIONS)(prune_old_rows)
+
+
 # -- inactive conversations ---------------------------------------------------------------------------------------
 
 
-@task(name="count-idle-conversations", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[1, 5])
-async def count_idle_conversations(policy: ClosePolicy) -> tuple[int, int]:
+async def count_idle_and_waiting(policy: ClosePolicy) -> tuple[int, int]:
     """(idle conversations the policy closes, idle ones kept because the customer waits for an agent)."""
     async with session_scope() as session:
         return await count_idle(session, policy)
 
 
-@task(name="count-kept-waiting", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[1, 5])
-async def count_waiting_conversations(policy: ClosePolicy) -> int:
+async def count_waiting(policy: ClosePolicy) -> int:
     """Quiet conversations left open because the customer still waits for an agent."""
     async with session_scope() as session:
         return await count_kept_waiting(session, policy)
 
 
-@task(name="select-idle-conversations", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[1, 5])
-async def select_idle_conversations(
+async def read_idle_candidates(
     policy: ClosePolicy, *, after: IdleConversation | None, limit: int
 ) -> list[IdleConversation]:
     """The next candidates, read without locks (the closing UPDATE re-checks each one)."""
@@ -108,8 +111,7 @@ async def select_idle_conversations(
         return await select_idle(session, policy, after=after, limit=limit)
 
 
-@task(name="close-idle-conversations", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[1, 5])
-async def close_conversations(
+async def close_idle_batch(
     policy: ClosePolicy,
     ids: Sequence[int],
     *,
@@ -142,3 +144,9 @@ async def close_conversations(
                 )
         closed += done
     return closed
+
+
+count_idle_conversations = task(name="count-idle-conversations", **TASK_OPTIONS)(count_idle_and_waiting)
+count_waiting_conversations = task(name="count-kept-waiting", **TASK_OPTIONS)(count_waiting)
+select_idle_conversations = task(name="select-idle-conversations", **TASK_OPTIONS)(read_idle_candidates)
+close_conversations = task(name="close-idle-conversations", **TASK_OPTIONS)(close_idle_batch)

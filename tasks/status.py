@@ -1,4 +1,4 @@
-"""Status-sync work, one batch per task: observe at the gateway, diff (pure), apply in set-based SQL."""
+"""Status-sync work, one batch per task: observe at the gateway, apply in set-based SQL (the diff is pure, in core)."""
 
 from __future__ import annotations
 
@@ -6,17 +6,18 @@ import uuid
 from collections.abc import Sequence
 
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from core.domain import AppliedChange, InstanceRef, StatusObservation, StatusWrite
 from db.engine import session_scope
 from db.repositories.instances import apply_status_writes
 from gateways.base import Gateway
+from tasks.options import TASK_OPTIONS
 
 
-@task(name="observe-instances", cache_policy=NO_CACHE, retries=0)
-async def observe_batch(gateway: Gateway, refs: Sequence[InstanceRef], *, confirm: set[str]) -> list[StatusObservation]:
-    """Ask one gateway about a batch of its instances (the client retries and breaks on its own)."""
+async def observe_instances(
+    gateway: Gateway, refs: Sequence[InstanceRef], *, confirm: set[str]
+) -> list[StatusObservation]:
+    """Ask one gateway about a batch of its instances, in ``refs`` order (an unreachable one has ``status=None``)."""
     observations = await gateway.fetch_states(
         [r.instance_name for r in refs],
         db_statuses={r.instance_name: r.status for r in refs},
@@ -25,10 +26,13 @@ async def observe_batch(gateway: Gateway, refs: Sequence[InstanceRef], *, confir
     return [observations[r.instance_name] for r in refs]
 
 
-@task(name="apply-status", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[1, 5])
-async def apply_batch(
+async def write_statuses(
     writes: Sequence[StatusWrite], *, source: str, flow_run_id: uuid.UUID | None
 ) -> list[AppliedChange]:
     """Write one batch of observations in one transaction (newest-wins guard, history, sessions)."""
     async with session_scope() as session:
         return await apply_status_writes(session, writes, source=source, flow_run_id=flow_run_id)
+
+
+observe_batch = task(name="observe-instances", **TASK_OPTIONS)(observe_instances)
+apply_batch = task(name="apply-status", **TASK_OPTIONS)(write_statuses)

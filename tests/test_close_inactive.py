@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Sequence
 
 import pytest
 from sqlalchemy import text
 
+from core.policies.inactivity import closing_message
 from db.engine import get_engine
 from db.repositories.maintenance import ClosePolicy
 from flows.close_inactive import close_inactive_conversations, close_organization
+from tasks.maintenance import close_idle_batch, read_idle_candidates
 from tests.factories import count, make_instance, make_organization
 from tests.maintenance_rows import (
     add_conversation,
@@ -92,19 +93,16 @@ async def test_a_message_between_selection_and_update_keeps_its_conversation_ope
     a, a_inst = await _org("A", hours=24)
     ids = [await add_conversation(a, a_inst, last_message_at=ago(hours=30 + i)) for i in range(3)]
     late = ids[1]
-    seen: list[Sequence[int]] = []
-
-    async def customer_writes(candidates: Sequence[int]) -> None:
-        seen.append(candidates)
-        await add_message(late, bump=bump)  # committed after the selection, before the UPDATE
-
     policy = ClosePolicy(organization_id=a, inactivity_hours=24, close_waiting=False, cutoff=ago(hours=24))
-    summary = await close_organization(
-        policy, closed_at=ago(), dry_run=False, batch_size=10, as_tasks=False, before_update=customer_writes
+
+    candidates = sorted(c.id for c in await read_idle_candidates(policy, after=None, limit=10))
+    await add_message(late, bump=bump)  # committed after the selection, before the UPDATE
+    closed = await close_idle_batch(
+        policy, candidates, closed_at=ago(), message=closing_message(24), transaction_size=1000
     )
 
-    assert sorted(seen[0]) == sorted(ids)  # it was selected as idle
-    assert summary.closed == 2 and summary.raced == 1
+    assert candidates == sorted(ids)  # it was selected as idle
+    assert len(closed) == 2 and len(candidates) - len(closed) == 1  # two closed, one raced
     assert (await conversation(late))["status"] == "in_progress"
     assert {(await conversation(i))["status"] for i in ids if i != late} == {"closed"}
     assert late not in {n["conversation_id"] for n in await system_messages()}
@@ -142,15 +140,14 @@ async def test_many_small_rounds_close_every_idle_conversation_once() -> None:
         for i in range(9)
     ]
     recent = await add_conversation(a, a_inst, last_message_at=ago(hours=1))
-    rounds: list[Sequence[int]] = []
-
-    async def note(ids: Sequence[int]) -> None:
-        rounds.append(ids)
-
     policy = ClosePolicy(organization_id=a, inactivity_hours=24, close_waiting=False, cutoff=ago(hours=24))
-    summary = await close_organization(
-        policy, closed_at=ago(), dry_run=False, batch_size=2, concurrency=2, as_tasks=False, before_update=note
-    )
+
+    rounds: list[list[int]] = []  # the keyset walk the flow makes, with rounds of batch_size 2 × concurrency 2
+    page = await read_idle_candidates(policy, after=None, limit=4)
+    while page:
+        rounds.append([c.id for c in page])
+        page = await read_idle_candidates(policy, after=page[-1], limit=4) if len(page) == 4 else []
+    summary = await close_organization(policy, closed_at=ago(), dry_run=False, batch_size=2, concurrency=2)
 
     assert [len(r) for r in rounds] == [4, 4, 1]
     assert sorted(i for r in rounds for i in r) == sorted(idle)
