@@ -10,12 +10,11 @@ dozens of times a second; a repeat of the state already stored costs a lookup in
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -23,11 +22,9 @@ from typing import Any, Literal
 from cachetools import TTLCache
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from core.domain import AppliedChange, ChatKind, GatewayMessage, Provider, StatusWrite
-from core.errors import FlowTriggerFailed
+from core.domain import AppliedChange, ChatKind, GatewayMessage, Provider, StatusWrite, WorkKind
 from core.events import Kind
 from core.events import event as live_event
-from core.policies.imports import connection_key
 from core.settings import get_settings
 from db.engine import session_scope
 from db.repositories.conversations import (
@@ -46,9 +43,10 @@ from db.repositories.conversations import (
 from db.repositories.instances import apply_status_writes
 from db.repositories.live_events import publish
 from db.repositories.webhook_events import lock_instance, store_event
-from flows.runs import start_import
+from flows.runs import Waker
 from gateways.registry import client_class
 from gateways.webhook_payloads import EventKind, WebhookEvent, dedupe_key, observation_time
+from tasks.import_requests import enqueue_connect_imports
 
 log = logging.getLogger("zapsync.webhooks")
 
@@ -62,6 +60,12 @@ class HandlingResult:
     outcome: Outcome
     detail: str | None = None
     changes: tuple[AppliedChange, ...] = ()
+    imports_queued: int = 0
+    """Imports this delivery queued (instances it connected)."""
+
+
+AfterWebhook = Callable[[uuid.UUID, "WebhookEvent", HandlingResult], Awaitable[None]]
+"""What runs after a delivery's commit (live events, waking drains); never fails the delivery."""
 
 
 class RepeatFilter:
@@ -184,8 +188,16 @@ async def _handle_status(
         changes = await apply_status_writes(session, [write], source="webhook")
         if repeat:
             return HandlingResult("duplicate", "state already stored")
+        queued = await enqueue_connect_imports(
+            session, changes, trigger="connect", import_gateways=_history_gateways(event.provider)
+        )
         await store_event(session, **store, outcome="applied")
-    return HandlingResult("applied", changes=tuple(changes))
+    return HandlingResult("applied", changes=tuple(changes), imports_queued=len(queued))
+
+
+def _history_gateways(provider: Provider) -> list[str]:
+    """The configured gateways of ``provider`` whose client reads history (imports on connect)."""
+    return gateways_for(provider) if client_class(provider).supports_history else []
 
 
 async def _handle_messages(
@@ -274,41 +286,15 @@ async def apply_messages(
     return inserted
 
 
-_import_starts: set[asyncio.Task[None]] = set()
+def wake_imports_on_connect(waker: Waker) -> AfterWebhook:
+    """After a webhook's commit: when it connected an instance (and so queued its import), make sure a drain runs.
 
-
-async def start_import_on_connect(_organization_id: uuid.UUID, event: WebhookEvent, result: HandlingResult) -> None:
-    """After a webhook's commit: an instance that became connected gets an import of its history.
-
-    The idempotency key names the connection (instance and connect time), so redelivered events, and a status
-    sync that saw the same connection, start one run. It runs in the background: the gateway gets its 200 now.
+    A warm worker was already woken by the enqueue's NOTIFY; without one a drain deployment run is started (see
+    ``flows.runs.wake_drain``). It runs in the background: the gateway gets its 200 now.
     """
-    if result.outcome != "applied" or not client_class(event.provider).supports_history:
-        return
-    for change in result.changes:
-        if change.to_status == "connected":
-            task = asyncio.create_task(
-                _start_import(change.instance_id, connection_key(change.instance_id, change.observed_at))
-            )
-            _import_starts.add(task)
-            task.add_done_callback(_import_starts.discard)
 
+    async def after(_organization_id: uuid.UUID, _event: WebhookEvent, result: HandlingResult) -> None:
+        if result.imports_queued:
+            waker.wake(WorkKind.IMPORT)
 
-async def _start_import(instance_id: uuid.UUID, key: str) -> None:
-    from prefect.settings import PREFECT_API_URL
-
-    if not PREFECT_API_URL.value():  # no server a deployment could be served from; never start an ephemeral one
-        log.info("[WEBHOOK] import of %s not started: no Prefect API configured", instance_id)
-        return
-    try:
-        run = await start_import(instance_id, trigger="connect", connection_key=key, idempotency_key=key)
-    except FlowTriggerFailed as exc:
-        log.warning("[WEBHOOK] import of %s not started (the next status sync will): %s", instance_id, exc.message)
-        return
-    log.info("[WEBHOOK] import of %s: flow run %s", instance_id, run.id)
-
-
-async def wait_for_import_starts() -> None:
-    """Wait until the imports requested by webhooks so far were handed to Prefect (tests, shutdown)."""
-    while _import_starts:
-        await asyncio.gather(*list(_import_starts), return_exceptions=True)
+    return after

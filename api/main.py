@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from api.errors import install_error_handlers
-from api.inbox import RepeatFilter, start_import_on_connect
+from api.inbox import RepeatFilter, wake_imports_on_connect
 from api.metrics import Metrics
 from api.routes import (
     conversations,
@@ -26,6 +26,7 @@ from api.routes import (
 )
 from core.settings import get_settings
 from db.engine import check_migrated, dispose_engine
+from flows.runs import Waker
 
 log = logging.getLogger("zapsync.api")
 
@@ -47,7 +48,8 @@ def create_app(*, check_database: bool = True) -> FastAPI:
         description="Keeps a CRM's PostgreSQL in step with its WhatsApp gateways.",
     )
     app.state.repeat_filter = RepeatFilter(get_settings().webhook_repeat_window_seconds)
-    app.state.after_webhook = [events.announce_webhook, start_import_on_connect]
+    app.state.waker = Waker()
+    app.state.after_webhook = [events.announce_webhook, wake_imports_on_connect(app.state.waker)]
     app.state.metrics = Metrics()
     install_error_handlers(app)
     for router in (

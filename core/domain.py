@@ -215,6 +215,18 @@ class AppliedChange:
     to_status: str
     observed_at: datetime
     reason: str | None
+    gateway: str = ""
+    """The configured gateway the instance lives at."""
+
+
+# -- queued work ------------------------------------------------------------------------------------------------
+
+
+class WorkKind(enum.StrEnum):
+    """Kinds of event-driven work in the queue (`work_items.kind`), each drained by its own flow."""
+
+    IMPORT = "import"
+    """Import an instance's chats, contacts and messages; key: the instance id."""
 
 
 # -- instance health ------------------------------------------------------------------------------------------

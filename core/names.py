@@ -33,4 +33,5 @@ CLEANUP_ON_DEMAND = DeploymentName(CLEANUP_FLOW, "on-demand")
 CLOSE_SCHEDULED = DeploymentName(CLOSE_FLOW, "scheduled")
 CLOSE_ON_DEMAND = DeploymentName(CLOSE_FLOW, "on-demand")
 MONITOR_SCHEDULED = DeploymentName(MONITOR_FLOW, "scheduled")
-IMPORT_ON_DEMAND = DeploymentName(IMPORT_FLOW, "on-demand")
+IMPORT_DRAIN = DeploymentName(IMPORT_FLOW, "drain")
+"""Drains the import queue where no warm worker does (work pools with Prefect workers only)."""

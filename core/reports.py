@@ -401,3 +401,56 @@ class ImportReport(BaseModel):
             f"present, {c.messages_skipped} skipped |",
         ]
         return "\n".join(lines)
+
+
+# -- queue drains ---------------------------------------------------------------------------------------------
+
+
+class DrainedItem(BaseModel):
+    """What a drain did with one queue item."""
+
+    item_id: int
+    key: str
+    instance_id: uuid.UUID | None = None
+    attempt: int
+    outcome: Literal["done", "retry", "failed", "superseded", "lease_lost"]
+    seconds: float = 0.0
+    error: str | None = None
+    summary: str | None = None
+    """One line about the work (an import's counts)."""
+
+
+class DrainReport(BaseModel):
+    """What one drain run (a flow run that works through the queue of one kind) claimed and how each item ended."""
+
+    kind: str
+    started_at: datetime
+    finished_at: datetime | None = None
+    seconds: float = 0.0
+    flow_run_id: uuid.UUID | None = None
+    skipped: str | None = None
+    claimed: int = 0
+    done: int = 0
+    retried: int = 0
+    failed: int = 0
+    superseded: int = 0
+    lease_lost: int = 0
+    items: list[DrainedItem] = Field(default_factory=list)
+    """The first REPORT_LIST_CAP items, in the order they finished."""
+
+    def to_markdown(self) -> str:
+        """A short human summary for the Prefect UI."""
+        lines = [
+            f"# Queue drain: {self.kind}",
+            "",
+            f"{self.claimed} claimed: {self.done} done, {self.retried} to retry, {self.failed} failed, "
+            f"{self.superseded} superseded, {self.lease_lost} lost their lease — {self.seconds:.2f} s",
+        ]
+        if self.items:
+            lines += ["", "| item | key | attempt | outcome | seconds | detail |", "|---|---|---|---|---|---|"]
+            lines += [
+                f"| {i.item_id} | {i.key} | {i.attempt} | {i.outcome} | {i.seconds:.2f} | "
+                f"{i.error or i.summary or ''} |"
+                for i in self.items[:100]
+            ]
+        return "\n".join(lines)

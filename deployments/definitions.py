@@ -16,7 +16,7 @@ from core.names import (
     CLEANUP_SCHEDULED,
     CLOSE_ON_DEMAND,
     CLOSE_SCHEDULED,
-    IMPORT_ON_DEMAND,
+    IMPORT_DRAIN,
     MONITOR_SCHEDULED,
     SYNC_ON_DEMAND,
     SYNC_SCHEDULED,
@@ -69,14 +69,13 @@ def build_deployments() -> list[RunnerDeployment]:
 
 
 def import_deployments() -> list[RunnerDeployment]:
-    """Conversation imports (on connect, after a sync, on demand): at most `import_max_concurrency` at once,
-    the rest queued."""
-    limit = get_settings().import_max_concurrency
+    """The import queue's drain, started where no warm worker drains it (Prefect workers only): two at most at once,
+    each working `import_max_concurrency` instances at a time."""
     return [
         import_conversations.to_deployment(
-            name=IMPORT_ON_DEMAND.deployment,
-            concurrency_limit=ConcurrencyLimitConfig(limit=limit, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE),
-            description=f"Imports one instance's chats, contacts and messages; {limit} at most at once.",
+            name=IMPORT_DRAIN.deployment,
+            concurrency_limit=ConcurrencyLimitConfig(limit=2, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE),
+            description="Drains the import queue (chats, contacts and messages of connected instances).",
             tags=TAGS,
             entrypoint_type=EntrypointType.MODULE_PATH,
         ),

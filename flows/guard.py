@@ -68,8 +68,8 @@ async def guarded(
     report: R,
     reporting: Reporting[R],
     *,
-    lock: str,
-    busy: str,
+    lock: str | None = None,
+    busy: str = "",
     late_after_seconds: int | None = None,
     skip: str | None = None,
     organization_id: uuid.UUID | None = None,
@@ -78,7 +78,8 @@ async def guarded(
 
     It yields False, with ``report.skipped`` saying why, for a scheduled run that started more than
     ``late_after_seconds`` late (a pile-up after downtime: the next run covers it), when ``skip`` names a reason
-    found by the flow, or when another run holds the advisory lock ``lock`` (then ``busy`` is the reason). The
+    found by the flow, or when another run holds the advisory lock ``lock`` (then ``busy`` is the reason; no lock
+    is taken when ``lock`` is None). The
     lock is held while the block runs. After the block: the run's duration, one ``[TAG]`` log line, and the report
     stored under ``organization_id`` and shown as a markdown artifact. A block that raises stores nothing.
     """
@@ -89,6 +90,8 @@ async def guarded(
         report.skipped = skip
     if report.skipped is not None:
         yield False
+    elif lock is None:
+        yield True
     else:
         async with try_advisory_lock(lock) as acquired:
             if not acquired:

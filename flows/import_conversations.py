@@ -1,9 +1,15 @@
-"""Flow `import-conversations`: bring one instance's chats, contacts and messages into PostgreSQL (DESIGN.md §5).
+"""Flow `import-conversations`: drain the import queue into PostgreSQL: chats, contacts and messages of instances.
 
-instance → its gateway (one that can read history, else "not supported") → the instance's import lock → the run
-to work on (resumed from its checkpoint, or new) → contacts pages → chats pages → message pages (a few at once) →
-finalize → report (returned, stored, and a Prefect artifact). Every page is one task that fetches, writes and
-checkpoints in one transaction, so a run killed anywhere resumes at the first page it had not finished.
+A connect (webhook or status sync) or an API call enqueues an import of one instance in the same transaction as the
+fact that asks for it (DESIGN.md §5.1). A drain run claims queued imports and works several instances at once
+(``import_max_concurrency``); each instance is one task run, its pages nested task runs, and its report is kept with
+its queue item (and shown as an artifact). So a storm of connects makes a handful of flow runs, not one per connect.
+
+Per instance: its gateway (one that can read history, else "not supported") → the instance's import lock → the
+import run to work on (resumed from its checkpoint, or new) → contacts pages → chats pages → message pages (a few at
+once) → finalize. Every page is one task that fetches, writes and checkpoints in one transaction, so an import killed
+anywhere resumes at the first page it had not finished. A reconnect imports incrementally: only messages newer than
+the instance's last completed import (``full`` re-reads everything).
 
 Imported history lands in one conversation per contact: open when its newest message is recent (``waiting`` if
 the customer wrote last, ``in_progress`` if the business did), closed with reason ``imported`` otherwise — the
@@ -15,22 +21,36 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import re
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from prefect import flow
-from prefect.artifacts import acreate_progress_artifact, aupdate_progress_artifact
+from prefect import flow, task
+from prefect.artifacts import acreate_markdown_artifact, acreate_progress_artifact, aupdate_progress_artifact
+from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
+from core.domain import WorkKind
+from core.errors import NotFound
 from core.logs import run_logger
 from core.names import IMPORT_FLOW
-from core.reports import ImportCounts, ImportReport, Outcome
+from core.reports import DrainReport, ImportCounts, ImportReport, Outcome
 from core.settings import get_settings
 from db.engine import session_scope
+from db.locks import try_advisory_lock
 from db.repositories.conversations import InstanceScope, instance_scope
-from db.repositories.import_runs import ImportRunRow, begin_import, finish_import, read_run
+from db.repositories.import_runs import (
+    ImportRunRow,
+    begin_import,
+    finish_import,
+    import_request,
+    read_run,
+    request_imports,
+)
+from db.repositories.work_queue import ClaimedItem, ItemState, read_item
+from flows.drain import DrainLimits, Handled, drain
 from flows.guard import Reporting, current_flow_run_id, fill, guarded
 from gateways.base import Gateway
 from gateways.registry import open_gateways
@@ -42,6 +62,104 @@ from tasks.import_pages import (
     import_messages_page,
     load_targets,
 )
+from tasks.options import is_transient
+
+
+def _drain_summary(r: DrainReport) -> str:
+    return (
+        f"drain: {r.claimed} claimed, {r.done} imported, {r.retried} to retry, {r.failed} failed, "
+        f"{r.superseded} superseded, {r.lease_lost} lost their lease"
+    )
+
+
+DRAIN = Reporting(
+    IMPORT_FLOW, "IMPORT", "zapsync.imports", "import-conversations-drain", "Import queue", _drain_summary
+)
+
+
+@flow(name=IMPORT_FLOW, flow_run_name="import-conversations", retries=0, log_prints=False)
+async def import_conversations(budget_seconds: float | None = None) -> DrainReport:
+    """Work through the queued imports until none is due (or ``budget_seconds`` passed), several instances at once.
+
+    Not retried as a whole: a failed instance goes back to the queue with backoff (transient failures) or ends
+    `failed` with its reason, and the items of a killed run come back when their lease expires.
+    """
+    settings = get_settings()
+    report = DrainReport(kind=WorkKind.IMPORT, started_at=datetime.now(UTC), flow_run_id=current_flow_run_id())
+    limits = DrainLimits(
+        concurrency=settings.import_max_concurrency,
+        lease_seconds=settings.queue_lease_seconds,
+        max_attempts=settings.queue_max_attempts,
+        retry_initial_seconds=settings.queue_retry_initial_seconds,
+        retry_max_seconds=settings.queue_retry_max_seconds,
+        budget_seconds=budget_seconds,
+    )
+    async with guarded(report, DRAIN) as go:
+        if go:
+            await drain(WorkKind.IMPORT, _import_item, limits, report)
+    return report
+
+
+async def _import_item(item: ClaimedItem) -> Handled:
+    """One queued import: a transient failure is raised (the queue retries it), any other ends in the report."""
+    if item.instance_id is None:
+        return Handled(error=f"import item {item.id} names no instance")
+    payload = item.payload
+    report = await import_instance_task(
+        item.instance_id,
+        trigger=str(payload.get("trigger") or "queue"),
+        connection_key=payload.get("connection_key"),
+        history_days=payload.get("history_days"),
+        full=bool(payload.get("full")),
+    )
+    return Handled(
+        result=report.model_dump(mode="json"),
+        summary=_summary(report),
+        error=report.error if report.outcome == "failed" else None,
+    )
+
+
+async def import_queued_now(
+    instance_id: uuid.UUID,
+    *,
+    trigger: str,
+    connection_key: str | None = None,
+    history_days: int | None = None,
+    full: bool = False,
+    timeout_seconds: float = 3600,
+) -> ItemState:
+    """Queue an import of one instance and drain the queue in this process until that import finished (a worker may
+    take it first: then this waits for it). An instance that does not exist is not queued: its report says so."""
+    async with session_scope() as session:
+        scope = await instance_scope(session, instance_id)
+        if scope is None:
+            report = ImportReport(instance_id=instance_id, trigger=trigger, started_at=datetime.now(UTC))
+            report.outcome, report.skipped = "skipped", f"no instance {instance_id}"
+            return ItemState(0, WorkKind.IMPORT, "done", 0, None, report.model_dump(mode="json"), finished=True)
+        (queued,) = await request_imports(
+            session,
+            [
+                import_request(
+                    instance_id,
+                    scope.organization_id,
+                    trigger=trigger,
+                    connection_key=connection_key,
+                    history_days=history_days,
+                    full=full,
+                )
+            ],
+        )
+    await import_conversations()
+    deadline = asyncio.get_running_loop().time() + timeout_seconds
+    while True:
+        async with session_scope() as session:
+            item = await read_item(session, queued.id)
+        if item is None or item.finished or asyncio.get_running_loop().time() > deadline:
+            break
+        await asyncio.sleep(0.5)  # a worker holds it: poll until it finishes
+    if item is None:
+        raise NotFound(f"import item {queued.id} vanished")
+    return item
 
 
 def _summary(r: ImportReport) -> str:
@@ -51,28 +169,23 @@ def _summary(r: ImportReport) -> str:
         f"{c.chats_skipped} skipped), {c.contacts_created} contacts created, {c.contacts_linked} linked, "
         f"{c.messages_inserted} messages inserted, {c.messages_present} already present, {c.messages_skipped} "
         f"skipped ({r.messages_per_second:.0f} msg/s){f' (error: {r.error})' if r.error else ''}"
+        f"{f' ({r.skipped})' if r.skipped else ''}"
     )
 
 
-IMPORT = Reporting(
-    IMPORT_FLOW, "IMPORT", "zapsync.imports", "import-conversations-report", "Conversation import", _summary
-)
-
-
-@flow(name=IMPORT_FLOW, flow_run_name="import {instance_id}", retries=1, retry_delay_seconds=30, log_prints=False)
-async def import_conversations(
+async def import_instance(
     instance_id: uuid.UUID,
-    history_days: int | None = None,
-    full: bool = False,
+    *,
     trigger: str = "manual",
     connection_key: str | None = None,
+    history_days: int | None = None,
+    full: bool = False,
 ) -> ImportReport:
-    """Import the instance's history: messages of the last ``history_days`` (default: the organization's
-    setting, else everything). An interrupted import resumes from its checkpoint unless ``full`` asks for a
-    fresh one; ``connection_key`` (set on connect) makes a second import of the same connection a no-op.
-
-    Retried once after 30 s: the retry resumes at the checkpoint, so only the page that failed is asked again.
-    """
+    """Import one instance's history: messages of the last ``history_days`` (default: the organization's setting,
+    else everything; on a reconnect, only what is newer than its last completed import). An interrupted import
+    resumes from its checkpoint unless ``full`` asks for a fresh one; ``connection_key`` (set on connect) makes a
+    second import of the same connection a no-op. Raises a transient failure (after marking the run failed, so a
+    retry resumes it); any other failure is the report's ``error``."""
     report = ImportReport(
         instance_id=instance_id,
         trigger=trigger,
@@ -82,6 +195,7 @@ async def import_conversations(
         started_at=datetime.now(UTC),
         flow_run_id=current_flow_run_id(),
     )
+    begun = asyncio.get_running_loop().time()
     async with session_scope() as session:
         scope = await instance_scope(session, instance_id)
     if scope is not None:
@@ -89,35 +203,53 @@ async def import_conversations(
     failure: BaseException | None = None
     async with open_gateways({scope.gateway} if scope else set()) as gateways:
         gateway = gateways.get(scope.gateway) if scope else None
-        refusal = _refusal(instance_id, scope, gateway)
-        async with guarded(
-            report,
-            IMPORT,
-            lock=f"import:{instance_id}",
-            busy="another import of this instance is running",
-            skip=refusal[1] if refusal else None,
-            organization_id=scope.organization_id if scope else None,
-        ) as go:
-            if go and scope is not None and gateway is not None:
-                try:
-                    result = await run_import(
-                        gateway,
-                        scope,
-                        trigger=trigger,
-                        connection_key=connection_key,
-                        history_days=history_days,
-                        full=full,
-                        flow_run_id=report.flow_run_id,
-                    )
-                    fill(report, result)
-                except ImportFailed as failed:
-                    fill(report, failed.result)
-                    failure = failed.error
-            else:
-                report.outcome = refusal[0] if refusal else "skipped"
-    if failure is not None:
+        if (refusal := _refusal(instance_id, scope, gateway)) is not None:
+            report.outcome, report.skipped = refusal
+        elif scope is not None and gateway is not None:
+            async with try_advisory_lock(f"import:{instance_id}") as acquired:
+                if not acquired:
+                    report.outcome, report.skipped = "skipped", "another import of this instance is running"
+                else:
+                    try:
+                        fill(
+                            report,
+                            await run_import(
+                                gateway,
+                                scope,
+                                trigger=trigger,
+                                connection_key=connection_key,
+                                history_days=history_days,
+                                full=full,
+                                flow_run_id=report.flow_run_id,
+                            ),
+                        )
+                    except ImportFailed as failed:
+                        fill(report, failed.result)
+                        failure = failed.error
+    report.finished_at = datetime.now(UTC)
+    report.seconds = round(asyncio.get_running_loop().time() - begun, 3)
+    run_logger("zapsync.imports").info("[IMPORT] %s in %.2fs", _summary(report), report.seconds)
+    if report.flow_run_id is not None:
+        await acreate_markdown_artifact(
+            key=_artifact_key("import", report.instance_name or str(instance_id)),
+            markdown=report.to_markdown(),
+            description="Conversation import",
+        )
+    if failure is not None and is_transient(failure):
         raise failure
     return report
+
+
+import_instance_task = task(
+    name="import-instance", task_run_name="import {instance_id}", retries=0, cache_policy=NO_CACHE
+)(import_instance)
+"""One instance's import as a task run of the drain (its pages are nested task runs). Not retried by Prefect: the
+queue retries a transient failure with backoff."""
+
+
+def _artifact_key(prefix: str, name: str) -> str:
+    """A Prefect artifact key (lowercase letters, digits and dashes) naming ``name``."""
+    return f"{prefix}-{re.sub(r'[^a-z0-9]+', '-', name.lower()).strip('-')}"[:100]
 
 
 def _refusal(
@@ -352,7 +484,9 @@ class _Progress:
     async def start(self) -> None:
         if current_flow_run_id() is not None:
             self.artifact = await acreate_progress_artifact(
-                progress=float(self.percent), key="import-progress", description=f"Messages of {self.name}"
+                progress=float(self.percent),
+                key=_artifact_key("import-progress", self.name),
+                description=f"Messages of {self.name}",
             )
         await self.advance(step=0)
 

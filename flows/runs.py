@@ -1,27 +1,34 @@
-"""Start deployment runs and follow them: how the API, the CLI and the status sync hand work to Prefect."""
+"""Start deployment runs, follow them, and wake the drains of queued work: how the API, the CLI and the status sync
+hand work to Prefect."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
-from datetime import UTC, datetime
 from typing import Any
 
 import httpx
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    DeploymentFilter,
+    DeploymentFilterId,
+    FlowRunFilter,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+)
+from prefect.client.schemas.objects import StateType
 from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
 from pydantic import BaseModel
 
+from core.domain import WorkKind
 from core.errors import FlowTriggerFailed, NotFound
 from core.logs import run_logger
-from core.names import IMPORT_ON_DEMAND, DeploymentName
-from core.policies.imports import connection_key
-from core.settings import get_settings
+from core.names import IMPORT_DRAIN, DeploymentName
 from db.engine import session_scope
-from db.repositories.import_runs import PendingImport, pending_imports
-from gateways.registry import history_gateways
+from db.repositories.work_queue import listening_workers
 
 
 class FlowRunRef(BaseModel):
@@ -100,86 +107,69 @@ async def wait_for_run(flow_run_id: uuid.UUID, *, timeout: float, deployment: st
         delay = min(delay * 1.5, 2.0)
 
 
-# -- imports --------------------------------------------------------------------------------------------------
+# -- waking drains --------------------------------------------------------------------------------------------
+
+DRAINS = {WorkKind.IMPORT: IMPORT_DRAIN}
+"""The deployment that drains each kind of queued work when no warm worker does."""
 
 
-async def start_import(
-    instance_id: uuid.UUID,
-    *,
-    trigger: str,
-    connection_key: str | None = None,
-    history_days: int | None = None,
-    full: bool = False,
-    idempotency_key: str | None = None,
-) -> FlowRunRef:
-    """Create an `import-conversations` run (queued behind the deployment's concurrency limit); a reused
-    ``idempotency_key`` returns the run it started before."""
-    parameters: dict[str, object] = {"instance_id": str(instance_id), "trigger": trigger, "full": full}
-    if connection_key is not None:
-        parameters["connection_key"] = connection_key
-    if history_days is not None:
-        parameters["history_days"] = history_days
-    return await start_run(IMPORT_ON_DEMAND, parameters, idempotency_key=idempotency_key)
+async def wake_drain(kind: WorkKind) -> FlowRunRef | None:
+    """Make sure someone drains ``kind`` soon after an enqueue committed.
 
-
-async def import_deployment_registered() -> bool:
-    """Whether the import deployment exists (served or deployed); False too when Prefect cannot be reached."""
+    A warm worker LISTENing on the queue's channel was already woken by the enqueue's NOTIFY: nothing to do. Without
+    one (work-pool mode with Prefect workers only), start a run of the kind's drain deployment, unless one is
+    already waiting to start — a running drain may have passed its last claim, so only a waiting one counts.
+    Prefect being unreachable is logged, not raised: the item stays queued and the status sync wakes it again.
+    """
+    async with session_scope() as session:
+        if await listening_workers(session):
+            return None
+    deployment = DRAINS[kind]
     try:
         async with get_client() as client:
-            await client.read_deployment_by_name(str(IMPORT_ON_DEMAND))
-    except (ObjectNotFound, httpx.HTTPError, OSError, RuntimeError):
-        return False
-    return True
+            found = await client.read_deployment_by_name(str(deployment))
+            waiting = await client.read_flow_runs(
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[found.id])),
+                flow_run_filter=FlowRunFilter(
+                    state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED, StateType.PENDING]))
+                ),
+                limit=1,
+            )
+        if waiting:
+            return None
+        return await start_run(deployment, {})
+    except ObjectNotFound:
+        run_logger("zapsync.runs").warning("[QUEUE] %s waits: no worker and no %s deployment", kind, deployment)
+    except (FlowTriggerFailed, httpx.HTTPError, OSError, RuntimeError) as exc:
+        run_logger("zapsync.runs").warning("[QUEUE] %s waits: Prefect unreachable (%s)", kind, type(exc).__name__)
+    return None
 
 
-async def start_pending_imports(
-    became_connected: list[uuid.UUID],
-    *,
-    organization_id: uuid.UUID | None = None,
-    instance_id: uuid.UUID | None = None,
-) -> int:
-    """After a status sync: start imports for connected instances whose current connection is not imported
-    (just connected, never imported, or the last import failed or died), those that just connected first.
+class Waker:
+    """Wakes drains after enqueues in a process that takes many events (the API): at most one wake of a kind in
+    flight, and a wake asked for meanwhile runs once after it."""
 
-    Each start carries an idempotency key — the connection's, which a `connection.update` webhook for the same
-    connection also uses — so overlapping syncs and the webhook start one run. At most
-    ``import_starts_per_sync`` per sync (the rest stay pending for the next one); nothing is tried while the
-    import deployment is not registered, and a Prefect that cannot be reached is logged, not raised.
-    """
-    settings = get_settings()
-    log = run_logger("zapsync.imports")
-    gateways = history_gateways()
-    if not gateways or not await import_deployment_registered():
-        return 0
-    async with session_scope() as session:
-        pending = await pending_imports(
-            session,
-            gateways=gateways,
-            first=became_connected,
-            organization_id=organization_id,
-            instance_id=instance_id,
-            stale_minutes=settings.import_stale_minutes,
-            limit=settings.import_starts_per_sync,
-        )
-    hour = int(datetime.now(UTC).timestamp() // 3600)
-    semaphore = asyncio.Semaphore(8)
+    def __init__(self) -> None:
+        self._running: dict[WorkKind, asyncio.Task[None]] = {}
+        self._again: set[WorkKind] = set()
 
-    async def start(item: PendingImport) -> bool:
-        key = connection_key(item.instance_id, item.connected_at) if item.connected_at else None
-        # A retry of the same failed run at most once an hour; otherwise the connection's own key.
-        if item.reason == "unfinished" or key is None:
-            idempotency = f"import:{item.instance_id}:{item.run_id or 'initial'}:{hour}"
-        else:
-            idempotency = key
-        async with semaphore:
-            try:
-                await start_import(item.instance_id, trigger="sync", connection_key=key, idempotency_key=idempotency)
-            except FlowTriggerFailed as exc:
-                log.warning("[IMPORT] could not start the import of %s: %s", item.instance_id, exc.message)
-                return False
-        return True
+    def wake(self, kind: WorkKind) -> None:
+        """Ask for a wake of ``kind`` in the background."""
+        task = self._running.get(kind)
+        if task is not None and not task.done():
+            self._again.add(kind)
+            return
+        self._running[kind] = asyncio.get_running_loop().create_task(self._wake(kind))
 
-    started = sum(await asyncio.gather(*(start(item) for item in pending)))
-    if pending:
-        log.info("[SYNC] %d imports requested for %d connected instances not imported yet", started, len(pending))
-    return started
+    async def _wake(self, kind: WorkKind) -> None:
+        while True:
+            self._again.discard(kind)
+            with contextlib.suppress(Exception):  # wake_drain logs; nothing here may fail a request
+                await wake_drain(kind)
+            if kind not in self._again:
+                return
+
+    async def settle(self) -> None:
+        """Wait for the wakes in flight (tests, shutdown)."""
+        while pending := [t for t in self._running.values() if not t.done()]:
+            await asyncio.gather(*pending, return_exceptions=True)

@@ -23,7 +23,7 @@ from prefect.utilities.annotations import quote
 from pydantic import BaseModel
 
 from core.batching import chunks
-from core.domain import AppliedChange, InstanceRef, StatusObservation, StatusWrite
+from core.domain import AppliedChange, InstanceRef, StatusObservation, StatusWrite, WorkKind
 from core.logs import run_logger
 from core.names import SYNC_FLOW
 from core.policies.status import diff_observations, pick_live_confirmations
@@ -33,9 +33,10 @@ from db.engine import session_scope
 from db.repositories.instances import load_instances
 from db.repositories.live_events import publish_status_changes
 from flows.guard import Reporting, current_flow_run_id, fill, guarded
-from flows.runs import start_pending_imports
+from flows.runs import wake_drain
 from gateways.base import Gateway
-from gateways.registry import open_gateways
+from gateways.registry import history_gateways, open_gateways
+from tasks.import_requests import enqueue_missing_imports
 from tasks.status import apply_batch, observe_batch, observe_instances
 
 
@@ -75,9 +76,10 @@ async def sync_status(
         if go:
             fill(report, await run_sync(scope, mode, force=force, flow_run_id=report.flow_run_id))
     if mode == "apply" and report.skipped is None:
-        await start_pending_imports(
+        await enqueue_missing_imports(
             report.became_connected, organization_id=scope.organization_id, instance_id=scope.instance_id
         )
+        await wake_drain(WorkKind.IMPORT)
     return report
 
 
@@ -217,10 +219,12 @@ async def _observe_in_task(
 
 
 async def _apply(writes: Sequence[StatusWrite], *, flow_run_id: uuid.UUID | None) -> list[AppliedChange]:
-    """Write the observations, one `apply-status` task per batch, and announce what changed."""
+    """Write the observations, one `apply-status` task per batch (each queueing the imports of the instances it
+    connected), and announce what changed."""
+    import_gateways = frozenset(history_gateways())
     batches = await asyncio.gather(
         *(
-            apply_batch(quote(batch), source="sync", flow_run_id=flow_run_id)
+            apply_batch(quote(batch), source="sync", flow_run_id=flow_run_id, import_gateways=import_gateways)
             for batch in chunks(writes, get_settings().sync_batch_size)
         )
     )

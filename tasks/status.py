@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from prefect import task
 
@@ -11,6 +11,7 @@ from core.domain import AppliedChange, InstanceRef, StatusObservation, StatusWri
 from db.engine import session_scope
 from db.repositories.instances import apply_status_writes
 from gateways.base import Gateway
+from tasks.import_requests import enqueue_connect_imports
 from tasks.options import TASK_OPTIONS
 
 
@@ -27,11 +28,18 @@ async def observe_instances(
 
 
 async def write_statuses(
-    writes: Sequence[StatusWrite], *, source: str, flow_run_id: uuid.UUID | None
+    writes: Sequence[StatusWrite],
+    *,
+    source: str,
+    flow_run_id: uuid.UUID | None,
+    import_gateways: Collection[str] = (),
 ) -> list[AppliedChange]:
-    """Write one batch of observations in one transaction (newest-wins guard, history, sessions)."""
+    """Write one batch of observations in one transaction (newest-wins guard, history, sessions), queueing in the same
+    transaction an import for each instance that became connected at one of ``import_gateways``."""
     async with session_scope() as session:
-        return await apply_status_writes(session, writes, source=source, flow_run_id=flow_run_id)
+        changes = await apply_status_writes(session, writes, source=source, flow_run_id=flow_run_id)
+        await enqueue_connect_imports(session, changes, trigger=source, import_gateways=import_gateways)
+        return changes
 
 
 observe_batch = task(name="observe-instances", **TASK_OPTIONS)(observe_instances)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 # Settings are read from the environment: point everything at throwaway places before zapsync is imported.
 _HOME = tempfile.mkdtemp(prefix="zapsync-test-")
@@ -165,6 +165,60 @@ def served_deployments(prefect_server: None, simulator_server: SimulatorServer, 
         child.wait(timeout=20)
     except subprocess.TimeoutExpired:
         child.kill()
+
+
+class WorkerProcess:
+    """A `zapsync worker` child process (the warm queue drainer) with its own environment."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        import subprocess
+        import sys
+
+        self.process = subprocess.Popen([sys.executable, "-m", "deployments.worker"], env=env)
+
+    def kill(self) -> None:
+        """SIGKILL: a crash, no clean-up."""
+        import signal
+
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=20)
+
+    def stop(self) -> None:
+        """SIGINT, then SIGKILL if it does not stop in time."""
+        import signal
+        import subprocess
+
+        if self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGINT)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+@pytest.fixture
+def start_worker(simulator_server: SimulatorServer, database: str) -> Iterator[Callable[..., WorkerProcess]]:
+    """Start `zapsync worker` children (pointed at the session's Prefect server unless told otherwise)."""
+    from prefect.settings import PREFECT_API_URL
+
+    started: list[WorkerProcess] = []
+
+    def start(**env: str) -> WorkerProcess:
+        merged = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()), **env}
+        worker = WorkerProcess(merged)
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop()
+
+
+@pytest.fixture
+def queue_worker(prefect_server: None, start_worker: Callable[..., WorkerProcess]) -> WorkerProcess:
+    """One warm queue worker for the test."""
+    return start_worker()
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from flows.import_conversations import import_conversations
+from flows.import_conversations import import_queued_now
 from tests.factories import auth_headers as token
 from tests.factories import make_instance, make_organization
 
@@ -32,8 +32,8 @@ async def imported(
         newest_at=newest_at or datetime.now(UTC) - timedelta(minutes=5),
     )
     instance_id = await make_instance(org, name, status="connected")
-    report = await import_conversations(instance_id)
-    assert report.outcome == "completed"
+    item = await import_queued_now(instance_id, trigger="manual")
+    assert item.result is not None and item.result["outcome"] == "completed"
     return org, instance_id
 
 
@@ -133,8 +133,7 @@ async def test_live_chats_fall_back_to_the_database_and_say_so(client, simulator
     del org_b
 
 
-@pytest.mark.usefixtures("served_deployments")
-async def test_on_demand_import_runs_the_deployment_and_waits_for_its_report(client, simulator) -> None:
+async def test_on_demand_import_is_queued_drained_by_a_worker_and_waited_for(client, simulator, queue_worker) -> None:
     org = await make_organization("org-a")
     other = await make_organization("org-b")
     simulator.add_instance("evo-api", "evolution", "open")
@@ -150,8 +149,7 @@ async def test_on_demand_import_runs_the_deployment_and_waits_for_its_report(cli
     assert foreign.status_code == 404
     assert response.status_code == 202, response.text
     body = response.json()
-    assert body["flow_run"]["state"] == "Completed"
-    assert body["flow_run"]["deployment"] == "import-conversations/on-demand"
+    assert body["work_item"]["state"] == "done" and body["work_item"]["kind"] == "import"
     assert body["report"]["outcome"] == "completed" and body["report"]["trigger"] == "api"
     assert body["report"]["counts"]["messages_inserted"] == 15
     assert len(await pages(client, "/conversations?limit=10", headers)) == 3

@@ -12,14 +12,24 @@ import pytest
 from sqlalchemy import text
 
 from core.phones import phone_variants
+from core.reports import ImportReport
 from core.settings import get_settings
 from db.engine import session_scope
 from db.locks import try_advisory_lock
-from flows.import_conversations import import_conversations
+from flows.import_conversations import import_instance, import_queued_now
 from gateways.simulator.history import History
 from tests.factories import make_instance, make_organization
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
+
+
+async def imported(instance_id: uuid.UUID, **options: Any) -> ImportReport:
+    """Queue an import and drain it in a real flow run (the path every trigger takes); its report."""
+    options.setdefault("trigger", "manual")
+    item = await import_queued_now(instance_id, **options)
+    assert item.finished and item.result is not None, item
+    return ImportReport.model_validate(item.result)
+
 
 SHAPE = {
     "chats": 9,
@@ -138,7 +148,7 @@ async def test_import_creates_exactly_the_expected_rows(simulator) -> None:
     other_org = await make_organization("Other")
     await add_client(other_org, people[1].phone or "")  # another organization's client never links
 
-    report = await import_conversations(instance_id)
+    report = await imported(instance_id)
 
     assert report.outcome == "completed" and report.flow_run_id is not None
     c = report.counts
@@ -210,19 +220,23 @@ async def test_import_creates_exactly_the_expected_rows(simulator) -> None:
     async with session_scope() as session:
         run = (await session.execute(text("SELECT state, cursor, counts FROM import_runs"))).one()
         stored_report = (
+            await session.execute(text("SELECT result FROM work_items WHERE kind = 'import'"))
+        ).scalar_one()
+        drain_report = (
             await session.execute(
                 text("SELECT report FROM flow_reports WHERE flow_run_id = :id"), {"id": report.flow_run_id}
             )
         ).scalar_one()
     assert run.state == "completed" and run.cursor["phase"] == "done"
-    assert stored_report["counts"]["messages_inserted"] == len(expected)
+    assert stored_report["counts"]["messages_inserted"] == len(expected)  # the instance's report, with its item
+    assert (drain_report["kind"], drain_report["claimed"], drain_report["done"]) == ("import", 1, 1)
 
 
 async def test_old_history_is_imported_closed(simulator) -> None:
     newest = datetime.now(UTC).replace(microsecond=0) - timedelta(days=3)
     _, instance_id, history = await world(simulator, newest_at=newest)
 
-    report = await import_conversations(instance_id)
+    report = await imported(instance_id)
 
     assert report.counts.conversations_closed == history.individual and report.counts.conversations_opened == 0
     statuses = await rows(
@@ -233,10 +247,10 @@ async def test_old_history_is_imported_closed(simulator) -> None:
 
 async def test_running_the_import_twice_changes_nothing(simulator) -> None:
     _, instance_id, history = await world(simulator, newest_at=datetime.now(UTC) - timedelta(hours=2))
-    first = await import_conversations(instance_id)
+    first = await imported(instance_id)
     before = await snapshot(instance_id)
 
-    second = await import_conversations(instance_id)
+    second = await imported(instance_id)
 
     assert await snapshot(instance_id) == before
     assert second.counts.messages_inserted == 0
@@ -251,7 +265,7 @@ async def test_running_the_import_twice_changes_nothing(simulator) -> None:
 async def test_a_crashed_import_resumes_at_its_checkpoint_and_matches_a_clean_one(simulator) -> None:
     newest = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)
     _, clean_id, _ = await world(simulator, newest_at=newest, name="clean")
-    await import_conversations(clean_id)
+    await imported(clean_id)
     clean = await snapshot(clean_id)
     org = await make_organization("Crashing")
     simulator.add_instance("crash", "evolution", "open")
@@ -261,8 +275,8 @@ async def test_a_crashed_import_resumes_at_its_checkpoint_and_matches_a_clean_on
     assert pages >= 5
     simulator.configure(fail_find_messages_after_page=3)
 
-    with pytest.raises(Exception, match="findMessages"):
-        await import_conversations.with_options(retries=0)(instance_id)
+    crashed_report = await import_instance(instance_id)  # a 500 is permanent: the report says why
+    assert crashed_report.outcome == "failed" and "findMessages" in (crashed_report.error or "")
 
     async with session_scope() as session:
         run = (
@@ -283,7 +297,7 @@ async def test_a_crashed_import_resumes_at_its_checkpoint_and_matches_a_clean_on
 
     simulator.configure(fail_find_messages_after_page=None)
     calls_before = simulator.calls["evolution.findMessages:crash"]
-    resumed = await import_conversations(instance_id)
+    resumed = await imported(instance_id)
 
     assert resumed.outcome == "completed" and resumed.resumed and resumed.import_run_id == run.id
     assert simulator.calls["evolution.findMessages:crash"] - calls_before == pages - done_pages  # the rest only
@@ -317,7 +331,7 @@ async def test_history_days_limits_what_is_imported(simulator) -> None:
     # Chat c's messages are 20 hours apart; the oldest chats' newest messages fall outside a 1-day window too.
     _, instance_id, history = await world(simulator, newest_at=now - timedelta(hours=1), spacing_s=20 * 3600)
 
-    report = await import_conversations(instance_id, history_days=1)
+    report = await imported(instance_id, history_days=1)
 
     since = report.since
     assert since is not None and abs((now - timedelta(days=1) - since).total_seconds()) < 120
@@ -337,8 +351,8 @@ async def test_organization_history_setting_is_the_default_window(simulator) -> 
     async with session_scope() as session:
         await session.execute(text("UPDATE organizations SET import_history_days = 1 WHERE id = :id"), {"id": org})
 
-    report = await import_conversations(instance_id)
-    full = await import_conversations(instance_id, full=True)
+    report = await imported(instance_id)
+    full = await imported(instance_id, full=True)
 
     assert report.history_days == 1 and report.counts.messages_inserted < len(expected_messages(history))
     assert full.history_days is None and not full.resumed
@@ -350,7 +364,7 @@ async def test_megaapi_instances_report_not_supported(simulator) -> None:
     simulator.add_instance("mega-1", "megaapi", "open")
     instance_id = await make_instance(org, "mega-1", gateway="megaapi", status="connected")
 
-    report = await import_conversations(instance_id)
+    report = await imported(instance_id)
 
     assert report.outcome == "not_supported"
     assert report.skipped is not None and "not supported by this gateway" in report.skipped
@@ -363,7 +377,7 @@ async def test_imports_of_one_instance_never_overlap(simulator) -> None:
 
     async with try_advisory_lock(f"import:{instance_id}") as acquired:
         assert acquired
-        report = await import_conversations(instance_id)
+        report = await imported(instance_id)
 
     assert report.outcome == "skipped" and "another import" in (report.skipped or "")
     assert await rows("SELECT id FROM messages") == []
@@ -373,8 +387,8 @@ async def test_a_connection_is_imported_once(simulator) -> None:
     _, instance_id, _ = await world(simulator, newest_at=datetime.now(UTC))
     key = f"import:{instance_id}:2026-01-01T00:00:00+00:00"
 
-    first = await import_conversations(instance_id, trigger="connect", connection_key=key)
-    again = await import_conversations(instance_id, trigger="connect", connection_key=key)
+    first = await imported(instance_id, trigger="connect", connection_key=key)
+    again = await imported(instance_id, trigger="connect", connection_key=key)
 
     assert first.outcome == "completed"
     assert again.outcome == "skipped" and "already imported" in (again.skipped or "")

@@ -551,23 +551,43 @@ def import_(
     full: Annotated[bool, typer.Option("--full", help="Start over instead of resuming a checkpoint.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Import an instance's chats, contacts and messages from its gateway (idempotent, resumable)."""
-    with flow_command():
-        from flows.import_conversations import import_conversations
+    """Import an instance's chats, contacts and messages from its gateway (idempotent, resumable).
 
-        report = _run_flow_here(
-            import_conversations,
-            "import",
-            as_json,
-            instance_id=instance,
-            history_days=history_days,
-            full=full,
-            trigger="cli",
-        )
+    The import is queued like any other and drained here, in a real flow run (or by a worker that took it first).
+    """
+    with flow_command():
+        from core.reports import ImportReport
+        from flows.import_conversations import import_queued_now
+
+        async def go() -> tuple[ImportReport | None, str | None, str]:
+            item = await import_queued_now(instance, trigger="cli", history_days=history_days, full=full)
+            report = ImportReport.model_validate(item.result) if item.result else None
+            return report, item.last_error, item.state
+
+        report, error, state = run_async(go)
+    if report is None:
+        fail(f"the import ended {state}: {error or 'no report'}", 1)
+    if as_json:
+        emit_json({"state": state, **report.model_dump(mode="json")})
+    else:
+        _print_markdown(report, state, None)
     if report.outcome == "failed" or (
         report.outcome == "skipped" and report.skipped and report.skipped.startswith("no instance")
     ):
         fail(f"import {report.outcome}: {report.error or report.skipped}", 1)
+
+
+@app.command("worker")
+def worker() -> None:
+    """Drain the work queue (imports on connect) in this process until Ctrl-C: a warm worker, woken by each enqueue.
+
+    Run one per machine next to the Prefect workers; they share the queue (part of `zapsync up`)."""
+    with expected_errors():
+        ensure_migrated()
+    _note_ephemeral("drain runs use a temporary Prefect server")
+    from deployments.worker import main as run_worker
+
+    run_worker()
 
 
 @app.command("cleanup-sessions")

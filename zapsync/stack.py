@@ -623,6 +623,9 @@ class Stack:
             "serve", self._zapsync("serve", "--wait", f"{opts.startup_timeout_s:.0f}"), env, stop_timeout_s=15.0
         )
         self._say("flow runner (zapsync serve) starting")
+        # (f) the warm queue worker: drains queued work (imports on connect) in-process, woken by NOTIFY.
+        self._child("worker", self._zapsync("worker"), env, stop_timeout_s=30.0)
+        self._say("queue worker (zapsync worker) starting")
 
         deadline = time.monotonic() + opts.startup_timeout_s
         if external_prefect:

@@ -7,17 +7,17 @@ learns of, another organization's instances, conversations or messages (they ans
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from datetime import datetime
 from typing import Any, Literal
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, Field
 
 from api.deps import BriefPrincipalDep, PrincipalDep, SessionDep, scoped_organization
-from core.domain import GatewayChat
+from core.domain import GatewayChat, WorkKind
 from core.errors import GatewayError, InvalidInput, NotFound
-from core.names import IMPORT_ON_DEMAND
 from core.reports import ImportReport
 from core.settings import get_settings
 from db.engine import session_scope
@@ -31,8 +31,8 @@ from db.repositories.conversations import (
     list_conversations,
     list_messages,
 )
-from db.repositories.reports import report_for_run
-from flows.runs import FlowRunRef, start_import, wait_for_run
+from db.repositories.import_runs import import_request, request_imports
+from db.repositories.work_queue import ItemState, read_item
 from gateways.registry import open_gateways
 
 router = APIRouter(tags=["conversations"])
@@ -52,10 +52,21 @@ class ImportRequest(BaseModel):
     timeout_seconds: float = Field(default=300, gt=0, le=1800)
 
 
-class ImportRunResponse(BaseModel):
-    """A started (and, with wait, finished) import run."""
+class QueuedWork(BaseModel):
+    """A queue item: its state, and whether it is finished."""
 
-    flow_run: FlowRunRef
+    id: int
+    kind: str
+    state: str
+    attempts: int = 0
+    last_error: str | None = None
+    finished: bool = False
+
+
+class ImportRunResponse(BaseModel):
+    """A queued (and, with wait, finished) import."""
+
+    work_item: QueuedWork
     report: ImportReport | None = None
 
 
@@ -157,19 +168,55 @@ async def _owned_scope(instance_id: uuid.UUID, organization_id: uuid.UUID | None
 
 @router.post("/instances/{instance_id}/import", response_model=ImportRunResponse, status_code=202)
 async def import_instance(
-    instance_id: uuid.UUID, principal: BriefPrincipalDep, request: ImportRequest | None = None
+    instance_id: uuid.UUID, principal: BriefPrincipalDep, http: Request, request: ImportRequest | None = None
 ) -> ImportRunResponse:
-    """Start importing the instance's chats, contacts and messages; `wait` for the report."""
+    """Queue an import of the instance's chats, contacts and messages (merged into one already queued); `wait` for
+    its report. A worker drains the queue (`zapsync worker`, part of `zapsync up`)."""
     request = request or ImportRequest()
-    await _owned_scope(instance_id, principal.organization_id)
-    run = await start_import(instance_id, trigger="api", history_days=request.history_days, full=request.full)
-    report = None
+    scope = await _owned_scope(instance_id, principal.organization_id)
+    async with session_scope() as session:
+        (queued,) = await request_imports(
+            session,
+            [
+                import_request(
+                    instance_id,
+                    scope.organization_id,
+                    trigger="api",
+                    history_days=request.history_days,
+                    full=request.full,
+                )
+            ],
+        )
+    http.app.state.waker.wake(WorkKind.IMPORT)
+    item = await _work_item(queued.id)
     if request.wait:
-        run = await wait_for_run(run.id, timeout=request.timeout_seconds, deployment=str(IMPORT_ON_DEMAND))
-        async with session_scope() as session:
-            stored = await report_for_run(session, run.id)
-        report = ImportReport.model_validate(stored) if stored else None
-    return ImportRunResponse(flow_run=run, report=report)
+        deadline = time.monotonic() + request.timeout_seconds
+        delay = 0.1
+        while not item.finished and time.monotonic() < deadline:
+            await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(delay * 1.5, 1.0)
+            item = await _work_item(queued.id)
+    report = ImportReport.model_validate(item.result) if item.finished and item.result else None
+    return ImportRunResponse(work_item=QueuedWork(**_item_fields(item)), report=report)
+
+
+async def _work_item(item_id: int) -> ItemState:
+    async with session_scope() as session:
+        item = await read_item(session, item_id)
+    if item is None:  # pruned between two reads: only after it finished long ago
+        raise NotFound(f"no work item {item_id}")
+    return item
+
+
+def _item_fields(item: ItemState) -> dict[str, object]:
+    return {
+        "id": item.id,
+        "kind": item.kind,
+        "state": item.state,
+        "attempts": item.attempts,
+        "last_error": item.last_error,
+        "finished": item.finished,
+    }
 
 
 def _cursor(cursor: str | None, order: Order) -> tuple[datetime, int] | None:

@@ -46,4 +46,6 @@ class WorkItem(Timestamps, Base):
     lease_token: Mapped[uuid.UUID | None]
     """Fencing token of the current claim: only its holder may complete, retry or fail the item."""
     last_error: Mapped[str | None] = mapped_column(Text)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    """What finishing the item produced (an import's report), for whoever waits for it."""
     finished_at: Mapped[datetime | None]

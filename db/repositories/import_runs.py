@@ -16,6 +16,9 @@ import orjson
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from core.domain import WorkKind
+from db.repositories.work_queue import Enqueued, WorkRequest, enqueue_many
+
 Cursor = dict[str, Any]
 
 
@@ -219,6 +222,11 @@ async def pending_imports(
                OR (r.state = 'completed' AND r.started_at < s.connected_at)
                OR (r.state = 'running' AND COALESCE(CAST(r.cursor->>'at' AS timestamptz), r.started_at)
                    < now() - make_interval(mins => :stale)))
+          -- already queued or being worked; or failed for good within the hour (asked again at most hourly)
+          AND NOT EXISTS (
+              SELECT 1 FROM work_items w WHERE w.kind = 'import' AND w.key = CAST(i.id AS text)
+                AND (w.state IN ('pending', 'running')
+                     OR (w.state = 'failed' AND w.finished_at > now() - interval '1 hour')))
         ORDER BY i.id = ANY(CAST(:first AS uuid[])) DESC, i.id
         LIMIT :limit
     """),
@@ -244,3 +252,30 @@ async def latest_runs(session: AsyncSession, instance_id: uuid.UUID, *, limit: i
         {"inst": instance_id, "limit": limit},
     )
     return [dict(r) for r in rows.mappings().all()]
+
+
+# -- queued imports -----------------------------------------------------------------------------------------------
+
+
+def import_request(
+    instance_id: uuid.UUID,
+    organization_id: uuid.UUID | None,
+    *,
+    trigger: str,
+    connection_key: str | None = None,
+    full: bool = False,
+    history_days: int | None = None,
+) -> WorkRequest:
+    """The queue item that asks for an import of one instance (keyed by the instance: one pending per instance)."""
+    payload: dict[str, Any] = {"trigger": trigger, "full": full}
+    if connection_key is not None:
+        payload["connection_key"] = connection_key
+    if history_days is not None:
+        payload["history_days"] = history_days
+    return WorkRequest(WorkKind.IMPORT, str(instance_id), organization_id, instance_id, payload)
+
+
+async def request_imports(session: AsyncSession, requests: Sequence[WorkRequest]) -> list[Enqueued]:
+    """Enqueue imports in the caller's transaction: a request for an instance with one pending merges into it (the
+    newer trigger and window win; a full import, once asked for, stays full); one running gets a single follow-up."""
+    return await enqueue_many(session, requests, merge=("full",))

@@ -69,9 +69,10 @@ upd AS (
     WHERE i.id = obs.id
       AND i.status IS DISTINCT FROM obs.status
       AND (i.status_observed_at IS NULL OR i.status_observed_at < obs.observed_at)
-    RETURNING i.id, i.organization_id, i.instance_name, i.status, obs.observed_at, obs.reason
+    RETURNING i.id, i.organization_id, i.instance_name, i.status, obs.observed_at, obs.reason, i.gateway
 )
-SELECT upd.id, upd.organization_id, upd.instance_name, prev.from_status, upd.status, upd.observed_at, upd.reason
+SELECT upd.id, upd.organization_id, upd.instance_name, prev.from_status, upd.status, upd.observed_at, upd.reason,
+       upd.gateway
 FROM upd JOIN prev ON prev.id = upd.id
 """)
 

@@ -250,21 +250,32 @@ async def extend_lease(session: AsyncSession, item_id: int, token: uuid.UUID, le
     )
 
 
-async def complete(session: AsyncSession, item_id: int, token: uuid.UUID) -> bool:
-    """Mark the item done; False (and nothing changes) when ``token`` no longer holds it."""
+async def complete(
+    session: AsyncSession, item_id: int, token: uuid.UUID, *, result: Mapping[str, Any] | None = None
+) -> bool:
+    """Mark the item done, keeping ``result``; False (and nothing changes) when ``token`` no longer holds it."""
     return await _update_held(
         session,
-        f"UPDATE work_items SET state = 'done', finished_at = now(), {_RELEASE} WHERE {_HELD}",
-        {"id": item_id, "token": token},
+        f"UPDATE work_items SET state = 'done', finished_at = now(), result = CAST(:result AS jsonb), {_RELEASE} "
+        f"WHERE {_HELD}",
+        {"id": item_id, "token": token, "result": orjson.dumps(result, default=str).decode() if result else None},
     )
 
 
-async def fail(session: AsyncSession, item_id: int, token: uuid.UUID, *, error: str) -> bool:
-    """Mark the item failed for good with the reason; False when ``token`` no longer holds it."""
+async def fail(
+    session: AsyncSession, item_id: int, token: uuid.UUID, *, error: str, result: Mapping[str, Any] | None = None
+) -> bool:
+    """Mark the item failed for good with the reason (and ``result``); False when ``token`` no longer holds it."""
     return await _update_held(
         session,
-        f"UPDATE work_items SET state = 'failed', last_error = :error, finished_at = now(), {_RELEASE} WHERE {_HELD}",
-        {"id": item_id, "token": token, "error": error},
+        "UPDATE work_items SET state = 'failed', last_error = :error, finished_at = now(), "
+        f"result = CAST(:result AS jsonb), {_RELEASE} WHERE {_HELD}",
+        {
+            "id": item_id,
+            "token": token,
+            "error": error,
+            "result": orjson.dumps(result, default=str).decode() if result else None,
+        },
     )
 
 
@@ -361,6 +372,19 @@ async def outstanding_keys(session: AsyncSession, kind: str, keys: Iterable[str]
     return set(rows.scalars().all())
 
 
+WORKER_APPLICATION = f"zapsync.{WORK_CHANNEL}"
+"""The application name of a warm worker's LISTEN connection (``listening()`` names it after its channel)."""
+
+
+async def listening_workers(session: AsyncSession) -> int:
+    """Warm workers listening for work on this database right now (their LISTEN connections)."""
+    row = await session.execute(
+        text("SELECT count(*) FROM pg_stat_activity WHERE application_name = :name AND datname = current_database()"),
+        {"name": WORKER_APPLICATION},
+    )
+    return int(row.scalar_one())
+
+
 async def due_kinds(session: AsyncSession, kinds: Iterable[str]) -> set[str]:
     """Which of ``kinds`` have work a claim would take now (a due pending item, or a running one whose lease
     expired)."""
@@ -384,3 +408,42 @@ async def next_due_at(session: AsyncSession, kind: str) -> datetime | None:
         {"kind": kind},
     )
     return row.scalar_one_or_none()
+
+
+@dataclass(frozen=True, slots=True)
+class ItemState:
+    """One item as whoever waits for it sees it."""
+
+    id: int
+    kind: str
+    state: str
+    attempts: int
+    last_error: str | None
+    result: dict[str, Any] | None
+    finished: bool
+
+
+async def read_item(
+    session: AsyncSession, item_id: int, *, organization_id: uuid.UUID | None = None
+) -> ItemState | None:
+    """The item's state and result (only within ``organization_id`` when given); None when there is no such item."""
+    row = (
+        await session.execute(
+            text(
+                "SELECT id, kind, state, attempts, last_error, result FROM work_items WHERE id = :id "
+                "AND (CAST(:org AS uuid) IS NULL OR organization_id = :org)"
+            ),
+            {"id": item_id, "org": organization_id},
+        )
+    ).one_or_none()
+    if row is None:
+        return None
+    return ItemState(
+        id=row.id,
+        kind=row.kind,
+        state=row.state,
+        attempts=row.attempts,
+        last_error=row.last_error,
+        result=row.result,
+        finished=row.state in ("done", "failed"),
+    )
