@@ -1,4 +1,4 @@
-"""The status API: auth and organization scoping, read-only checks, on-demand syncs through served deployments."""
+"""The status API: auth and organization scoping, read-only checks, on-demand syncs run warm in the API process."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import uuid
 
 import httpx
 import pytest
+from prefect.client.orchestration import get_client
 
 from flows.runs import wait_for_run
 from tests.factories import auth_headers as org_token
@@ -99,8 +100,8 @@ async def test_gateway_down_is_reported_as_unreachable(client: httpx.AsyncClient
     assert response.json()["gateway_status"] == "unreachable" and response.json()["drift"] is False
 
 
-@pytest.mark.usefixtures("served_deployments")
-async def test_sync_runs_the_deployment_and_waits_for_its_report(client: httpx.AsyncClient, simulator) -> None:
+@pytest.mark.usefixtures("prefect_server")
+async def test_sync_runs_warm_in_the_api_and_waits_for_its_report(client: httpx.AsyncClient, simulator) -> None:
     org_a, _, a, b = await two_orgs(simulator)
 
     response = await client.post(
@@ -110,13 +111,16 @@ async def test_sync_runs_the_deployment_and_waits_for_its_report(client: httpx.A
     assert response.status_code == 202, response.text
     body = response.json()
     assert body["flow_run"]["state"] == "Completed"
-    assert body["flow_run"]["deployment"] == "sync-status/on-demand"
+    assert body["flow_run"]["deployment"] == "sync-status (in the API process)"
     assert body["report"]["applied"] == 1 and body["report"]["checked"] == 1
+    async with get_client() as prefect:  # a real flow run, in the Prefect API like any other
+        run = await prefect.read_flow_run(uuid.UUID(body["flow_run"]["id"]))
+    assert run.state is not None and run.state.is_completed()
     assert (await instance_row(a))["status"] == "connected"
     assert (await instance_row(b))["status"] == "disconnected"  # another organization's instance
 
 
-@pytest.mark.usefixtures("served_deployments")
+@pytest.mark.usefixtures("prefect_server")
 async def test_sync_one_instance(client: httpx.AsyncClient, simulator) -> None:
     org_a, _, a, b = await two_orgs(simulator)
     headers = await org_token(org_a)

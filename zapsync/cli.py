@@ -562,7 +562,7 @@ def import_(
         async def go() -> tuple[ImportReport | None, str | None, str]:
             item = await import_queued_now(instance, trigger="cli", history_days=history_days, full=full)
             report = ImportReport.model_validate(item.result) if item.result else None
-            return report, item.last_error, item.state
+            return report, item.last_error, {"done": "Completed", "failed": "Failed"}.get(item.state, item.state)
 
         report, error, state = run_async(go)
     if report is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 from fastapi import APIRouter, Query
@@ -15,14 +16,15 @@ from api.schemas import (
     SyncRequest,
 )
 from core.domain import UNREACHABLE
-from core.errors import NotFound
-from core.names import SYNC_ON_DEMAND
+from core.errors import FlowTriggerFailed, NotFound
 from core.reports import SyncReport, SyncScope
-from db.engine import session_scope
 from db.repositories.instances import get_instance
-from db.repositories.reports import report_for_run
-from flows.runs import start_run, wait_for_run
-from flows.sync_status import check_status
+from flows.local_runs import start_local_run
+from flows.runs import FlowRunRef, ui_url
+from flows.sync_status import check_status, sync_status
+
+LOCAL_RUN = "sync-status (in the API process)"
+"""What the answer names as the run's deployment: on-demand syncs run warm in the process that took the request."""
 
 router = APIRouter(prefix="/instances", tags=["instances"])
 
@@ -64,17 +66,32 @@ async def check_instances(
     )
 
 
-async def start_sync(scope: SyncScope, request: SyncRequest, *, idempotency_key: str | None = None) -> FlowRunResponse:
-    """Trigger the on-demand sync deployment and, when asked, wait for its report."""
-    parameters = {"scope": scope.model_dump(mode="json"), "mode": request.mode, "force": request.force}
-    run = await start_run(SYNC_ON_DEMAND, parameters, idempotency_key=idempotency_key)
-    report = None
+async def start_sync(scope: SyncScope, request: SyncRequest) -> FlowRunResponse:
+    """Run a status sync in this process, warm — a tracked flow run, shown in the Prefect UI, with no new interpreter
+    per request (prefect-notes.md) — and answer as soon as it started or, with ``wait``, when it finished.
+
+    Two syncs of one scope never overlap: the second finds the scope's lock held and reports itself skipped."""
+    run = start_local_run(sync_status, {"scope": scope, "mode": request.mode, "force": request.force})
+    try:
+        started = await run.flow_run()
+    except Exception as exc:  # the flow run could not even be created: Prefect is unreachable or refused it
+        raise FlowTriggerFailed(f"could not start a status sync: {type(exc).__name__}") from exc
+    report: SyncReport | None = None
+    state = "Running"
     if request.wait:
-        run = await wait_for_run(run.id, timeout=request.timeout_seconds, deployment=str(SYNC_ON_DEMAND))
-        async with session_scope() as session:
-            stored = await report_for_run(session, run.id)
-        report = SyncReport.model_validate(stored) if stored else None
-    return FlowRunResponse(flow_run=run, report=report)
+        done, _ = await asyncio.wait({run.task}, timeout=request.timeout_seconds)
+        if done:
+            failure = run.task.exception()
+            report, state = (None, "Failed") if failure is not None else (run.task.result(), "Completed")
+    ref = FlowRunRef(
+        id=started.id,
+        name=started.name,
+        deployment=LOCAL_RUN,
+        state=state,
+        final=state != "Running",
+        ui_url=ui_url(started.id),
+    )
+    return FlowRunResponse(flow_run=ref, report=report)
 
 
 @router.post("/sync", response_model=FlowRunResponse, status_code=202)
