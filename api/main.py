@@ -22,6 +22,7 @@ from api.routes import (
     metrics,
     organizations,
     probes,
+    queue,
     webhooks,
 )
 from core.settings import get_settings
@@ -64,6 +65,7 @@ def create_app(*, check_database: bool = True) -> FastAPI:
         organizations.router,
         events.router,
         conversations.router,
+        queue.router,
     ):
         app.include_router(router)
     return app

@@ -9,7 +9,9 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from core.domain import WorkKind
 from db.repositories.metrics import closed_inactive_total, import_totals, instance_counts, latest_reports
+from db.repositories.work_queue import queue_stats
 
 
 class Metrics:
@@ -57,6 +59,13 @@ class Metrics:
             "zapsync_flow_duration_seconds", "Duration of each flow's newest run", ["flow"], registry=r
         )
 
+        self.queue_items = Gauge(
+            "zapsync_queue_items", "Queued work items by kind and state", ["kind", "state"], registry=r
+        )
+        self.queue_oldest = Gauge(
+            "zapsync_queue_oldest_pending_seconds", "Age of the oldest pending item of each kind", ["kind"], registry=r
+        )
+
     async def render(self, session: AsyncSession) -> bytes:
         """Refresh the database-backed gauges and return the exposition text."""
         self.instances.clear()
@@ -78,4 +87,8 @@ class Metrics:
         self.import_rows.labels("contacts").set(imports["contacts"])
         self.import_seconds.set(imports["last_seconds"])
         self.closed_inactive.set(await closed_inactive_total(session))
+        for stats in await queue_stats(session, kinds=list(WorkKind)):
+            for state in ("pending", "running", "failed"):
+                self.queue_items.labels(stats.kind, state).set(getattr(stats, state))
+            self.queue_oldest.labels(stats.kind).set(stats.oldest_pending_age_seconds or 0.0)
         return generate_latest(self.registry)

@@ -43,3 +43,29 @@ async def test_metrics_expose_webhooks_instances_and_the_last_sync(client: httpx
     assert 'zapsync_sync_drift{kind="applied"} 1.0' in text
     assert 'zapsync_gateway_breaker_open{gateway="evolution"} 0.0' in text
     assert "zapsync_sync_duration_seconds" in text
+
+
+async def test_queue_depth_in_metrics_api_and_dashboard_per_organization(client: httpx.AsyncClient) -> None:
+    from db.engine import session_scope
+    from db.repositories.import_runs import import_request, request_imports
+    from tests.factories import auth_headers
+
+    a, b = await make_organization("A"), await make_organization("B")
+    inst = await make_instance(a, "acme-01")
+    async with session_scope() as session:
+        (queued,) = await request_imports(session, [import_request(inst, a, trigger="api")])
+
+    metrics = (await client.get("/metrics")).text
+    mine = (await client.get("/queue", headers=await auth_headers(a))).json()
+    theirs = (await client.get("/queue", headers=await auth_headers(b))).json()
+    item = await client.get(f"/queue/items/{queued.id}", headers=await auth_headers(a))
+    peek = await client.get(f"/queue/items/{queued.id}", headers=await auth_headers(b))
+    page = await client.get("/", headers=await auth_headers(a))
+
+    assert 'zapsync_queue_items{kind="import",state="pending"} 1.0' in metrics
+    assert "zapsync_queue_oldest_pending_seconds" in metrics
+    assert [(k["kind"], k["pending"]) for k in mine["kinds"]] == [("import", 1)]
+    assert [(k["kind"], k["pending"]) for k in theirs["kinds"]] == [("import", 0)]
+    assert item.status_code == 200 and item.json()["state"] == "pending" and not item.json()["finished"]
+    assert peek.status_code == 404
+    assert 'id="queue-import"' in page.text and "imports queued" in page.text

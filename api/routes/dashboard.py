@@ -10,10 +10,12 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
 from api.deps import SESSION_COOKIE, BearerDep, SessionDep, bearer, principal_for
+from core.domain import WorkKind
 from core.errors import Unauthorized
 from core.names import SYNC_FLOW
 from db.repositories.dashboard import instances_overview, recent_conversations, status_counts
 from db.repositories.reports import latest_report
+from db.repositories.work_queue import queue_stats
 from flows.runs import ui_url
 
 router = APIRouter(include_in_schema=False)
@@ -39,6 +41,7 @@ async def dashboard(request: Request, session: SessionDep, credentials: BearerDe
         "drifted": drifted,
         "last_sync": report,
         "last_sync_url": ui_url(run_id) if run_id else None,
+        "queue": await queue_stats(session, kinds=list(WorkKind), organization_id=organization_id),
     }
     return templates.TemplateResponse(request, "dashboard.html", context)
 

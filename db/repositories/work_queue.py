@@ -327,17 +327,19 @@ SELECT kind,
        count(*) FILTER (WHERE state = 'failed') AS failed,
        GREATEST(EXTRACT(EPOCH FROM clock_timestamp() - min(created_at) FILTER (WHERE state = 'pending')), 0) AS age
 FROM work_items
-WHERE state IN ('pending', 'running', 'failed')
+WHERE state IN ('pending', 'running', 'failed') AND (CAST(:org AS uuid) IS NULL OR organization_id = :org)
 GROUP BY kind
 """)
 
 
-async def queue_stats(session: AsyncSession, *, kinds: Iterable[str] = ()) -> list[QueueStats]:
-    """Counts per kind (pending, running, failed) and the oldest pending item's age, sorted by kind; ``kinds``
-    are always listed, with zeros when they have nothing outstanding."""
+async def queue_stats(
+    session: AsyncSession, *, kinds: Iterable[str] = (), organization_id: uuid.UUID | None = None
+) -> list[QueueStats]:
+    """Counts per kind (pending, running, failed) and the oldest pending item's age, sorted by kind (of one
+    organization's items when given); ``kinds`` are always listed, with zeros when they have nothing outstanding."""
     found = {
         r.kind: QueueStats(r.kind, r.pending, r.running, r.failed, None if r.age is None else float(r.age))
-        for r in (await session.execute(_STATS_SQL)).all()
+        for r in (await session.execute(_STATS_SQL, {"org": organization_id})).all()
     }
     for kind in kinds:
         found.setdefault(kind, QueueStats(kind, 0, 0, 0, None))
