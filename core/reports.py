@@ -360,6 +360,8 @@ class ImportReport(BaseModel):
     import_run_id: int | None = None
     resumed: bool = False
     """True when this run continued an interrupted one from its checkpoint."""
+    incremental: bool = False
+    """A reconnect's import: only what is newer than the previous import was read."""
     history_days: int | None = None
     since: datetime | None = None
     until: datetime | None = None
@@ -382,7 +384,8 @@ class ImportReport(BaseModel):
         lines = [
             f"# Conversation import: {self.instance_name or self.instance_id} ({self.outcome})",
             "",
-            f"Trigger {self.trigger}, {window}{', resumed from a checkpoint' if self.resumed else ''} "
+            f"Trigger {self.trigger}, {'incremental, ' if self.incremental else ''}{window}"
+            f"{', resumed from a checkpoint' if self.resumed else ''} "
             f"— {self.seconds:.2f} s",
         ]
         if self.skipped or self.error:

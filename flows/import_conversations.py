@@ -46,6 +46,7 @@ from db.repositories.import_runs import (
     begin_import,
     finish_import,
     import_request,
+    last_imported_until,
     read_run,
     request_imports,
 )
@@ -63,6 +64,9 @@ from tasks.import_pages import (
     load_targets,
 )
 from tasks.options import is_transient
+
+INCREMENTAL_OVERLAP = timedelta(minutes=10)
+"""How far before the last import's end a reconnect's import starts reading (inserts are idempotent)."""
 
 
 def _drain_summary(r: DrainReport) -> str:
@@ -277,6 +281,7 @@ class ImportResult(BaseModel):
     import_run_id: int | None = None
     resumed: bool = False
     history_days: int | None = None
+    incremental: bool = False
     since: datetime | None = None
     until: datetime | None = None
     counts: ImportCounts = Field(default_factory=ImportCounts)
@@ -341,14 +346,22 @@ async def _begin(
     settings = get_settings()
     now = datetime.now(UTC).replace(microsecond=0)
     days = history_days if history_days is not None or full else scope.import_history_days
+    since = now - timedelta(days=days) if days else None
+    async with session_scope() as session:
+        previous = None if full or history_days is not None else await last_imported_until(session, scope.id)
+    # A reconnect reads only what is newer than the last import (a margin covers clock skew and late writes).
+    incremental = previous is not None and (since is None or previous - INCREMENTAL_OVERLAP > since)
+    if incremental and previous is not None:
+        since = previous - INCREMENTAL_OVERLAP
     seed = {
-        "phase": "contacts",
+        "phase": "chats" if incremental else "contacts",
         "contacts_page": 1,
         "chats_skip": 0,
         "messages": {"below": 1, "done": []},
-        "since": (now - timedelta(days=days)).isoformat() if days else None,
+        "since": since.isoformat() if since else None,
         "until": now.isoformat(),
         "history_days": days,
+        "incremental": incremental,
         "page_size": settings.import_page_size,
     }
     async with session_scope() as session:
@@ -376,14 +389,23 @@ async def _work_through(gateway: Gateway, scope: InstanceScope, run: ImportRunRo
     since, until = _window(run)
     # A resumed run keeps its window and its page size: its checkpoints are page numbers of that size.
     page_size = int(cursor.get("page_size") or settings.import_page_size)
-    ctx = ImportContext(run_id=run.id, scope=scope, page_size=page_size, until=until, since=since)
+    ctx = ImportContext(
+        run_id=run.id,
+        scope=scope,
+        page_size=page_size,
+        until=until,
+        since=since,
+        incremental=bool(cursor.get("incremental")),
+    )
     run_logger("zapsync.imports").info(
         "[IMPORT] %s: run %d %s at phase %s (%s)",
         scope.instance_name,
         run.id,
         "resumed" if run.resumed else "started",
         cursor.get("phase"),
-        f"since {since:%Y-%m-%d}" if since else "all history",
+        f"{'incremental, ' if cursor.get('incremental') else ''}since {since:%Y-%m-%d %H:%M}"
+        if since
+        else "all history",
     )
     phase = cursor.get("phase", "contacts")
     if phase == "contacts":
@@ -415,6 +437,7 @@ async def _finish(run: ImportRunRow, *, state: str, error: str | None = None) ->
         import_run_id=run.id,
         resumed=run.resumed,
         history_days=run.cursor.get("history_days"),
+        incremental=bool(run.cursor.get("incremental")),
         since=since,
         until=until,
         counts=counts,

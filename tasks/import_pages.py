@@ -48,6 +48,8 @@ class ImportContext:
     until: datetime
     """Messages newer than the run's start arrive by webhook; a fixed bound keeps page boundaries stable."""
     since: datetime | None = None
+    incremental: bool = False
+    """A reconnect's import: only what is newer than ``since`` (the last import) is read, chats listing included."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,7 +136,14 @@ async def copy_chats_page(gateway: Gateway, ctx: ImportContext, skip: int) -> Pa
             wanted.append(chat)
             continue
         counts[f"chats_skipped_{reason}"] = counts.get(f"chats_skipped_{reason}", 0) + 1
-    last = len(batch) < ctx.page_size
+    # Chats come most recently active first: once a whole page is older than an incremental window, so is the rest.
+    stale = (
+        ctx.incremental
+        and ctx.since is not None
+        and not wanted
+        and all(chat.last_message_at is None or chat.last_message_at < ctx.since for chat in batch)
+    )
+    last = len(batch) < ctx.page_size or stale
 
     def advance(cursor: Cursor) -> Cursor | None:
         if cursor.get("phase") != "chats" or cursor.get("chats_skip") != skip:

@@ -250,7 +250,7 @@ async def test_running_the_import_twice_changes_nothing(simulator) -> None:
     first = await imported(instance_id)
     before = await snapshot(instance_id)
 
-    second = await imported(instance_id)
+    second = await imported(instance_id, full=True)  # re-reads everything (a plain rerun reads only what is new)
 
     assert await snapshot(instance_id) == before
     assert second.counts.messages_inserted == 0
@@ -393,3 +393,32 @@ async def test_a_connection_is_imported_once(simulator) -> None:
     assert first.outcome == "completed"
     assert again.outcome == "skipped" and "already imported" in (again.skipped or "")
     assert not simulator.calls["evolution.findMessages:evo-1"] > 1
+
+
+@pytest.mark.usefixtures("small_pages")
+async def test_a_reconnect_imports_only_what_arrived_since_the_last_import(simulator) -> None:
+    newest = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=3)
+    _, instance_id, history = await world(simulator, newest_at=newest, name="evo-back", chats=40)
+    chat_pages = -(-history.chat_total // 10)
+    first = await imported(instance_id, trigger="connect", connection_key=f"import:{instance_id}:first")
+    assert first.outcome == "completed" and not first.incremental
+    before = await snapshot(instance_id)
+    chat = history.chat(0)
+    added = simulator.add_messages("evo-back", chat=0, count=4)  # arrived at the gateway while disconnected
+    calls = dict(simulator.calls)
+
+    again = await imported(instance_id, trigger="connect", connection_key=f"import:{instance_id}:second")
+
+    asked = {key: n - calls.get(key, 0) for key, n in simulator.calls.items() if n != calls.get(key, 0)}
+    assert again.outcome == "completed" and again.incremental
+    assert again.since is not None and first.until is not None and again.since < first.until
+    assert again.counts.messages_inserted == 4 and again.counts.messages_present == 0
+    # Paging stopped at the checkpoint: one page of messages; chats up to the first page entirely older than the
+    # last import ; the address book not read again.
+    assert chat_pages >= 4
+    assert asked == {"evolution.findChats:evo-back": 2, "evolution.findMessages:evo-back": 1}
+    after = await snapshot(instance_id)
+    new_ids = {m["key"]["id"] for m in added}
+    assert {row[2] for row in after["messages"]} == {row[2] for row in before["messages"]} | new_ids
+    assert len(after["conversations"]) == len(before["conversations"])  # into the chat's conversation
+    assert chat.jid in {row[1] for row in after["contacts"]}

@@ -120,6 +120,19 @@ async def begin_import(
     return _row(created)
 
 
+async def last_imported_until(session: AsyncSession, instance_id: uuid.UUID) -> datetime | None:
+    """The end of the window of the instance's newest completed import (what a reconnect imports from)."""
+    row = await session.execute(
+        text(
+            "SELECT cursor->>'until' FROM import_runs WHERE instance_id = :inst AND state = 'completed' "
+            "AND cursor->>'until' IS NOT NULL ORDER BY finished_at DESC NULLS LAST, id DESC LIMIT 1"
+        ),
+        {"inst": instance_id},
+    )
+    until = row.scalar_one_or_none()
+    return datetime.fromisoformat(until) if until else None
+
+
 async def relax_durability(session: AsyncSession) -> None:
     """Let this transaction commit without waiting for its WAL flush (``synchronous_commit = off``).
 

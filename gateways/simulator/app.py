@@ -329,12 +329,16 @@ def _messages_page(history: History | None, where: Any, page: int, offset: int) 
         if isinstance(bounds, dict) and bounds.get("gte") and bounds.get("lte"):
             gte, lte = _epoch(bounds["gte"]), _epoch(bounds["lte"])
     if history is None:
-        first, end = 0, 0
+        first, end, added = 0, 0, []
     else:
         first, end = history.message_window(gte, lte, chat)
-    total = end - first
-    start = first + (page - 1) * offset
-    records = history.records(range(start, min(start + offset, end)), chat) if history is not None else []
+        added = history.extra_window(gte, lte, chat)  # newer than every generated message: they come first
+    total = len(added) + end - first
+    lo, hi = (page - 1) * offset, page * offset
+    records = added[lo:hi]
+    if history is not None and hi > len(added):
+        start = first + max(lo - len(added), 0)
+        records += history.records(range(start, min(first + hi - len(added), end)), chat)
     return {"messages": {"total": total, "pages": math.ceil(total / offset), "currentPage": page, "records": records}}
 
 

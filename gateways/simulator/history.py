@@ -18,6 +18,7 @@ media (image, audio, document, video, sticker in turn); directions alternate by 
 from __future__ import annotations
 
 import bisect
+import copy
 import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -144,6 +145,9 @@ class History:
             start = end
         self.total_messages = first
         self._chats: dict[int, ChatInfo] = {}
+        self.extra: list[tuple[int, dict[str, Any]]] = []
+        """Messages added after the history was generated (newest first), with their chat: what arrived at the
+        gateway later, e.g. while zapsync was not connected."""
         self._members = [self._person(self.chat_total + spec.extra_contacts + i, 0).jid for i in range(50)]
 
     # -- chats and contacts ---------------------------------------------------------------------------------
@@ -206,14 +210,58 @@ class History:
         for j in range(self.spec.extra_contacts):
             yield self._person(self.chat_total + j, 0)
 
+    def add_messages(self, chat: int, count: int, *, at: int) -> list[dict[str, Any]]:
+        """Add ``count`` messages from the contact of chat ``chat``, the newest at epoch ``at``, one second apart:
+        newer than anything generated. Returns their records, newest first."""
+        if not 0 <= chat < self.message_chats:
+            raise ValueError(f"no chat {chat} with messages")
+        base = len(self.extra)
+        added = []
+        for i in range(count):
+            record = copy.deepcopy(self.record(chat, 0))
+            record["key"]["id"] = f"3EB1{chat:05X}{base + count - 1 - i:07X}{self.spec.seed % 256:02X}"
+            record["key"]["fromMe"] = False
+            record["messageTimestamp"] = at - i
+            record["messageType"] = "conversation"
+            record["message"] = {"conversation": f"mensagem nova {base + count - i}"}
+            record.pop("participant", None)
+            added.append(record)
+        self.extra = [(chat, r) for r in added] + self.extra
+        return added
+
+    def extra_window(self, gte: int | None, lte: int | None, chat: int | None) -> list[dict[str, Any]]:
+        """The added messages within the bounds (of one chat when given), newest first."""
+        return [
+            r
+            for c, r in self.extra
+            if (chat is None or c == chat)
+            and (gte is None or r["messageTimestamp"] >= gte)
+            and (lte is None or r["messageTimestamp"] <= lte)
+        ]
+
+    def _chat_order(self, skip: int, end: int) -> list[int]:
+        """Chat indices at listing positions [skip, end): chats with added messages first (newest first)."""
+        if not self.extra:
+            return list(range(skip, end))
+        moved = list(dict.fromkeys(c for c, _ in self.extra))
+        skipped = set(moved)
+        rest = (i for i in range(self.chat_total) if i not in skipped)
+        return list(itertools.islice(itertools.chain(moved, rest), skip, end))
+
     def chat_rows(self, skip: int, take: int | None) -> list[dict[str, Any]]:
         """`findChats` rows (most recently active first), with each chat's last message."""
         end = self.chat_total if take is None else min(self.chat_total, skip + take)
+        newest_added = {}
+        for c, record in reversed(self.extra):
+            newest_added[c] = record
         rows = []
-        for i in range(max(skip, 0), end):
+        for i in self._chat_order(max(skip, 0), end):
             info = self.chat(i)
-            last = self.record(i, 0) if info.messages else None
-            at = self.timestamp(i, 0) if info.messages else self.newest_ts - 400 * 86_400 - i
+            last = newest_added.get(i) or (self.record(i, 0) if info.messages else None)
+            if i in newest_added:
+                at = int(newest_added[i]["messageTimestamp"])
+            else:
+                at = self.timestamp(i, 0) if info.messages else self.newest_ts - 400 * 86_400 - i
             rows.append(
                 {
                     "id": f"cm{self.instance_id[:8]}c{i:08x}",

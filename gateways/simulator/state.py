@@ -406,6 +406,17 @@ class SimulatorState:
             assert built is not None
             return built
 
+    def add_messages(
+        self, name: str, *, chat: int = 0, count: int = 1, at: datetime | None = None
+    ) -> list[dict[str, Any]]:
+        """New messages at the gateway for instance ``name``'s chat ``chat`` (the newest at ``at``, default now)."""
+        with self._lock:
+            history = self.history(name)
+            if history is None:
+                raise KeyError(f"instance {name!r} has no history")
+            when = at or self._clock()
+            return history.add_messages(chat, count, at=int(when.timestamp()))
+
     def history(self, name: str) -> History | None:
         """The instance's history (its own spec, else the config's default), built once per spec."""
         with self._lock:
