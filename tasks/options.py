@@ -7,7 +7,8 @@ Retry budget per call path: each failure is retried by one layer only, so attemp
 | gateway client (`gateways/resilience.py`, tenacity) | 3 | connection errors, timeouts, 429, 502/503/504 (1) |
 | every task (`TASK_OPTIONS`) | 3 | transient database failures only, after 1 s and 5 s (2) |
 | task `reconnect-instances` | 1 | none (3) |
-| flow `import-conversations` | 2 | any failure, after 30 s (4) |
+| queue item (import) | 5 | transient failures, full-jitter backoff 5 s ×2 capped at 300 s (4) |
+| flow `import-conversations` (the drain) | 1 | none (4) |
 | flow `cleanup-sessions` | 2 | any failure, after 5 min (5) |
 | flows `sync-status`, `monitor-health`, `close-inactive-conversations` | 1 | none (6) |
 
@@ -17,8 +18,9 @@ Retry budget per call path: each failure is retried by one layer only, so attemp
    in idempotent steps, so a rerun repeats nothing half-done. A gateway error reaches a task only after the
    client's 3 attempts (or from an open breaker): the task does not retry it, which would make 9.
 3. A reconnect is asked once per failure streak; a failed one asks the user to act.
-4. Safe: the import resumes at its checkpoint, so only the page that failed is asked again. Useful: otherwise the
-   next start is the sync's restart of unfinished imports, at most once an hour.
+4. The drain retries each instance, not the whole run: a transient failure puts the item back with backoff and the
+   import resumes at its checkpoint, so only the page that failed is asked again; a killed drain's items come back
+   when their lease expires.
 5. Safe: it deletes only what is still past retention. Useful: the schedule is daily, and a retry 5 min later
    outlasts a database restart that the task retries (6 s) do not.
 6. The schedule is the retry (5 min, 1 min, hourly) and redoes the whole scope; an on-demand caller hears of the
@@ -26,7 +28,7 @@ Retry budget per call path: each failure is retried by one layer only, so attemp
 
 So one gateway call is attempted at most 3 times per task attempt. A page task retried for a database failure
 fetches its page again: 9 calls only if the database fails twice and the gateway needs every attempt each time;
-an import flow retry asks again for the one page that failed.
+an import retried from the queue asks again for the one page that failed.
 """
 
 from __future__ import annotations
