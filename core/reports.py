@@ -121,6 +121,8 @@ class CleanupCounts(BaseModel):
     webhook_events: int = 0
     live_events: int = 0
     flow_reports: int = 0
+    work_items: int = 0
+    """Finished queue items (done or failed) past the queue's retention."""
 
 
 class CleanupReport(BaseModel):
@@ -151,7 +153,8 @@ class CleanupReport(BaseModel):
             f"# Cleanup{' (dry run)' if self.dry_run else ''}",
             "",
             f"{verb}: {d.sessions} ended sessions, {d.webhook_events} webhook events, {d.live_events} live "
-            f"events, {d.flow_reports} flow reports in {self.batches} batches — {self.seconds:.2f} s",
+            f"events, {d.flow_reports} flow reports, {d.work_items} finished queue items in {self.batches} batches "
+            f"— {self.seconds:.2f} s",
         ]
         if self.skipped:
             lines += ["", f"Skipped: {self.skipped}"]

@@ -118,6 +118,8 @@ class Settings(BaseSettings):
     """Tries of one work item before it is marked failed."""
     queue_retry_initial_seconds: float = Field(default=5.0, ge=0, validation_alias="ZAPSYNC_QUEUE_RETRY_INITIAL")
     queue_retry_max_seconds: float = Field(default=300.0, ge=0, validation_alias="ZAPSYNC_QUEUE_RETRY_MAX")
+    queue_retention_days: int = Field(default=7, ge=1, validation_alias="ZAPSYNC_QUEUE_RETENTION_DAYS")
+    """Finished queue items (done or failed) are kept this long for inspection, then the daily cleanup deletes them."""
     """Cap of the full-jitter delay before a failed work item is tried again (it doubles from the initial delay)."""
 
     @field_validator("cleanup_timezone")

@@ -27,7 +27,8 @@ def _summary(r: CleanupReport) -> str:
     d = r.deleted
     return (
         f"{'dry run, would delete' if r.dry_run else 'deleted'} sessions={d.sessions} webhook_events="
-        f"{d.webhook_events} live_events={d.live_events} flow_reports={d.flow_reports} batches={r.batches}"
+        f"{d.webhook_events} live_events={d.live_events} flow_reports={d.flow_reports} work_items={d.work_items} "
+        f"batches={r.batches}"
     )
 
 
@@ -96,6 +97,7 @@ async def run_cleanup(
         "webhook_events": settings.webhook_retention_days,
         "live_events": settings.live_event_retention_days,
         "flow_reports": settings.report_retention_days,
+        "work_items": settings.queue_retention_days,
     }
     for table, days in retention.items():
         rows, table_batches = await prune_table(

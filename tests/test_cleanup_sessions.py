@@ -62,6 +62,16 @@ async def _world() -> dict[str, int]:
             ),
             {"a": org_a},
         )
+        await session.execute(  # queue items: finished long ago (pruned), finished lately, and still queued (kept)
+            text(
+                "INSERT INTO work_items (kind, key, organization_id, state, finished_at, created_at) VALUES "
+                "('import', 'old-done', :a, 'done', now() - interval '9 days', now() - interval '9 days'), "
+                "('import', 'old-failed', :a, 'failed', now() - interval '8 days', now() - interval '9 days'), "
+                "('import', 'recent', :a, 'done', now() - interval '1 day', now() - interval '1 day'), "
+                "('import', 'waiting', :a, 'pending', NULL, now() - interval '30 days')"
+            ),
+            {"a": org_a},
+        )
     return sessions
 
 
@@ -82,6 +92,7 @@ async def test_cleanup_deletes_exactly_the_sessions_past_retention_never_an_open
     assert report.sessions_by_retention == {30: 2, 7: 1}
     assert report.deleted.webhook_events == 4 and await count("webhook_events") == 2
     assert report.deleted.live_events == 1 and await count("live_events") == 1
+    assert report.deleted.work_items == 2 and await count("work_items") == 2  # the recent and the waiting one
     assert report.batches >= 3 + 4  # one row per batch: the deletes really ran in batches
 
     again = await cleanup_sessions()

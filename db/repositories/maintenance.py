@@ -69,11 +69,12 @@ async def delete_expired_sessions(
     return int(deleted.rowcount or 0)  # type: ignore[attr-defined]  # a DELETE gives a CursorResult, typed as Result
 
 
-PrunableTable = Literal["webhook_events", "live_events", "flow_reports"]
+PrunableTable = Literal["webhook_events", "live_events", "flow_reports", "work_items"]
 _AGE_COLUMN: dict[str, str] = {
     "webhook_events": "received_at",
     "live_events": "created_at",
     "flow_reports": "finished_at",
+    "work_items": "finished_at",  # NULL until an item is done or failed: queued and running items are never pruned
 }
 
 
