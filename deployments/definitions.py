@@ -7,9 +7,13 @@ On-demand runs (API, CLI, webhooks) queue behind a small limit instead of being 
 
 from __future__ import annotations
 
+from collections.abc import Coroutine
+from typing import Any
+
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
-from prefect.deployments.runner import EntrypointType, RunnerDeployment
+from prefect.deployments.runner import RunnerDeployment
 from prefect.schedules import Cron, Interval
+from prefect.types.entrypoint import EntrypointType
 
 from core.names import (
     CLEANUP_ON_DEMAND,
@@ -36,12 +40,20 @@ HOURLY_CRON = "0 * * * *"
 DAY, HOUR = 86_400, 3_600
 
 
+def _built(*made: RunnerDeployment | Coroutine[Any, Any, RunnerDeployment]) -> list[RunnerDeployment]:
+    """The deployments `Flow.to_deployment` built. It returns a coroutine only when called in a running event loop
+    (Prefect's async_dispatch), which these builders never are (`zapsync serve`, tests)."""
+    built = [deployment for deployment in made if isinstance(deployment, RunnerDeployment)]
+    assert len(built) == len(made), "build the deployments outside an event loop"
+    return built
+
+
 def build_deployments() -> list[RunnerDeployment]:
     """The deployments this process serves."""
     settings = get_settings()
     interval = settings.sync_interval_seconds
     module = EntrypointType.MODULE_PATH
-    return [
+    return _built(
         sync_status.to_deployment(
             name=SYNC_SCHEDULED.deployment,
             schedules=[
@@ -65,13 +77,13 @@ def build_deployments() -> list[RunnerDeployment]:
         ),
         *maintenance_deployments(),
         *import_deployments(),
-    ]
+    )
 
 
 def import_deployments() -> list[RunnerDeployment]:
     """The import queue's drain, started where no warm worker drains it (Prefect workers only): two at most at once,
     each working `import_max_concurrency` instances at a time."""
-    return [
+    return _built(
         import_conversations.to_deployment(
             name=IMPORT_DRAIN.deployment,
             concurrency_limit=ConcurrencyLimitConfig(limit=2, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE),
@@ -79,7 +91,7 @@ def import_deployments() -> list[RunnerDeployment]:
             tags=TAGS,
             entrypoint_type=EntrypointType.MODULE_PATH,
         ),
-    ]
+    )
 
 
 def maintenance_deployments() -> list[RunnerDeployment]:
@@ -90,7 +102,7 @@ def maintenance_deployments() -> list[RunnerDeployment]:
     single = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW)
     queued = ConcurrencyLimitConfig(limit=2, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE)
     monitor = settings.monitor_interval_seconds
-    return [
+    return _built(
         cleanup_sessions.to_deployment(
             name=CLEANUP_SCHEDULED.deployment,
             schedules=[
@@ -144,4 +156,4 @@ def maintenance_deployments() -> list[RunnerDeployment]:
             tags=TAGS,
             entrypoint_type=module,
         ),
-    ]
+    )

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 from collections.abc import Mapping
@@ -63,6 +64,11 @@ async def run_worker(drains: Mapping[str, Flow[..., Any]], *, stop: asyncio.Even
     wake = asyncio.Event()
     wake.set()
     state = _Drains()
+
+    def drain_ended(kind: str, run: LocalRun, _task: asyncio.Task[Any]) -> None:
+        state.finished(kind, run, loop.time())
+        wake.set()
+
     listener = loop.create_task(_listen(wake, stop))
     try:
         while not stop.is_set():
@@ -84,7 +90,7 @@ async def run_worker(drains: Mapping[str, Flow[..., Any]], *, stop: asyncio.Even
             for kind in sorted(due):
                 run = start_local_run(drains[kind], {})
                 state.running[kind] = run
-                run.task.add_done_callback(lambda _t, k=kind, r=run: (state.finished(k, r, loop.time()), wake.set()))
+                run.task.add_done_callback(functools.partial(drain_ended, kind, run))
                 log.info("[WORKER] %s: drain started", kind)
     finally:
         listener.cancel()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -107,24 +108,34 @@ async def _work(item: ClaimedItem, handler: Handler, limits: DrainLimits) -> Dra
         heartbeat.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await heartbeat
-    seconds = round(time.monotonic() - begun, 3)
-    base = {"item_id": item.id, "key": item.key, "instance_id": item.instance_id, "attempt": item.attempts}
+    ended = functools.partial(
+        DrainedItem,
+        item_id=item.id,
+        key=item.key,
+        instance_id=item.instance_id,
+        attempt=item.attempts,
+        seconds=round(time.monotonic() - begun, 3),
+    )
     async with session_scope() as session:
         if handled is not None and handled.error is None:
             held = await queue.complete(session, item.id, item.lease_token, result=handled.result)
-            outcome = "done" if held else "lease_lost"
-            return DrainedItem(**base, outcome=outcome, seconds=seconds, summary=handled.summary)
-        error = handled.error if handled is not None else _describe(failure)
+            return ended(outcome="done" if held else "lease_lost", summary=handled.summary)
+        error = handled.error if handled is not None and handled.error is not None else _describe(failure)
         result = handled.result if handled is not None else None
         if failure is not None and is_transient(failure) and not should_give_up(item.attempts, limits.max_attempts):
             delay = retry_delay(item.attempts, initial=limits.retry_initial_seconds, cap=limits.retry_max_seconds)
             state = await queue.retry_later(session, item.id, item.lease_token, error=error, delay_seconds=delay)
-            outcome = {"pending": "retry", "done": "superseded", None: "lease_lost"}[state]
-            return DrainedItem(**base, outcome=outcome, seconds=seconds, error=error)
+            match state:
+                case "pending":
+                    return ended(outcome="retry", error=error)
+                case "done":  # a newer request superseded the item meanwhile
+                    return ended(outcome="superseded", error=error)
+                case _:  # None: another drain holds the item now
+                    return ended(outcome="lease_lost", error=error)
         if failure is not None and is_transient(failure):
             error = f"gave up after {item.attempts} attempts: {error}"
         held = await queue.fail(session, item.id, item.lease_token, error=error, result=result)
-        return DrainedItem(**base, outcome="failed" if held else "lease_lost", seconds=seconds, error=error)
+        return ended(outcome="failed" if held else "lease_lost", error=error)
 
 
 async def _keep_lease(item: ClaimedItem, lease_seconds: float) -> None:

@@ -15,8 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prefect import Flow
-from prefect.client.schemas.objects import FlowRun
-from prefect.states import State
+from prefect.client.schemas.objects import FlowRun, State
 
 log = logging.getLogger("zapsync.runs")
 
@@ -50,7 +49,8 @@ def start_local_run(flow: Flow[..., Any], parameters: Mapping[str, Any]) -> Loca
     loop = asyncio.get_running_loop()
     started: asyncio.Future[FlowRun] = loop.create_future()
 
-    def on_running(_flow: Flow[..., Any], flow_run: FlowRun, _state: State) -> None:
+    # Named as in Prefect's FlowStateHook protocol (its parameters may be passed by keyword), used or not.
+    def on_running(flow: Flow[..., Any], flow_run: FlowRun, state: State[Any]) -> None:  # noqa: ARG001
         if not started.done():
             loop.call_soon_threadsafe(_resolve, started, flow_run)
 

@@ -18,8 +18,8 @@ from prefect.client.schemas.filters import (
     FlowRunFilterState,
     FlowRunFilterStateType,
 )
-from prefect.client.schemas.objects import StateType
-from prefect.deployments import run_deployment
+from prefect.client.schemas.objects import State, StateType
+from prefect.deployments import arun_deployment
 from prefect.exceptions import ObjectNotFound
 from pydantic import BaseModel
 
@@ -50,12 +50,17 @@ def ui_url(flow_run_id: uuid.UUID) -> str | None:
     return f"{base.rstrip('/')}/runs/flow-run/{flow_run_id}" if base else None
 
 
+def _state_name(state: State[Any] | None, default: str) -> str:
+    """The state's name (Prefect names a state after its type when not told otherwise), or ``default`` without one."""
+    return state.name if state is not None and state.name is not None else default
+
+
 async def start_run(
     deployment: DeploymentName, parameters: dict[str, Any], *, idempotency_key: str | None = None
 ) -> FlowRunRef:
     """Create a run of ``deployment`` and return at once; a reused idempotency key returns the earlier run."""
     try:
-        run = await run_deployment(
+        run = await arun_deployment(
             str(deployment),
             parameters=parameters,
             timeout=0,
@@ -72,7 +77,7 @@ async def start_run(
         id=run.id,
         name=run.name,
         deployment=str(deployment),
-        state=run.state.name if run.state else "Scheduled",
+        state=_state_name(run.state, "Scheduled"),
         ui_url=ui_url(run.id),
     )
 
@@ -89,7 +94,7 @@ async def read_run(flow_run_id: uuid.UUID, deployment: str = "") -> FlowRunRef:
         id=run.id,
         name=run.name,
         deployment=deployment,
-        state=state.name if state else "Unknown",
+        state=_state_name(state, "Unknown"),
         final=bool(state and state.is_final()),
         ui_url=ui_url(run.id),
     )

@@ -16,7 +16,7 @@ from collections import defaultdict
 from collections.abc import Awaitable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Literal, Protocol
+from typing import Literal, Protocol, TypeVar, cast
 
 from prefect import flow
 from prefect.utilities.annotations import quote
@@ -214,8 +214,16 @@ async def _observe_gateway(
 async def _observe_in_task(
     gateway: Gateway, refs: Sequence[InstanceRef], *, confirm: set[str]
 ) -> list[StatusObservation]:
-    """One `observe-instances` task run (quote(): Prefect would otherwise walk and copy every element)."""
-    return await observe_batch(gateway, quote(refs), confirm=quote(confirm))
+    """One `observe-instances` task run (quoted: Prefect would otherwise walk and copy every element)."""
+    return await observe_batch(gateway, _quoted(refs), confirm=_quoted(confirm))
+
+
+_T = TypeVar("_T")
+
+
+def _quoted(value: _T) -> _T:
+    """``value`` in Prefect's `quote`, typed as what the task function receives: Prefect unwraps it unwalked."""
+    return cast(_T, quote(value))  # quote[T] is a 1-tuple to mypy; Prefect passes the task its content
 
 
 async def _apply(writes: Sequence[StatusWrite], *, flow_run_id: uuid.UUID | None) -> list[AppliedChange]:
@@ -224,7 +232,7 @@ async def _apply(writes: Sequence[StatusWrite], *, flow_run_id: uuid.UUID | None
     import_gateways = frozenset(history_gateways())
     batches = await asyncio.gather(
         *(
-            apply_batch(quote(batch), source="sync", flow_run_id=flow_run_id, import_gateways=import_gateways)
+            apply_batch(_quoted(batch), source="sync", flow_run_id=flow_run_id, import_gateways=import_gateways)
             for batch in chunks(writes, get_settings().sync_batch_size)
         )
     )

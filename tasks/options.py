@@ -39,8 +39,7 @@ from typing import Any, TypedDict
 import psycopg
 from prefect import Task
 from prefect.cache_policies import NO_CACHE, CachePolicy
-from prefect.client.schemas.objects import TaskRun
-from prefect.states import State
+from prefect.client.schemas.objects import State, TaskRun
 from sqlalchemy import exc as sa_exc
 
 from core.errors import DatabaseUnavailable, GatewayError, GatewayTransientError

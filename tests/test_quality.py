@@ -26,7 +26,7 @@ def test_ruff_format_is_clean() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-TYPED_PACKAGES = ("core", "db", "gateways")
+TYPED_PACKAGES = ("core", "db", "gateways", "tasks", "flows", "deployments")
 """Packages `mypy` checks under the strict configuration of pyproject.toml ([tool.mypy])."""
 
 
