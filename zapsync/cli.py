@@ -31,13 +31,20 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from core.errors import DatabaseNotMigrated, DatabaseUnavailable, GatewayError, InvalidInput, NotFound, ZapsyncError
+from core.errors import (
+    DatabaseNotMigrated,
+    DatabaseUnavailable,
+    GatewayError,
+    InvalidInput,
+    NotFound,
+    StackError,
+    ZapsyncError,
+)
 from core.settings import get_settings
 from db.engine import current_revision
 from zapsync.prefect_env import configure_prefect_env, prefect_healthy
 from zapsync.stack import (
     DEFAULT_POLL_FREQUENCY,
-    StackError,
     StackOptions,
     adopt_demo_gateway,
     check_ports,
