@@ -418,6 +418,52 @@ def prefect_api(startup_timeout_s: int = 90) -> Iterator[None]:
         yield
 
 
+PREFECT_SERVER_ENV = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DO_NOT_TRACK": "1",
+    "PREFECT_SERVER_UI_V2_ENABLED": "false",
+    "PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT": "false",
+    "PREFECT_SERVER_LOGGING_LEVEL": "WARNING",
+}
+"""The settings `zapsync up` starts its Prefect server with (zapsync/stack.py)."""
+
+
+@contextlib.contextmanager
+def prefect_server(startup_timeout_s: float = 180.0) -> Iterator[str]:
+    """A full Prefect server (``prefect server start``, scheduler and all services) as `zapsync up` runs it, in a
+    child process with a throwaway ``PREFECT_HOME``; this process's Prefect client points at it for the block.
+
+    Unlike :func:`prefect_api` (an ephemeral server without background services), it runs the scheduler, so
+    scheduled deployments (the 5-minute status sync, the health monitor) create their runs. Yields the API URL.
+    """
+    import httpx
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    home = Path(tempfile.mkdtemp(prefix="zapsync-bench-prefect-"))
+    host = "127.0.0.1"
+    port = free_port(host)
+    api_url = f"http://{host}:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": api_url, **PREFECT_SERVER_ENV}
+    argv = [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)]
+    server = ChildProcess("prefect-server", argv, env, home / "server.log")
+
+    def healthy() -> bool:
+        with contextlib.suppress(httpx.HTTPError):
+            return httpx.get(f"{api_url}/health", timeout=2).status_code == 200
+        return False
+
+    begun = time.perf_counter()
+    try:
+        server.start()
+        wait_until("the Prefect server", healthy, timeout_s=startup_timeout_s, alive=[server])
+        progress(f"Prefect server at {api_url} up in {time.perf_counter() - begun:.1f}s")
+        with temporary_settings({PREFECT_API_URL: api_url}):
+            yield api_url
+    finally:
+        server.stop()
+        shutil.rmtree(home, ignore_errors=True)
+
+
 async def read_all_flow_runs(client: Any, *, flow_name: str | None = None, page: int = 200) -> list[Any]:
     """Every flow run the Prefect API holds (of ``flow_name`` when given), read page by page.
 

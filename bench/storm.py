@@ -2,9 +2,10 @@
 
 Setup (not timed): a simulator process with N never-connected Evolution instances, each holding ``--chats``
 one-to-one chats of ``--messages`` messages, and one more instance for the bulk comparison; a migrated database
-with one organization (webhook secret) and the N instances as ``disconnected`` rows; a temporary Prefect API; the
-real API (uvicorn serving ``api.main:create_app``) and the deployments served (``python -m deployments.serve``) as
-child processes, plus ``zapsync worker`` when this checkout has it.
+with one organization (webhook secret) and the N instances as ``disconnected`` rows; a Prefect server
+(``prefect server start`` with its scheduler, as `zapsync up` runs it; ``--prefect harness``: the ephemeral test
+server, without schedules); the real API (uvicorn serving ``api.main:create_app``) and the deployments served
+(``python -m deployments.serve``) as child processes, plus ``zapsync worker`` when this checkout has it.
 
 Timed: for every instance, the simulator is told it is ``open`` and one real-shaped Evolution ``connection.update``
 (``state: open``) is posted to ``/webhooks/evolution/{organization}``, spread over at most 10 s with bounded
@@ -51,6 +52,7 @@ from bench.common import (
     load_average,
     percentile,
     prefect_api,
+    prefect_server,
     prepare_environment,
     progress,
     read_all_flow_runs,
@@ -80,6 +82,7 @@ class StormOptions:
     spread_s: float
     concurrency: int
     timeout_s: float
+    prefect: str
     as_json: bool
 
     @property
@@ -104,6 +107,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--timeout", type=float, default=600.0, dest="timeout_s", help="seconds to wait for every import"
     )
+    parser.add_argument(
+        "--prefect",
+        choices=("server", "harness"),
+        default="server",
+        help="server: `prefect server start` with its scheduler, as `zapsync up` runs it (default); "
+        "harness: the lighter ephemeral test server, without schedules",
+    )
     parser.add_argument("--json", action="store_true", dest="as_json", help="print one JSON object on stdout")
 
 
@@ -117,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
         spread_s=max(0.0, spread),
         concurrency=args.concurrency,
         timeout_s=args.timeout_s,
+        prefect=args.prefect,
         as_json=args.as_json,
     )
     return run_main(lambda out: bench_storm(options, out))
@@ -163,7 +174,7 @@ def bench_storm(options: StormOptions, out: IO[str]) -> None:
             )
         )
         database = stack.enter_context(bench_database())
-        stack.enter_context(prefect_api())
+        stack.enter_context(prefect_server() if options.prefect == "server" else prefect_api())
         simulator.wait()
         names, bulk_name = simulator.seeded[0].names, simulator.seeded[1].names[0]
         for name in names:
@@ -422,12 +433,20 @@ async def wait_imported(
 
 
 async def count_flow_runs(since: datetime) -> tuple[int, dict[str, int]]:
-    """``import-conversations`` runs created since ``since``, and the runs of every flow created since then."""
+    """``import-conversations`` runs created since ``since``, and the runs of every flow created since then
+    (not counting the ones the scheduler created for later times)."""
     from prefect.client.orchestration import get_client
 
     async with get_client() as client:
         names = await flow_names_by_id(client)
-        runs = [run for run in await read_all_flow_runs(client) if run.created is None or run.created >= since]
+        runs = await read_all_flow_runs(client)
+    now = datetime.now(UTC)
+    runs = [
+        run
+        for run in runs
+        if (run.created is None or run.created >= since)
+        and (run.start_time is not None or run.expected_start_time is None or run.expected_start_time <= now)
+    ]
     by_flow = Counter(names.get(run.flow_id, str(run.flow_id)) for run in runs)
     return by_flow.get(IMPORT_FLOW, 0), dict(sorted(by_flow.items()))
 
@@ -463,6 +482,7 @@ def build_result(
         "spread_seconds": round(options.spread_s, 3),
         "webhook_concurrency": options.concurrency,
         "worker": worker,
+        "prefect": options.prefect,
         "load_average": load,
         "load_average_end": load_end,
     }
