@@ -65,7 +65,9 @@ from bench.common import (
 NAME = "storm"
 HELP = "reconnect storm: N instances connect at once; seconds until every history is imported, flow runs, processes"
 IMPORT_FLOW = "import-conversations"
-IMPORT_DEPLOYMENT = f"{IMPORT_FLOW}/on-demand"
+SERVED_DEPLOYMENT = "sync-status/on-demand"
+"""Polled once the flow runner serves its deployments (what `zapsync up` waits for); exists before and after the
+work queue, unlike the import deployment (``import-conversations/on-demand``, later ``…/drain``)."""
 SECRET = "bench-storm-webhook-secret"
 HOST = "127.0.0.1"
 MAX_SPREAD_S = 10.0
@@ -267,7 +269,7 @@ def start_children(logs: Path) -> tuple[list[ChildProcess], str]:
 
 
 def wait_for_children(children: list[ChildProcess], api_url: str) -> None:
-    """Until the API answers ``/readyz`` and a runner has polled the import deployment."""
+    """Until the API answers ``/readyz`` and the runner has polled :data:`SERVED_DEPLOYMENT` (it serves them all)."""
     import httpx
     from prefect.settings import PREFECT_API_URL
 
@@ -280,13 +282,13 @@ def wait_for_children(children: list[ChildProcess], api_url: str) -> None:
 
     def deployment_polled() -> bool:
         with contextlib.suppress(httpx.HTTPError):
-            response = httpx.get(f"{prefect_url}/deployments/name/{IMPORT_DEPLOYMENT}", timeout=2)
+            response = httpx.get(f"{prefect_url}/deployments/name/{SERVED_DEPLOYMENT}", timeout=2)
             return response.status_code == 200 and response.json().get("last_polled") is not None
         return False
 
     begun = time.perf_counter()
     wait_until("the API", api_ready, timeout_s=120, alive=children)
-    wait_until(f"the deployment {IMPORT_DEPLOYMENT}", deployment_polled, timeout_s=180, alive=children)
+    wait_until(f"the deployment {SERVED_DEPLOYMENT}", deployment_polled, timeout_s=180, alive=children)
     progress(f"API at {api_url} and deployments served in {time.perf_counter() - begun:.1f}s")
 
 
