@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import resource
 import shutil
+import signal
+import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -18,6 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 from typing import IO, Any, Literal
 
 ProviderName = Literal["evolution", "megaapi"]
@@ -411,6 +416,237 @@ def prefect_api(startup_timeout_s: int = 90) -> Iterator[None]:
     with prefect_test_harness(server_startup_timeout=startup_timeout_s):
         progress(f"Prefect API up in {time.perf_counter() - begun:.1f}s")
         yield
+
+
+PREFECT_SERVER_ENV = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DO_NOT_TRACK": "1",
+    "PREFECT_SERVER_UI_V2_ENABLED": "false",
+    "PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT": "false",
+    "PREFECT_SERVER_LOGGING_LEVEL": "WARNING",
+}
+"""The settings `zapsync up` starts its Prefect server with (zapsync/stack.py)."""
+
+
+@contextlib.contextmanager
+def prefect_server(startup_timeout_s: float = 180.0) -> Iterator[str]:
+    """A full Prefect server (``prefect server start``, scheduler and all services) as `zapsync up` runs it, in a
+    child process with a throwaway ``PREFECT_HOME``; this process's Prefect client points at it for the block.
+
+    Unlike :func:`prefect_api` (an ephemeral server without background services), it runs the scheduler, so
+    scheduled deployments (the 5-minute status sync, the health monitor) create their runs. Yields the API URL.
+    """
+    import httpx
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    home = Path(tempfile.mkdtemp(prefix="zapsync-bench-prefect-"))
+    host = "127.0.0.1"
+    port = free_port(host)
+    api_url = f"http://{host}:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": api_url, **PREFECT_SERVER_ENV}
+    argv = [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)]
+    server = ChildProcess("prefect-server", argv, env, home / "server.log")
+
+    def healthy() -> bool:
+        with contextlib.suppress(httpx.HTTPError):
+            return httpx.get(f"{api_url}/health", timeout=2).status_code == 200
+        return False
+
+    begun = time.perf_counter()
+    try:
+        server.start()
+        wait_until("the Prefect server", healthy, timeout_s=startup_timeout_s, alive=[server])
+        progress(f"Prefect server at {api_url} up in {time.perf_counter() - begun:.1f}s")
+        with temporary_settings({PREFECT_API_URL: api_url}):
+            yield api_url
+    finally:
+        server.stop()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+async def read_all_flow_runs(client: Any, *, flow_name: str | None = None, page: int = 200) -> list[Any]:
+    """Every flow run the Prefect API holds (of ``flow_name`` when given), read page by page.
+
+    Oldest expected start first, so runs created while paging land on later pages; deduplicated by id.
+    """
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    flow_filter = FlowFilter(name=FlowFilterName(any_=[flow_name])) if flow_name else None
+    runs: dict[Any, Any] = {}
+    offset = 0
+    while True:
+        batch = await client.read_flow_runs(
+            flow_filter=flow_filter, sort=FlowRunSort.EXPECTED_START_TIME_ASC, limit=page, offset=offset
+        )
+        runs.update({run.id: run for run in batch})
+        offset += len(batch)
+        if len(batch) < page:
+            return list(runs.values())
+
+
+async def flow_names_by_id(client: Any) -> dict[Any, str]:
+    """Flow id → flow name, for every flow the Prefect API knows."""
+    names: dict[Any, str] = {}
+    offset = 0
+    while True:
+        batch = await client.read_flows(limit=200, offset=offset)
+        names.update({flow.id: flow.name for flow in batch})
+        offset += len(batch)
+        if len(batch) < 200:
+            return names
+
+
+# -- child processes --------------------------------------------------------------------------------------------
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+"""The checkout the benchmarks run from: children start here so that ``python -m api…`` finds this code."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class ChildProcess:
+    """A zapsync process the benchmark starts (API, flow runner, whole stack), its output in a log file.
+
+    Stopped like `zapsync up` stops its children: SIGINT, then SIGTERM and SIGKILL after timeouts.
+    """
+
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    log_path: Path
+    stop_timeout_s: float = 20.0
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> ChildProcess:
+        """Start the process in the checkout's root with stdout and stderr appended to its log."""
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                self.argv, cwd=REPO_ROOT, env=self.env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+            )
+        progress(f"{self.name} started (pid {self.process.pid}), log {self.log_path}")
+        return self
+
+    @property
+    def pid(self) -> int:
+        """The child's pid."""
+        if self.process is None:
+            raise RuntimeError(f"{self.name} was not started")
+        return self.process.pid
+
+    def check_alive(self) -> None:
+        """Raise BenchFailure, with the end of its log, if the process has exited."""
+        if self.process is not None and self.process.poll() is not None:
+            raise BenchFailure(f"{self.name} exited with code {self.process.returncode}:\n{self.log_tail()}")
+
+    def stop(self) -> str:
+        """Stop the process (idempotent); returns how it ended: stopped, terminated, killed or exited."""
+        process, self.process = self.process, None
+        if process is None or process.poll() is not None:
+            return "exited"
+        steps = ((signal.SIGINT, self.stop_timeout_s, "stopped"), (signal.SIGTERM, 5.0, "terminated"))
+        for sig, timeout, how in steps:
+            process.send_signal(sig)
+            try:
+                process.wait(timeout=timeout)
+                return how
+            except subprocess.TimeoutExpired:
+                continue
+        process.kill()
+        process.wait()
+        return "killed"
+
+    def log_tail(self, lines: int = 25) -> str:
+        """The last lines of the log (to show why the child failed)."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.rstrip().splitlines()[-lines:])
+
+
+def wait_until(what: str, ready: Callable[[], bool], *, timeout_s: float, alive: Sequence[ChildProcess] = ()) -> None:
+    """Poll ``ready()`` (with a growing pause) until it holds; BenchFailure on timeout or when a child dies."""
+    deadline = time.monotonic() + timeout_s
+    delay = 0.1
+    while not ready():
+        for child in alive:
+            child.check_alive()
+        if time.monotonic() > deadline:
+            raise BenchFailure(f"{what} was not ready after {timeout_s:.0f} s")
+        time.sleep(delay)
+        delay = min(delay * 1.5, 1.0)
+
+
+def zapsync_command_exists(command: str) -> bool:
+    """Whether ``python -m zapsync.cli COMMAND --help`` succeeds in this checkout."""
+    result = subprocess.run(
+        [sys.executable, "-m", "zapsync.cli", command, "--help"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    return result.returncode == 0
+
+
+def is_flow_run_process(cmdline: Sequence[str]) -> bool:
+    """Whether a command line runs a Prefect flow run: ``python -m prefect.engine`` (a deployment pulled from
+    storage) or a multiprocessing spawn child (how ``serve()`` runs a flow it holds in memory)."""
+    line = " ".join(cmdline)
+    return "prefect.engine" in line or "spawn_main" in line
+
+
+def flow_run_processes(root_pids: Sequence[int]) -> list[int]:
+    """Pids of the live flow-run processes below the given processes (a flow runner, a worker)."""
+    import psutil
+
+    found: list[int] = []
+    for root in root_pids:
+        try:
+            descendants = psutil.Process(root).children(recursive=True)
+        except psutil.Error:
+            continue
+        for proc in descendants:
+            with contextlib.suppress(psutil.Error):
+                if is_flow_run_process(proc.cmdline()):
+                    found.append(proc.pid)
+    return found
+
+
+def tree_cpu_seconds(root_pid: int) -> float:
+    """CPU seconds (user + system) used so far by a process, its live descendants and every child they reaped.
+
+    A process that exited was reaped by its parent, whose ``children_user``/``children_system`` then hold its
+    time, so two readings of the tree give the CPU used in between, exited processes included.
+    """
+    import psutil
+
+    try:
+        root = psutil.Process(root_pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0.0
+    total = 0.0
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            times = proc.cpu_times()
+            total += times.user + times.system + times.children_user + times.children_system
+    return total
+
+
+def percentile(values: Sequence[float], fraction: float) -> float:
+    """The nearest-rank percentile (``fraction`` 0.99 → p99) of a non-empty sequence."""
+    ordered = sorted(values)
+    rank = max(1, math.ceil(fraction * len(ordered)))
+    return ordered[rank - 1]
 
 
 # -- running a subcommand ---------------------------------------------------------------------------------------

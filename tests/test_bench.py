@@ -49,3 +49,57 @@ def test_bench_sync_applies_exactly_the_injected_drift() -> None:
     assert report["applied"] == report["expected_changes"]
     assert report["seconds"] > 0 and report["baseline_seconds"] > 0 and report["peak_rss_mb"] > 0
     assert report["baseline_instances_done"] > 0
+
+
+def _run_bench(*args: str, timeout: float) -> dict[str, object]:
+    """`python -m bench ARGS --json` with production defaults and its own throwaway database; its one JSON object."""
+    env = {key: value for key, value in os.environ.items() if key != "DATABASE_URL" and not key.startswith("ZAPSYNC_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", *args, "--json"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1, result.stdout  # exactly one JSON object on stdout; progress goes to stderr
+    report: dict[str, object] = json.loads(lines[0])
+    return report
+
+
+@pytest.mark.slow
+def test_bench_storm_imports_every_instance_after_its_connect_webhook() -> None:
+    report = _run_bench("storm", "--instances", "3", "--chats", "2", "--messages", "3", timeout=600)
+
+    assert {"instances", "seconds", "bulk_seconds", "ratio", "flow_runs", "webhook_p99_ms"} <= set(report)
+    assert report["instances"] == 3
+    assert report["messages"] == 3 * 2 * 3  # exit code 0: every instance held exactly its messages
+    assert report["webhook_outcomes"] == {"applied": 3}
+    seconds, bulk_seconds = report["seconds"], report["bulk_seconds"]
+    assert isinstance(seconds, float) and isinstance(bulk_seconds, float)
+    assert seconds > 0 and bulk_seconds > 0
+    assert report["ratio"] == round(seconds / bulk_seconds, 2)
+    assert isinstance(report["flow_runs"], int) and report["flow_runs"] >= 0
+    assert isinstance(report["peak_flow_run_processes"], int)
+    assert isinstance(report["webhook_p99_ms"], float) and report["webhook_p99_ms"] > 0
+
+
+@pytest.mark.slow
+def test_bench_demo_reports_the_runs_and_cpu_of_zapsync_up() -> None:
+    report = _run_bench("demo", "--minutes", "0.5", timeout=600)
+
+    assert {"minutes", "flow_runs", "max_start_lag_s", "max_queue_depth", "cpu_core_fraction"} <= set(report)
+    assert report["minutes"] == 0.5
+    assert report["stopped"] == "stopped"  # `up` ended on SIGINT, without being terminated or killed
+    flow_runs = report["flow_runs"]
+    assert isinstance(flow_runs, dict)
+    assert "sync-status" in flow_runs  # `up --demo` starts a first status sync once ready
+    assert sum(sum(states.values()) for states in flow_runs.values()) == report["flow_runs_total"]
+    cpu = report["cpu_core_fraction"]
+    assert isinstance(cpu, float) and cpu > 0
+    assert isinstance(report["max_queue_depth"], int) and report["max_queue_depth"] >= 0
+    lag = report["max_start_lag_s"]
+    assert isinstance(lag, float) and lag >= 0
