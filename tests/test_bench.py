@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
+@pytest.mark.pure  # the benchmark runs in a subprocess with a database of its own
 def test_bench_sync_applies_exactly_the_injected_drift() -> None:
     # Production defaults and its own throwaway database, not the test session's overrides (0.5 s timeouts, …).
     env = {key: value for key, value in os.environ.items() if key != "DATABASE_URL" and not key.startswith("ZAPSYNC_")}
