@@ -58,7 +58,7 @@ class BreakerPolicy:
 BREAKER_STATES = {STATE_CLOSED: "closed", STATE_OPEN: "open", STATE_HALF_OPEN: "half_open"}
 
 
-class ClockedBreaker(CircuitBreaker):
+class ClockedBreaker(CircuitBreaker):  # type: ignore[misc]  # circuitbreaker is untyped (Any to mypy)
     """`circuitbreaker.CircuitBreaker` measuring its recovery on ``clock`` instead of ``time.monotonic``.
 
     The library stamps ``_opened`` with ``monotonic()`` when a failure reaches the threshold and compares it with
@@ -79,7 +79,7 @@ class ClockedBreaker(CircuitBreaker):
     @property
     def open_remaining(self) -> int:
         """Whole seconds the breaker stays open (rounded like the library: up while open, down after)."""
-        remain = (self._opened + self._recovery_timeout) - self._clock()
+        remain: float = (self._opened + self._recovery_timeout) - self._clock()
         return math.ceil(remain) if remain > 0 else math.floor(remain)
 
 
