@@ -176,6 +176,7 @@ def served_deployments(prefect_server: None, simulator_server: SimulatorServer, 
     while not expected <= asyncio.run(registered()):
         if child.poll() is not None or time.monotonic() > deadline:
             child.kill()
+            child.wait()
             raise RuntimeError("the deployments were not served in time")
         time.sleep(0.2)
     yield
@@ -184,6 +185,7 @@ def served_deployments(prefect_server: None, simulator_server: SimulatorServer, 
         child.wait(timeout=20)
     except subprocess.TimeoutExpired:
         child.kill()
+        child.wait()  # reap it (an unreaped child is a ResourceWarning, and an error here)
 
 
 class WorkerProcess:
@@ -214,6 +216,7 @@ class WorkerProcess:
             self.process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.process.kill()
+            self.process.wait()
 
 
 @pytest.fixture
