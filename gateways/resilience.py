@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import httpx
 from circuitbreaker import STATE_CLOSED, STATE_HALF_OPEN, STATE_OPEN, CircuitBreaker
@@ -49,14 +51,42 @@ class BreakerPolicy:
 
     failure_threshold: int = 5
     recovery_seconds: float = 30.0
+    clock: Callable[[], float] = time.monotonic
+    """Monotonic seconds the recovery is measured on (tests pass a clock they advance)."""
 
 
 BREAKER_STATES = {STATE_CLOSED: "closed", STATE_OPEN: "open", STATE_HALF_OPEN: "half_open"}
 
 
+class ClockedBreaker(CircuitBreaker):  # type: ignore[misc]  # circuitbreaker is untyped (Any to mypy)
+    """`circuitbreaker.CircuitBreaker` measuring its recovery on ``clock`` instead of ``time.monotonic``.
+
+    The library stamps ``_opened`` with ``monotonic()`` when a failure reaches the threshold and compares it with
+    ``monotonic()`` in ``open_remaining``; both places are re-done here on the injected clock.
+    """
+
+    def __init__(self, *, clock: Callable[[], float], **kwargs: Any) -> None:
+        self._clock = clock
+        super().__init__(**kwargs)
+        self._opened = clock()
+
+    def __exit__(self, exc_type: Any, exc_value: Any, traceback: Any) -> bool:
+        suppress: bool = super().__exit__(exc_type, exc_value, traceback)
+        if self._failure_count >= self._failure_threshold:  # this failure (re)opened the breaker
+            self._opened = self._clock()
+        return suppress
+
+    @property
+    def open_remaining(self) -> int:
+        """Whole seconds the breaker stays open (rounded like the library: up while open, down after)."""
+        remain: float = (self._opened + self._recovery_timeout) - self._clock()
+        return math.ceil(remain) if remain > 0 else math.floor(remain)
+
+
 def make_breaker(gateway: str, policy: BreakerPolicy) -> CircuitBreaker:
     """A breaker counting consecutive transient failures of one gateway."""
-    return CircuitBreaker(
+    return ClockedBreaker(
+        clock=policy.clock,
         failure_threshold=policy.failure_threshold,
         recovery_timeout=policy.recovery_seconds,
         expected_exception=GatewayTransientError,

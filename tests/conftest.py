@@ -49,9 +49,16 @@ SIM_EVOLUTION_KEY = "sim-evolution-key"
 SIM_MEGAAPI_TOKEN = "sim-megaapi-token"
 
 
-@pytest.fixture(scope="session", autouse=True)
-def database() -> str:
-    """The embedded PostgreSQL, migrated to head once for the session."""
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Refuse a ``pure`` test that asks for the database (directly or through a fixture such as ``client``)."""
+    for item in items:
+        if item.get_closest_marker("pure") and "database" in getattr(item, "fixturenames", ()):
+            raise pytest.UsageError(f"{item.nodeid} is marked pure but requests the database")
+
+
+@pytest.fixture(scope="session")
+def database(_dispose_engine: None) -> str:
+    """The embedded PostgreSQL, migrated to head once for the session (started by the first test that needs it)."""
     url = database_url()
     upgrade()
     return url.render_as_string(hide_password=True)
@@ -116,14 +123,26 @@ TABLES = (
 
 
 @pytest.fixture(autouse=True)
-async def clean_database() -> None:
-    """Every test starts from empty tables (flows commit for real, so there is no rollback to lean on)."""
+def clean_database(request: pytest.FixtureRequest) -> None:
+    """Every test starts from empty tables (flows commit for real, so there is no rollback to lean on).
+
+    Opt-out, not opt-in: only a test marked ``pure`` skips it (and then never starts PostgreSQL), so a test that
+    touches the database cannot forget its cleanup.
+    """
+    if request.node.get_closest_marker("pure") is None:
+        request.getfixturevalue("empty_tables")
+
+
+@pytest.fixture
+async def empty_tables(database: str) -> None:
+    """Truncate every table zapsync writes."""
     async with session_scope() as session:
         await session.execute(text(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE"))
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="session")
 async def _dispose_engine() -> AsyncIterator[None]:
+    """Close the session loop's connection pool once the database is no longer needed."""
     yield
     await dispose_engine()
 
@@ -157,6 +176,7 @@ def served_deployments(prefect_server: None, simulator_server: SimulatorServer, 
     while not expected <= asyncio.run(registered()):
         if child.poll() is not None or time.monotonic() > deadline:
             child.kill()
+            child.wait()
             raise RuntimeError("the deployments were not served in time")
         time.sleep(0.2)
     yield
@@ -165,6 +185,7 @@ def served_deployments(prefect_server: None, simulator_server: SimulatorServer, 
         child.wait(timeout=20)
     except subprocess.TimeoutExpired:
         child.kill()
+        child.wait()  # reap it (an unreaped child is a ResourceWarning, and an error here)
 
 
 class WorkerProcess:
@@ -195,6 +216,7 @@ class WorkerProcess:
             self.process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.process.kill()
+            self.process.wait()
 
 
 @pytest.fixture
@@ -222,7 +244,7 @@ def queue_worker(prefect_server: None, start_worker: Callable[..., WorkerProcess
 
 
 @pytest.fixture
-async def client() -> AsyncIterator[httpx.AsyncClient]:
+async def client(database: str) -> AsyncIterator[httpx.AsyncClient]:
     """The API in-process over ASGI (one app per test, so per-process state such as the repeat filter is fresh)."""
     from api.main import create_app
 

@@ -194,6 +194,7 @@ def http_scope() -> Scope:
     return {"type": "http", "method": "GET", "path": "/stream", "headers": [(b"x-request-id", b"stream-1")]}
 
 
+@pytest.mark.pure
 async def test_streaming_responses_pass_through_unbuffered() -> None:
     release = asyncio.Event()
 
@@ -218,6 +219,7 @@ async def test_streaming_responses_pass_through_unbuffered() -> None:
     assert [m.get("body") for m in sent.messages[1:]] == [b"first", b"last"]
 
 
+@pytest.mark.pure
 async def test_a_failure_after_the_response_started_is_logged_not_answered_twice(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

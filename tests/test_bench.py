@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
+@pytest.mark.pure  # the benchmark runs in a subprocess with a database of its own
 def test_bench_sync_applies_exactly_the_injected_drift() -> None:
     # Production defaults and its own throwaway database, not the test session's overrides (0.5 s timeouts, …).
     env = {key: value for key, value in os.environ.items() if key != "DATABASE_URL" and not key.startswith("ZAPSYNC_")}
@@ -71,6 +72,7 @@ def _run_bench(*args: str, timeout: float) -> dict[str, object]:
 
 
 @pytest.mark.slow
+@pytest.mark.pure
 def test_bench_storm_imports_every_instance_after_its_connect_webhook() -> None:
     report = _run_bench("storm", "--instances", "3", "--chats", "2", "--messages", "3", timeout=600)
 
@@ -88,6 +90,7 @@ def test_bench_storm_imports_every_instance_after_its_connect_webhook() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.pure
 def test_bench_demo_reports_the_runs_and_cpu_of_zapsync_up() -> None:
     report = _run_bench("demo", "--minutes", "0.5", timeout=600)
 

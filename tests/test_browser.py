@@ -11,6 +11,7 @@ import pytest
 from prefect.client.orchestration import get_client
 
 from api.main import create_app
+from db.engine import dispose_engine
 from gateways.simulator.server import SimulatorServer
 from tests.factories import instance_row, make_instance, make_organization
 
@@ -33,7 +34,7 @@ CHROMIUM_ARGS = [
 @pytest.fixture
 async def api_url() -> AsyncIterator[str]:
     """The API and dashboard served over loopback HTTP."""
-    async with SimulatorServer(create_app(check_database=False)) as server:
+    async with SimulatorServer(create_app(check_database=False), on_stop=dispose_engine) as server:
         yield server.url
 
 

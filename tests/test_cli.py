@@ -121,6 +121,7 @@ def one_sentence(stderr: str) -> str:
 # -- usage -------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.pure
 def test_help_lists_every_command() -> None:
     code, out, _ = invoke("--help")
     assert code == 0
@@ -461,6 +462,7 @@ def test_serve_gives_up_on_a_prefect_api_that_never_answers() -> None:
 # -- api and simulator processes ---------------------------------------------------------------------------------
 
 
+@pytest.mark.pure
 def test_strip_query_filter_removes_query_strings() -> None:
     record = logging.LogRecord(
         "uvicorn.access",

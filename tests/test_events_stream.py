@@ -12,6 +12,7 @@ import pytest
 
 from api.main import create_app
 from core.events import event
+from db.engine import dispose_engine
 from db.repositories.live_events import publish
 from gateways.simulator.server import SimulatorServer
 from tests.factories import make_instance, make_organization
@@ -21,7 +22,7 @@ from tests.maintenance_rows import org_token
 @pytest.fixture(scope="module")
 def api_server() -> Iterator[SimulatorServer]:
     """The zapsync API served by uvicorn in a thread, on a loopback port."""
-    with SimulatorServer(create_app(check_database=False)) as server:
+    with SimulatorServer(create_app(check_database=False), on_stop=dispose_engine) as server:
         yield server
 
 
@@ -100,21 +101,23 @@ async def test_each_organization_receives_its_own_events_and_none_of_the_others(
         )
         assert hook.status_code == 200 and hook.json()["outcome"] == "applied"
     await publish([event(org_a, "flow.result", n=3), event(org_b, "flow.result", n=4)])
+    # A stream delivers events in commit order: once an event published after all of the above has arrived,
+    # anything else bound for that stream (e.g. another organization's event leaking in) has arrived before it.
+    await publish([event(org_a, "flow.result", marker=True), event(org_b, "flow.result", marker=True)])
+    for stream in (stream_a, stream_b, admin_for_b):
+        await stream.wait_for(lambda evs: any(e["payload"].get("marker") for e in evs))
+        assert stream.events[-1]["payload"] == {"marker": True}
+    events_a, events_b, admin_events = stream_a.events[:-1], stream_b.events[:-1], admin_for_b.events[:-1]
 
-    await stream_a.wait_for(lambda evs: any(e["payload"].get("n") == 3 for e in evs))
-    await stream_b.wait_for(lambda evs: any(e["payload"].get("n") == 4 for e in evs))
-    await admin_for_b.wait_for(lambda evs: len(evs) == 2)
-    await asyncio.sleep(0.3)  # anything else (e.g. a leak) would have arrived by now
-
-    assert [(e["event"], e["payload"].get("n")) for e in stream_a.events] == [
+    assert [(e["event"], e["payload"].get("n")) for e in events_a] == [
         ("flow.result", 1),
         ("instance.status", None),
         ("flow.result", 3),
     ]
-    assert stream_a.events[1]["payload"]["to_status"] == "connected"
+    assert events_a[1]["payload"]["to_status"] == "connected"
     assert {e["organization_id"] for e in stream_a.events} == {str(org_a)}
-    assert [e["payload"]["n"] for e in stream_b.events] == [2, 4]
-    assert [e["payload"]["n"] for e in admin_for_b.events] == [2, 4]
+    assert [e["payload"]["n"] for e in events_b] == [2, 4]
+    assert [e["payload"]["n"] for e in admin_events] == [2, 4]
 
 
 async def test_last_event_id_resumes_after_the_last_event_seen(streams) -> None:

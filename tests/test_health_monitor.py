@@ -9,8 +9,6 @@ import httpx
 import pytest
 
 from api.main import create_app
-from core.domain import InstanceStatus, Provider
-from core.policies.health import reconnect_method
 from db.engine import session_scope
 from db.repositories.health import gateway_health
 from flows.monitor_health import monitor_health
@@ -165,10 +163,3 @@ async def test_instance_health_shows_problems_and_uptime_from_sessions(simulator
     assert body["uptime"]["current_session_seconds"] == pytest.approx(6 * 3600, abs=120)
     assert body["uptime"]["sessions"] == 2
     assert body["gateway_health"]["health"] == "healthy"
-
-
-def test_reconnect_method_follows_evolution_semantics() -> None:
-    assert reconnect_method(Provider.EVOLUTION, InstanceStatus.DISCONNECTED) == "connect"
-    assert reconnect_method(Provider.EVOLUTION, InstanceStatus.ERROR) == "connect"
-    assert reconnect_method(Provider.EVOLUTION, InstanceStatus.CONNECTING) == "restart"
-    assert reconnect_method(Provider.MEGAAPI, InstanceStatus.DISCONNECTED) == "restart"

@@ -18,6 +18,8 @@ from gateways.megaapi import MegaApiGateway
 from gateways.messages import MalformedMessage, from_baileys
 from gateways.resilience import RetryPolicy
 
+pytestmark = pytest.mark.pure
+
 NEWEST = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
 
 

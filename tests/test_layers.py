@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.pure
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("core", "db", "gateways", "tasks", "flows", "deployments", "api", "zapsync")
 

@@ -111,10 +111,11 @@ def _start_prefect_server(port: int, api_url: str, tmp_path: Path) -> subprocess
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "ZAPSYNC_PROJECT_DIR": str(ROOT),
     }
-    return subprocess.Popen(
-        [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        cwd=ROOT,
-        stdout=(tmp_path / "server.log").open("wb"),
-        stderr=subprocess.STDOUT,
-    )
+    with (tmp_path / "server.log").open("wb") as log:  # the child keeps its own descriptor
+        return subprocess.Popen(
+            [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            env=env,
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )

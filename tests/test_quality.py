@@ -14,12 +14,14 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.pure
 def test_ruff_is_clean() -> None:
     ruff = shutil.which("ruff") or str(Path(sys.executable).with_name("ruff"))
     result = subprocess.run([ruff, "check", str(ROOT)], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.pure
 def test_ruff_format_is_clean() -> None:
     ruff = shutil.which("ruff") or str(Path(sys.executable).with_name("ruff"))
     result = subprocess.run([ruff, "format", "--check", str(ROOT)], capture_output=True, text=True, check=False)
@@ -30,6 +32,7 @@ TYPED_PACKAGES = ("core", "db", "gateways", "tasks", "flows", "deployments")
 """Packages `mypy` checks under the strict configuration of pyproject.toml ([tool.mypy])."""
 
 
+@pytest.mark.pure
 def test_mypy_is_clean() -> None:
     mypy = shutil.which("mypy") or str(Path(sys.executable).with_name("mypy"))
     packages = [arg for package in TYPED_PACKAGES for arg in ("-p", package)]
@@ -43,6 +46,7 @@ def test_mypy_is_clean() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.pure
 def test_prefect_yaml_declares_every_served_deployment() -> None:
     from deployments.definitions import build_deployments
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 
 import httpx
 import pytest
@@ -132,6 +131,7 @@ async def test_breaker_opens_after_five_failures_and_closes_after_recovery(simul
         simulator.add_instance(name, "megaapi", "open")
         await make_instance(org, name, gateway="megaapi", status="disconnected")
     simulator.configure(outage=True)
+    clock = FakeClock()
 
     gateway = MegaApiGateway(
         name="megaapi",
@@ -139,7 +139,7 @@ async def test_breaker_opens_after_five_failures_and_closes_after_recovery(simul
         api_key=os.environ["MEGA_API_TOKEN"],
         timeout=httpx.Timeout(1.0),
         retry=RetryPolicy(attempts=3, initial_seconds=0.01, max_seconds=0.02),
-        breaker=BreakerPolicy(failure_threshold=5, recovery_seconds=1.0),
+        breaker=BreakerPolicy(failure_threshold=5, recovery_seconds=30.0, clock=clock.now),
     )
     async with gateway:
         names = [f"mega-{i:02d}" for i in range(12)]
@@ -154,19 +154,26 @@ async def test_breaker_opens_after_five_failures_and_closes_after_recovery(simul
         assert sum(v for k, v in simulator.calls.items() if k.startswith("megaapi.")) == calls_while_open
 
         simulator.configure(outage=False)
-        deadline = time.monotonic() + 5
-        while gateway.breaker_state == "open" and time.monotonic() < deadline:
-            await _tick()
+        clock.advance(29.5)
+        assert gateway.breaker_state == "open"
+        clock.advance(0.5)
         assert gateway.breaker_state == "half_open"
         recovered = await gateway.fetch_states(names[:1])
         assert recovered[names[0]].status == "connected"
         assert gateway.breaker_state == "closed"
 
 
-async def _tick() -> None:
-    import asyncio
+class FakeClock:
+    """A monotonic clock that moves only when the test says so."""
 
-    await asyncio.sleep(0.02)
+    def __init__(self) -> None:
+        self.seconds = 1000.0
+
+    def now(self) -> float:
+        return self.seconds
+
+    def advance(self, seconds: float) -> None:
+        self.seconds += seconds
 
 
 async def test_lagging_evolution_column_is_confirmed_live(simulator) -> None:

@@ -67,17 +67,20 @@ PERMANENT = {
 }
 
 
+@pytest.mark.pure
 @pytest.mark.parametrize("error", TRANSIENT.values(), ids=TRANSIENT.keys())
 def test_failures_a_retry_can_cure_are_transient(error: BaseException) -> None:
     assert is_transient(error)
 
 
+@pytest.mark.pure
 @pytest.mark.parametrize("error", PERMANENT.values(), ids=PERMANENT.keys())
 def test_integrity_programming_and_other_errors_are_permanent(error: BaseException) -> None:
     assert not is_transient(error)
     assert not retried_by_task(error)
 
 
+@pytest.mark.pure
 def test_tasks_leave_gateway_errors_to_the_client_that_already_retried_them() -> None:
     assert not retried_by_task(TRANSIENT["gateway-timeout"])
     assert not retried_by_task(TRANSIENT["breaker-open"])

@@ -55,13 +55,14 @@ def work_pool_stack(tmp_path_factory: pytest.TempPathFactory, simulator_server, 
         "ZAPSYNC_PROJECT_DIR": str(ROOT),
     }
     logs = tmp_path_factory.mktemp("logs")
-    server = subprocess.Popen(
-        [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        cwd=ROOT,
-        stdout=(logs / "server.log").open("wb"),
-        stderr=subprocess.STDOUT,
-    )
+    with (logs / "server.log").open("wb") as server_log:  # the child keeps its own descriptor
+        server = subprocess.Popen(
+            [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            env=env,
+            cwd=ROOT,
+            stdout=server_log,
+            stderr=subprocess.STDOUT,
+        )
     worker: subprocess.Popen[bytes] | None = None
     try:
         deadline = time.monotonic() + 90
@@ -80,13 +81,14 @@ def work_pool_stack(tmp_path_factory: pytest.TempPathFactory, simulator_server, 
         ):
             done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=180, check=False)
             assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        worker = subprocess.Popen(
-            [PREFECT, "worker", "start", "--pool", "zapsync"],
-            env=env,
-            cwd=ROOT,
-            stdout=(logs / "worker.log").open("wb"),
-            stderr=subprocess.STDOUT,
-        )
+        with (logs / "worker.log").open("wb") as worker_log:
+            worker = subprocess.Popen(
+                [PREFECT, "worker", "start", "--pool", "zapsync"],
+                env=env,
+                cwd=ROOT,
+                stdout=worker_log,
+                stderr=subprocess.STDOUT,
+            )
         yield api_url
     finally:
         if worker is not None:

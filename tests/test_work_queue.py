@@ -26,13 +26,6 @@ from tests.factories import make_instance, make_organization
 IMPORT = "import"
 
 
-@pytest.fixture(autouse=True)
-async def empty_queue() -> None:
-    """work_items starts empty (until conftest's TABLES lists it)."""
-    async with session_scope() as session:
-        await session.execute(text("TRUNCATE work_items RESTART IDENTITY"))
-
-
 async def enqueue(key: str, payload: dict[str, Any] | None = None, **kwargs: Any) -> q.Enqueued:
     async with session_scope() as session:
         return await q.enqueue(session, kind=kwargs.pop("kind", IMPORT), key=key, payload=payload, **kwargs)
@@ -426,6 +419,7 @@ async def test_outstanding_keys_are_the_pending_and_running_ones() -> None:
 # --- backoff policy and settings (no database) ----------------------------------------------------------------
 
 
+@pytest.mark.pure
 def test_retry_delay_is_full_jitter_under_a_doubling_cap() -> None:
     half = lambda: 0.5  # noqa: E731
     assert retry_delay(1, initial=5, cap=300, rand=half) == 2.5
@@ -439,6 +433,7 @@ def test_retry_delay_is_full_jitter_under_a_doubling_cap() -> None:
         assert 0 <= retry_delay(attempts, initial=5, cap=300) < ceiling
 
 
+@pytest.mark.pure
 def test_should_give_up_after_max_attempts() -> None:
     assert not should_give_up(1, 5)
     assert not should_give_up(4, 5)
@@ -446,6 +441,7 @@ def test_should_give_up_after_max_attempts() -> None:
     assert should_give_up(7, 5)
 
 
+@pytest.mark.pure
 def test_queue_settings_defaults_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     defaults = Settings()
     assert (defaults.queue_lease_seconds, defaults.queue_max_attempts) == (120, 5)

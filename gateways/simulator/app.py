@@ -83,7 +83,7 @@ async def _gate(state: SimulatorState, provider: ProviderName, call: str) -> Non
         while state.config.hang and loop.time() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(min(0.05, max(0.0, deadline - loop.time())))
     if config.latency_ms > 0:
-        await asyncio.sleep(config.latency_ms / 1000)
+        await state.sleep(config.latency_ms / 1000)
     if state.config.outage:
         raise _unavailable(provider, "Simulated outage: the gateway is unavailable")
     if state.draw_fault():

@@ -6,6 +6,7 @@ import asyncio
 import socket
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Self
 
@@ -22,7 +23,8 @@ class SimulatorServer:
     ``target`` is a :class:`SimulatorState` (served by :func:`create_app`) or any ASGI app. The socket is bound
     before the thread starts (``port=0`` picks a free port), and :meth:`start` returns once uvicorn reports
     ``started``. Also usable as ``async with``; stopping does not wait for in-flight requests (a ``hang`` knob
-    would otherwise hold the shutdown).
+    would otherwise hold the shutdown). ``on_stop`` is awaited on the server's loop once uvicorn has stopped: an app
+    that opened loop-bound resources there (zapsync's API and its connection pool) closes them with it.
     """
 
     def __init__(
@@ -33,6 +35,7 @@ class SimulatorServer:
         port: int = 0,
         log_level: str = "warning",
         startup_timeout_s: float = 10.0,
+        on_stop: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.state = target if isinstance(target, SimulatorState) else None
         self.app: ASGIApp = create_app(target) if isinstance(target, SimulatorState) else target
@@ -40,6 +43,7 @@ class SimulatorServer:
         self._port = port
         self._log_level = log_level
         self._startup_timeout_s = startup_timeout_s
+        self._on_stop = on_stop
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
         self._sock: socket.socket | None = None
@@ -70,7 +74,7 @@ class SimulatorServer:
         config = uvicorn.Config(self.app, log_level=self._log_level, access_log=False, lifespan="off")
         server = uvicorn.Server(config)
         thread = threading.Thread(
-            target=server.run, kwargs={"sockets": [sock]}, daemon=True, name=f"sim-server-{self._bound_port}"
+            target=self._run, args=(server, sock), daemon=True, name=f"sim-server-{self._bound_port}"
         )
         self._sock, self._server, self._thread = sock, server, thread
         thread.start()
@@ -81,6 +85,19 @@ class SimulatorServer:
                 raise RuntimeError("simulator server failed to start")
             time.sleep(0.005)
         return self
+
+    def _run(self, server: uvicorn.Server, sock: socket.socket) -> None:
+        """The thread: uvicorn on its own loop (uvicorn's choice of loop), then ``on_stop`` on that same loop."""
+
+        async def serve() -> None:
+            try:
+                await server.serve(sockets=[sock])
+            finally:
+                if self._on_stop is not None:
+                    await self._on_stop()
+
+        with asyncio.Runner(loop_factory=server.config.get_loop_factory()) as runner:
+            runner.run(serve())
 
     def stop(self) -> None:
         """Ask uvicorn to exit at once and join its thread."""

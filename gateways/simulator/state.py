@@ -16,12 +16,13 @@ listeners are called outside the lock and must not block.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import string
 import threading
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal, get_args
@@ -219,11 +220,19 @@ Listener = Callable[[SimEvent], None]
 class SimulatorState:
     """Instances, knobs, call counters and change listeners of one simulated gateway host."""
 
-    def __init__(self, config: SimulatorConfig | None = None, *, clock: Callable[[], datetime] | None = None) -> None:
+    def __init__(
+        self,
+        config: SimulatorConfig | None = None,
+        *,
+        clock: Callable[[], datetime] | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
         self.config = config or SimulatorConfig()
         self.instances: dict[str, SimInstance] = {}
         self.calls: Counter[str] = Counter()
         self.listeners: list[Listener] = []
+        self.sleep = sleep
+        """How the provider routes wait out ``latency_ms`` (seconds; awaited on the server's loop)."""
         self._clock = clock or (lambda: datetime.now(UTC))
         self._lock = threading.RLock()
         self._rng = random.Random(self.config.seed)
