@@ -60,13 +60,15 @@ async def start_run(
 ) -> FlowRunRef:
     """Create a run of ``deployment`` and return at once; a reused idempotency key returns the earlier run."""
     try:
-        run = await arun_deployment(
-            str(deployment),
-            parameters=parameters,
-            timeout=0,
-            idempotency_key=idempotency_key,
-            as_subflow=False,
-        )
+        async with get_client() as client:  # arun_deployment leaves a client it opens itself unclosed
+            run = await arun_deployment(
+                str(deployment),
+                parameters=parameters,
+                timeout=0,
+                idempotency_key=idempotency_key,
+                as_subflow=False,
+                client=client,
+            )
     except ObjectNotFound as exc:
         raise FlowTriggerFailed(
             f"deployment {deployment} is not registered: start `zapsync serve` (or `zapsync up`)"
