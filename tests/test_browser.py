@@ -81,3 +81,28 @@ async def test_sync_status_button_runs_a_flow_and_shows_the_result(api_url: str,
         run = await client.read_flow_run(run_id)
     assert run.state is not None and run.state.is_completed()
     assert (await instance_row(drifted))["status"] == "disconnected"
+
+
+async def test_import_button_queues_the_import_and_shows_its_report(api_url: str, simulator, queue_worker) -> None:
+    from datetime import UTC, datetime
+
+    from playwright.async_api import async_playwright
+
+    org = await make_organization("Demo")
+    simulator.add_instance("demo-hist", "evolution", "open")
+    simulator.set_history("demo-hist", chats=3, messages_per_chat=4, newest_at=datetime.now(UTC))
+    await make_instance(org, "demo-hist", status="connected")
+
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        page = await browser.new_page()
+        await page.goto(api_url + "/")
+        await page.fill("#token", "test-admin-token")
+        await page.click("button[type=submit]")
+        await page.click("button[data-action=import]")
+        result = page.locator('#sync-panel [data-result="import"]')
+        await result.wait_for(timeout=120_000)
+        panel = await page.inner_text("#sync-panel")
+        await browser.close()
+
+    assert "Import done" in panel and "completed: 12 messages inserted" in panel
