@@ -6,6 +6,7 @@ import asyncio
 import uuid
 
 from fastapi import APIRouter, Query
+from prefect.settings import PREFECT_API_URL
 
 from api.deps import PrincipalDep, SessionDep, scoped_organization
 from api.schemas import (
@@ -71,6 +72,8 @@ async def start_sync(scope: SyncScope, request: SyncRequest) -> FlowRunResponse:
     per request (prefect-notes.md) — and answer as soon as it started or, with ``wait``, when it finished.
 
     Two syncs of one scope never overlap: the second finds the scope's lock held and reports itself skipped."""
+    if not PREFECT_API_URL.value():  # never start a temporary Prefect server inside the API: its runs would be lost
+        raise FlowTriggerFailed("no Prefect API configured: set PREFECT_API_URL (`zapsync up` does)")
     run = start_local_run(sync_status, {"scope": scope, "mode": request.mode, "force": request.force})
     try:
         started = await run.flow_run()
