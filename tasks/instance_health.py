@@ -26,6 +26,8 @@ from db.repositories.health import GatewayCheck, GatewayOutcome, record_gateway_
 from db.repositories.instances import apply_status_writes
 from db.repositories.live_events import publish
 from gateways.base import Gateway
+from gateways.registry import history_gateways
+from tasks.import_requests import enqueue_connect_imports
 from tasks.options import TASK_OPTIONS
 
 
@@ -59,7 +61,8 @@ async def record_health_checks(
     reconnect_after: int,
     flow_run_id: uuid.UUID | None,
 ) -> RecordedChecks:
-    """In one transaction: apply observed statuses (newest wins), count failures, and publish the transitions."""
+    """In one transaction: apply observed statuses (newest wins), queue the imports of instances that connected,
+    count failures, and publish the transitions."""
     _, _, writes = diff_observations(refs, observations, confirmed=confirmed)
     checks = []
     for ref, observation in zip(refs, observations, strict=True):
@@ -67,6 +70,7 @@ async def record_health_checks(
         checks.append(HealthCheck(instance_id=ref.id, ok=ok, health=health, checked_at=checked_at))
     async with session_scope() as session:
         changes = await apply_status_writes(session, writes, source="monitor", flow_run_id=flow_run_id)
+        await enqueue_connect_imports(session, changes, trigger="monitor", import_gateways=history_gateways())
         outcomes = await record_health(session, checks)
         decisions = [
             HealthDecision(o, tuple(transitions(o, alert_after=alert_after, reconnect_after=reconnect_after)))

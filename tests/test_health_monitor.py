@@ -163,3 +163,20 @@ async def test_instance_health_shows_problems_and_uptime_from_sessions(simulator
     assert body["uptime"]["current_session_seconds"] == pytest.approx(6 * 3600, abs=120)
     assert body["uptime"]["sessions"] == 2
     assert body["gateway_health"]["health"] == "healthy"
+
+
+async def test_an_instance_the_monitor_sees_connected_gets_its_import_queued(simulator) -> None:
+    from sqlalchemy import text
+
+    org = await make_organization()
+    simulator.add_instance("evo-back", "evolution", "open")
+    simulator.add_instance("mega-back", "megaapi", "open")
+    back = await make_instance(org, "evo-back", status="disconnected", observed_at=ago(minutes=10))
+    await make_instance(org, "mega-back", gateway="megaapi", status="disconnected", observed_at=ago(minutes=10))
+
+    await monitor_health()
+
+    async with session_scope() as session:
+        items = (await session.execute(text("SELECT key, payload->>'trigger' FROM work_items"))).all()
+    assert [tuple(i) for i in items] == [(str(back), "monitor")]  # MegaAPI cannot read history: nothing queued
+    assert (await instance_row(back))["status"] == "connected"
