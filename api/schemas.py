@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from core.reports import SyncReport
+from db.repositories.work_queue import ItemState
 from flows.runs import FlowRunRef
 
 
@@ -69,3 +70,28 @@ class InstanceStatusResponse(BaseModel):
     health: str
     gateway_status: str
     drift: bool
+
+
+class WorkItemRead(BaseModel):
+    """One queue item: its state, attempts, last error and, once finished, its result."""
+
+    id: int
+    kind: str
+    state: str
+    attempts: int
+    last_error: str | None
+    finished: bool
+    result: dict[str, object] | None = None
+
+    @classmethod
+    def of(cls, item: ItemState) -> WorkItemRead:
+        """The item as the API shows it."""
+        return cls(
+            id=item.id,
+            kind=item.kind,
+            state=item.state,
+            attempts=item.attempts,
+            last_error=item.last_error,
+            finished=item.finished,
+            result=item.result,
+        )

@@ -33,7 +33,6 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
 from core.domain import WorkKind
-from core.errors import NotFound
 from core.logs import run_logger
 from core.names import IMPORT_FLOW
 from core.reports import DrainReport, ImportCounts, ImportReport, Outcome
@@ -50,9 +49,10 @@ from db.repositories.import_runs import (
     read_run,
     request_imports,
 )
-from db.repositories.work_queue import ClaimedItem, ItemState, read_item
+from db.repositories.work_queue import ClaimedItem, ItemState
 from flows.drain import DrainLimits, Handled, drain
 from flows.guard import Reporting, current_flow_run_id, fill, guarded
+from flows.runs import wait_for_item
 from gateways.base import Gateway
 from gateways.registry import open_gateways
 from tasks.import_pages import (
@@ -154,16 +154,7 @@ async def import_queued_now(
             ],
         )
     await import_conversations()
-    deadline = asyncio.get_running_loop().time() + timeout_seconds
-    while True:
-        async with session_scope() as session:
-            item = await read_item(session, queued.id)
-        if item is None or item.finished or asyncio.get_running_loop().time() > deadline:
-            break
-        await asyncio.sleep(0.5)  # a worker holds it: poll until it finishes
-    if item is None:
-        raise NotFound(f"import item {queued.id} vanished")
-    return item
+    return await wait_for_item(queued.id, timeout=timeout_seconds)  # a worker may hold it: then wait
 
 
 def _summary(r: ImportReport) -> str:

@@ -72,9 +72,3 @@ def _log_failure(name: str, task: asyncio.Task[Any]) -> None:
         return
     if (error := task.exception()) is not None:
         log.warning("[RUN] %s failed in this process: %s", name, type(error).__name__)
-
-
-async def wait_for_local_runs() -> None:
-    """Wait for every run started here (shutdown, tests)."""
-    while _running:
-        await asyncio.gather(*list(_running), return_exceptions=True)

@@ -28,7 +28,7 @@ from core.errors import FlowTriggerFailed, NotFound
 from core.logs import run_logger
 from core.names import IMPORT_DRAIN, DeploymentName
 from db.engine import session_scope
-from db.repositories.work_queue import listening_workers
+from db.repositories.work_queue import ItemState, listening_workers, read_item
 
 
 class FlowRunRef(BaseModel):
@@ -112,6 +112,21 @@ async def wait_for_run(flow_run_id: uuid.UUID, *, timeout: float, deployment: st
             return run
         await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
         delay = min(delay * 1.5, 2.0)
+
+
+async def wait_for_item(item_id: int, *, timeout: float) -> ItemState:  # noqa: ASYNC109
+    """Follow a queue item until it finished or ``timeout`` seconds pass (then return it as it is)."""
+    deadline = time.monotonic() + timeout
+    delay = 0.1
+    while True:
+        async with session_scope() as session:
+            item = await read_item(session, item_id)
+        if item is None:  # pruned: only long after it finished
+            raise NotFound(f"no work item {item_id}")
+        if item.finished or time.monotonic() >= deadline:
+            return item
+        await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+        delay = min(delay * 1.5, 1.0)
 
 
 # -- waking drains --------------------------------------------------------------------------------------------

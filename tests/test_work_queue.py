@@ -11,7 +11,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -386,36 +386,6 @@ async def test_queue_stats_per_kind() -> None:
     assert sends.oldest_pending_age_seconds is not None and 0 <= sends.oldest_pending_age_seconds < 300
 
 
-async def test_prune_finished_deletes_old_done_items_in_batches() -> None:
-    for key in ("old-1", "old-2", "old-3", "recent", "failed", "pending"):
-        await enqueue(key)
-    finish = "UPDATE work_items SET state = :state, finished_at = now() - CAST(:ago AS interval) WHERE key LIKE :keys"
-    await execute(finish, state="done", ago="40 days", keys="old%")
-    await execute(finish, state="done", ago="0", keys="recent")
-    await execute(finish, state="failed", ago="40 days", keys="failed")
-    cutoff = datetime.now(UTC) - timedelta(days=30)
-
-    async with session_scope() as session:
-        assert await q.prune_finished(session, older_than=cutoff, limit=2) == 2
-    async with session_scope() as session:
-        assert await q.prune_finished(session, older_than=cutoff, limit=2) == 1
-        assert await q.prune_finished(session, older_than=cutoff, limit=2) == 0
-    assert sorted(r["key"] for r in await rows()) == ["failed", "pending", "recent"]
-
-
-async def test_outstanding_keys_are_the_pending_and_running_ones() -> None:
-    for key in ("pending", "running", "done", "failed"):
-        await enqueue(key)
-    await enqueue("pending", kind="send")
-    await enqueue("elsewhere", kind="send")
-    await execute("UPDATE work_items SET state = 'running', lease_until = now() WHERE key = 'running'")
-    await execute("UPDATE work_items SET state = key, finished_at = now() WHERE key IN ('done', 'failed')")
-    async with session_scope() as session:
-        found = await q.outstanding_keys(session, IMPORT, ["pending", "running", "done", "failed", "elsewhere", "x"])
-        assert found == {"pending", "running"}
-        assert await q.outstanding_keys(session, IMPORT, []) == set()
-
-
 # --- backoff policy and settings (no database) ----------------------------------------------------------------
 
 
@@ -515,15 +485,14 @@ async def test_enqueue_wakes_listeners_when_its_transaction_commits() -> None:
     assert sorted(kinds) == ["import", "send"]
 
 
-async def test_due_kinds_and_next_due_at_see_pending_and_expired_work() -> None:
+async def test_due_kinds_see_pending_and_expired_work() -> None:
     await enqueue("inst-1")
     async with session_scope() as session:
         assert await q.due_kinds(session, [IMPORT, "send"]) == {IMPORT}
     (item,) = await claim(lease=60)
     async with session_scope() as session:
         assert await q.due_kinds(session, [IMPORT]) == set()  # leased, not expired
-        assert await q.next_due_at(session, IMPORT) is not None
     await execute("UPDATE work_items SET lease_until = now() - interval '1 second' WHERE id = :id", id=item.id)
     async with session_scope() as session:
         assert await q.due_kinds(session, [IMPORT]) == {IMPORT}
-        assert await q.next_due_at(session, "send") is None
+        assert await q.due_kinds(session, ["send"]) == set()

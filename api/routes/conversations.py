@@ -7,7 +7,6 @@ learns of, another organization's instances, conversations or messages (they ans
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from datetime import datetime
 from typing import Any, Literal
@@ -16,6 +15,7 @@ from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, Field
 
 from api.deps import BriefPrincipalDep, PrincipalDep, SessionDep, scoped_organization
+from api.schemas import WorkItemRead
 from core.domain import GatewayChat, WorkKind
 from core.errors import GatewayError, InvalidInput, NotFound
 from core.reports import ImportReport
@@ -32,7 +32,8 @@ from db.repositories.conversations import (
     list_messages,
 )
 from db.repositories.import_runs import import_request, request_imports
-from db.repositories.work_queue import ItemState, read_item
+from db.repositories.work_queue import read_item
+from flows.runs import wait_for_item
 from gateways.registry import open_gateways
 
 router = APIRouter(tags=["conversations"])
@@ -52,21 +53,10 @@ class ImportRequest(BaseModel):
     timeout_seconds: float = Field(default=300, gt=0, le=1800)
 
 
-class QueuedWork(BaseModel):
-    """A queue item: its state, and whether it is finished."""
-
-    id: int
-    kind: str
-    state: str
-    attempts: int = 0
-    last_error: str | None = None
-    finished: bool = False
-
-
 class ImportRunResponse(BaseModel):
     """A queued (and, with wait, finished) import."""
 
-    work_item: QueuedWork
+    work_item: WorkItemRead
     report: ImportReport | None = None
 
 
@@ -188,35 +178,13 @@ async def import_instance(
             ],
         )
     http.app.state.waker.wake(WorkKind.IMPORT)
-    item = await _work_item(queued.id)
-    if request.wait:
-        deadline = time.monotonic() + request.timeout_seconds
-        delay = 0.1
-        while not item.finished and time.monotonic() < deadline:
-            await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-            delay = min(delay * 1.5, 1.0)
-            item = await _work_item(queued.id)
-    report = ImportReport.model_validate(item.result) if item.finished and item.result else None
-    return ImportRunResponse(work_item=QueuedWork(**_item_fields(item)), report=report)
-
-
-async def _work_item(item_id: int) -> ItemState:
     async with session_scope() as session:
-        item = await read_item(session, item_id)
-    if item is None:  # pruned between two reads: only after it finished long ago
-        raise NotFound(f"no work item {item_id}")
-    return item
-
-
-def _item_fields(item: ItemState) -> dict[str, object]:
-    return {
-        "id": item.id,
-        "kind": item.kind,
-        "state": item.state,
-        "attempts": item.attempts,
-        "last_error": item.last_error,
-        "finished": item.finished,
-    }
+        item = await read_item(session, queued.id)
+    assert item is not None  # written just above
+    if request.wait:
+        item = await wait_for_item(queued.id, timeout=request.timeout_seconds)
+    report = ImportReport.model_validate(item.result) if item.finished and item.result else None
+    return ImportRunResponse(work_item=WorkItemRead.of(item), report=report)
 
 
 def _cursor(cursor: str | None, order: Order) -> tuple[datetime, int] | None:

@@ -8,6 +8,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel
 
 from api.deps import PrincipalDep, SessionDep, scoped_organization
+from api.schemas import WorkItemRead
 from core.domain import WorkKind
 from core.errors import NotFound
 from db.repositories.work_queue import listening_workers, queue_stats, read_item
@@ -31,18 +32,6 @@ class QueueOverview(BaseModel):
     kinds: list[QueueKind]
     workers: int
     """Warm workers (`zapsync worker`) listening right now; without any, drains run as deployment runs."""
-
-
-class WorkItemRead(BaseModel):
-    """One queue item."""
-
-    id: int
-    kind: str
-    state: str
-    attempts: int
-    last_error: str | None
-    finished: bool
-    result: dict[str, object] | None
 
 
 @router.get("", response_model=QueueOverview)
@@ -71,12 +60,4 @@ async def queue_item(item_id: int, session: SessionDep, principal: PrincipalDep)
     item = await read_item(session, item_id, organization_id=principal.organization_id)
     if item is None:
         raise NotFound(f"no work item {item_id}")
-    return WorkItemRead(
-        id=item.id,
-        kind=item.kind,
-        state=item.state,
-        attempts=item.attempts,
-        last_error=item.last_error,
-        finished=item.finished,
-        result=item.result,
-    )
+    return WorkItemRead.of(item)

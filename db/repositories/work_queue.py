@@ -17,7 +17,6 @@ from __future__ import annotations
 import uuid
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any, Literal
 
 import orjson
@@ -346,34 +345,6 @@ async def queue_stats(
     return [found[kind] for kind in sorted(found)]
 
 
-async def prune_finished(session: AsyncSession, *, older_than: datetime, limit: int) -> int:
-    """Delete up to ``limit`` done items finished before ``older_than``; returns how many (failed ones stay)."""
-    result = await session.execute(
-        text(
-            "DELETE FROM work_items WHERE id IN ("
-            "SELECT id FROM work_items WHERE state = 'done' AND finished_at < :cutoff "
-            "ORDER BY finished_at LIMIT :limit FOR UPDATE SKIP LOCKED)"
-        ),
-        {"cutoff": older_than, "limit": limit},
-    )
-    return int(result.rowcount or 0)  # type: ignore[attr-defined]
-
-
-async def outstanding_keys(session: AsyncSession, kind: str, keys: Iterable[str]) -> set[str]:
-    """Which of ``keys`` have an unfinished (pending or running) item of ``kind`` (the safety net enqueues the rest)."""
-    wanted = list(keys)
-    if not wanted:
-        return set()
-    rows = await session.execute(
-        text(
-            "SELECT DISTINCT key FROM work_items "
-            "WHERE kind = :kind AND key = ANY(CAST(:keys AS text[])) AND state IN ('pending', 'running')"
-        ),
-        {"kind": kind, "keys": wanted},
-    )
-    return set(rows.scalars().all())
-
-
 WORKER_APPLICATION = f"zapsync.{WORK_CHANNEL}"
 """The application name of a warm worker's LISTEN connection (``listening()`` names it after its channel)."""
 
@@ -398,18 +369,6 @@ async def due_kinds(session: AsyncSession, kinds: Iterable[str]) -> set[str]:
         {"kinds": list(kinds)},
     )
     return {row[0] for row in rows}
-
-
-async def next_due_at(session: AsyncSession, kind: str) -> datetime | None:
-    """When the next pending item of ``kind`` comes due, or a running one's lease expires (None: nothing waits)."""
-    row = await session.execute(
-        text(
-            "SELECT min(CASE WHEN state = 'pending' THEN next_attempt_at ELSE lease_until END) FROM work_items "
-            "WHERE kind = :kind AND state IN ('pending', 'running')"
-        ),
-        {"kind": kind},
-    )
-    return row.scalar_one_or_none()
 
 
 @dataclass(frozen=True, slots=True)
