@@ -463,14 +463,16 @@ def build_result(
     worker: bool,
 ) -> dict[str, Any]:
     """The JSON object of one run."""
-    bulk_seconds = float(bulk["seconds"])
+    # The ratio is of the printed (rounded) figures, so a reader can check it from the report.
+    seconds = round(figures.seconds, 3)
+    bulk_seconds = round(float(bulk["seconds"]), 3)
     latencies_ms = [1000 * s for s in figures.latencies_s]
     return {
         "benchmark": NAME,
         "instances": options.instances,
-        "seconds": round(figures.seconds, 3),
-        "bulk_seconds": round(bulk_seconds, 3),
-        "ratio": round(figures.seconds / bulk_seconds, 2) if bulk_seconds > 0 else None,
+        "seconds": seconds,
+        "bulk_seconds": bulk_seconds,
+        "ratio": round(seconds / bulk_seconds, 2) if bulk_seconds > 0 else None,
         "flow_runs": figures.flow_runs,
         "webhook_p99_ms": round(percentile(latencies_ms, 0.99), 1),
         "webhook_p50_ms": round(percentile(latencies_ms, 0.50), 1),
