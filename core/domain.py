@@ -65,7 +65,10 @@ class ConnectResult(BaseModel):
     instance_name: str
     status: InstanceStatus
     qr_code: str | None = None
+    """The raw QR string (what a phone scans); render it with ``core.qr``."""
     pairing_code: str | None = None
+    reason: str | None = None
+    """Why no QR code came back when the status alone does not say (e.g. Evolution's QR limit)."""
 
 
 class ChatKind(enum.StrEnum):
@@ -167,9 +170,10 @@ class MessagePage:
     """Records on the page that were not valid messages (dropped)."""
 
 
-STATUS_ORDER = ("failed", "pending", "sent", "delivered", "read", "played", "deleted")
+STATUS_ORDER = ("failed", "pending", "unknown", "sent", "delivered", "read", "played", "deleted")
 """Message statuses from least to most advanced (Baileys' ERROR < PENDING < SERVER_ACK < DELIVERY_ACK < READ <
-PLAYED); a receipt never moves a message backwards, and nothing but a deletion follows `deleted`."""
+PLAYED); a receipt never moves a message backwards, and nothing but a deletion follows `deleted`. ``unknown`` is an
+outbox message whose send timed out after the request left: any echo or receipt of it moves it forward."""
 STATUS_RANK = {status: rank for rank, status in enumerate(STATUS_ORDER)}
 
 
@@ -227,6 +231,46 @@ class WorkKind(enum.StrEnum):
 
     IMPORT = "import"
     """Import an instance's chats, contacts and messages; key: the instance id."""
+    SEND = "send"
+    """Send one outbox message through its instance's gateway; key: the message id."""
+
+
+# -- sending --------------------------------------------------------------------------------------------------
+
+
+class OutgoingType(enum.StrEnum):
+    """What an outbox message carries."""
+
+    TEXT = "text"
+    IMAGE = "image"
+    VIDEO = "video"
+    AUDIO = "audio"
+    DOCUMENT = "document"
+
+
+class OutgoingMessage(BaseModel):
+    """One message to send through a gateway: text, or media by URL with an optional caption."""
+
+    model_config = ConfigDict(frozen=True)
+
+    to: str
+    """The recipient's JID (``5511999990000@s.whatsapp.net``); gateways that want digits strip the domain."""
+    type: OutgoingType = OutgoingType.TEXT
+    text: str | None = None
+    """The text, or the media's caption."""
+    media_url: str | None = None
+    mime_type: str | None = None
+    file_name: str | None = None
+
+
+class SendResult(BaseModel):
+    """What a gateway said when it accepted a send."""
+
+    external_id: str
+    """The gateway's message key id: the echo and the receipts carry it."""
+    status: str = "sent"
+    """The message status it implies (``pending`` when the gateway only queued it, ``sent`` once acknowledged)."""
+    sent_at: datetime | None = None
 
 
 # -- instance health ------------------------------------------------------------------------------------------

@@ -17,7 +17,10 @@ ZapsyncError (500)                  ``message`` is safe to show: never holds sec
     │   └── GatewayUnavailable      the breaker is open: fail fast, count as unreachable
     ├── GatewayRequestError (502)   a retry cannot help: other 4xx/5xx (status, body)
     │   ├── GatewayAuthError        401/403: wrong key, logged-out instance
-    │   └── GatewayNotFound         404: the instance does not exist at the gateway
+    │   ├── GatewayNotFound         404: the instance does not exist at the gateway
+    │   └── GatewaySendRejected     a send refused for good (number not on WhatsApp, empty text): never resent
+    ├── GatewayOutcomeUnknown (504) a send's request left but no answer came: it may have been sent; never
+    │                               retried blindly (reconciled against the gateway's echo first)
     └── GatewayNotSupported (501)   the provider has no such operation
 """
 
@@ -146,6 +149,20 @@ class GatewayAuthError(GatewayRequestError):
 
 class GatewayNotFound(GatewayRequestError):
     """404: the instance does not exist at the gateway."""
+
+
+class GatewaySendRejected(GatewayRequestError):
+    """The gateway refused a send for a reason a retry cannot cure (number not on WhatsApp, invalid media)."""
+
+
+class GatewayOutcomeUnknown(GatewayError):
+    """A send timed out (or the connection broke) after its request left: the message may have gone out.
+
+    Not a :class:`GatewayTransientError` on purpose: nothing retries it automatically, because a duplicate message
+    to a customer is worse than a late one. The outbox reconciles it against the gateway's echo first.
+    """
+
+    status_code = 504
 
 
 class GatewayNotSupported(GatewayError):

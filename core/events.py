@@ -26,6 +26,7 @@ class Kind(enum.StrEnum):
     INSTANCE_STATUS = "instance.status"
     INSTANCE_QR = "instance.qr"
     MESSAGE_NEW = "message.new"
+    MESSAGE_STATUS = "message.status"
     HEALTH_ALERT = "health.alert"
     HEALTH_RECONNECT = "health.reconnect"
     HEALTH_RECOVERED = "health.recovered"

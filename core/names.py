@@ -13,6 +13,7 @@ IMPORT_FLOW = "import-conversations"
 CLEANUP_FLOW = "cleanup-sessions"
 CLOSE_FLOW = "close-inactive-conversations"
 MONITOR_FLOW = "monitor-health"
+SEND_FLOW = "send-messages"
 
 
 @dataclass(frozen=True)
@@ -35,3 +36,5 @@ CLOSE_ON_DEMAND = DeploymentName(CLOSE_FLOW, "on-demand")
 MONITOR_SCHEDULED = DeploymentName(MONITOR_FLOW, "scheduled")
 IMPORT_DRAIN = DeploymentName(IMPORT_FLOW, "drain")
 """Drains the import queue where no warm worker does (work pools with Prefect workers only)."""
+SEND_DRAIN = DeploymentName(SEND_FLOW, "drain")
+"""Drains the send queue (the outbox) where no warm worker does."""

@@ -60,6 +60,10 @@ class Settings(BaseSettings):
         default=30.0, gt=0, validation_alias="ZAPSYNC_GATEWAY_BREAKER_RECOVERY"
     )
 
+    secret_key: SecretStr | None = Field(default=None, validation_alias="ZAPSYNC_SECRET_KEY")
+    """Seals the organizations' webhook secrets at rest (zapsync writes them into the gateways' webhook config).
+    A Fernet key; unset, one is generated once in ``$ZAPSYNC_HOME/secret.key``. Every API replica and worker needs
+    the same key."""
     cron_secret: SecretStr | None = Field(default=None, validation_alias="CRON_SECRET")
     admin_token: SecretStr | None = Field(default=None, validation_alias="ZAPSYNC_ADMIN_TOKEN")
     webhook_url: str | None = Field(default=None, validation_alias="WEBHOOK_URL")
@@ -123,6 +127,16 @@ class Settings(BaseSettings):
     """Finished queue items (done or failed) are kept this long for inspection, then the daily cleanup deletes them."""
     """Cap of the full-jitter delay before a failed work item is tried again (it doubles from the initial delay)."""
 
+    send_min_interval_seconds: float = Field(default=1.0, ge=0, validation_alias="ZAPSYNC_SEND_MIN_INTERVAL")
+    """Minimum time between two sends of one instance (protects the number from WhatsApp's spam checks)."""
+    send_timeout_seconds: float = Field(default=15.0, gt=0, validation_alias="ZAPSYNC_SEND_TIMEOUT")
+    """How long a send waits for the gateway's answer; after that its outcome is unknown (never resent blindly)."""
+    send_unknown_grace_seconds: float = Field(default=60.0, ge=0, validation_alias="ZAPSYNC_SEND_UNKNOWN_GRACE")
+    """How long a send of unknown outcome waits for the gateway's echo before the gateway is asked and, if the
+    message is not there, it is sent again."""
+    send_max_concurrency: int = Field(default=32, ge=1, le=1024, validation_alias="ZAPSYNC_SEND_MAX_CONCURRENCY")
+    """Instances one send drain serves at once (each instance's messages go one after another, in order)."""
+
     @field_validator("cleanup_timezone")
     @classmethod
     def _known_zone(cls, value: str) -> str:
@@ -167,6 +181,11 @@ class Settings(BaseSettings):
             )
         found.update(self.extra_gateways)
         return found
+
+    @property
+    def secret_key_file(self) -> Path:
+        """Where the generated sealing key lives when ``ZAPSYNC_SECRET_KEY`` is unset."""
+        return self.home / "secret.key"
 
     @property
     def data_dir(self) -> Path:

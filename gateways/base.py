@@ -15,7 +15,9 @@ from core.domain import (
     GatewayContact,
     InstanceStatus,
     MessagePage,
+    OutgoingMessage,
     Provider,
+    SendResult,
     StatusObservation,
 )
 
@@ -62,6 +64,20 @@ class Gateway(Protocol):
 
     async def logout(self, instance_name: str) -> None:
         """Log the instance out of WhatsApp."""
+        ...
+
+    async def delete_instance(self, instance_name: str) -> None:
+        """Delete the instance at the gateway (logging it out first when the gateway needs that)."""
+        ...
+
+    async def send(self, instance_name: str, message: OutgoingMessage, *, timeout_seconds: float) -> SendResult:
+        """Send one message, once: no automatic retry of a request that may have left.
+
+        Raises ``GatewaySendRejected`` when the gateway refuses it for good (number not on WhatsApp),
+        ``GatewayOutcomeUnknown`` when the request left but no answer came within ``timeout_seconds`` (or the
+        connection broke), ``GatewayTransientError`` only when the gateway certainly did not take it (connect
+        error, breaker open, an explicit 503/429 before processing).
+        """
         ...
 
     async def fetch_contacts(self, instance_name: str, *, page: int, page_size: int) -> list[GatewayContact]:

@@ -19,10 +19,12 @@ from core.domain import (
     GatewayMessage,
     InstanceStatus,
     MessagePage,
+    OutgoingMessage,
     Provider,
+    SendResult,
     StatusObservation,
 )
-from core.errors import GatewayError, GatewayNotFound, GatewayRequestError
+from core.errors import GatewayError, GatewayNotFound, GatewayNotSupported, GatewayRequestError
 from core.phones import phone_from_jid
 from gateways.http import HttpGateway
 from gateways.messages import MalformedMessage, from_baileys
@@ -191,6 +193,14 @@ class EvolutionGateway(HttpGateway):
         """POST /instance/restart (Evolution answers HTTP 200 with `error: true` when it cannot)."""
         body = await self.request_json("POST", f"/instance/restart/{instance_name}", what="restart")
         _raise_for_error_body(self.name, "restart", body or {})
+
+    async def delete_instance(self, instance_name: str) -> None:
+        """Not yet: provisioning lands with the outbox work."""
+        raise GatewayNotSupported(f"{self.name}: delete is not implemented yet", gateway=self.name)
+
+    async def send(self, instance_name: str, message: OutgoingMessage, *, timeout_seconds: float) -> SendResult:
+        """Not yet: sending lands with the outbox work."""
+        raise GatewayNotSupported(f"{self.name}: sending is not implemented yet", gateway=self.name)
 
     async def logout(self, instance_name: str) -> None:
         """DELETE /instance/logout."""

@@ -14,7 +14,7 @@ from db.models.base import Base, Timestamps
 
 CONVERSATION_STATUSES = ("waiting", "in_progress", "closed", "cancelled")
 OPEN_CONVERSATION = "status IN ('waiting', 'in_progress')"
-MESSAGE_STATUSES = ("pending", "sent", "delivered", "read", "played", "failed", "deleted")
+MESSAGE_STATUSES = ("pending", "unknown", "sent", "delivered", "read", "played", "failed", "deleted")
 MESSAGE_TYPES = ("text", "image", "video", "audio", "document", "sticker", "location", "contact", "reaction", "other")
 SENDERS = ("client", "agent", "system")
 IMPORT_STATES = ("running", "completed", "failed")
@@ -88,6 +88,13 @@ class Message(Base):
         CheckConstraint(_one_of("type", MESSAGE_TYPES), name="type"),
         CheckConstraint(_one_of("sender", SENDERS), name="sender"),
         Index("uq_messages_instance_external", "instance_id", "external_id", unique=True),
+        Index(
+            "uq_messages_instance_client",
+            "instance_id",
+            "client_id",
+            unique=True,
+            postgresql_where=text("client_id IS NOT NULL"),
+        ),
         Index("ix_messages_conversation_sent", "conversation_id", "sent_at"),
     )
 
@@ -108,6 +115,12 @@ class Message(Base):
     media_size: Mapped[int | None] = mapped_column(BigInteger)
     sent_at: Mapped[datetime]
     status: Mapped[str] = mapped_column(String(16), server_default=text("'sent'"))
+    client_id: Mapped[str | None] = mapped_column(String(128))
+    """The sender's idempotency key (``Idempotency-Key`` or ``client_id``) of an outbox message."""
+    attempted_at: Mapped[datetime | None]
+    """When the outbox last handed the message to the gateway (an echo can only match a message that was tried)."""
+    error: Mapped[str | None]
+    """Why a send failed (or why its outcome is unknown)."""
     created_at: Mapped[datetime] = mapped_column(server_default=text("now()"))
 
 

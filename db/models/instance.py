@@ -36,6 +36,7 @@ class WhatsAppInstance(Timestamps, Base):
     phone_number: Mapped[str | None] = mapped_column(String(32))
     profile_name: Mapped[str | None]
     qr_code: Mapped[str | None]
+    pairing_code: Mapped[str | None] = mapped_column(String(32))
     status_reason: Mapped[str | None]
     status_observed_at: Mapped[datetime | None]
     last_checked_at: Mapped[datetime | None]

@@ -20,7 +20,9 @@ class Organization(Timestamps, Base):
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, server_default=text("gen_random_uuid()"))
     name: Mapped[str]
     webhook_secret_hash: Mapped[str | None] = mapped_column(String(64))
-    """sha256 hex of the secret gateways send in a header; the secret itself is never stored."""
+    """sha256 hex of the secret gateways send in a header: what every delivery is checked against."""
+    webhook_secret_sealed: Mapped[str | None]
+    """The same secret sealed (``core.sealing``): written into the webhook config of instances zapsync creates."""
     inactivity_hours: Mapped[int] = mapped_column(server_default=text("24"))
     session_retention_days: Mapped[int] = mapped_column(server_default=text("30"))
     import_history_days: Mapped[int | None]

@@ -1,4 +1,8 @@
-"""Organizations, their webhook secrets and API tokens. Secrets are stored as sha256 digests only."""
+"""Organizations, their webhook secrets and API tokens.
+
+Tokens are stored as sha256 digests only. A webhook secret is stored as a digest (what deliveries are checked
+against) and sealed (``core.sealing``), because zapsync writes it into the webhook config of the instances it creates.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from datetime import UTC, datetime
 from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from core.sealing import seal, unseal
 from db.models import ApiToken, Organization
 
 
@@ -27,10 +32,38 @@ def new_secret(prefix: str) -> str:
 
 async def create_organization(session: AsyncSession, *, name: str, webhook_secret: str) -> Organization:
     """A new organization that accepts webhooks carrying ``webhook_secret``."""
-    org = Organization(name=name, webhook_secret_hash=digest(webhook_secret))
+    org = Organization(
+        name=name, webhook_secret_hash=digest(webhook_secret), webhook_secret_sealed=seal(webhook_secret)
+    )
     session.add(org)
     await session.flush()
     return org
+
+
+async def set_webhook_secret(session: AsyncSession, organization_id: uuid.UUID, webhook_secret: str) -> bool:
+    """Replace the organization's webhook secret (digest and sealed copy); False when there is no such organization.
+
+    Gateways configured with the old secret are refused from now on: update their webhook config.
+    """
+    result = await session.execute(
+        text(
+            "UPDATE organizations SET webhook_secret_hash = :h, webhook_secret_sealed = :s, updated_at = now() "
+            "WHERE id = :id"
+        ),
+        {"h": digest(webhook_secret), "s": seal(webhook_secret), "id": organization_id},
+    )
+    return int(getattr(result, "rowcount", 0) or 0) == 1
+
+
+async def webhook_secret(session: AsyncSession, organization_id: uuid.UUID) -> str | None:
+    """The organization's webhook secret in clear, to write into a gateway's webhook config; None when it was set
+    before secrets were sealed (rotate it with `zapsync org rotate-secret`)."""
+    sealed = (
+        await session.execute(
+            text("SELECT webhook_secret_sealed FROM organizations WHERE id = :id"), {"id": organization_id}
+        )
+    ).scalar_one_or_none()
+    return unseal(sealed) if sealed else None
 
 
 async def get_organization(session: AsyncSession, organization_id: uuid.UUID) -> Organization | None:
