@@ -12,6 +12,7 @@ from api.errors import install_error_handlers
 from api.inbox import RepeatFilter, wake_imports_on_connect
 from api.metrics import Metrics
 from api.routes import (
+    conversation_page,
     conversations,
     dashboard,
     events,
@@ -60,6 +61,7 @@ def create_app(*, check_database: bool = True) -> FastAPI:
         flow_runs.router,
         metrics.router,
         dashboard.router,
+        conversation_page.router,
         instance_health.router,
         maintenance.router,
         organizations.router,
