@@ -46,7 +46,7 @@ from db.repositories.provisioning import set_pairing_code
 from db.repositories.webhook_events import lock_instance, store_event
 from flows.runs import Waker
 from gateways.registry import client_class
-from gateways.webhook_payloads import EventKind, WebhookEvent, dedupe_key, observation_time
+from gateways.webhook_payloads import QR_LIMIT_REASON, EventKind, WebhookEvent, dedupe_key, observation_time
 from tasks.import_requests import enqueue_connect_imports
 
 log = logging.getLogger("zapsync.webhooks")
@@ -173,8 +173,9 @@ async def _handle_status(
             detail = "no instance of that name in this organization"
             await store_event(session, **store, outcome="ignored", error=detail)
             return HandlingResult("ignored", detail)
-        if _qr_follows_connecting(event, instance.status, instance.status_observed_at, observed_at):
-            # Evolution stamps the QR code and the `connecting` it follows alike: at a tie the QR code is newer.
+        if observed_at == instance.status_observed_at and _later_qr_step(event, instance.status):
+            # Evolution stamps to the millisecond: a QR code and the `connecting` it follows (or the QR limit and the
+            # last QR code) can tie. The QR lifecycle says which is newer.
             observed_at = observed_at + timedelta(microseconds=1)
         if instance.status_observed_at is not None and observed_at <= instance.status_observed_at:
             detail = "older than the stored observation"
@@ -218,13 +219,11 @@ def after_qr_reason(stored: InstanceStatus, new: InstanceStatus) -> str | None:
     return None
 
 
-def _qr_follows_connecting(event: WebhookEvent, stored: str, stored_at: datetime | None, observed_at: datetime) -> bool:
-    return (
-        event.qr_code is not None
-        and stored == InstanceStatus.CONNECTING
-        and stored_at is not None
-        and observed_at == stored_at
-    )
+def _later_qr_step(event: WebhookEvent, stored: str) -> bool:
+    """Whether ``event`` comes after the stored state in a QR login: connecting → QR code → QR limit."""
+    if event.qr_code is not None:
+        return stored == InstanceStatus.CONNECTING
+    return event.reason == QR_LIMIT_REASON and stored == InstanceStatus.QR_PENDING
 
 
 def _history_gateways(provider: Provider) -> list[str]:

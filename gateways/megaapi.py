@@ -110,9 +110,19 @@ class MegaApiGateway(HttpGateway):
         """Unverified: `POST /rest/instance/init?instance_key=<name>` (one third-party client's call, gateways.md §8.5),
         then `POST /rest/webhook/{key}/configWebhook`. MegaAPI sends no custom headers, so an `X-Webhook-Secret`
         header travels as the URL's `?secret=` instead. Then the QR code, as MegaAPI gives it (an image)."""
-        body = await self.request_json(
-            "POST", "/rest/instance/init", what="create", params={"instance_key": instance_name}
-        )
+        try:
+            body = await self.request_json(
+                "POST", "/rest/instance/init", what="create", params={"instance_key": instance_name}
+            )
+        except GatewayRequestError as exc:
+            if "exist" in exc.body.lower():
+                raise GatewayInstanceExists(
+                    f"{self.name}: instance {instance_name!r} already exists",
+                    upstream_status=exc.upstream_status,
+                    body=exc.body,
+                    gateway=self.name,
+                ) from exc
+            raise
         if isinstance(body, dict) and body.get("error") is True:
             message = str(body.get("message"))[:200]
             error = GatewayInstanceExists if "exist" in message.lower() else GatewayRequestError
