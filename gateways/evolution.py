@@ -130,6 +130,11 @@ class EvolutionGateway(HttpGateway):
             result.update({obs.instance_name: obs for obs in confirmed})
         return result
 
+    async def list_instance_names(self) -> list[str]:
+        """Every instance this gateway has (one fetchInstances call), for adopting untracked ones."""
+        content = await self.request_bytes("GET", "/instance/fetchInstances", what="fetchInstances")
+        return [row.name for row in _decode_fetched(self.name, content)]
+
     async def _live_state(self, bulk: StatusObservation) -> StatusObservation:
         name = bulk.instance_name
         started = datetime.now(UTC)

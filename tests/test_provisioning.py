@@ -345,3 +345,100 @@ async def test_gateway_clients_create_connect_and_delete(simulator: SimulatorSta
     finally:
         await evolution.aclose()
         await megaapi.aclose()
+
+
+async def test_cli_connect_prints_the_qr_and_exits_0_once_scanned(
+    api: httpx.AsyncClient, simulator: SimulatorState, emitter: WebhookEmitter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from db.repositories.live_events import listener_conninfo, listening
+    from zapsync import cli
+
+    monkeypatch.setattr(cli, "configure_prefect_env", lambda: None)
+    os.environ["WEBHOOK_URL"] = str(api.base_url).rstrip("/")  # the default_gateway fixture restores it
+    get_settings.cache_clear()
+    org = await make_organization()
+    args = ["instance", "connect", "--user", "cli-user", "--org", str(org), "--timeout", "60"]
+    async with listening(listener_conninfo()) as conn:
+        run = asyncio.create_task(asyncio.to_thread(CliRunner().invoke, cli.app, args, catch_exceptions=False))
+        # The CLI committed the instance with its QR code (its instance.qr event is notified on commit): scan it.
+        await asyncio.wait_for(anext(aiter(conn.notifies())), timeout=60)
+    simulator.scan("user_cli-user")
+    result = await asyncio.wait_for(run, timeout=90)
+
+    assert result.exit_code == 0, result.output
+    assert "▀" in result.output or "█" in result.output  # the QR code, drawn in the terminal
+    assert "Connected: user_cli-user" in result.output
+    row = await instance_row((await live_events("instance.qr"))[0]["instance_id"])
+    assert row["status"] == "connected" and row["user_id"] == "cli-user"
+    inst = simulator.require("user_cli-user")
+    assert inst.webhook is not None and inst.webhook["url"] == f"{os.environ['WEBHOOK_URL']}/webhooks/evolution/{org}"
+
+
+def test_cli_adopt_lists_and_registers_untracked_instances(
+    default_gateway: None, simulator: SimulatorState, database: str
+) -> None:
+    from typer.testing import CliRunner
+
+    from db.engine import session_scope as scope
+    from tests.factories import make_instance
+    from zapsync import cli
+    from zapsync.stack import run_async
+
+    org = run_async(lambda: make_organization())
+    run_async(lambda: make_instance(org, "tracked"))
+    simulator.add_instance("tracked", "evolution", "open")
+    simulator.add_instance("user_9f1c", "evolution", "open")
+    simulator.add_instance("front", "evolution", "close")
+    runner = CliRunner()
+
+    listed = runner.invoke(cli.app, ["instance", "adopt", "--json"], catch_exceptions=False)
+    assert listed.exit_code == 0, listed.output
+    import json
+
+    body = json.loads(listed.stdout)
+    assert [(i["instance_name"], i["user_id"], i["registered"]) for i in body["untracked"]] == [
+        ("front", None, False),
+        ("user_9f1c", "9f1c", False),
+    ]
+    assert body["gateways_not_listable"] == ["megaapi"]
+    refused = runner.invoke(cli.app, ["instance", "adopt", "--apply"], catch_exceptions=False)
+    assert refused.exit_code == 2
+
+    applied = runner.invoke(cli.app, ["instance", "adopt", "--org", str(org), "--apply", "--json"])
+    assert applied.exit_code == 0, applied.output
+    assert all(i["registered"] for i in json.loads(applied.stdout)["untracked"])
+
+    async def users() -> dict[str, str | None]:
+        async with scope() as session:
+            rows = await session.execute(text("SELECT instance_name, user_id FROM whatsapp_instances"))
+            return {r[0]: r[1] for r in rows.all()}
+
+    assert run_async(users) == {"tracked": None, "user_9f1c": "9f1c", "front": None}
+    again = runner.invoke(cli.app, ["instance", "adopt", "--json"], catch_exceptions=False)
+    assert json.loads(again.stdout)["untracked"] == []
+
+
+def test_cli_rotate_secret(database: str) -> None:
+    from typer.testing import CliRunner
+
+    from db.engine import session_scope as scope
+    from db.repositories.organizations import webhook_secret
+    from zapsync import cli
+    from zapsync.stack import run_async
+
+    org = run_async(lambda: make_organization())
+    result = CliRunner().invoke(cli.app, ["org", "rotate-secret", str(org), "--json"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    import json
+
+    secret = json.loads(result.stdout)["webhook_secret"]
+
+    async def stored() -> str | None:
+        async with scope() as session:
+            return await webhook_secret(session, org)
+
+    assert secret != "org-secret" and run_async(stored) == secret
+    missing = CliRunner().invoke(cli.app, ["org", "rotate-secret", str(uuid.uuid4())])
+    assert missing.exit_code == 1 and "no organization" in missing.stderr

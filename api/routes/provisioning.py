@@ -164,11 +164,19 @@ async def acting_organization(session: AsyncSession, principal: Principal, reque
     return organization_id
 
 
-def webhook_target(request: Request, gateway: str, organization_id: uuid.UUID) -> str:
-    """Where the gateway posts the organization's events: `{WEBHOOK_URL or this API}/webhooks/{provider}/{org}`."""
+def webhook_base(request: Request | None = None) -> str:
+    """Where gateways reach zapsync: WEBHOOK_URL, else this API's own URL (else the configured API address)."""
     settings = get_settings()
-    provider = settings.gateways()[gateway].provider
-    base = (settings.webhook_url or str(request.base_url)).rstrip("/")
+    if settings.webhook_url:
+        return settings.webhook_url.rstrip("/")
+    if request is not None:
+        return str(request.base_url).rstrip("/")
+    return f"http://{settings.api_host}:{settings.api_port}"
+
+
+def webhook_target(base: str, gateway: str, organization_id: uuid.UUID) -> str:
+    """The organization's receiver for ``gateway``'s provider: `{base}/webhooks/{provider}/{organization_id}`."""
+    provider = get_settings().gateways()[gateway].provider
     return f"{base}/webhooks/{provider}/{organization_id}"
 
 
@@ -224,8 +232,8 @@ async def _gateway_of(row: dict[str, Any]) -> str:
 
 async def provision(
     session: AsyncSession,
-    request: Request,
     *,
+    webhook_base: str,
     organization_id: uuid.UUID,
     requested_gateway: str | None,
     instance_name: str,
@@ -267,7 +275,7 @@ async def provision(
             try:
                 result = await gateway.create_instance(
                     row["instance_name"],
-                    webhook_url=webhook_target(request, gateway_name, organization_id),
+                    webhook_url=webhook_target(webhook_base, gateway_name, organization_id),
                     webhook_headers={"X-Webhook-Secret": secret},
                 )
             except GatewayInstanceExists:  # another replica created it first
@@ -409,7 +417,7 @@ async def connect_user(
     org = await acting_organization(session, principal, body.organization_id or organization_id)
     row, queued = await provision(
         session,
-        request,
+        webhook_base=webhook_base(request),
         organization_id=org,
         requested_gateway=body.gateway,
         instance_name=f"{USER_PREFIX}{user_id}",
@@ -470,7 +478,7 @@ async def create_instance(
     org = await acting_organization(session, principal, body.organization_id)
     row, queued = await provision(
         session,
-        request,
+        webhook_base=webhook_base(request),
         organization_id=org,
         requested_gateway=body.gateway,
         instance_name=body.instance_name,
