@@ -22,7 +22,7 @@ from typing import Any, Literal
 from cachetools import TTLCache
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from core.domain import AppliedChange, ChatKind, GatewayMessage, Provider, StatusWrite, WorkKind
+from core.domain import AppliedChange, ChatKind, GatewayMessage, InstanceStatus, Provider, StatusWrite, WorkKind
 from core.events import Kind
 from core.events import event as live_event
 from core.settings import get_settings
@@ -42,10 +42,11 @@ from db.repositories.conversations import (
 )
 from db.repositories.instances import apply_status_writes
 from db.repositories.live_events import publish
+from db.repositories.provisioning import set_pairing_code
 from db.repositories.webhook_events import lock_instance, store_event
 from flows.runs import Waker
 from gateways.registry import client_class
-from gateways.webhook_payloads import EventKind, WebhookEvent, dedupe_key, observation_time
+from gateways.webhook_payloads import QR_LIMIT_REASON, EventKind, WebhookEvent, dedupe_key, observation_time
 from tasks.import_requests import enqueue_connect_imports
 
 log = logging.getLogger("zapsync.webhooks")
@@ -62,6 +63,8 @@ class HandlingResult:
     changes: tuple[AppliedChange, ...] = ()
     imports_queued: int = 0
     """Imports this delivery queued (instances it connected)."""
+    instance_id: uuid.UUID | None = None
+    """The instance a status delivery was applied to."""
 
 
 AfterWebhook = Callable[[uuid.UUID, "WebhookEvent", HandlingResult], Awaitable[None]]
@@ -170,6 +173,10 @@ async def _handle_status(
             detail = "no instance of that name in this organization"
             await store_event(session, **store, outcome="ignored", error=detail)
             return HandlingResult("ignored", detail)
+        if observed_at == instance.status_observed_at and _later_qr_step(event, instance.status):
+            # Evolution stamps to the millisecond: a QR code and the `connecting` it follows (or the QR limit and the
+            # last QR code) can tie. The QR lifecycle says which is newer.
+            observed_at = observed_at + timedelta(microseconds=1)
         if instance.status_observed_at is not None and observed_at <= instance.status_observed_at:
             detail = "older than the stored observation"
             await store_event(session, **store, outcome="ignored", error=detail)
@@ -178,7 +185,7 @@ async def _handle_status(
             instance_id=instance.id,
             status=event.status,
             observed_at=observed_at,
-            reason=event.reason,
+            reason=event.reason or after_qr_reason(InstanceStatus(instance.status), event.status),
             phone_number=event.phone_number,
             profile_name=event.profile_name,
             qr_code=event.qr_code,
@@ -188,11 +195,35 @@ async def _handle_status(
         changes = await apply_status_writes(session, [write], source="webhook")
         if repeat:
             return HandlingResult("duplicate", "state already stored")
+        if event.qr_code is not None:
+            await set_pairing_code(session, instance.id, event.pairing_code)
         queued = await enqueue_connect_imports(
             session, changes, trigger="connect", import_gateways=_history_gateways(event.provider)
         )
         await store_event(session, **store, outcome="applied")
-    return HandlingResult("applied", changes=tuple(changes), imports_queued=len(queued))
+    return HandlingResult("applied", changes=tuple(changes), imports_queued=len(queued), instance_id=instance.id)
+
+
+QR_EXPIRED_REASON = "the QR code expired before it was scanned: ask for a new QR code"
+QR_GONE_REASON = "the QR code is no longer valid: the gateway is reconnecting"
+
+
+def after_qr_reason(stored: InstanceStatus, new: InstanceStatus) -> str | None:
+    """Why a session waiting for a scan left that state without connecting (a clear reason, not a silent stall)."""
+    if stored is not InstanceStatus.QR_PENDING:
+        return None
+    if new is InstanceStatus.DISCONNECTED:
+        return QR_EXPIRED_REASON
+    if new is InstanceStatus.CONNECTING:
+        return QR_GONE_REASON
+    return None
+
+
+def _later_qr_step(event: WebhookEvent, stored: str) -> bool:
+    """Whether ``event`` comes after the stored state in a QR login: connecting → QR code → QR limit."""
+    if event.qr_code is not None:
+        return stored == InstanceStatus.CONNECTING
+    return event.reason == QR_LIMIT_REASON and stored == InstanceStatus.QR_PENDING
 
 
 def _history_gateways(provider: Provider) -> list[str]:

@@ -23,6 +23,7 @@ from api.routes import (
     metrics,
     organizations,
     probes,
+    provisioning,
     queue,
     webhooks,
 )
@@ -70,4 +71,5 @@ def create_app(*, check_database: bool = True) -> FastAPI:
         queue.router,
     ):
         app.include_router(router)
+    app.include_router(provisioning.router)
     return app

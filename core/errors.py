@@ -18,6 +18,7 @@ ZapsyncError (500)                  ``message`` is safe to show: never holds sec
     ├── GatewayRequestError (502)   a retry cannot help: other 4xx/5xx (status, body)
     │   ├── GatewayAuthError        401/403: wrong key, logged-out instance
     │   ├── GatewayNotFound         404: the instance does not exist at the gateway
+    │   ├── GatewayInstanceExists   (409) create found the name taken at the gateway (callers treat it as done)
     │   └── GatewaySendRejected     a send refused for good (number not on WhatsApp, empty text): never resent
     ├── GatewayOutcomeUnknown (504) a send's request left but no answer came: it may have been sent; never
     │                               retried blindly (reconciled against the gateway's echo first)
@@ -149,6 +150,15 @@ class GatewayAuthError(GatewayRequestError):
 
 class GatewayNotFound(GatewayRequestError):
     """404: the instance does not exist at the gateway."""
+
+
+class GatewayInstanceExists(GatewayRequestError):
+    """Create found the instance name already taken at the gateway (Evolution: 403 `This name "x" is already in use.`).
+
+    Provisioning treats it as success: the instance it wanted exists.
+    """
+
+    status_code = 409
 
 
 class GatewaySendRejected(GatewayRequestError):

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from core.domain import AppliedChange
+from core.qr import qr_image_url
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,3 +58,23 @@ def status_change_events(changes: Sequence[AppliedChange], *, source: str) -> li
         )
         for c in changes
     ]
+
+
+def qr_event(
+    organization_id: uuid.UUID,
+    *,
+    instance_id: uuid.UUID | str | None,
+    instance_name: str,
+    qr_code: str,
+    pairing_code: str | None = None,
+) -> NewLiveEvent:
+    """`instance.qr`: ``{instance_id, instance_name, qr_code, qr_image, pairing_code}`` (qr_image a PNG data URL)."""
+    return event(
+        organization_id,
+        Kind.INSTANCE_QR,
+        instance_id=str(instance_id) if instance_id is not None else None,
+        instance_name=instance_name,
+        qr_code=qr_code,
+        qr_image=qr_image_url(qr_code),
+        pairing_code=pairing_code,
+    )

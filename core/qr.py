@@ -17,3 +17,9 @@ def qr_terminal_text(code: str) -> str:
     buffer = io.StringIO()
     segno.make(code, error="m").terminal(out=buffer, compact=True, border=2)
     return buffer.getvalue()
+
+
+def qr_image_url(code: str) -> str:
+    """The image to show for a stored QR code: rendered from the raw string, or kept as is when a gateway gave only
+    an image (MegaAPI's ``qrcode_base64``)."""
+    return code if code.startswith("data:image/") else qr_png_data_url(code)

@@ -51,6 +51,8 @@ class Settings(BaseSettings):
     mega_api_host: str | None = Field(default=None, validation_alias="MEGA_API_HOST")
     mega_api_token: SecretStr | None = Field(default=None, validation_alias="MEGA_API_TOKEN")
     extra_gateways: dict[str, GatewayConfig] = Field(default_factory=dict, validation_alias="ZAPSYNC_GATEWAYS")
+    default_gateway: str | None = Field(default=None, validation_alias="ZAPSYNC_DEFAULT_GATEWAY")
+    """The gateway new instances are created at when a request names none and more than one is configured."""
     gateway_timeout_seconds: float = Field(default=10.0, gt=0, validation_alias="ZAPSYNC_GATEWAY_TIMEOUT")
     gateway_retry_attempts: int = Field(default=3, ge=1, le=10, validation_alias="ZAPSYNC_GATEWAY_RETRY_ATTEMPTS")
     gateway_retry_initial_seconds: float = Field(default=1.0, ge=0, validation_alias="ZAPSYNC_GATEWAY_RETRY_INITIAL")

@@ -24,7 +24,13 @@ from core.domain import (
     SendResult,
     StatusObservation,
 )
-from core.errors import GatewayError, GatewayNotFound, GatewayNotSupported, GatewayRequestError
+from core.errors import (
+    GatewayError,
+    GatewayInstanceExists,
+    GatewayNotFound,
+    GatewayNotSupported,
+    GatewayRequestError,
+)
 from core.phones import phone_from_jid
 from gateways.http import HttpGateway
 from gateways.messages import MalformedMessage, from_baileys
@@ -32,6 +38,23 @@ from gateways.resilience import BreakerPolicy, RetryPolicy
 from gateways.status import LOGGED_OUT_CODES, from_evolution
 
 MISSING_AT_GATEWAY = "instance not found at the gateway"
+WEBHOOK_EVENTS = (
+    "CONNECTION_UPDATE",
+    "QRCODE_UPDATED",
+    "LOGOUT_INSTANCE",
+    "INSTANCE_DELETE",
+    "REMOVE_INSTANCE",
+    "MESSAGES_SET",
+    "MESSAGES_UPSERT",
+    "MESSAGES_UPDATE",
+    "MESSAGES_DELETE",
+    "SEND_MESSAGE",
+    "SEND_MESSAGE_UPDATE",
+    "CONTACTS_UPSERT",
+    "CONTACTS_UPDATE",
+    "CHATS_UPSERT",
+)
+"""What zapsync subscribes an instance it creates to (gateways.md §2.2): the events it applies or stores."""
 
 
 class EvolutionGateway(HttpGateway):
@@ -107,6 +130,11 @@ class EvolutionGateway(HttpGateway):
             result.update({obs.instance_name: obs for obs in confirmed})
         return result
 
+    async def list_instance_names(self) -> list[str]:
+        """Every instance this gateway has (one fetchInstances call), for adopting untracked ones."""
+        content = await self.request_bytes("GET", "/instance/fetchInstances", what="fetchInstances")
+        return [row.name for row in _decode_fetched(self.name, content)]
+
     async def _live_state(self, bulk: StatusObservation) -> StatusObservation:
         name = bulk.instance_name
         started = datetime.now(UTC)
@@ -140,7 +168,8 @@ class EvolutionGateway(HttpGateway):
         webhook_url: str | None = None,
         webhook_headers: Mapping[str, str] | None = None,
     ) -> ConnectResult:
-        """POST /instance/create with a QR code; subscribes the webhook when a URL is given."""
+        """POST /instance/create with a QR code; subscribes the webhook (the events zapsync handles) when a URL is
+        given. A name already in use raises :class:`GatewayInstanceExists` (Evolution answers 403 for it)."""
         body: dict[str, Any] = {
             "instanceName": instance_name,
             "integration": "WHATSAPP-BAILEYS",
@@ -152,41 +181,49 @@ class EvolutionGateway(HttpGateway):
                 "byEvents": False,
                 "base64": False,
                 "headers": dict(webhook_headers or {}),
-                "events": [
-                    "CONNECTION_UPDATE",
-                    "QRCODE_UPDATED",
-                    "MESSAGES_UPSERT",
-                    "MESSAGES_UPDATE",
-                    "MESSAGES_DELETE",
-                    "SEND_MESSAGE",
-                    "CONTACTS_UPSERT",
-                    "CHATS_UPSERT",
-                ],
+                "events": list(WEBHOOK_EVENTS),
             }
-        created = await self.request_json("POST", "/instance/create", what="create", json=body)
+        try:
+            created = await self.request_json("POST", "/instance/create", what="create", json=body)
+        except GatewayRequestError as exc:
+            if exc.upstream_status in (403, 409) and "already in use" in exc.body:
+                raise GatewayInstanceExists(
+                    f"{self.name}: instance {instance_name!r} already exists",
+                    upstream_status=exc.upstream_status,
+                    body=exc.body,
+                    gateway=self.name,
+                ) from exc
+            raise
         qrcode = (created or {}).get("qrcode") or {}
         state = ((created or {}).get("instance") or {}).get("status")
-        status = from_evolution(state, qr_emitted=bool(qrcode.get("base64"))) or InstanceStatus.DISCONNECTED
+        code = qrcode.get("code") or None
+        status = from_evolution(state, qr_emitted=bool(code)) or InstanceStatus.DISCONNECTED
         return ConnectResult(
             instance_name=instance_name,
             status=status,
-            qr_code=qrcode.get("base64"),
-            pairing_code=qrcode.get("pairingCode"),
+            qr_code=code,
+            pairing_code=qrcode.get("pairingCode") or None,
         )
 
     async def connect(self, instance_name: str) -> ConnectResult:
-        """GET /instance/connect: the QR code, or the live state when already open."""
+        """GET /instance/connect: the raw QR code (and pairing code), or the live state when already open.
+
+        ``{"count": 0}`` (the socket started, no QR code yet) is ``connecting``; the QR arrives by webhook.
+        """
         body = await self.request_json("GET", f"/instance/connect/{instance_name}", what="connect") or {}
         _raise_for_error_body(self.name, "connect", body)
         if "instance" in body:
-            status = from_evolution((body["instance"] or {}).get("state")) or InstanceStatus.DISCONNECTED
-            return ConnectResult(instance_name=instance_name, status=status)
-        qr = body.get("base64")
+            state = (body["instance"] or {}).get("state")
+            status = from_evolution(state) or InstanceStatus.DISCONNECTED
+            reason = "QR code limit reached: ask for a new QR code" if state == "refused" else None
+            return ConnectResult(instance_name=instance_name, status=status, reason=reason)
+        code = body.get("code") or None
         return ConnectResult(
             instance_name=instance_name,
-            status=InstanceStatus.QR_PENDING if qr else InstanceStatus.CONNECTING,
-            qr_code=qr,
-            pairing_code=body.get("pairingCode"),
+            status=InstanceStatus.QR_PENDING if code else InstanceStatus.CONNECTING,
+            qr_code=code,
+            pairing_code=body.get("pairingCode") or None,
+            reason=None if code else "waiting for the gateway's QR code",
         )
 
     async def restart(self, instance_name: str) -> None:
@@ -195,8 +232,8 @@ class EvolutionGateway(HttpGateway):
         _raise_for_error_body(self.name, "restart", body or {})
 
     async def delete_instance(self, instance_name: str) -> None:
-        """Not yet: provisioning lands with the outbox work."""
-        raise GatewayNotSupported(f"{self.name}: delete is not implemented yet", gateway=self.name)
+        """DELETE /instance/delete (Evolution logs an open session out first); 404 raises GatewayNotFound."""
+        await self.request_json("DELETE", f"/instance/delete/{instance_name}", what="delete")
 
     async def send(self, instance_name: str, message: OutgoingMessage, *, timeout_seconds: float) -> SendResult:
         """Not yet: sending lands with the outbox work."""

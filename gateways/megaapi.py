@@ -10,6 +10,7 @@ import asyncio
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import NoReturn
+from urllib.parse import urlencode
 
 import httpx
 
@@ -24,7 +25,7 @@ from core.domain import (
     SendResult,
     StatusObservation,
 )
-from core.errors import GatewayError, GatewayNotFound, GatewayNotSupported
+from core.errors import GatewayError, GatewayInstanceExists, GatewayNotFound, GatewayNotSupported, GatewayRequestError
 from core.phones import phone_from_jid
 from gateways.http import HttpGateway
 from gateways.resilience import BreakerPolicy, RetryPolicy
@@ -106,13 +107,43 @@ class MegaApiGateway(HttpGateway):
         webhook_url: str | None = None,
         webhook_headers: Mapping[str, str] | None = None,
     ) -> ConnectResult:
-        """MegaAPI instances are created in its own panel, not through its API."""
-        raise GatewayNotSupported(f"{self.name}: MegaAPI instances are created in the MegaAPI panel", gateway=self.name)
+        """Unverified: `POST /rest/instance/init?instance_key=<name>` (one third-party client's call, gateways.md §8.5),
+        then `POST /rest/webhook/{key}/configWebhook`. MegaAPI sends no custom headers, so an `X-Webhook-Secret`
+        header travels as the URL's `?secret=` instead. Then the QR code, as MegaAPI gives it (an image)."""
+        try:
+            body = await self.request_json(
+                "POST", "/rest/instance/init", what="create", params={"instance_key": instance_name}
+            )
+        except GatewayRequestError as exc:
+            if "exist" in exc.body.lower():
+                raise GatewayInstanceExists(
+                    f"{self.name}: instance {instance_name!r} already exists",
+                    upstream_status=exc.upstream_status,
+                    body=exc.body,
+                    gateway=self.name,
+                ) from exc
+            raise
+        if isinstance(body, dict) and body.get("error") is True:
+            message = str(body.get("message"))[:200]
+            error = GatewayInstanceExists if "exist" in message.lower() else GatewayRequestError
+            raise error(f"{self.name}: create refused: {message}", upstream_status=200, gateway=self.name)
+        if webhook_url:
+            secret = (webhook_headers or {}).get("X-Webhook-Secret")
+            url = f"{webhook_url}?{urlencode({'secret': secret})}" if secret else webhook_url
+            await self.request_json(
+                "POST",
+                f"/rest/webhook/{instance_name}/configWebhook",
+                what="configWebhook",
+                json={"messageData": {"webhookUrl": url, "webhookEnabled": True}},
+            )
+        return await self.connect(instance_name)
 
     async def connect(self, instance_name: str) -> ConnectResult:
-        """The QR code as base64 (`GET /rest/instance/qrcode_base64/{key}`)."""
+        """The QR code as MegaAPI gives it, a PNG data URL (`GET /rest/instance/qrcode_base64/{key}`)."""
         body = await self.request_json("GET", f"/rest/instance/qrcode_base64/{instance_name}", what="qrcode") or {}
         qr = body.get("qrcode")
+        if not qr and "connected" in str(body.get("message", "")).lower():
+            return ConnectResult(instance_name=instance_name, status=InstanceStatus.CONNECTED)
         return ConnectResult(
             instance_name=instance_name,
             status=InstanceStatus.QR_PENDING if qr else InstanceStatus.CONNECTING,
@@ -124,8 +155,11 @@ class MegaApiGateway(HttpGateway):
         await self.request_json("DELETE", f"/rest/instance/{instance_name}/restart", what="restart")
 
     async def delete_instance(self, instance_name: str) -> None:
-        """Not yet: provisioning lands with the outbox work."""
-        raise GatewayNotSupported(f"{self.name}: delete is not implemented yet", gateway=self.name)
+        """Not available: MegaAPI documents no API to delete an instance."""
+        raise GatewayNotSupported(
+            f"{self.name}: MegaAPI documents no API to delete an instance; delete it in the MegaAPI panel",
+            gateway=self.name,
+        )
 
     async def send(self, instance_name: str, message: OutgoingMessage, *, timeout_seconds: float) -> SendResult:
         """Not yet: sending lands with the outbox work."""

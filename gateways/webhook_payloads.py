@@ -54,6 +54,7 @@ class WebhookEvent:
     phone_number: str | None = None
     profile_name: str | None = None
     qr_code: str | None = None
+    """The raw QR string (what a phone scans), never an image."""
     logged_out: bool = False
     event_time: datetime | None = None
     event_id: str | None = None
@@ -64,6 +65,8 @@ class WebhookEvent:
     contacts: tuple[GatewayContact, ...] = ()
     dedupe_id: str | None = None
     """What makes a delivery the same event (instance, message key id, event[, status]); else the body decides."""
+    pairing_code: str | None = None
+    """The code a user types instead of scanning, when the gateway made one (a QR event asked with a number)."""
 
 
 class _Envelope(TypedDict):
@@ -123,6 +126,8 @@ def parse_evolution(payload: dict[str, Any], *, path_event: str | None = None) -
         reason = None
         if logged_out:
             reason = f"logged out (code {code})"
+        elif state == "refused":
+            reason = QR_LIMIT_REASON
         elif status is not InstanceStatus.CONNECTED and code not in (None, 200):
             reason = f"{state} (code {code})"
         return WebhookEvent(
@@ -140,18 +145,20 @@ def parse_evolution(payload: dict[str, Any], *, path_event: str | None = None) -
         if not isinstance(data, dict):
             raise MalformedPayload("qrcode.updated needs a data object")
         qrcode = data.get("qrcode")
-        if isinstance(qrcode, dict) and (qrcode.get("base64") or qrcode.get("code")):
+        if isinstance(qrcode, dict) and isinstance(qrcode.get("code"), str) and qrcode["code"]:
+            pairing = qrcode.get("pairingCode")
             return WebhookEvent(
                 **base,
                 kind=EventKind.STATUS,
                 status=InstanceStatus.QR_PENDING,
-                qr_code=qrcode.get("base64") or qrcode.get("code"),
+                qr_code=qrcode["code"],
+                pairing_code=pairing if isinstance(pairing, str) and pairing else None,
             )
         if data.get("message"):  # QR limit reached: the session ends as refused
-            return WebhookEvent(
-                **base, kind=EventKind.STATUS, status=InstanceStatus.ERROR, reason=str(data.get("message"))[:200]
-            )
-        raise MalformedPayload("qrcode.updated needs data.qrcode.base64 or data.message")
+            message = str(data.get("message"))
+            reason = QR_LIMIT_REASON if "limit" in message.lower() else message[:200]
+            return WebhookEvent(**base, kind=EventKind.STATUS, status=InstanceStatus.ERROR, reason=reason)
+        raise MalformedPayload("qrcode.updated needs data.qrcode.code or data.message")
     if event == "logout.instance" and instance:
         return WebhookEvent(
             **base, kind=EventKind.STATUS, status=InstanceStatus.DISCONNECTED, reason="logged out", logged_out=True
@@ -168,6 +175,9 @@ def parse_evolution(payload: dict[str, Any], *, path_event: str | None = None) -
         raise MalformedPayload("presence.update needs a data object {id, presences}")
     return WebhookEvent(**base, kind=EventKind.OTHER)
 
+
+QR_LIMIT_REASON = "QR code limit reached: ask for a new QR code"
+"""The status reason once Evolution stops making QR codes for a session (`QRCODE_LIMIT`, state `refused`)."""
 
 MESSAGE_EVENTS = frozenset({"messages.upsert", "send.message", "messages.set"})
 RECEIPT_EVENTS = frozenset({"messages.update", "send.message.update"})

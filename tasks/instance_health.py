@@ -18,7 +18,7 @@ from prefect.cache_policies import NO_CACHE
 
 from core.domain import HealthCheck, HealthOutcome, InstanceRef, StatusObservation
 from core.errors import GatewayError
-from core.events import Kind, NewLiveEvent, event, status_change_events
+from core.events import Kind, NewLiveEvent, event, qr_event, status_change_events
 from core.policies.health import HealthDecision, ReconnectMethod, alert_message, classify, reconnect_method, transitions
 from core.policies.status import diff_observations
 from db.engine import session_scope
@@ -116,6 +116,7 @@ class ReconnectResult:
     ok: bool
     error: str | None = None
     qr_code: str | None = None
+    pairing_code: str | None = None
 
 
 async def _reconnect_one(gateway: Gateway, outcome: HealthOutcome) -> ReconnectResult:
@@ -123,7 +124,7 @@ async def _reconnect_one(gateway: Gateway, outcome: HealthOutcome) -> ReconnectR
     try:
         if method == "connect":
             result = await gateway.connect(outcome.instance_name)
-            return ReconnectResult(outcome, method, ok=True, qr_code=result.qr_code)
+            return ReconnectResult(outcome, method, ok=True, qr_code=result.qr_code, pairing_code=result.pairing_code)
         await gateway.restart(outcome.instance_name)
         return ReconnectResult(outcome, method, ok=True)
     except GatewayError as exc:
@@ -157,13 +158,12 @@ async def reconnect_instances(gateway: Gateway, outcomes: Sequence[HealthOutcome
         )
         if r.qr_code:
             events.append(
-                event(
+                qr_event(
                     o.organization_id,
-                    Kind.INSTANCE_QR,
-                    instance_id=str(o.instance_id),
+                    instance_id=o.instance_id,
                     instance_name=o.instance_name,
-                    user_id=o.user_id,
                     qr_code=r.qr_code,
+                    pairing_code=r.pairing_code,
                 )
             )
     await publish(events)

@@ -10,6 +10,7 @@ chosen the API (Prefect reads its settings at import).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import enum
 import json
@@ -369,6 +370,196 @@ def instance_add(
             f"Note: gateway {gateway!r} is not configured here; syncs report the instance unreachable "
             "until it is (EVOLUTION_API_URL, MEGA_API_HOST or ZAPSYNC_GATEWAYS)."
         )
+
+
+# -- provisioning (issue 11 §1) ----------------------------------------------------------------------------------
+
+
+@org_app.command("rotate-secret")
+def org_rotate_secret(
+    org: Annotated[uuid.UUID, typer.Argument(help="Organization id.")], as_json: JsonOpt = False
+) -> None:
+    """Give the organization a new webhook secret (shown once). Gateways sending the old one are refused from now on:
+    instances zapsync creates get the new one."""
+    from db.engine import session_scope
+    from db.repositories.organizations import new_secret, set_webhook_secret
+
+    secret = new_secret("whsec")
+
+    async def rotate() -> bool:
+        async with session_scope() as session:
+            return await set_webhook_secret(session, org, secret)
+
+    with expected_errors():
+        ensure_migrated()
+        if not run_async(rotate):
+            fail(f"no organization {org}", 1)
+    if as_json:
+        emit_json({"id": str(org), "webhook_secret": secret})
+        return
+    out().print(
+        f"New webhook secret of {org}:\n{secret}\nIt is shown only now. Update the X-Webhook-Secret header of the "
+        "webhooks of instances zapsync did not create."
+    )
+
+
+CONNECT_EXIT_FAILED = 1
+CONNECT_EXIT_TIMEOUT = 3
+
+
+@instance_app.command("connect")
+def instance_connect(
+    org: Annotated[uuid.UUID, typer.Option("--org", help="Organization id.")],
+    user: Annotated[str | None, typer.Option("--user", help="The CRM user id (instance user_<id>).")] = None,
+    name: Annotated[str | None, typer.Option("--name", help="An instance name (a number of no user).")] = None,
+    gateway: Annotated[
+        str | None, typer.Option("--gateway", help="Configured gateway (default: the only one).")
+    ] = None,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for the scan.")] = 300.0,
+) -> None:
+    """Create (if needed) and connect an instance, print its QR code here and wait until a phone scans it.
+
+    The status comes back by webhook, so the API must be reachable at WEBHOOK_URL (or ZAPSYNC_API_HOST/PORT).
+    Exit 0 once connected, 1 when the gateway gives up (QR limit), 3 on timeout.
+    """
+    import re
+
+    from api.routes.provisioning import INSTANCE_NAME_PATTERN, USER_ID_PATTERN, USER_PREFIX, provision, webhook_base
+    from core.domain import InstanceStatus
+    from core.qr import qr_terminal_text
+    from db.engine import session_scope
+    from db.repositories.provisioning import find_instance
+
+    if (user is None) == (name is None):
+        fail("give exactly one of --user or --name", 2)
+    if user is not None and not re.match(USER_ID_PATTERN, user):
+        fail("--user must be 1 to 128 letters, digits, '.', '_' or '-'", 2)
+    if name is not None and not re.match(INSTANCE_NAME_PATTERN, name):
+        fail("--name must be 1 to 255 letters, digits, '.', '_' or '-'", 2)
+    instance_name = f"{USER_PREFIX}{user}" if user is not None else str(name)
+    console = out()
+
+    async def connect() -> tuple[InstanceStatus, str | None]:
+        async with session_scope() as session:
+            await _check_organization(session, org)
+            row, _ = await provision(
+                session,
+                webhook_base=webhook_base(),
+                organization_id=org,
+                requested_gateway=gateway,
+                instance_name=instance_name,
+                user_id=user,
+            )
+        shown: str | None = None
+        deadline = time.monotonic() + timeout
+        while True:
+            status = InstanceStatus(row["status"])
+            if status is InstanceStatus.CONNECTED:
+                return status, row["phone_number"]
+            if status is InstanceStatus.ERROR:
+                return status, row["status_reason"]
+            qr = row["qr_code"] if status is InstanceStatus.QR_PENDING else None
+            if qr and qr != shown:
+                shown = qr
+                if qr.startswith("data:image/"):
+                    console.print("The gateway gave only an image of the QR code: open it from the dashboard.")
+                else:
+                    console.print(qr_terminal_text(qr))
+                code = f"  (or type the pairing code {row['pairing_code']})" if row["pairing_code"] else ""
+                console.print(f"Scan this QR code with WhatsApp on the phone of {instance_name}{code}.")
+            if time.monotonic() >= deadline:
+                return status, None
+            await asyncio.sleep(1.0)  # the status arrives by webhook: read the row every second
+            async with session_scope() as session:
+                found = await find_instance(session, row["id"])
+            if found is None:
+                raise NotFound(f"instance {instance_name} was deleted while waiting")
+            row = found
+
+    with expected_errors():
+        ensure_migrated()
+        status, detail = run_async(connect)
+    if status is InstanceStatus.CONNECTED:
+        console.print(f"Connected: {instance_name} is {detail or 'connected'}.")
+        return
+    if status is InstanceStatus.ERROR:
+        fail(f"{instance_name} did not connect: {detail or 'the gateway reported an error'}", CONNECT_EXIT_FAILED)
+    fail(f"{instance_name} was not scanned within {timeout:g} s (status {status}); run the command again", 3)
+
+
+@instance_app.command("adopt")
+def instance_adopt(
+    org: OrgOpt = None,
+    apply: Annotated[bool, typer.Option("--apply", help="Register them in --org (else only list them).")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """List the instances each configured gateway has that zapsync does not track (`user_<id>` names are matched to
+    their user); with --apply, register them in the organization (seed 003's migrate:whatsapp check|update)."""
+    import re
+
+    from api.routes.provisioning import USER_ID_PATTERN, USER_PREFIX
+    from db.engine import session_scope
+    from db.repositories.provisioning import ensure_instance, tracked_names
+    from gateways.evolution import EvolutionGateway
+    from gateways.registry import open_gateways
+
+    if apply and org is None:
+        fail("--apply needs --org: the organization the instances are registered in", 2)
+
+    async def adopt() -> tuple[list[dict[str, Any]], list[str]]:
+        found: list[dict[str, Any]] = []
+        skipped: list[str] = []
+        async with open_gateways() as clients, session_scope() as session:
+            if org is not None:
+                await _check_organization(session, org)
+            for gateway_name, client in sorted(clients.items()):
+                if not isinstance(client, EvolutionGateway):
+                    skipped.append(gateway_name)
+                    continue
+                names = await client.list_instance_names()
+                known = await tracked_names(session, gateway=gateway_name, instance_names=names)
+                for instance_name in sorted(set(names) - known):
+                    suffix = instance_name.removeprefix(USER_PREFIX)
+                    user_id = suffix if instance_name != suffix and re.match(USER_ID_PATTERN, suffix) else None
+                    registered = False
+                    if apply and org is not None:
+                        _, registered = await ensure_instance(
+                            session,
+                            organization_id=org,
+                            gateway=gateway_name,
+                            instance_name=instance_name,
+                            user_id=user_id,
+                        )
+                    found.append(
+                        {
+                            "gateway": gateway_name,
+                            "instance_name": instance_name,
+                            "user_id": user_id,
+                            "registered": registered,
+                        }
+                    )
+        return found, skipped
+
+    with expected_errors():
+        ensure_migrated()
+        found, skipped = run_async(adopt)
+    if as_json:
+        emit_json({"untracked": found, "applied": apply, "gateways_not_listable": skipped})
+        return
+    console = out()
+    if not found:
+        console.print("Every instance the gateways have is tracked.")
+    else:
+        table = Table("gateway", "instance", "user", "registered")
+        for item in found:
+            table.add_row(
+                item["gateway"], item["instance_name"], item["user_id"] or "-", "yes" if item["registered"] else "no"
+            )
+        console.print(table)
+        if not apply:
+            console.print(f"{len(found)} untracked: run again with --org ORG --apply to register them.")
+    for gateway_name in skipped:
+        err().print(f"Note: gateway {gateway_name} cannot list its instances (its provider documents no listing).")
 
 
 def _instance_json(row: dict[str, Any]) -> dict[str, Any]:

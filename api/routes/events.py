@@ -24,8 +24,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from api.deps import BriefPrincipalDep, scoped_organization
 from api.inbox import HandlingResult
-from core.events import Kind, status_change_events
-from core.events import event as notify_event
+from core.events import qr_event, status_change_events
 from db.engine import session_scope
 from db.repositories.live_events import (
     StoredLiveEvent,
@@ -197,14 +196,13 @@ async def announce_webhook(organization_id: uuid.UUID, event: WebhookEvent, resu
         return
     events = status_change_events(result.changes, source="webhook")
     if event.qr_code and event.instance_name:
-        ids = {str(c.instance_id) for c in result.changes}
         events.append(
-            notify_event(
+            qr_event(
                 organization_id,
-                Kind.INSTANCE_QR,
+                instance_id=result.instance_id,
                 instance_name=event.instance_name,
-                instance_id=ids.pop() if len(ids) == 1 else None,
                 qr_code=event.qr_code,
+                pairing_code=event.pairing_code,
             )
         )
     await publish_quietly(events)

@@ -14,6 +14,7 @@ from gateways.simulator.emitter import WebhookEmitter
 from gateways.simulator.history import History, HistorySpec
 from gateways.simulator.server import SimulatorServer
 from gateways.simulator.state import (
+    InstanceRemoved,
     QrCode,
     QrEmitted,
     SimEvent,
@@ -27,6 +28,7 @@ from gateways.simulator.state import (
 __all__ = [
     "History",
     "HistorySpec",
+    "InstanceRemoved",
     "QrCode",
     "QrEmitted",
     "SimEvent",

@@ -382,6 +382,33 @@ def _megaapi_router(state: SimulatorState) -> APIRouter:
         code = qr.pairing_code or ""
         return _json({"error": False, "pairingCode": f"{code[:4]}-{code[4:]}"})
 
+    @router.post("/instance/init")
+    async def init(request: Request) -> Response:
+        """Unverified (gateways.md §8.5: one third-party client's call): create an instance by its key."""
+        await _gate(state, "megaapi", "init")
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or token.strip() != state.config.megaapi_token:
+            raise _Reply(shapes.megaapi_error("Unauthorized: invalid or missing token"), 401)
+        key = request.query_params.get("instance_key")
+        if not key:
+            return _json(shapes.megaapi_error("instance_key is required"), 400)
+        try:
+            state.create_instance(key, provider="megaapi")
+        except InstanceExists:
+            return _json(shapes.megaapi_error("Instance key already exists"), 400)
+        return _json({"error": False, "message": "Instance created", "key": key})
+
+    @router.post("/webhook/{instance_key}/configWebhook")
+    async def config_webhook(request: Request, instance_key: str) -> Response:
+        await _gate(state, "megaapi", f"configWebhook:{instance_key}")
+        instance_for(request, instance_key)
+        data = (await _body(request)).get("messageData")
+        if not isinstance(data, dict) or not isinstance(data.get("webhookUrl"), str):
+            return _json(shapes.megaapi_error("messageData.webhookUrl is required"), 400)
+        enabled = bool(data.get("webhookEnabled", True))
+        state.set_webhook(instance_key, {"url": data["webhookUrl"], "enabled": enabled})
+        return _json({"error": False, "message": "Webhook configured"})
+
     @router.delete("/instance/{instance_key}/logout")
     async def logout(request: Request, instance_key: str) -> Response:
         await _gate(state, "megaapi", f"logout:{instance_key}")
@@ -534,6 +561,16 @@ def _control_router(state: SimulatorState) -> APIRouter:
                 "limit_reached": qr.limit_reached,
             }
         )
+
+    @router.post("/instances/{name}/scan")
+    async def scan(name: str) -> Response:
+        """A phone scans the current QR code: the session pairs and opens (the `open` webhook follows)."""
+        known(name)
+        try:
+            change = state.scan(name)
+        except InstanceNotConnected as exc:
+            raise fail(409, exc.message) from None
+        return _json(shapes.state_change(change))
 
     @router.post("/tick")
     async def tick() -> Response:

@@ -29,7 +29,7 @@ import jwt
 import orjson
 
 from gateways.simulator import shapes
-from gateways.simulator.state import SimEvent, SimulatorState, StateChange
+from gateways.simulator.state import InstanceRemoved, SimEvent, SimulatorState, StateChange
 
 logger = logging.getLogger(__name__)
 
@@ -191,12 +191,17 @@ class WebhookEmitter:
     async def emit_change(self, change: SimEvent) -> int:
         """Deliver one event the way its provider would; returns the number of successful POSTs."""
         if change.provider == "megaapi":
-            if not isinstance(change, StateChange) or self.megaapi_url is None:
+            hook = change.webhook or {}
+            own = str(hook["url"]) if hook.get("url") and hook.get("enabled", True) else None
+            url = own or self.megaapi_url
+            if not isinstance(change, StateChange) or url is None:
                 self.stats["skipped"] += 1
                 return 0
             variant, self._megaapi_seq = self._megaapi_seq % 2, self._megaapi_seq + 1
             payload = shapes.megaapi_connection_update(change, variant=variant)
-            return int(await self._post(self.megaapi_url, payload, self.megaapi_headers))
+            return int(await self._post(url, payload, {} if own else self.megaapi_headers))
+        if isinstance(change, InstanceRemoved):
+            return await self._emit_removed(change)
         if isinstance(change, StateChange):
             event, data = "connection.update", shapes.connection_update_data(change)
         else:
@@ -217,6 +222,28 @@ class WebhookEmitter:
             "apikey": change.token if self.expose_apikey else None,
         }
         return int(await self._post(url, envelope, {"User-Agent": EVOLUTION_USER_AGENT, **headers}))
+
+    async def _emit_removed(self, removed: InstanceRemoved) -> int:
+        """Evolution's delete: ``instance.delete`` then ``remove.instance``, both ``{instanceName, instanceId}``."""
+        delivered = 0
+        for event in ("instance.delete", "remove.instance"):
+            target = self._evolution_target(removed.webhook, event)
+            if target is None:
+                self.stats["skipped"] += 1
+                continue
+            url, destination, headers = target
+            envelope = {
+                "event": event,
+                "instance": removed.name,
+                "data": {"instanceName": removed.name, "instanceId": removed.instance_id},
+                "destination": destination,
+                "date_time": shapes.iso(removed.at),
+                "sender": removed.owner_jid or "",
+                "server_url": self.server_url,
+                "apikey": removed.token if self.expose_apikey else None,
+            }
+            delivered += int(await self._post(url, envelope, {"User-Agent": EVOLUTION_USER_AGENT, **headers}))
+        return delivered
 
     async def emit_raw(self, url_kind: UrlKind, payload: Mapping[str, Any]) -> bool:
         """POST ``payload`` as-is to the Evolution or MegaAPI receiver (Evolution: headers and by-events suffix)."""

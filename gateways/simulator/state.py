@@ -17,6 +17,7 @@ listeners are called outside the lock and must not block.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import string
@@ -29,6 +30,7 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from core.qr import qr_png_data_url
 from gateways.simulator.history import History, HistorySpec
 
 logger = logging.getLogger(__name__)
@@ -47,9 +49,13 @@ RECONNECTABLE_CODES = (408, 428, 440, 515)
 """Typical codes of drops that Evolution reconnects by itself (timed out, closed, replaced, restart required)."""
 QR_LIMIT_REASON = 428
 
-PNG_1X1 = (
-    "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAQAAAC1HAwCAAAAC0lEQVR42mNkYAAAAAYAAjCB0C8AAAAASUVORK5CYII="
-)
+
+@functools.lru_cache(maxsize=1024)
+def qr_image(code: str) -> str:
+    """The PNG data URL of a QR string, as Evolution's ``base64`` field carries it (a phone can scan it)."""
+    return qr_png_data_url(code)
+
+
 _UUID_CLEAR = ~((0xC000 << 48) | (0xF000 << 64))
 _UUID_V4 = (0x8000 << 48) | (4 << 76)
 _PAIRING_ALPHABET = "123456789ABCDEFGHJKLMNPQRSTVWXYZ"
@@ -213,7 +219,20 @@ class QrCode:
     count: int
 
 
-SimEvent = StateChange | QrEmitted
+@dataclass(frozen=True, slots=True)
+class InstanceRemoved:
+    """An instance was deleted: Evolution fires ``instance.delete`` and ``remove.instance`` to its webhook."""
+
+    name: str
+    provider: ProviderName
+    instance_id: str
+    at: datetime
+    owner_jid: str | None = None
+    token: str | None = None
+    webhook: Mapping[str, Any] | None = None
+
+
+SimEvent = StateChange | QrEmitted | InstanceRemoved
 Listener = Callable[[SimEvent], None]
 
 
@@ -550,7 +569,7 @@ class SimulatorState:
             inst.name,
             inst.provider,
             inst.qr_code,
-            PNG_1X1,
+            qr_image(inst.qr_code),
             inst.pairing_code,
             inst.qr_count,
             now,
@@ -632,7 +651,7 @@ class SimulatorState:
             if inst.live_state == "open":
                 return None
             if inst.live_state == "connecting" and inst.qr_code is not None:
-                return QrCode(inst.pairing_code, inst.qr_code, PNG_1X1, inst.qr_count)
+                return QrCode(inst.pairing_code, inst.qr_code, qr_image(inst.qr_code), inst.qr_count)
             if inst.live_state == "connecting":
                 return QrCode(None, None, None, 0)
             inst.qr_count = 0
@@ -685,8 +704,33 @@ class SimulatorState:
                 self._apply(inst, "close", 401, events)
             inst.column_state = "close"
             del self.instances[name]
+            events.append(
+                InstanceRemoved(
+                    inst.name,
+                    inst.provider,
+                    inst.instance_id,
+                    self._clock(),
+                    owner_jid=inst.owner_jid,
+                    token=inst.token,
+                    webhook=inst.webhook,
+                )
+            )
         self._notify(events)
         return inst
+
+    def scan(self, name: str) -> StateChange:
+        """A phone scans the instance's current QR code: the session pairs and opens (``connection.update`` open).
+
+        Raises :class:`InstanceNotConnected` when no QR code is waiting to be scanned.
+        """
+        events: list[SimEvent] = []
+        with self._lock:
+            inst = self.require(name)
+            if inst.live_state != "connecting" or inst.qr_code is None:
+                raise InstanceNotConnected(f'The "{name}" instance shows no QR code to scan', name=name)
+            change = self._apply(inst, "open", None, events)
+        self._notify(events)
+        return change
 
     def set_webhook(self, name: str, webhook: Mapping[str, Any]) -> SimInstance:
         """Store an instance's webhook settings (``url``, ``enabled``, ``events``, ``headers``, ``byEvents``…)."""
