@@ -18,12 +18,13 @@ from db.repositories.organizations import Principal, principal_for_token
 
 
 async def get_session() -> AsyncIterator[AsyncSession]:
-    """One transaction per request: committed when the route returns, rolled back if it raises."""
+    """One transaction per request: committed when the route returns (before the response is sent, so a client
+    that follows the answer, or a webhook that the answer causes, finds the rows), rolled back if it raises."""
     async with session_scope() as session:
         yield session
 
 
-SessionDep = Annotated[AsyncSession, Depends(get_session)]
+SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
 
 
 bearer_scheme = HTTPBearer(

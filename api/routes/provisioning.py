@@ -11,15 +11,14 @@ answers 404.
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, BackgroundTasks, Depends, Path, Query, Request
+from fastapi import APIRouter, BackgroundTasks, Path, Query, Request
 from pydantic import BaseModel, Field
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from api.deps import PrincipalDep, scoped_organization
+from api.deps import PrincipalDep, SessionDep, scoped_organization
 from core.domain import InstanceStatus, StatusWrite, WorkKind
 from core.errors import (
     Conflict,
@@ -33,7 +32,6 @@ from core.events import qr_event, status_change_events
 from core.policies.health import reconnect_method
 from core.qr import qr_image_url
 from core.settings import get_settings
-from db.engine import session_scope
 from db.repositories.instances import apply_status_writes
 from db.repositories.live_events import publish
 from db.repositories.organizations import Principal, organization_exists, webhook_secret
@@ -51,15 +49,6 @@ from tasks.import_requests import enqueue_connect_imports
 
 router = APIRouter(tags=["provisioning"])
 
-
-async def committed_session() -> AsyncIterator[AsyncSession]:
-    """The request's transaction, committed before the response leaves: the gateway may call back (webhook) the
-    moment it has created or connected the instance, and must find the row."""
-    async with session_scope() as session:
-        yield session
-
-
-SessionDep = Annotated[AsyncSession, Depends(committed_session, scope="function")]
 
 USER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
 """A CRM user id: up to 128 safe characters (the column's size), so `user_<id>` fits an instance name (255)."""
