@@ -29,6 +29,7 @@ import jwt
 import orjson
 
 from gateways.simulator import shapes
+from gateways.simulator.sends import SendDelivery
 from gateways.simulator.state import SimEvent, SimulatorState, StateChange
 
 logger = logging.getLogger(__name__)
@@ -190,6 +191,8 @@ class WebhookEmitter:
 
     async def emit_change(self, change: SimEvent) -> int:
         """Deliver one event the way its provider would; returns the number of successful POSTs."""
+        if isinstance(change, SendDelivery):
+            return await self._emit_send(change)
         if change.provider == "megaapi":
             if not isinstance(change, StateChange) or self.megaapi_url is None:
                 self.stats["skipped"] += 1
@@ -217,6 +220,34 @@ class WebhookEmitter:
             "apikey": change.token if self.expose_apikey else None,
         }
         return int(await self._post(url, envelope, {"User-Agent": EVOLUTION_USER_AGENT, **headers}))
+
+    async def _emit_send(self, delivery: SendDelivery) -> int:
+        """An accepted send's echo and receipts, one after another (so they arrive in order)."""
+        delivered = 0
+        for event, data in delivery.bodies:
+            if delivery.provider == "megaapi":
+                if self.megaapi_url is None:
+                    self.stats["skipped"] += 1
+                    continue
+                delivered += int(await self._post(self.megaapi_url, data, self.megaapi_headers))
+                continue
+            target = self._evolution_target(delivery.webhook, event)
+            if target is None:
+                self.stats["skipped"] += 1
+                continue
+            url, destination, headers = target
+            envelope = {
+                "event": event,
+                "instance": delivery.name,
+                "data": data,
+                "destination": destination,
+                "date_time": shapes.iso(delivery.at),
+                "sender": delivery.owner_jid or "",
+                "server_url": self.server_url,
+                "apikey": delivery.token if self.expose_apikey else None,
+            }
+            delivered += int(await self._post(url, envelope, {"User-Agent": EVOLUTION_USER_AGENT, **headers}))
+        return delivered
 
     async def emit_raw(self, url_kind: UrlKind, payload: Mapping[str, Any]) -> bool:
         """POST ``payload`` as-is to the Evolution or MegaAPI receiver (Evolution: headers and by-events suffix)."""
