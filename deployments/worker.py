@@ -31,6 +31,7 @@ from db.repositories.live_events import listener_conninfo, listening
 from db.repositories.work_queue import WORK_CHANNEL, due_kinds
 from flows.import_conversations import import_conversations
 from flows.local_runs import LocalRun, start_local_run
+from flows.send_messages import send_messages
 
 log = logging.getLogger("zapsync.worker")
 
@@ -120,7 +121,7 @@ async def _listen(wake: asyncio.Event, stop: asyncio.Event) -> None:
 
 def default_drains() -> dict[str, Flow[..., Any]]:
     """The drain flow of every kind of queued work."""
-    return {"import": import_conversations}
+    return {"import": import_conversations, "send": send_messages}
 
 
 def main() -> None:
