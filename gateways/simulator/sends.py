@@ -23,9 +23,10 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
-if TYPE_CHECKING:
-    from fastapi import APIRouter
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
 
+if TYPE_CHECKING:
     from gateways.simulator.state import SimInstance, SimulatorState
 
 SendType = Literal["text", "image", "video", "audio", "document"]
@@ -228,9 +229,6 @@ def megaapi_bodies(
 
 def sends_router(state: SimulatorState) -> APIRouter:
     """The send routes of both providers and ``GET /_sim/sends``."""
-    from fastapi import APIRouter, Request
-    from fastapi.responses import Response
-
     from gateways.simulator import shapes
     from gateways.simulator.app import _body, _evolution_fail, _gate, _json, _Reply
 
