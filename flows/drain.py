@@ -135,8 +135,13 @@ async def _work(item: ClaimedItem, handler: Handler, limits: DrainLimits) -> Dra
             state = await queue.retry_later(
                 session, item.id, item.lease_token, error=error, delay_seconds=handled.retry_after
             )
-            outcome = "retry" if state == "pending" else "superseded" if state == "done" else "lease_lost"
-            return ended(outcome=outcome, error=error, summary=handled.summary)
+            match state:
+                case "pending":
+                    return ended(outcome="retry", error=error, summary=handled.summary)
+                case "done":
+                    return ended(outcome="superseded", error=error, summary=handled.summary)
+                case _:
+                    return ended(outcome="lease_lost", error=error, summary=handled.summary)
         if handled is not None and handled.error is None:
             held = await queue.complete(session, item.id, item.lease_token, result=handled.result)
             return ended(outcome="done" if held else "lease_lost", summary=handled.summary)

@@ -152,6 +152,7 @@ def message_object(
     at: datetime,
 ) -> dict[str, Any]:
     """The stored message object Evolution answers a send with (and echoes in ``send.message``)."""
+    content: dict[str, Any]
     if kind == "text":
         wire, content = "conversation", {"conversation": text or ""}
     else:
