@@ -294,3 +294,79 @@ async def test_media_by_url_with_caption(world: World) -> None:
     assert (record.type, record.text, record.media_url) == ("image", "the photo", "https://cdn.example/p.jpg")
     (row,) = await rows("SELECT type, content, media_url, status FROM messages")
     assert row == {"type": "image", "content": "the photo", "media_url": "https://cdn.example/p.jpg", "status": "sent"}
+
+
+def echo(external_id: str, body: str, *, from_me: bool = True) -> dict[str, Any]:
+    """Evolution's `send.message` for a message of the business."""
+    import time
+
+    return {
+        "event": "send.message",
+        "instance": "acme-01",
+        "data": {
+            "key": {"remoteJid": JID, "fromMe": from_me, "id": external_id},
+            "message": {"conversation": body},
+            "messageType": "conversation",
+            "messageTimestamp": int(time.time()),
+            "status": "PENDING",
+        },
+    }
+
+
+async def test_an_echo_after_an_unknown_outcome_adopts_the_outbox_row(world: World) -> None:
+    from db.repositories.outbox import load_send_job, mark_attempted, set_outcome
+
+    queued = (await world.send({"to": NUMBER, "text": "did it go?"})).json()
+    message_id = queued["message"]["id"]
+    async with session_scope() as session:
+        job = await load_send_job(session, message_id)
+        assert job is not None
+        assert await mark_attempted(session, message_id) is not None
+        await set_outcome(session, job, status="unknown", error="no answer")
+
+    answer = await world.http.post(
+        f"/webhooks/evolution/{world.org}", json=echo("3EB0LATE", "did it go?"), headers={"x-webhook-secret": SECRET}
+    )
+
+    assert answer.status_code == 200
+    (row,) = await rows("SELECT id, status, external_id, error FROM messages")
+    assert row == {"id": message_id, "status": "sent", "external_id": "3EB0LATE", "error": None}
+    (state,) = await world.drain(queued["work_item_id"])  # the retry finds it sent: nothing goes out
+    assert state.state == "done"
+    assert world.sim.sends.records == []
+
+
+async def test_an_echo_of_a_message_never_attempted_is_not_adopted(world: World) -> None:
+    await world.send({"to": NUMBER, "text": "same words"})
+    await world.http.post(
+        f"/webhooks/evolution/{world.org}", json=echo("3EB0PHONE", "same words"), headers={"x-webhook-secret": SECRET}
+    )
+    found = await rows("SELECT external_id, status FROM messages ORDER BY id")
+    assert found == [{"external_id": None, "status": "pending"}, {"external_id": "3EB0PHONE", "status": "pending"}]
+
+
+async def test_recording_the_gateway_id_merges_a_row_its_echo_inserted(world: World) -> None:
+    from db.repositories.outbox import load_send_job, record_sent
+
+    queued = (await world.send({"to": NUMBER, "text": "merge me"})).json()
+    await world.http.post(  # inserted on its own: the outbox row was not attempted yet
+        f"/webhooks/evolution/{world.org}", json=echo("3EB0MERGE", "merge me"), headers={"x-webhook-secret": SECRET}
+    )
+    await world.http.post(
+        f"/webhooks/evolution/{world.org}",
+        json={
+            "event": "messages.update",
+            "instance": "acme-01",
+            "data": {"keyId": "3EB0MERGE", "remoteJid": JID, "fromMe": True, "status": "DELIVERY_ACK"},
+        },
+        headers={"x-webhook-secret": SECRET},
+    )
+    assert len(await rows("SELECT id FROM messages")) == 2
+    async with session_scope() as session:
+        job = await load_send_job(session, queued["message"]["id"])
+        assert job is not None
+        change = await record_sent(session, job, external_id="3EB0MERGE", status="sent")
+
+    assert change is not None and change.status == "delivered"
+    (row,) = await rows("SELECT id, external_id, status, client_id FROM messages")
+    assert (row["id"], row["external_id"], row["status"]) == (queued["message"]["id"], "3EB0MERGE", "delivered")
