@@ -370,3 +370,16 @@ async def test_recording_the_gateway_id_merges_a_row_its_echo_inserted(world: Wo
     assert change is not None and change.status == "delivered"
     (row,) = await rows("SELECT id, external_id, status, client_id FROM messages")
     assert (row["id"], row["external_id"], row["status"]) == (queued["message"]["id"], "3EB0MERGE", "delivered")
+
+
+async def test_the_warm_worker_sends_what_the_api_queues(world: World, start_worker: Any) -> None:
+    from flows.runs import wait_for_item
+
+    start_worker()
+    queued = (await world.send({"to": NUMBER, "text": "via the worker"})).json()
+
+    state = await wait_for_item(queued["work_item_id"], timeout=60)
+
+    assert state.state == "done"
+    assert [r.text for r in world.sim.sends.records] == ["via the worker"]
+    assert (await message(queued["message"]["id"]))["status"] == "sent"
