@@ -508,3 +508,17 @@ async def seconds_to_next_head(session: AsyncSession, *, kind: str, min_gap_seco
     pending head."""
     value = (await session.execute(_NEXT_HEAD_SQL, {"kind": kind, "gap": float(min_gap_seconds)})).scalar_one()
     return None if value is None else max(0.0, float(value))
+
+
+async def due_line_kinds(session: AsyncSession, kinds: Iterable[str]) -> set[str]:
+    """Like :func:`due_kinds` for kinds claimed by line head (sends): due only when some line's head is (a line
+    whose head waits for its retry has nothing due, however many items queue behind it)."""
+    found: set[str] = set()
+    for kind in kinds:
+        expired = await session.execute(
+            text("SELECT 1 FROM work_items WHERE kind = :kind AND state = 'running' AND lease_until <= now() LIMIT 1"),
+            {"kind": kind},
+        )
+        if expired.first() is not None or await seconds_to_next_head(session, kind=kind) == 0.0:
+            found.add(kind)
+    return found
