@@ -34,7 +34,7 @@ from db.repositories.conversations import (
     InstanceScope,
     MessageRows,
     advance_conversations,
-    advance_message_status,
+    advance_message_statuses,
     ensure_conversations,
     insert_messages_returning,
     instance_scope_by_name,
@@ -42,6 +42,7 @@ from db.repositories.conversations import (
 )
 from db.repositories.instances import apply_status_writes
 from db.repositories.live_events import publish
+from db.repositories.outbox import StatusChange, adopt_echoes, status_events
 from db.repositories.provisioning import set_pairing_code
 from db.repositories.webhook_events import lock_instance, store_event
 from flows.runs import Waker
@@ -268,8 +269,15 @@ async def _handle_messages(
             inserted = await apply_messages(session, scope, people, now=received_at)
             detail = f"{len(inserted)} new of {len(people)} messages"
         elif event.kind is EventKind.RECEIPTS:
-            changed = await advance_message_status(session, scope, event.receipts)
-            detail = f"{changed} of {len(event.receipts)} message statuses moved forward"
+            moved = await advance_message_statuses(session, scope, event.receipts)
+            await publish(
+                status_events(
+                    scope.organization_id,
+                    [StatusChange(i, conv, scope.id, ext, status) for i, conv, ext, status in moved],
+                ),
+                session=session,
+            )
+            detail = f"{len(moved)} of {len(event.receipts)} message statuses moved forward"
         else:
             written = await upsert_contacts(
                 session, scope, (ContactInput(c.jid, c.alt_jid, c.name) for c in event.contacts)
@@ -282,7 +290,16 @@ async def apply_messages(
     session: AsyncSession, scope: InstanceScope, messages: Sequence[GatewayMessage], *, now: datetime
 ) -> list[InsertedMessage]:
     """Contacts, conversations (found or opened) and messages for live one-to-one messages; conversations move
-    forward (last message, waiting marker) for the ones not stored before, which are announced live."""
+    forward (last message, waiting marker) for the ones not stored before, which are announced live.
+
+    The business's own messages (the gateway's echo of a send) first adopt the outbox row they echo, which then
+    moves to ``sent`` (announced as ``message.status``) instead of a second row being inserted."""
+    echoed, adopted = await adopt_echoes(session, scope, [m for m in messages if m.from_me])
+    if echoed:
+        await publish(status_events(scope.organization_id, echoed), session=session)
+        messages = [m for m in messages if m.external_id not in adopted]
+        if not messages:
+            return []
     contacts = await upsert_contacts(
         session, scope, (ContactInput(m.chat_jid, m.alt_jid, None if m.from_me else m.push_name) for m in messages)
     )

@@ -27,6 +27,7 @@ from api.routes import (
     queue,
     webhooks,
 )
+from api.routes import outbox as outbox_routes
 from core.settings import get_settings
 from db.engine import check_migrated, dispose_engine
 from flows.runs import Waker
@@ -72,4 +73,5 @@ def create_app(*, check_database: bool = True) -> FastAPI:
     ):
         app.include_router(router)
     app.include_router(provisioning.router)
+    app.include_router(outbox_routes.router)  # sending (issue 11 §2)
     return app

@@ -22,6 +22,7 @@ from core.names import (
     CLOSE_SCHEDULED,
     IMPORT_DRAIN,
     MONITOR_SCHEDULED,
+    SEND_DRAIN,
     SYNC_ON_DEMAND,
     SYNC_SCHEDULED,
 )
@@ -30,6 +31,7 @@ from flows.cleanup_sessions import cleanup_sessions
 from flows.close_inactive import close_inactive_conversations
 from flows.import_conversations import import_conversations
 from flows.monitor_health import monitor_health
+from flows.send_messages import send_messages
 from flows.sync_status import sync_status
 
 TAGS = ["zapsync"]
@@ -77,6 +79,7 @@ def build_deployments() -> list[RunnerDeployment]:
         ),
         *maintenance_deployments(),
         *import_deployments(),
+        *send_deployments(),
     )
 
 
@@ -88,6 +91,20 @@ def import_deployments() -> list[RunnerDeployment]:
             name=IMPORT_DRAIN.deployment,
             concurrency_limit=ConcurrencyLimitConfig(limit=2, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE),
             description="Drains the import queue (chats, contacts and messages of connected instances).",
+            tags=TAGS,
+            entrypoint_type=EntrypointType.MODULE_PATH,
+        ),
+    )
+
+
+def send_deployments() -> list[RunnerDeployment]:
+    """The send queue's drain (the outbox), started where no warm worker drains it. Two at most at once: their
+    claims are serialized, so each instance's messages still go one at a time, in order."""
+    return _built(
+        send_messages.to_deployment(
+            name=SEND_DRAIN.deployment,
+            concurrency_limit=ConcurrencyLimitConfig(limit=2, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE),
+            description="Drains the send queue (outbox messages through the instances' gateways).",
             tags=TAGS,
             entrypoint_type=EntrypointType.MODULE_PATH,
         ),

@@ -28,11 +28,15 @@ from sqlalchemy.exc import SQLAlchemyError
 from core.errors import DatabaseUnavailable
 from db.engine import session_scope
 from db.repositories.live_events import listener_conninfo, listening
-from db.repositories.work_queue import WORK_CHANNEL, due_kinds
+from db.repositories.work_queue import WORK_CHANNEL, due_kinds, due_line_kinds
 from flows.import_conversations import import_conversations
 from flows.local_runs import LocalRun, start_local_run
+from flows.send_messages import send_messages
 
 log = logging.getLogger("zapsync.worker")
+
+LINE_KINDS = frozenset({"send"})
+"""Kinds whose items are claimed only at the head of each instance's line (see ``work_queue.claim_line_heads``)."""
 
 
 @dataclass(slots=True)
@@ -83,7 +87,8 @@ async def run_worker(drains: Mapping[str, Flow[..., Any]], *, stop: asyncio.Even
                 continue
             try:
                 async with session_scope() as session:
-                    due = await due_kinds(session, idle)
+                    due = await due_kinds(session, [k for k in idle if k not in LINE_KINDS])
+                    due |= await due_line_kinds(session, [k for k in idle if k in LINE_KINDS])
             except (SQLAlchemyError, DatabaseUnavailable, OSError) as exc:
                 log.warning("[WORKER] cannot read the queue: %s", type(exc).__name__)
                 continue
@@ -120,7 +125,7 @@ async def _listen(wake: asyncio.Event, stop: asyncio.Event) -> None:
 
 def default_drains() -> dict[str, Flow[..., Any]]:
     """The drain flow of every kind of queued work."""
-    return {"import": import_conversations}
+    return {"import": import_conversations, "send": send_messages}
 
 
 def main() -> None:

@@ -17,6 +17,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from sqlalchemy.ext.asyncio import AsyncSession
+
 from core.policies.backoff import retry_delay, should_give_up
 from core.reports import REPORT_LIST_CAP, DrainedItem, DrainReport
 from db.engine import session_scope
@@ -33,9 +35,14 @@ class Handled:
     summary: str | None = None
     error: str | None = None
     """Set when the work failed for a reason a retry cannot cure (the item ends `failed`)."""
+    retry_after: float | None = None
+    """Set when the item must be tried again after this many seconds (whatever its attempts so far): it goes back to
+    the queue with ``error`` as its last error (a send whose outcome is unknown waits for the gateway's echo)."""
 
 
 Handler = Callable[[ClaimedItem], Awaitable[Handled]]
+Claimer = Callable[[AsyncSession, int, float], Awaitable[list[ClaimedItem]]]
+"""Leases up to ``limit`` items for ``lease_seconds`` in the given session (default: ``work_queue.claim``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,8 +58,11 @@ class DrainLimits:
     """Stop claiming after this long (the next drain goes on); None: until nothing is due."""
 
 
-async def drain(kind: str, handler: Handler, limits: DrainLimits, report: DrainReport) -> None:
-    """Work through the due items of ``kind``; every item's ending is added to ``report``."""
+async def drain(
+    kind: str, handler: Handler, limits: DrainLimits, report: DrainReport, *, claim: Claimer | None = None
+) -> None:
+    """Work through the due items of ``kind``; every item's ending is added to ``report``. ``claim`` replaces the
+    queue's own claim (sends claim only the head of each instance's line)."""
     begun = time.monotonic()
     running: dict[asyncio.Task[DrainedItem], ClaimedItem] = {}
 
@@ -64,7 +74,10 @@ async def drain(kind: str, handler: Handler, limits: DrainLimits, report: DrainR
         claimed: list[ClaimedItem] = []
         if free > 0 and budget_left():
             async with session_scope() as session:
-                claimed = await queue.claim(session, kind=kind, limit=free, lease_seconds=limits.lease_seconds)
+                if claim is None:
+                    claimed = await queue.claim(session, kind=kind, limit=free, lease_seconds=limits.lease_seconds)
+                else:
+                    claimed = await claim(session, free, limits.lease_seconds)
             report.claimed += len(claimed)
             for item in claimed:
                 running[asyncio.create_task(_work(item, handler, limits))] = item
@@ -117,6 +130,18 @@ async def _work(item: ClaimedItem, handler: Handler, limits: DrainLimits) -> Dra
         seconds=round(time.monotonic() - begun, 3),
     )
     async with session_scope() as session:
+        if handled is not None and handled.retry_after is not None:
+            error = handled.error or "to be tried again"
+            state = await queue.retry_later(
+                session, item.id, item.lease_token, error=error, delay_seconds=handled.retry_after
+            )
+            match state:
+                case "pending":
+                    return ended(outcome="retry", error=error, summary=handled.summary)
+                case "done":
+                    return ended(outcome="superseded", error=error, summary=handled.summary)
+                case _:
+                    return ended(outcome="lease_lost", error=error, summary=handled.summary)
         if handled is not None and handled.error is None:
             held = await queue.complete(session, item.id, item.lease_token, result=handled.result)
             return ended(outcome="done" if held else "lease_lost", summary=handled.summary)

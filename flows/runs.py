@@ -26,7 +26,7 @@ from pydantic import BaseModel
 from core.domain import WorkKind
 from core.errors import FlowTriggerFailed, NotFound
 from core.logs import run_logger
-from core.names import IMPORT_DRAIN, DeploymentName
+from core.names import IMPORT_DRAIN, SEND_DRAIN, DeploymentName
 from db.engine import session_scope
 from db.repositories.work_queue import ItemState, listening_workers, read_item
 
@@ -131,7 +131,7 @@ async def wait_for_item(item_id: int, *, timeout: float) -> ItemState:  # noqa: 
 
 # -- waking drains --------------------------------------------------------------------------------------------
 
-DRAINS = {WorkKind.IMPORT: IMPORT_DRAIN}
+DRAINS = {WorkKind.IMPORT: IMPORT_DRAIN, WorkKind.SEND: SEND_DRAIN}
 """The deployment that drains each kind of queued work when no warm worker does."""
 
 

@@ -20,6 +20,7 @@ from core.domain import (
     InstanceStatus,
     MessagePage,
     OutgoingMessage,
+    OutgoingType,
     Provider,
     SendResult,
     StatusObservation,
@@ -28,13 +29,13 @@ from core.errors import (
     GatewayError,
     GatewayInstanceExists,
     GatewayNotFound,
-    GatewayNotSupported,
     GatewayRequestError,
 )
 from core.phones import phone_from_jid
 from gateways.http import HttpGateway
 from gateways.messages import MalformedMessage, from_baileys
 from gateways.resilience import BreakerPolicy, RetryPolicy
+from gateways.sending import raise_for_send_status, recipient_number, send_result
 from gateways.status import LOGGED_OUT_CODES, from_evolution
 
 MISSING_AT_GATEWAY = "instance not found at the gateway"
@@ -236,8 +237,24 @@ class EvolutionGateway(HttpGateway):
         await self.request_json("DELETE", f"/instance/delete/{instance_name}", what="delete")
 
     async def send(self, instance_name: str, message: OutgoingMessage, *, timeout_seconds: float) -> SendResult:
-        """Not yet: sending lands with the outbox work."""
-        raise GatewayNotSupported(f"{self.name}: sending is not implemented yet", gateway=self.name)
+        """`POST /message/sendText` (`{number, text}`) or `/message/sendMedia` (media by URL), once: 201 answers the
+        stored message object, whose `key.id` is the external id (see :mod:`gateways.sending` for the errors)."""
+        number = recipient_number(message)
+        if message.type is OutgoingType.TEXT:
+            path, what = f"/message/sendText/{instance_name}", "sendText"
+            body: dict[str, Any] = {"number": number, "text": message.text or ""}
+        else:
+            path, what = f"/message/sendMedia/{instance_name}", "sendMedia"
+            body = {"number": number, "mediatype": str(message.type), "media": message.media_url}
+            if message.mime_type:
+                body["mimetype"] = message.mime_type
+            if message.text:
+                body["caption"] = message.text
+            if message.file_name:
+                body["fileName"] = message.file_name
+        status, content = await self.request_once("POST", path, what=what, json=body, timeout_seconds=timeout_seconds)
+        record = raise_for_send_status(self.name, what, status, content)
+        return send_result(self.name, what, record)
 
     async def logout(self, instance_name: str) -> None:
         """DELETE /instance/logout."""

@@ -11,15 +11,18 @@ import httpx
 import orjson
 from pydantic import TypeAdapter, ValidationError
 
-from core.errors import GatewayRequestError
+from core.errors import GatewayRequestError, GatewayTransientError
 from gateways.resilience import (
     BREAKER_STATES,
+    NOTHING_ACCEPTED_STATUS,
     BreakerPolicy,
     RetryPolicy,
+    call_once,
     call_with_resilience,
     make_breaker,
     raise_for_status,
     translate_errors,
+    translate_once_errors,
 )
 
 CONNECTIONS_PER_POOL = 8
@@ -97,6 +100,44 @@ class HttpGateway:
                     self._in_flight[shard] -= 1
 
         return await call_with_resilience(self.name, self.breaker, self._retry, attempt)
+
+    async def request_once(
+        self,
+        method: str,
+        path: str,
+        *,
+        what: str,
+        json: Any = None,
+        timeout_seconds: float | None = None,
+    ) -> tuple[int, bytes]:
+        """One request that must not be repeated blindly (a send): no retry, behind the breaker.
+
+        Returns (status, body) of any answer but 429/503, which (like a connection that could not be made, or an
+        open breaker) raise GatewayTransientError: the gateway took nothing. A timeout or a broken connection after
+        the request left raises GatewayOutcomeUnknown. ``timeout_seconds`` bounds the wait for the answer.
+        """
+        timeout: Any = httpx.USE_CLIENT_DEFAULT
+        if timeout_seconds is not None:
+            connect = self._clients[0].timeout.connect
+            timeout = httpx.Timeout(timeout_seconds, connect=min(connect or timeout_seconds, timeout_seconds))
+
+        async def attempt() -> tuple[int, bytes]:
+            async with self._concurrency:
+                shard = min(range(len(self._clients)), key=self._in_flight.__getitem__)
+                self._in_flight[shard] += 1
+                try:
+                    with translate_once_errors(self.name, what):
+                        response = await self._clients[shard].request(method, path, json=json, timeout=timeout)
+                        content = await response.aread()
+                finally:
+                    self._in_flight[shard] -= 1
+            if response.status_code in NOTHING_ACCEPTED_STATUS:
+                raise GatewayTransientError(
+                    f"{self.name}: {what} answered HTTP {response.status_code}", gateway=self.name
+                )
+            return response.status_code, content
+
+        return await call_once(self.name, self.breaker, attempt)
 
     async def request_json(
         self,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
-from typing import NoReturn
+from typing import Any, NoReturn
 from urllib.parse import urlencode
 
 import httpx
@@ -21,14 +21,23 @@ from core.domain import (
     InstanceStatus,
     MessagePage,
     OutgoingMessage,
+    OutgoingType,
     Provider,
     SendResult,
     StatusObservation,
 )
-from core.errors import GatewayError, GatewayInstanceExists, GatewayNotFound, GatewayNotSupported, GatewayRequestError
+from core.errors import (
+    GatewayError,
+    GatewayInstanceExists,
+    GatewayNotFound,
+    GatewayNotSupported,
+    GatewayRequestError,
+    GatewaySendRejected,
+)
 from core.phones import phone_from_jid
 from gateways.http import HttpGateway
 from gateways.resilience import BreakerPolicy, RetryPolicy
+from gateways.sending import raise_for_send_status, recipient_number, send_result
 from gateways.status import from_megaapi
 
 
@@ -162,8 +171,36 @@ class MegaApiGateway(HttpGateway):
         )
 
     async def send(self, instance_name: str, message: OutgoingMessage, *, timeout_seconds: float) -> SendResult:
-        """Not yet: sending lands with the outbox work."""
-        raise GatewayNotSupported(f"{self.name}: sending is not implemented yet", gateway=self.name)
+        """`POST /rest/sendMessage/{key}/text` (`{"messageData": {"to", "text"}}`, gateways.md §8.5), once.
+
+        Media goes to `/rest/sendMessage/{key}/mediaUrl` (`{"messageData": {"to", "url", "type", "caption",
+        "fileName"}}`): that route and the answer's shape (a message object, bare or under `data`, with `key.id`)
+        are unverified — no stored source shows them.
+        """
+        to = recipient_number(message)
+        if message.type is OutgoingType.TEXT:
+            path, what = f"/rest/sendMessage/{instance_name}/text", "sendMessage text"
+            data: dict[str, Any] = {"to": to, "text": message.text or ""}
+        else:
+            path, what = f"/rest/sendMessage/{instance_name}/mediaUrl", "sendMessage mediaUrl"
+            data = {"to": to, "url": message.media_url, "type": str(message.type)}
+            if message.text:
+                data["caption"] = message.text
+            if message.file_name:
+                data["fileName"] = message.file_name
+        status, content = await self.request_once(
+            "POST", path, what=what, json={"messageData": data}, timeout_seconds=timeout_seconds
+        )
+        body = raise_for_send_status(self.name, what, status, content)
+        if isinstance(body, dict) and body.get("error") is True:
+            raise GatewaySendRejected(
+                f"{self.name}: {what} refused: {str(body.get('message'))[:200]}",
+                upstream_status=status,
+                body=content.decode(errors="replace"),
+                gateway=self.name,
+            )
+        record = body.get("data") if isinstance(body, dict) and isinstance(body.get("data"), dict) else body
+        return send_result(self.name, what, record)
 
     async def logout(self, instance_name: str) -> None:
         """`DELETE /rest/instance/{key}/logout`."""

@@ -24,6 +24,7 @@ from core.errors import (
     GatewayAuthError,
     GatewayError,
     GatewayNotFound,
+    GatewayOutcomeUnknown,
     GatewayRequestError,
     GatewayTransientError,
     GatewayUnavailable,
@@ -105,6 +106,30 @@ def translate_errors(gateway: str, what: str) -> Iterator[None]:
         raise GatewayTransientError(f"{gateway}: {what} failed: {type(exc).__name__}", gateway=gateway) from exc
 
 
+NOT_SENT_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.UnsupportedProtocol)
+"""Transport failures that happen before a request leaves: a retry cannot duplicate anything."""
+NOTHING_ACCEPTED_STATUS = frozenset({429, 503})
+"""Answers that say the gateway took nothing (rate limited, unavailable): a send may be tried again."""
+
+
+@contextlib.contextmanager
+def translate_once_errors(gateway: str, what: str) -> Iterator[None]:
+    """Like :func:`translate_errors` for a request that must not be repeated blindly (a send): a failure before the
+    request left is transient; a timeout or a broken connection after it left is an unknown outcome."""
+    try:
+        yield
+    except NOT_SENT_ERRORS as exc:
+        raise GatewayTransientError(f"{gateway}: {what} failed: {type(exc).__name__}", gateway=gateway) from exc
+    except httpx.TimeoutException as exc:
+        raise GatewayOutcomeUnknown(
+            f"{gateway}: {what} got no answer in time ({type(exc).__name__})", gateway=gateway
+        ) from exc
+    except httpx.TransportError as exc:
+        raise GatewayOutcomeUnknown(
+            f"{gateway}: {what} lost its connection before the answer ({type(exc).__name__})", gateway=gateway
+        ) from exc
+
+
 def raise_for_status(gateway: str, what: str, response: httpx.Response) -> None:
     """Raise the gateway error matching a non-2xx answer."""
     code = response.status_code
@@ -124,6 +149,14 @@ def raise_for_status(gateway: str, what: str, response: httpx.Response) -> None:
 def is_retryable(exc: BaseException) -> bool:
     """Transient failures retry; an open breaker does not (it would only wait out its own timer)."""
     return isinstance(exc, GatewayTransientError) and not isinstance(exc, GatewayUnavailable)
+
+
+async def call_once(gateway: str, breaker: CircuitBreaker, attempt: Callable[[], Awaitable[T]]) -> T:
+    """Run ``attempt`` once behind the breaker (no retry): an open breaker fails fast with GatewayUnavailable."""
+    if breaker.opened:
+        raise GatewayUnavailable(f"{gateway}: circuit breaker is open", gateway=gateway)
+    result: T = await breaker.call_async(attempt)
+    return result
 
 
 async def call_with_resilience(

@@ -551,6 +551,7 @@ UPDATE messages m SET status = r.status
 FROM unnest({_col("exts", "text")}, {_col("statuses", "text")}) AS r(ext, status)
 WHERE m.instance_id = :inst AND m.external_id = r.ext
   AND array_position(CAST(:order AS text[]), r.status) > array_position(CAST(:order AS text[]), m.status)
+RETURNING m.id, m.conversation_id, m.external_id, m.status
 """)
 
 
@@ -559,12 +560,20 @@ async def advance_message_status(
 ) -> int:
     """Apply receipts (external id, status): a status only moves forward (sent < delivered < read < played, and
     deleted is final). Returns how many messages changed."""
+    return len(await advance_message_statuses(session, scope, updates))
+
+
+async def advance_message_statuses(
+    session: AsyncSession, scope: InstanceScope, updates: Sequence[tuple[str, str]]
+) -> list[tuple[int, int, str, str]]:
+    """Like :func:`advance_message_status`, returning (id, conversation id, external id, new status) of each
+    message that moved."""
     best: dict[str, str] = {}
     for external_id, status in updates:
         if status in STATUS_ORDER and (external_id not in best or STATUS_RANK[status] > STATUS_RANK[best[external_id]]):
             best[external_id] = status
     if not best:
-        return 0
+        return []
     result = await session.execute(
         _STATUS_SQL,
         {
@@ -574,7 +583,7 @@ async def advance_message_status(
             "order": list(STATUS_ORDER),
         },
     )
-    return int(getattr(result, "rowcount", 0) or 0)
+    return [(r[0], r[1], r[2], r[3]) for r in result.all()]
 
 
 # -- reads (API) ----------------------------------------------------------------------------------------------------

@@ -408,3 +408,117 @@ async def read_item(
         result=row.result,
         finished=row.state in ("done", "failed"),
     )
+
+
+# -- lines: per-instance order (sends) ------------------------------------------------------------------------
+
+_LINE_LOCK_SQL = text("SELECT pg_advisory_xact_lock(hashtext(:name))")
+
+_HEADS = """
+    SELECT DISTINCT ON (w.instance_id) w.id, w.instance_id, w.state, w.next_attempt_at, w.lease_until
+    FROM work_items w
+    WHERE w.kind = :kind AND w.state IN ('pending', 'running') AND w.instance_id IS NOT NULL
+    ORDER BY w.instance_id, w.id
+"""
+_PACED = """
+    NOT EXISTS (
+        SELECT 1 FROM work_items f
+        WHERE f.state IN ('done', 'failed') AND f.kind = :kind AND f.instance_id = h.instance_id
+          AND f.finished_at > clock_timestamp() - make_interval(secs => :gap))
+"""
+
+_CLAIM_HEADS_SQL = text(f"""
+WITH heads AS ({_HEADS}),
+due AS (
+    SELECT h.id FROM heads h
+    WHERE ((h.state = 'pending' AND h.next_attempt_at <= clock_timestamp())
+           OR (h.state = 'running' AND h.lease_until <= clock_timestamp()))
+      AND {_PACED}
+    ORDER BY h.next_attempt_at, h.id
+    LIMIT :limit
+)
+UPDATE work_items AS w SET
+    state = 'running',
+    attempts = w.attempts + 1,
+    lease_token = gen_random_uuid(),
+    lease_until = clock_timestamp() + make_interval(secs => :lease),
+    last_error = CASE WHEN w.state = 'running' THEN :expired_error ELSE w.last_error END,
+    updated_at = now()
+WHERE w.id = ANY (ARRAY(SELECT id FROM due))
+RETURNING w.id, w.kind, w.key, w.organization_id, w.instance_id, w.payload, w.attempts, w.lease_token,
+          w.next_attempt_at
+""")
+
+
+async def claim_line_heads(
+    session: AsyncSession, *, kind: str, limit: int, lease_seconds: float, min_gap_seconds: float = 0.0
+) -> list[ClaimedItem]:
+    """Lease the first outstanding item of up to ``limit`` instances' lines, for work that must keep each
+    instance's order (sends).
+
+    An instance's line is its pending and running items of ``kind`` in id order; only its head is ever claimed, and
+    only when due (a pending head waiting for its retry holds the whole line) and when the instance's last item
+    finished at least ``min_gap_seconds`` ago (pacing). Claims are serialized by a transaction advisory lock, so two
+    claimers never take two items of one line; run it in a short transaction of its own.
+    """
+    if limit <= 0:
+        return []
+    await session.execute(_LINE_LOCK_SQL, {"name": f"zapsync:line-claim:{kind}"})
+    rows = await session.execute(
+        _CLAIM_HEADS_SQL,
+        {
+            "kind": kind,
+            "limit": limit,
+            "lease": float(lease_seconds),
+            "gap": float(min_gap_seconds),
+            "expired_error": LEASE_EXPIRED,
+        },
+    )
+    ordered = sorted(rows.all(), key=lambda r: (r.next_attempt_at, r.id))
+    return [
+        ClaimedItem(
+            id=r.id,
+            kind=r.kind,
+            key=r.key,
+            organization_id=r.organization_id,
+            instance_id=r.instance_id,
+            payload=r.payload,
+            attempts=r.attempts,
+            lease_token=r.lease_token,
+        )
+        for r in ordered
+    ]
+
+
+_NEXT_HEAD_SQL = text(f"""
+WITH heads AS ({_HEADS})
+SELECT EXTRACT(EPOCH FROM min(GREATEST(
+    h.next_attempt_at,
+    COALESCE((SELECT max(f.finished_at) FROM work_items f
+              WHERE f.state IN ('done', 'failed') AND f.kind = :kind AND f.instance_id = h.instance_id
+                AND f.finished_at > clock_timestamp() - make_interval(secs => :gap)), '-infinity')
+        + make_interval(secs => :gap)
+) - clock_timestamp()))
+FROM heads h WHERE h.state = 'pending'
+""")
+
+
+async def seconds_to_next_head(session: AsyncSession, *, kind: str, min_gap_seconds: float = 0.0) -> float | None:
+    """Seconds until the next pending line head becomes claimable (0 when one is now); None when no line has a
+    pending head."""
+    value = (await session.execute(_NEXT_HEAD_SQL, {"kind": kind, "gap": float(min_gap_seconds)})).scalar_one()
+    return None if value is None else max(0.0, float(value))
+
+
+async def due_line_kinds(session: AsyncSession, kinds: Iterable[str]) -> set[str]:
+    """Like :func:`due_kinds` for kinds claimed by line head (sends): due only when some line's head is (a line
+    whose head waits for its retry has nothing due, however many items queue behind it)."""
+    found: set[str] = set()
+    for kind in kinds:
+        expired = await session.execute(
+            text("SELECT 1 FROM work_items WHERE kind = :kind AND state = 'running' AND lease_until <= now() LIMIT 1"),
+            {"kind": kind},
+        )
+        if expired.first() is not None or await seconds_to_next_head(session, kind=kind) == 0.0:
+            found.add(kind)
+    return found

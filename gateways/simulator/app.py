@@ -593,4 +593,7 @@ def create_app(state: SimulatorState) -> FastAPI:
     app.include_router(_evolution_router(state))
     app.include_router(_megaapi_router(state))
     app.include_router(_control_router(state))
+    from gateways.simulator.sends import sends_router  # it builds on this module's guards
+
+    app.include_router(sends_router(state))
     return app

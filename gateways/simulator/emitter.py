@@ -21,20 +21,37 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
+from datetime import datetime
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Literal, Protocol, Self
 
 import httpx
 import jwt
 import orjson
 
 from gateways.simulator import shapes
+from gateways.simulator.sends import SendDelivery
 from gateways.simulator.state import InstanceRemoved, SimEvent, SimulatorState, StateChange
 
 logger = logging.getLogger(__name__)
 
 UrlKind = Literal["evolution", "megaapi"]
 EVOLUTION_USER_AGENT = "axios/1.7.9"
+EVOLUTION_REMOVALS = ("instance.delete", "remove.instance")
+"""What Evolution fires, in this order, when an instance is deleted."""
+
+
+class _Envelope(Protocol):
+    """What an Evolution envelope says about the instance an event is from."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def at(self) -> datetime: ...
+    @property
+    def owner_jid(self) -> str | None: ...
+    @property
+    def token(self) -> str | None: ...
 
 
 def event_suffix(event: str) -> str:
@@ -190,59 +207,68 @@ class WebhookEmitter:
 
     async def emit_change(self, change: SimEvent) -> int:
         """Deliver one event the way its provider would; returns the number of successful POSTs."""
+        if isinstance(change, SendDelivery):
+            return await self._emit_send(change)
         if change.provider == "megaapi":
-            hook = change.webhook or {}
-            own = str(hook["url"]) if hook.get("url") and hook.get("enabled", True) else None
-            url = own or self.megaapi_url
-            if not isinstance(change, StateChange) or url is None:
+            target = self._megaapi_target(change.webhook)
+            if not isinstance(change, StateChange) or target is None:
                 self.stats["skipped"] += 1
                 return 0
             variant, self._megaapi_seq = self._megaapi_seq % 2, self._megaapi_seq + 1
             payload = shapes.megaapi_connection_update(change, variant=variant)
-            return int(await self._post(url, payload, {} if own else self.megaapi_headers))
+            return int(await self._post(target[0], payload, target[1]))
         if isinstance(change, InstanceRemoved):
             return await self._emit_removed(change)
         if isinstance(change, StateChange):
             event, data = "connection.update", shapes.connection_update_data(change)
         else:
             event, data = "qrcode.updated", shapes.qrcode_updated_data(change)
-        target = self._evolution_target(change.webhook, event) if data is not None else None
+        if data is None:
+            self.stats["skipped"] += 1
+            return 0
+        return await self._post_evolution(change.webhook, event, data, change)
+
+    async def _post_evolution(self, hook: Mapping[str, Any] | None, event: str, data: Any, source: _Envelope) -> int:
+        """One Evolution delivery of ``event`` about ``source``'s instance to its webhook (or the default one)."""
+        target = self._evolution_target(hook, event)
         if target is None:
             self.stats["skipped"] += 1
             return 0
         url, destination, headers = target
         envelope = {
             "event": event,
-            "instance": change.name,
+            "instance": source.name,
             "data": data,
             "destination": destination,
-            "date_time": shapes.iso(change.at),
-            "sender": change.owner_jid or "",
+            "date_time": shapes.iso(source.at),
+            "sender": source.owner_jid or "",
             "server_url": self.server_url,
-            "apikey": change.token if self.expose_apikey else None,
+            "apikey": source.token if self.expose_apikey else None,
         }
         return int(await self._post(url, envelope, {"User-Agent": EVOLUTION_USER_AGENT, **headers}))
 
+    def _megaapi_target(self, hook: Mapping[str, Any] | None) -> tuple[str, dict[str, str]] | None:
+        """The instance's own MegaAPI webhook (its secret in the URL), else the default receiver with its headers."""
+        hook = hook or {}
+        if hook.get("url") and hook.get("enabled", True):
+            return str(hook["url"]), {}
+        return (self.megaapi_url, self.megaapi_headers) if self.megaapi_url is not None else None
+
     async def _emit_removed(self, removed: InstanceRemoved) -> int:
         """Evolution's delete: ``instance.delete`` then ``remove.instance``, both ``{instanceName, instanceId}``."""
+        data = {"instanceName": removed.name, "instanceId": removed.instance_id}
+        return sum([await self._post_evolution(removed.webhook, e, data, removed) for e in EVOLUTION_REMOVALS])
+
+    async def _emit_send(self, delivery: SendDelivery) -> int:
+        """An accepted send's echo and receipts, one after another (so they arrive in order)."""
         delivered = 0
-        for event in ("instance.delete", "remove.instance"):
-            target = self._evolution_target(removed.webhook, event)
-            if target is None:
+        for event, data in delivery.bodies:
+            if delivery.provider != "megaapi":
+                delivered += await self._post_evolution(delivery.webhook, event, data, delivery)
+            elif (target := self._megaapi_target(delivery.webhook)) is None:
                 self.stats["skipped"] += 1
-                continue
-            url, destination, headers = target
-            envelope = {
-                "event": event,
-                "instance": removed.name,
-                "data": {"instanceName": removed.name, "instanceId": removed.instance_id},
-                "destination": destination,
-                "date_time": shapes.iso(removed.at),
-                "sender": removed.owner_jid or "",
-                "server_url": self.server_url,
-                "apikey": removed.token if self.expose_apikey else None,
-            }
-            delivered += int(await self._post(url, envelope, {"User-Agent": EVOLUTION_USER_AGENT, **headers}))
+            else:
+                delivered += int(await self._post(target[0], data, target[1]))
         return delivered
 
     async def emit_raw(self, url_kind: UrlKind, payload: Mapping[str, Any]) -> bool:

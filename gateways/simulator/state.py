@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from core.qr import qr_png_data_url
 from gateways.simulator.history import History, HistorySpec
+from gateways.simulator.sends import SendBook, SendDelivery
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +120,16 @@ class SimulatorConfig(BaseModel):
     """Chat history of every Evolution instance that has none of its own (see :meth:`SimulatorState.set_history`)."""
     fail_find_messages_after_page: int | None = Field(default=None, ge=0)
     """`findMessages` answers 500 for pages after this one (a crash in the middle of an import)."""
+    send_timeout_rate: float = Field(default=0, ge=0, le=1)
+    """Fraction of sends accepted, recorded and echoed, then answered only after ``send_hang_s`` (seeded draws)."""
+    send_hang_s: float = Field(default=30.0, ge=0)
+    """How late a timed-out send is answered (longer than the client's send timeout)."""
+    send_error_rate: float = Field(default=0, ge=0, le=1)
+    """Fraction of sends answered 503 before accepting them (nothing recorded, nothing echoed)."""
+    not_on_whatsapp: list[str] = Field(default_factory=list)
+    """Numbers (digits) answered with Evolution's 400 ``exists: false`` (MegaAPI: a 400 saying so)."""
+    receipts: bool = False
+    """Follow each send's echo with its receipts (sent, delivered, read)."""
 
 
 @dataclass(slots=True)
@@ -232,7 +243,7 @@ class InstanceRemoved:
     webhook: Mapping[str, Any] | None = None
 
 
-SimEvent = StateChange | QrEmitted | InstanceRemoved
+SimEvent = StateChange | QrEmitted | InstanceRemoved | SendDelivery
 Listener = Callable[[SimEvent], None]
 
 
@@ -257,6 +268,8 @@ class SimulatorState:
         self._rng = random.Random(self.config.seed)
         self._fault_rng = random.Random(f"faults:{self.config.seed}")
         self._histories: dict[str, tuple[HistorySpec, History]] = {}
+        self.sends = SendBook(self.config.seed)
+        """Sends the host accepted (``gateways.simulator.sends``)."""
 
     # -- plumbing -------------------------------------------------------------------------------------------------
 
@@ -290,6 +303,11 @@ class SimulatorState:
     def _reseed(self) -> None:
         self._rng = random.Random(self.config.seed)
         self._fault_rng = random.Random(f"faults:{self.config.seed}")
+        self.sends.reseed(self.config.seed)
+
+    def publish_send(self, delivery: SendDelivery) -> None:
+        """Hand an accepted send's webhooks (echo, receipts) to the listeners."""
+        self._notify([delivery])
 
     def record_call(self, key: str) -> None:
         """Count one provider request, keyed like ``"evolution.restart:acme-01"``."""
@@ -310,6 +328,7 @@ class SimulatorState:
             self.instances.clear()
             self.calls.clear()
             self._histories.clear()
+            self.sends.clear(self.config.seed)
             if not keep_config:
                 self.config = SimulatorConfig()
             self._reseed()

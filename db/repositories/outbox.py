@@ -1,0 +1,460 @@
+"""The outbox: messages the business sends, written ``pending`` with their queue item, then moved by the sender and
+by the gateway's echo and receipts — one row per message, whichever of them comes first.
+
+Functions flush, never commit (the caller's transaction decides), except where a docstring says otherwise.
+
+* :func:`queue_message` writes the row and its work item (kind ``send``, key = the message id) in the caller's
+  transaction; a repeat of the same idempotency key (``client_id``, unique per instance) returns the first row.
+* The sender marks ``attempted_at`` (committed before its HTTP call), then records the gateway's id
+  (:func:`record_sent`, merging a row an echo inserted separately), or ``failed``/``unknown`` with the reason.
+* An echo whose key id is not stored yet adopts the attempted, id-less ``pending``/``unknown`` outbox row of the same
+  instance and chat with the same content, earliest first (:func:`adopt_echoes`), before the webhook inserts.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from core.domain import STATUS_ORDER, STATUS_RANK, GatewayMessage, OutgoingMessage, OutgoingType, WorkKind
+from core.errors import Conflict
+from core.events import Kind
+from core.events import event as live_event
+from core.phones import phone_from_jid, phone_variants
+from db.repositories.conversations import (
+    ContactInput,
+    ConversationFact,
+    InsertedMessage,
+    InstanceScope,
+    advance_conversations,
+    ensure_conversations,
+    upsert_contacts,
+)
+from db.repositories.live_events import publish
+from db.repositories.work_queue import enqueue
+
+OUTSTANDING = ("pending", "unknown")
+"""Statuses of an outbox message whose send has not been confirmed."""
+
+
+@dataclass(frozen=True, slots=True)
+class StatusChange:
+    """A message whose status moved (announced as ``message.status``)."""
+
+    message_id: int
+    conversation_id: int
+    instance_id: uuid.UUID
+    external_id: str | None
+    status: str
+    error: str | None = None
+
+
+def status_events(organization_id: uuid.UUID, changes: Sequence[StatusChange]) -> list[Any]:
+    """``message.status`` live events (the agreed payload) for ``changes``."""
+    return [
+        live_event(
+            organization_id,
+            Kind.MESSAGE_STATUS,
+            message_id=c.message_id,
+            conversation_id=c.conversation_id,
+            instance_id=str(c.instance_id),
+            external_id=c.external_id,
+            status=c.status,
+            error=c.error,
+        )
+        for c in changes
+    ]
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedMessage:
+    """An outbox message as the API answers it, with its work item."""
+
+    message: dict[str, Any]
+    work_item_id: int | None
+    created: bool
+
+
+_MESSAGE_COLUMNS = (
+    "m.id, m.organization_id, m.instance_id, m.conversation_id, m.external_id, m.from_me, m.sender, m.type, "
+    "m.content, m.media_url, m.media_mime, m.media_name, m.sent_at, m.status, m.client_id, m.attempted_at, "
+    "m.error, m.created_at, c.jid AS to_jid"
+)
+_MESSAGE_FROM = (
+    "FROM messages m JOIN conversations v ON v.id = m.conversation_id JOIN contacts c ON c.id = v.contact_id "
+)
+
+
+async def read_outbox_message(
+    session: AsyncSession, message_id: int, *, organization_id: uuid.UUID | None = None
+) -> dict[str, Any] | None:
+    """One message with its recipient and its latest send item (within ``organization_id`` when given)."""
+    row = (
+        (
+            await session.execute(
+                text(
+                    f"SELECT {_MESSAGE_COLUMNS}, (SELECT w.id FROM work_items w WHERE w.kind = :kind AND w.key = "
+                    f"CAST(m.id AS text) ORDER BY w.id DESC LIMIT 1) AS work_item_id {_MESSAGE_FROM}"
+                    "WHERE m.id = :id AND (CAST(:org AS uuid) IS NULL OR m.organization_id = :org)"
+                ),
+                {"id": message_id, "org": organization_id, "kind": str(WorkKind.SEND)},
+            )
+        )
+        .mappings()
+        .one_or_none()
+    )
+    return dict(row) if row else None
+
+
+def _same_request(stored: dict[str, Any], to_jid: str, message: OutgoingMessage) -> bool:
+    return (
+        stored["to_jid"] == to_jid
+        and stored["type"] == str(message.type)
+        and (stored["content"] or None) == (message.text or None)
+        and stored["media_url"] == message.media_url
+        and stored["media_mime"] == message.mime_type
+        and stored["media_name"] == message.file_name
+    )
+
+
+async def _repeat(
+    session: AsyncSession, scope: InstanceScope, client_id: str, to_jid: str, message: OutgoingMessage
+) -> QueuedMessage | None:
+    found = (
+        await session.execute(
+            text("SELECT id FROM messages WHERE instance_id = :inst AND client_id = :cid"),
+            {"inst": scope.id, "cid": client_id},
+        )
+    ).scalar_one_or_none()
+    if found is None:
+        return None
+    stored = await read_outbox_message(session, found)
+    assert stored is not None
+    if not _same_request(stored, to_jid, message):
+        raise Conflict(f"idempotency key {client_id!r} was already used for a different message")
+    return QueuedMessage(message=stored, work_item_id=stored.pop("work_item_id"), created=False)
+
+
+_INSERT_SQL = text("""
+INSERT INTO messages (organization_id, instance_id, conversation_id, external_id, from_me, sender, type, content,
+                      media_url, media_mime, media_name, sent_at, status, client_id)
+VALUES (:org, :inst, :conv, NULL, true, 'agent', :type, :content, :murl, :mmime, :mname, :now, 'pending', :cid)
+ON CONFLICT (instance_id, client_id) WHERE client_id IS NOT NULL DO NOTHING
+RETURNING id, sent_at
+""")
+
+
+async def queue_message(
+    session: AsyncSession,
+    scope: InstanceScope,
+    *,
+    to_jid: str,
+    message: OutgoingMessage,
+    client_id: str | None,
+    now: datetime,
+) -> QueuedMessage:
+    """Write an outbox message ``pending`` with its send item, in the caller's transaction.
+
+    The recipient's contact and conversation are found or made (a new conversation is ``in_progress``); the
+    business's reply clears the conversation's waiting marker. A repeat of ``client_id`` on the instance returns
+    the first message and queues nothing; the same key for a different message raises Conflict (409).
+    """
+    if client_id is not None and (repeat := await _repeat(session, scope, client_id, to_jid, message)):
+        return repeat
+    contacts = await upsert_contacts(session, scope, [ContactInput(to_jid)])
+    contact_id = contacts.ids[to_jid]
+    refs = await ensure_conversations(
+        session, scope, [ConversationFact(contact_id, now, True)], now=now, closed_reason="inactive"
+    )
+    conversation_id = refs[contact_id].id
+    row = (
+        await session.execute(
+            _INSERT_SQL,
+            {
+                "org": scope.organization_id,
+                "inst": scope.id,
+                "conv": conversation_id,
+                "type": str(message.type),
+                "content": message.text,
+                "murl": message.media_url,
+                "mmime": message.mime_type,
+                "mname": message.file_name,
+                "now": now,
+                "cid": client_id,
+            },
+        )
+    ).one_or_none()
+    if row is None:  # a concurrent request with the same key committed first
+        assert client_id is not None
+        repeat = await _repeat(session, scope, client_id, to_jid, message)
+        assert repeat is not None
+        return repeat
+    message_id, sent_at = row
+    await advance_conversations(session, [InsertedMessage(message_id, conversation_id, "", sent_at, True)])
+    queued = await enqueue(
+        session,
+        kind=WorkKind.SEND,
+        key=str(message_id),
+        organization_id=scope.organization_id,
+        instance_id=scope.id,
+        payload={"message_id": message_id},
+    )
+    await publish(
+        [
+            live_event(
+                scope.organization_id,
+                Kind.MESSAGE_NEW,
+                instance_id=str(scope.id),
+                message_id=message_id,
+                conversation_id=conversation_id,
+                external_id=None,
+                from_me=True,
+                sent_at=sent_at.isoformat(),
+            ),
+            *status_events(
+                scope.organization_id,
+                [StatusChange(message_id, conversation_id, scope.id, None, "pending")],
+            ),
+        ],
+        session=session,
+    )
+    stored = await read_outbox_message(session, message_id)
+    assert stored is not None
+    stored.pop("work_item_id")
+    return QueuedMessage(message=stored, work_item_id=queued.id, created=True)
+
+
+# -- the sender ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SendJob:
+    """What the sender needs to know about one outbox message."""
+
+    message_id: int
+    organization_id: uuid.UUID
+    instance_id: uuid.UUID
+    conversation_id: int
+    gateway: str
+    instance_name: str
+    instance_status: str
+    logged_out: bool
+    to_jid: str
+    type: str
+    content: str | None
+    media_url: str | None
+    media_mime: str | None
+    media_name: str | None
+    status: str
+    external_id: str | None
+    attempted_at: datetime | None
+
+    def outgoing(self) -> OutgoingMessage:
+        """The message as a gateway sends it."""
+        return OutgoingMessage(
+            to=self.to_jid,
+            type=OutgoingType(self.type),
+            text=self.content,
+            media_url=self.media_url,
+            mime_type=self.media_mime,
+            file_name=self.media_name,
+        )
+
+
+async def load_send_job(session: AsyncSession, message_id: int) -> SendJob | None:
+    """The message, its recipient and its instance; None when the message is gone."""
+    row = (
+        await session.execute(
+            text(
+                "SELECT m.id, m.organization_id, m.instance_id, m.conversation_id, i.gateway, i.instance_name, "
+                "i.status, i.logged_out, c.jid, m.type, m.content, m.media_url, m.media_mime, m.media_name, "
+                "m.status, m.external_id, m.attempted_at "
+                "FROM messages m JOIN conversations v ON v.id = m.conversation_id "
+                "JOIN contacts c ON c.id = v.contact_id JOIN whatsapp_instances i ON i.id = m.instance_id "
+                "WHERE m.id = :id"
+            ),
+            {"id": message_id},
+        )
+    ).one_or_none()
+    return SendJob(*row) if row else None
+
+
+async def mark_attempted(session: AsyncSession, message_id: int) -> datetime | None:
+    """Stamp ``attempted_at`` on a message still waiting for its gateway id; None when it has one already (an echo
+    adopted it) or is no longer outstanding — then nothing must be sent."""
+    return (
+        await session.execute(
+            text(
+                "UPDATE messages SET attempted_at = clock_timestamp() WHERE id = :id AND external_id IS NULL "
+                "AND status IN ('pending', 'unknown') RETURNING attempted_at"
+            ),
+            {"id": message_id},
+        )
+    ).scalar_one_or_none()
+
+
+def _later(a: str, b: str) -> str:
+    return a if STATUS_RANK.get(a, 0) >= STATUS_RANK.get(b, 0) else b
+
+
+async def record_sent(
+    session: AsyncSession, job: SendJob, *, external_id: str, status: str, sent_at: datetime | None = None
+) -> StatusChange | None:
+    """Give the message the gateway's id and the status its answer implies (forward only).
+
+    When an echo already stored that id on a row of its own, the two are merged: the echo's row goes, its status is
+    kept if further along, and the outbox row (with the client's key) stays. Returns the change, or None when the
+    status did not move.
+    """
+    current = (
+        await session.execute(
+            text("SELECT status, external_id FROM messages WHERE id = :id FOR UPDATE"), {"id": job.message_id}
+        )
+    ).one_or_none()
+    if current is None:
+        return None
+    old_status, stored_id = current
+    best = _later(old_status if old_status not in OUTSTANDING else "pending", status)
+    if stored_id is None:
+        echo = (
+            await session.execute(
+                text(
+                    "DELETE FROM messages WHERE instance_id = :inst AND external_id = :ext AND id <> :id "
+                    "AND attempted_at IS NULL AND client_id IS NULL RETURNING status"
+                ),
+                {"inst": job.instance_id, "ext": external_id, "id": job.message_id},
+            )
+        ).scalar_one_or_none()
+        if echo is not None:
+            best = _later(best, echo)
+    elif stored_id != external_id:  # an echo adopted the row under another id: that one stays
+        external_id = stored_id
+    if stored_id is None and await _stored_elsewhere(session, job, external_id):
+        # another outbox message holds that id (a reconciliation must never take a sibling's echo): keep it apart
+        return None
+    await session.execute(
+        text(
+            "UPDATE messages SET external_id = :ext, status = :status, error = NULL, "
+            "sent_at = COALESCE(:sent_at, sent_at) WHERE id = :id"
+        ),
+        {"id": job.message_id, "ext": external_id, "status": best, "sent_at": sent_at},
+    )
+    if best == old_status:
+        return None
+    return StatusChange(job.message_id, job.conversation_id, job.instance_id, external_id, best)
+
+
+async def _stored_elsewhere(session: AsyncSession, job: SendJob, external_id: str) -> bool:
+    return (
+        await session.execute(
+            text("SELECT 1 FROM messages WHERE instance_id = :inst AND external_id = :ext AND id <> :id"),
+            {"inst": job.instance_id, "ext": external_id, "id": job.message_id},
+        )
+    ).first() is not None
+
+
+async def stored_external_ids(session: AsyncSession, instance_id: uuid.UUID, external_ids: Sequence[str]) -> set[str]:
+    """Which of ``external_ids`` the instance already has a message for."""
+    rows = await session.execute(
+        text("SELECT external_id FROM messages WHERE instance_id = :inst AND external_id = ANY(:ids)"),
+        {"inst": instance_id, "ids": list(external_ids)},
+    )
+    return {r[0] for r in rows.all()}
+
+
+async def restore_attempt(session: AsyncSession, message_id: int, attempted_at: datetime | None) -> None:
+    """Put back the previous ``attempted_at`` of a send the gateway certainly did not take (nothing to reconcile)."""
+    await session.execute(
+        text("UPDATE messages SET attempted_at = :at WHERE id = :id AND external_id IS NULL"),
+        {"id": message_id, "at": attempted_at},
+    )
+
+
+async def set_outcome(session: AsyncSession, job: SendJob, *, status: str, error: str | None) -> StatusChange | None:
+    """Mark a message still without its gateway id ``failed`` or ``unknown`` with the reason; None when it got its id
+    meanwhile (an echo adopted it) or the status was already that."""
+    row = (
+        await session.execute(
+            text(
+                "UPDATE messages SET status = :status, error = :error WHERE id = :id AND external_id IS NULL "
+                "AND status IN ('pending', 'unknown') RETURNING (SELECT status FROM messages WHERE id = :id)"
+            ),
+            {"id": job.message_id, "status": status, "error": error},
+        )
+    ).one_or_none()
+    if row is None or row[0] == status:
+        return None
+    return StatusChange(job.message_id, job.conversation_id, job.instance_id, None, status, error)
+
+
+# -- the webhook side ----------------------------------------------------------------------------------------------
+
+_ADOPT_SQL = text("""
+UPDATE messages m SET external_id = :ext, status = :status, error = NULL
+WHERE m.id = (
+    SELECT o.id FROM messages o
+    JOIN conversations v ON v.id = o.conversation_id JOIN contacts c ON c.id = v.contact_id
+    WHERE o.instance_id = :inst AND o.from_me AND o.external_id IS NULL AND o.attempted_at IS NOT NULL
+      AND o.status IN ('pending', 'unknown') AND (c.jid = ANY(:chats) OR c.alt_jid = ANY(:chats))
+      AND o.type = :type AND o.content IS NOT DISTINCT FROM :content
+    ORDER BY o.id LIMIT 1
+    FOR UPDATE OF o
+)
+AND m.external_id IS NULL
+AND NOT EXISTS (SELECT 1 FROM messages x WHERE x.instance_id = :inst AND x.external_id = :ext)
+RETURNING m.id, m.conversation_id, m.status
+""")
+
+
+async def adopt_echoes(
+    session: AsyncSession, scope: InstanceScope, messages: Sequence[GatewayMessage]
+) -> tuple[list[StatusChange], set[str]]:
+    """Let the business's messages whose key id is not stored yet update the outbox row they echo, if any.
+
+    Returns the status changes and the external ids adopted (the caller does not insert those again).
+    """
+    changes: list[StatusChange] = []
+    adopted: set[str] = set()
+    for m in messages:
+        if not m.from_me:
+            continue
+        status = m.status if m.status in STATUS_ORDER and STATUS_RANK[m.status] > STATUS_RANK["sent"] else "sent"
+        chats = [jid for jid in (m.chat_jid, m.alt_jid) if jid]
+        row = (
+            await session.execute(
+                _ADOPT_SQL,
+                {
+                    "inst": scope.id,
+                    "ext": m.external_id,
+                    "status": status,
+                    "chats": chats,
+                    "type": m.type,
+                    "content": m.content,
+                },
+            )
+        ).one_or_none()
+        if row is not None:
+            adopted.add(m.external_id)
+            changes.append(StatusChange(row[0], row[1], scope.id, m.external_id, row[2]))
+    return changes, adopted
+
+
+async def known_contact_jid(session: AsyncSession, instance_id: uuid.UUID, jid: str) -> str | None:
+    """The JID the instance already knows a phone-number JID's contact by (it may hold another form of the number,
+    e.g. without Brazil's ninth digit), or None."""
+    variants = list(phone_variants(phone_from_jid(jid)))
+    return (
+        await session.execute(
+            text(
+                "SELECT jid FROM contacts WHERE instance_id = :inst AND NOT is_group "
+                "AND (jid = :jid OR phone = ANY(:variants)) ORDER BY (jid = :jid) DESC, id LIMIT 1"
+            ),
+            {"inst": instance_id, "jid": jid, "variants": variants},
+        )
+    ).scalar_one_or_none()

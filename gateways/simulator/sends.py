@@ -1,0 +1,396 @@
+"""Sending at the simulated gateways: Evolution's `message/sendText` and `message/sendMedia`, MegaAPI's
+`rest/sendMessage/{key}/text` and `/mediaUrl` (gateways.md §1.2–1.3, §4, §8.5).
+
+Every accepted send is recorded in the :class:`SendBook` (``GET /_sim/sends`` lists the records and counts them per
+(instance, to, text), so tests and the benchmark can count duplicates) and echoed by webhook like the real gateways:
+Evolution ``send.message`` with the stored message object (``fromMe: true``), MegaAPI a flat fromMe message —
+followed, when the ``receipts`` knob is on, by the receipts (Evolution ``messages.update`` SERVER_ACK → DELIVERY_ACK
+→ READ; MegaAPI ``message.ack`` 2/3/4), all delivered in order by one emitter worker.
+
+Knobs (:class:`~gateways.simulator.state.SimulatorConfig`, seeded draws): ``send_error_rate`` answers 503 before
+accepting (nothing recorded); ``send_timeout_rate`` accepts, records and echoes, then answers only after
+``send_hang_s`` (longer than a client's timeout); ``not_on_whatsapp`` lists numbers answered with Evolution's 400
+``exists: false``.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Literal
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+if TYPE_CHECKING:
+    from gateways.simulator.state import SimInstance, SimulatorState
+
+SendType = Literal["text", "image", "video", "audio", "document"]
+MEDIA_TYPES = ("image", "video", "audio", "document")
+_WIRE = {"image": "imageMessage", "video": "videoMessage", "audio": "audioMessage", "document": "documentMessage"}
+_MIME = {"image": "image/jpeg", "video": "video/mp4", "audio": "audio/ogg", "document": "application/pdf"}
+EVOLUTION_RECEIPTS = ("SERVER_ACK", "DELIVERY_ACK", "READ")
+MEGAAPI_RECEIPTS = (2, 3, 4)
+
+
+@dataclass(frozen=True, slots=True)
+class SendRecord:
+    """One send a gateway accepted."""
+
+    seq: int
+    instance: str
+    provider: str
+    to: str
+    """The recipient's JID."""
+    type: str
+    text: str | None
+    """The text, or the media's caption."""
+    media_url: str | None
+    external_id: str
+    at: datetime
+    timed_out: bool = False
+    """Accepted but answered only after ``send_hang_s`` (the client gave up first)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SendDelivery:
+    """Webhook bodies one accepted send causes, delivered in order (the echo, then its receipts).
+
+    ``bodies`` are ``(event, data)`` pairs: Evolution's envelope is added by the emitter; for MegaAPI ``data`` is the
+    whole flat body and ``event`` only names it.
+    """
+
+    name: str
+    provider: str
+    bodies: tuple[tuple[str, dict[str, Any]], ...]
+    at: datetime
+    owner_jid: str | None = None
+    token: str | None = None
+    webhook: Mapping[str, Any] | None = None
+
+
+@dataclass(slots=True)
+class SendBook:
+    """The sends a simulated host accepted, with the seeded draws of the send knobs. Thread-safe."""
+
+    seed: int = 0
+    records: list[SendRecord] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _rng: random.Random = field(default_factory=random.Random)
+
+    def __post_init__(self) -> None:
+        self.clear(self.seed)
+
+    def clear(self, seed: int) -> None:
+        """Forget every record and re-seed the draws."""
+        with self._lock:
+            self.records.clear()
+        self.reseed(seed)
+
+    def reseed(self, seed: int) -> None:
+        """Restart the seeded draws from ``seed``."""
+        with self._lock:
+            self.seed = seed
+            self._rng = random.Random(f"sends:{seed}")
+
+    def draw(self, rate: float) -> bool:
+        """Seeded draw: True with probability ``rate``."""
+        if rate <= 0:
+            return False
+        with self._lock:
+            return self._rng.random() < rate
+
+    def external_id(self) -> str:
+        """A Baileys-like message id (``3EB0`` and 16 hex digits)."""
+        with self._lock:
+            return f"3EB0{self._rng.getrandbits(64):016X}"
+
+    def record(self, **fields: Any) -> SendRecord:
+        """Record one accepted send."""
+        with self._lock:
+            record = SendRecord(seq=len(self.records) + 1, **fields)
+            self.records.append(record)
+            return record
+
+    def summary(self) -> dict[str, Any]:
+        """Records, counts per (instance, to, type, text, media url) and how many sends repeated one of them."""
+        with self._lock:
+            records = list(self.records)
+        counts = Counter((r.instance, r.to, r.type, r.text, r.media_url) for r in records)
+        return {
+            "sends": [{**asdict(r), "at": r.at.isoformat()} for r in records],
+            "counts": [
+                {"instance": i, "to": to, "type": t, "text": text, "media_url": url, "count": n}
+                for (i, to, t, text, url), n in counts.items()
+            ],
+            "total": len(records),
+            "duplicates": sum(n - 1 for n in counts.values()),
+        }
+
+
+def to_jid(number: str) -> str:
+    """A recipient as a JID: digits become a phone-number JID; a JID stays as it is."""
+    return number if "@" in number else f"{number}@s.whatsapp.net"
+
+
+def _digits(number: str) -> str:
+    return number.split("@", 1)[0]
+
+
+def message_object(
+    inst: SimInstance,
+    *,
+    jid: str,
+    external_id: str,
+    kind: str,
+    text: str | None,
+    media: Mapping[str, Any],
+    at: datetime,
+) -> dict[str, Any]:
+    """The stored message object Evolution answers a send with (and echoes in ``send.message``)."""
+    content: dict[str, Any]
+    if kind == "text":
+        wire, content = "conversation", {"conversation": text or ""}
+    else:
+        part: dict[str, Any] = {"url": media.get("url"), "mimetype": media.get("mimetype") or _MIME[kind]}
+        if text:
+            part["caption"] = text
+        if media.get("fileName"):
+            part["fileName"] = media["fileName"]
+        wire, content = _WIRE[kind], {_WIRE[kind]: part}
+    return {
+        "key": {"remoteJid": jid, "fromMe": True, "id": external_id},
+        "pushName": inst.profile_name or "",
+        "status": "PENDING",
+        "message": content,
+        "contextInfo": None,
+        "messageType": wire,
+        "messageTimestamp": int(at.timestamp()),
+        "instanceId": inst.instance_id,
+        "source": "unknown",
+    }
+
+
+def evolution_bodies(
+    inst: SimInstance, message: dict[str, Any], *, receipts: bool
+) -> tuple[tuple[str, dict[str, Any]], ...]:
+    """The ``send.message`` echo and, with ``receipts``, its ``messages.update`` receipts."""
+    bodies: list[tuple[str, dict[str, Any]]] = [("send.message", message)]
+    if receipts:
+        key = message["key"]
+        bodies += [
+            (
+                "messages.update",
+                {
+                    "keyId": key["id"],
+                    "remoteJid": key["remoteJid"],
+                    "fromMe": True,
+                    "participant": None,
+                    "status": status,
+                    "pollUpdates": None,
+                    "instanceId": inst.instance_id,
+                    "messageId": f"c{key['id'].lower()}",
+                },
+            )
+            for status in EVOLUTION_RECEIPTS
+        ]
+    return tuple(bodies)
+
+
+def megaapi_bodies(
+    inst: SimInstance, message: dict[str, Any], *, receipts: bool
+) -> tuple[tuple[str, dict[str, Any]], ...]:
+    """The flat fromMe message echo and, with ``receipts``, its ``message.ack`` 2/3/4."""
+    echo = {
+        "instance_key": inst.name,
+        "jid": inst.owner_jid or "",
+        "messageType": message["messageType"],
+        "key": {**message["key"], "participant": ""},
+        "messageTimestamp": message["messageTimestamp"],
+        "pushName": message["pushName"],
+        "status": "",
+        "message": message["message"],
+    }
+    bodies: list[tuple[str, dict[str, Any]]] = [("message", echo)]
+    if receipts:
+        key = {"remoteJid": message["key"]["remoteJid"], "id": message["key"]["id"]}
+        bodies += [
+            (
+                "message.ack",
+                {"instance_key": inst.name, "messageType": "message.ack", "key": key, "update": {"status": s}},
+            )
+            for s in MEGAAPI_RECEIPTS
+        ]
+    return tuple(bodies)
+
+
+def sends_router(state: SimulatorState) -> APIRouter:
+    """The send routes of both providers and ``GET /_sim/sends``."""
+    from gateways.simulator import shapes
+    from gateways.simulator.app import _body, _evolution_fail, _gate, _json, _Reply
+
+    router = APIRouter(tags=["sending"])
+    book = state.sends
+
+    def evolution_instance(request: Request, name: str) -> SimInstance:
+        inst = state.get(name, "evolution")
+        if inst is None:
+            raise _evolution_fail(404, f'The "{name}" instance does not exist')
+        key = request.headers.get("apikey")
+        if not key or key not in (state.config.evolution_api_key, inst.token):
+            raise _Reply(shapes.evolution_error(401, "Unauthorized"), 401)
+        return inst
+
+    def megaapi_instance(request: Request, key: str) -> SimInstance:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or token.strip() != state.config.megaapi_token:
+            raise _Reply(shapes.megaapi_error("Unauthorized: invalid or missing token"), 401)
+        inst = state.get(key, "megaapi")
+        if inst is None:
+            raise _Reply(shapes.megaapi_error("instance not found"), 404)
+        return inst
+
+    async def accept(
+        inst: SimInstance,
+        *,
+        number: str,
+        kind: str,
+        text: str | None,
+        media: Mapping[str, Any],
+        fail: Any,
+    ) -> tuple[dict[str, Any], bool]:
+        """The knobs, then record and echo one send; returns (message object, whether to answer late)."""
+        config = state.config
+        if book.draw(config.send_error_rate):
+            raise fail(503, "Simulated error: the gateway is unavailable")
+        if inst.live_state != "open":
+            raise fail(400, "Connection Closed")
+        jid = to_jid(number)
+        if _digits(number) in config.not_on_whatsapp:
+            raise fail(400, {"jid": jid, "exists": False, "number": _digits(number)})
+        late = book.draw(config.send_timeout_rate)
+        at = datetime.now(UTC)
+        external_id = book.external_id()
+        message = message_object(inst, jid=jid, external_id=external_id, kind=kind, text=text, media=media, at=at)
+        book.record(
+            instance=inst.name,
+            provider=inst.provider,
+            to=jid,
+            type=kind,
+            text=text,
+            media_url=media.get("url"),
+            external_id=external_id,
+            at=at,
+            timed_out=late,
+        )
+        build = evolution_bodies if inst.provider == "evolution" else megaapi_bodies
+        state.publish_send(
+            SendDelivery(
+                name=inst.name,
+                provider=inst.provider,
+                bodies=build(inst, message, receipts=config.receipts),
+                at=at,
+                owner_jid=inst.owner_jid,
+                token=inst.token,
+                webhook=inst.webhook,
+            )
+        )
+        return message, late
+
+    async def answer_late(late: bool) -> None:
+        if late:
+            await state.sleep(state.config.send_hang_s)
+
+    def evolution_fail(status: int, message: Any) -> _Reply:
+        return _Reply(shapes.evolution_error(status, [message]), status)
+
+    @router.post("/message/sendText/{instance}")
+    async def send_text(request: Request, instance: str) -> Response:
+        await _gate(state, "evolution", f"sendText:{instance}")
+        inst = evolution_instance(request, instance)
+        body = await _body(request)
+        number, text = body.get("number"), body.get("text")
+        if not isinstance(number, str) or not number:
+            raise evolution_fail(400, 'instance requires property "number"')
+        if not isinstance(text, str) or not text:
+            raise evolution_fail(400, 'instance requires property "text"')
+        message, late = await accept(inst, number=number, kind="text", text=text, media={}, fail=evolution_fail)
+        await answer_late(late)
+        return _json(message, 201)
+
+    @router.post("/message/sendMedia/{instance}")
+    async def send_media(request: Request, instance: str) -> Response:
+        await _gate(state, "evolution", f"sendMedia:{instance}")
+        inst = evolution_instance(request, instance)
+        body = await _body(request)
+        number, kind, media = body.get("number"), body.get("mediatype"), body.get("media")
+        if not isinstance(number, str) or not number:
+            raise evolution_fail(400, 'instance requires property "number"')
+        if kind not in MEDIA_TYPES:
+            raise evolution_fail(400, "mediatype must be one of image, video, audio, document")
+        if not isinstance(media, str) or not media:
+            raise evolution_fail(400, 'instance requires property "media"')
+        caption = body.get("caption") if isinstance(body.get("caption"), str) else None
+        message, late = await accept(
+            inst,
+            number=number,
+            kind=str(kind),
+            text=caption or None,
+            media={"url": media, "mimetype": body.get("mimetype"), "fileName": body.get("fileName")},
+            fail=evolution_fail,
+        )
+        await answer_late(late)
+        return _json(message, 201)
+
+    def megaapi_fail(status: int, message: Any) -> _Reply:
+        text = "number not on WhatsApp" if isinstance(message, dict) else str(message)
+        return _Reply(shapes.megaapi_error(text), status)
+
+    async def megaapi_data(request: Request) -> dict[str, Any]:
+        body = await _body(request)
+        data = body.get("messageData")
+        if not isinstance(data, dict) or not isinstance(data.get("to"), str) or not data["to"]:
+            raise megaapi_fail(400, "messageData.to is required")
+        return data
+
+    @router.post("/rest/sendMessage/{instance_key}/text")
+    async def megaapi_text(request: Request, instance_key: str) -> Response:
+        await _gate(state, "megaapi", f"sendMessage:{instance_key}")
+        inst = megaapi_instance(request, instance_key)
+        data = await megaapi_data(request)
+        text = data.get("text")
+        if not isinstance(text, str) or not text:
+            raise megaapi_fail(400, "messageData.text is required")
+        message, late = await accept(inst, number=data["to"], kind="text", text=text, media={}, fail=megaapi_fail)
+        await answer_late(late)
+        return _json({"error": False, "message": "Message sent successfully", "data": message})
+
+    @router.post("/rest/sendMessage/{instance_key}/mediaUrl")
+    async def megaapi_media(request: Request, instance_key: str) -> Response:
+        await _gate(state, "megaapi", f"sendMessage:{instance_key}")
+        inst = megaapi_instance(request, instance_key)
+        data = await megaapi_data(request)
+        kind, url = data.get("type"), data.get("url")
+        if kind not in MEDIA_TYPES or not isinstance(url, str) or not url:
+            raise megaapi_fail(400, "messageData.type (image, video, audio, document) and messageData.url are required")
+        caption = data.get("caption") if isinstance(data.get("caption"), str) else None
+        message, late = await accept(
+            inst,
+            number=data["to"],
+            kind=str(kind),
+            text=caption or None,
+            media={"url": url, "fileName": data.get("fileName")},
+            fail=megaapi_fail,
+        )
+        await answer_late(late)
+        return _json({"error": False, "message": "Message sent successfully", "data": message})
+
+    @router.get("/_sim/sends")
+    async def sends() -> Response:
+        return _json(book.summary())
+
+    return router

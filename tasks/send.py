@@ -1,0 +1,192 @@
+"""Sending one outbox message through its instance's gateway, once, and recording what became of it.
+
+Per message (a ``send`` queue item, key = the message id):
+
+1. Nothing to do when it already has the gateway's id (an echo adopted it) or is no longer outstanding.
+2. ``failed`` for good when its instance is logged out (it needs a new QR code) or its gateway is not configured;
+   an instance that is not connected waits (retried with backoff).
+3. A message whose earlier attempt has an unknown outcome (``unknown``, or attempted by a drain that died) waits
+   ``send_unknown_grace_seconds`` after that attempt for the gateway's echo; then, where the gateway reads history,
+   a fromMe message in that chat since the attempt with the same content is adopted; only if none is found is it
+   sent again.
+4. ``attempted_at`` is committed before the HTTP call (an echo can only adopt a message that was tried); the call is
+   made once: accepted → the gateway's id and ``sent`` (merged with a row its echo inserted); refused for good →
+   ``failed`` with the reason; not taken (503, connection refused, open breaker) → retried with backoff; no answer →
+   ``unknown``, retried after the grace period. Every status change is published as ``message.status``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from core.errors import (
+    GatewayError,
+    GatewayOutcomeUnknown,
+    GatewaySendRejected,
+    GatewayTransientError,
+)
+from core.policies.backoff import should_give_up
+from db.engine import session_scope
+from db.repositories.live_events import publish
+from db.repositories.outbox import (
+    OUTSTANDING,
+    SendJob,
+    load_send_job,
+    mark_attempted,
+    record_sent,
+    restore_attempt,
+    set_outcome,
+    status_events,
+    stored_external_ids,
+)
+from db.repositories.work_queue import ClaimedItem
+from gateways.base import Gateway
+
+LOGGED_OUT = "instance logged out"
+RECONCILE_SKEW = timedelta(seconds=2)
+"""How far before the attempt a gateway's message may be stamped (WhatsApp stamps whole seconds)."""
+RECONCILE_PAGE = 50
+
+
+@dataclass(frozen=True, slots=True)
+class SendPolicy:
+    """How a drain sends."""
+
+    timeout_seconds: float
+    unknown_grace_seconds: float
+    max_attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class SendOutcome:
+    """What became of one item: done (with a summary), failed for good (``error``), or to be tried again after
+    ``retry_after`` seconds (``error`` says why). A transient failure is raised instead (the queue's backoff)."""
+
+    summary: str | None = None
+    error: str | None = None
+    retry_after: float | None = None
+    external_id: str | None = None
+
+
+async def _outcome(job: SendJob, *, status: str, error: str) -> None:
+    async with session_scope() as session:
+        change = await set_outcome(session, job, status=status, error=error)
+        if change is not None:
+            await publish(status_events(job.organization_id, [change]), session=session)
+
+
+async def _adopt(job: SendJob, *, external_id: str, status: str, sent_at: datetime | None) -> bool:
+    async with session_scope() as session:
+        change = await record_sent(session, job, external_id=external_id, status=status, sent_at=sent_at)
+        if change is not None:
+            await publish(status_events(job.organization_id, [change]), session=session)
+        current = await load_send_job(session, job.message_id)
+    return current is not None and current.external_id is not None
+
+
+async def reconcile(gateway: Gateway, job: SendJob) -> str | None:
+    """Look for the message at the gateway (a fromMe message in its chat since the attempt with the same content)
+    and adopt it; returns its id, or None when not found (or the gateway cannot read history)."""
+    if not gateway.supports_history or job.attempted_at is None:
+        return None
+    since = job.attempted_at - RECONCILE_SKEW
+    page = await gateway.fetch_messages(
+        job.instance_name, page=1, page_size=RECONCILE_PAGE, since=since, chat_jid=job.to_jid
+    )
+    candidates = sorted(
+        (m for m in page.messages if m.from_me and m.type == job.type and (m.content or None) == (job.content or None)),
+        key=lambda m: m.timestamp,
+    )
+    if not candidates:
+        return None
+    async with session_scope() as session:
+        taken = await stored_external_ids(session, job.instance_id, [m.external_id for m in candidates])
+    for found in candidates:
+        if found.external_id in taken:
+            continue
+        status = found.status if found.status not in (None, "pending", "failed") else "sent"
+        if await _adopt(job, external_id=found.external_id, status=status or "sent", sent_at=found.sent_at):
+            return found.external_id
+    return None
+
+
+async def send_item(item: ClaimedItem, gateways: Mapping[str, Gateway], policy: SendPolicy) -> SendOutcome:
+    """Send one queued outbox message (the rules in the module's docstring); transient failures are raised."""
+    message_id = int(item.payload.get("message_id") or item.key)
+    async with session_scope() as session:
+        job = await load_send_job(session, message_id)
+    if job is None:
+        return SendOutcome(summary=f"message {message_id} no longer exists")
+    if job.external_id is not None:
+        return SendOutcome(summary=f"message {message_id} already {job.status}", external_id=job.external_id)
+    if job.status not in OUTSTANDING:
+        return SendOutcome(summary=f"message {message_id} already {job.status}")
+    if job.logged_out:
+        await _outcome(job, status="failed", error=LOGGED_OUT)
+        return SendOutcome(error=LOGGED_OUT)
+    gateway = gateways.get(job.gateway)
+    if gateway is None:
+        error = f"gateway {job.gateway!r} is not configured"
+        await _outcome(job, status="failed", error=error)
+        return SendOutcome(error=error)
+    if job.instance_status != "connected":
+        return await _transient(
+            job, item, policy, GatewayTransientError(f"instance {job.instance_name} is not connected")
+        )
+    if job.attempted_at is not None:  # an earlier attempt's outcome is unknown
+        waited = (datetime.now(UTC) - job.attempted_at).total_seconds()
+        if waited < policy.unknown_grace_seconds:
+            reason = job_reason(job)
+            await _outcome(job, status="unknown", error=reason)
+            return SendOutcome(error=reason, retry_after=policy.unknown_grace_seconds - waited)
+        if (found := await reconcile(gateway, job)) is not None:
+            return SendOutcome(summary=f"message {message_id} found at the gateway as {found}", external_id=found)
+    async with session_scope() as session:
+        attempted = await mark_attempted(session, message_id)
+    if attempted is None:  # an echo adopted it meanwhile
+        return SendOutcome(summary=f"message {message_id} already sent")
+    try:
+        result = await gateway.send(job.instance_name, job.outgoing(), timeout_seconds=policy.timeout_seconds)
+    except GatewaySendRejected as exc:
+        await _outcome(job, status="failed", error=_reason(exc))
+        return SendOutcome(error=_reason(exc))
+    except GatewayOutcomeUnknown as exc:
+        if should_give_up(item.attempts, policy.max_attempts):
+            error = f"gave up after {item.attempts} attempts: {_reason(exc)}"
+            await _outcome(job, status="unknown", error=error)
+            return SendOutcome(error=error)
+        await _outcome(job, status="unknown", error=_reason(exc))
+        return SendOutcome(error=_reason(exc), retry_after=policy.unknown_grace_seconds)
+    except GatewayTransientError as exc:
+        async with session_scope() as session:
+            await restore_attempt(session, message_id, job.attempted_at)
+        return await _transient(job, item, policy, exc)
+    except GatewayError as exc:  # auth, not found, not supported: a retry cannot cure it
+        await _outcome(job, status="failed", error=_reason(exc))
+        return SendOutcome(error=_reason(exc))
+    await _adopt(job, external_id=result.external_id, status=result.status, sent_at=None)
+    return SendOutcome(summary=f"message {message_id} sent as {result.external_id}", external_id=result.external_id)
+
+
+def job_reason(job: SendJob) -> str:
+    """Why a message waits: its earlier attempt got no answer."""
+    return f"no answer from the gateway to the attempt at {job.attempted_at:%H:%M:%S}; waiting for its echo"
+
+
+async def _transient(job: SendJob, item: ClaimedItem, policy: SendPolicy, exc: GatewayTransientError) -> SendOutcome:
+    """Raise ``exc`` (the queue retries it with backoff), or fail the message once the item used its attempts."""
+    if not should_give_up(item.attempts, policy.max_attempts):
+        raise exc
+    error = f"gave up after {item.attempts} attempts: {_reason(exc)}"
+    await _outcome(job, status="failed", error=error)
+    return SendOutcome(error=error)
+
+
+def _reason(exc: GatewayError) -> str:
+    """The error's sentence without the gateway's name in front (it is the instance's own gateway)."""
+    message = exc.message
+    if exc.gateway and message.startswith(f"{exc.gateway}: "):
+        message = message[len(exc.gateway) + 2 :]
+    return message[:500]
