@@ -7,15 +7,17 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import httpx
+import orjson
 import pytest
 
 from core.domain import ChatKind, InstanceStatus, OutgoingMessage, OutgoingType, Provider
 from core.errors import GatewayAuthError, GatewayOutcomeUnknown, GatewaySendRejected, GatewayTransientError
 from core.settings import Settings
+from core.webhook_signatures import hmac_sha512
 from gateways.base import iter_chats, iter_contacts, iter_messages
 from gateways.registry import build_gateway
 from gateways.resilience import RetryPolicy
-from gateways.simulator import SimulatorServer, SimulatorState
+from gateways.simulator import SimulatorServer, SimulatorState, WebhookEmitter
 from gateways.waha import MISSING_AT_GATEWAY, WahaGateway
 
 pytestmark = pytest.mark.pure
@@ -223,3 +225,47 @@ async def test_send_without_an_answer_is_of_unknown_outcome(waha, simulator: Sim
     finally:
         simulator.configure(hang=False)
     assert simulator.calls["waha.sendText:w-s"] == 1
+
+
+async def test_simulator_webhooks_use_wahas_envelope_and_signed_headers() -> None:
+    received: list[httpx.Request] = []
+
+    def receiver(request: httpx.Request) -> httpx.Response:
+        received.append(request)
+        return httpx.Response(200)
+
+    state = SimulatorState()
+    state.create_instance(
+        "w-hook",
+        provider="waha",
+        webhook={"url": "http://crm/hook", "events": ["session.status"], "hmac": {"key": "k"}, "customHeaders": []},
+    )
+    async with WebhookEmitter(
+        state, evolution_url=None, megaapi_url=None, transport=httpx.MockTransport(receiver)
+    ) as emitter:
+        state.create_instance("w-quiet", provider="waha")  # no webhook of its own, no default: nothing sent
+        state.set_state("w-quiet", "open")
+        state.set_state("w-hook", "open")
+        await emitter.flush()
+
+    assert len(received) == 1 and str(received[0].url) == "http://crm/hook"
+    body = received[0].content
+    envelope = orjson.loads(body)
+    assert set(envelope) == {
+        "id",
+        "timestamp",
+        "event",
+        "session",
+        "metadata",
+        "me",
+        "payload",
+        "engine",
+        "environment",
+    }
+    assert envelope["id"].startswith("evt_") and len(envelope["id"]) == 30
+    assert envelope["event"] == "session.status" and envelope["session"] == "w-hook"
+    assert envelope["payload"]["status"] == "WORKING" and envelope["payload"]["statuses"][0]["status"] == "WORKING"
+    assert envelope["me"]["id"].endswith("@c.us")
+    headers = received[0].headers
+    assert headers["x-webhook-hmac"] == hmac_sha512("k", body) and headers["x-webhook-hmac-algorithm"] == "sha512"
+    assert headers["x-webhook-request-id"] and headers["x-webhook-timestamp"] == str(envelope["timestamp"])
