@@ -1,7 +1,8 @@
 """Settings from the environment and `.env`, one class per concern, read through cached getters.
 
 The seeds' variable names work as given (EVOLUTION_API_URL, EVOLUTION_API_KEY, MEGA_API_HOST, MEGA_API_TOKEN,
-CRON_SECRET, WEBHOOK_URL, DATABASE_URL). More gateways can be named in ZAPSYNC_GATEWAYS as JSON:
+CRON_SECRET, WEBHOOK_URL, DATABASE_URL), and WAHA's own (WAHA_API_URL, WAHA_API_KEY). More gateways can be named
+in ZAPSYNC_GATEWAYS as JSON:
 ``{"evo-sp": {"provider": "evolution", "url": "https://...", "api_key": "..."}}``.
 """
 
@@ -50,6 +51,8 @@ class Settings(BaseSettings):
     evolution_api_key: SecretStr | None = Field(default=None, validation_alias="EVOLUTION_API_KEY")
     mega_api_host: str | None = Field(default=None, validation_alias="MEGA_API_HOST")
     mega_api_token: SecretStr | None = Field(default=None, validation_alias="MEGA_API_TOKEN")
+    waha_api_url: str | None = Field(default=None, validation_alias="WAHA_API_URL")
+    waha_api_key: SecretStr | None = Field(default=None, validation_alias="WAHA_API_KEY")
     extra_gateways: dict[str, GatewayConfig] = Field(default_factory=dict, validation_alias="ZAPSYNC_GATEWAYS")
     default_gateway: str | None = Field(default=None, validation_alias="ZAPSYNC_DEFAULT_GATEWAY")
     """The gateway new instances are created at when a request names none and more than one is configured."""
@@ -76,6 +79,9 @@ class Settings(BaseSettings):
     """A payload timestamp older than this (or in the future) is not trusted; the receive time is used."""
     webhook_repeat_window_seconds: float = Field(default=5.0, ge=0, validation_alias="ZAPSYNC_WEBHOOK_REPEAT_WINDOW")
     """How long an API process answers an identical status event from memory, without touching the DB."""
+    webhook_jwt_leeway_seconds: float = Field(default=1800.0, ge=0, validation_alias="ZAPSYNC_WEBHOOK_JWT_LEEWAY")
+    """How long after its `exp` an Evolution webhook JWT is still accepted: Evolution signs once before its retry
+    loop (about 20 minutes of retries) and its tokens live 10 minutes, so late retries carry an expired token."""
 
     api_host: str = Field(default="127.0.0.1", validation_alias="ZAPSYNC_API_HOST")
     api_port: int = Field(default=8000, ge=1, le=65535, validation_alias="ZAPSYNC_API_PORT")
@@ -179,6 +185,13 @@ class Settings(BaseSettings):
                 provider=Provider.MEGAAPI,
                 url=self.mega_api_host,
                 api_key=self.mega_api_token or SecretStr(""),
+                timeout_seconds=self.gateway_timeout_seconds,
+            )
+        if self.waha_api_url:
+            found["waha"] = GatewayConfig(
+                provider=Provider.WAHA,
+                url=self.waha_api_url,
+                api_key=self.waha_api_key or SecretStr(""),
                 timeout_seconds=self.gateway_timeout_seconds,
             )
         found.update(self.extra_gateways)

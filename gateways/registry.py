@@ -14,6 +14,7 @@ from gateways.base import Gateway
 from gateways.evolution import EvolutionGateway
 from gateways.megaapi import MegaApiGateway
 from gateways.resilience import BreakerPolicy, RetryPolicy
+from gateways.waha import WahaGateway
 
 
 def build_gateway(
@@ -47,13 +48,16 @@ def build_gateway(
     )
 
 
-_CLIENTS: dict[Provider, type[EvolutionGateway] | type[MegaApiGateway]] = {
+_CLIENTS: dict[Provider, type[EvolutionGateway] | type[MegaApiGateway] | type[WahaGateway]] = {
     Provider.EVOLUTION: EvolutionGateway,
     Provider.MEGAAPI: MegaApiGateway,
+    Provider.WAHA: WahaGateway,
 }
 
 
-def client_class(provider: Provider, *, name: str = "") -> type[EvolutionGateway] | type[MegaApiGateway]:
+def client_class(
+    provider: Provider, *, name: str = ""
+) -> type[EvolutionGateway] | type[MegaApiGateway] | type[WahaGateway]:
     """The client class of ``provider``: what it can do is asked of it (``supports_history``, ``bulk_states``)."""
     try:
         return _CLIENTS[provider]

@@ -1,4 +1,4 @@
-"""Gateway webhook payloads parsed into typed, provider-neutral events (gateways.md §2 and §4).
+"""Gateway webhook payloads parsed into typed, provider-neutral events (gateways.md §2, §4 and, for WAHA, §8.4).
 
 Both known shapes are accepted wherever a gateway varies (MegaAPI's two `connection_update` forms, Evolution's
 `instance` as a name or an object, `contacts.*` as an array or a single object, `chats.*` rows with or without
@@ -19,7 +19,8 @@ import orjson
 from core.domain import ChatKind, GatewayContact, GatewayMessage, InstanceStatus, Provider, chat_kind
 from core.phones import phone_from_jid
 from gateways.messages import MalformedMessage, from_baileys, status_from_wire
-from gateways.status import LOGGED_OUT_CODES, from_evolution, from_megaapi
+from gateways.status import LOGGED_OUT_CODES, from_evolution, from_megaapi, from_waha, waha_reason
+from gateways.waha_messages import from_waha_message, key_id, serialized_id, status_from_ack
 
 
 class MalformedPayload(ValueError):
@@ -354,3 +355,93 @@ def _parse_time(value: Any) -> datetime | None:
             return None
         return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
     return None
+
+
+# -- WAHA -------------------------------------------------------------------------------------------------------
+
+WAHA_MESSAGE_EVENTS = frozenset({"message", "message.any"})
+
+
+def parse_waha(payload: dict[str, Any]) -> WebhookEvent:
+    """A WAHA delivery: envelope `{id, timestamp, event, session, me, payload, engine, environment}` (§8.4).
+
+    The envelope `id` (kept by WAHA's retries) is the event id deliveries are deduplicated by. `session.status`
+    changes the status, `message`/`message.any` (the latter with our own messages) add messages, `message.ack` moves
+    statuses and `message.revoked` marks a message deleted; every other event is stored, not applied.
+    """
+    event = payload.get("event")
+    if not isinstance(event, str) or not event:
+        raise MalformedPayload("missing 'event' (a string such as 'session.status')")
+    session = payload.get("session")
+    if session is not None and not isinstance(session, str):
+        raise MalformedPayload("'session' must be the session name")
+    event_id = payload.get("id")
+    if event_id is not None and not isinstance(event_id, str):
+        raise MalformedPayload("'id' must be the event id (a string such as 'evt_01K…')")
+    body = payload.get("payload")
+    base = _Envelope(
+        provider=Provider.WAHA, event=event, instance_name=session, event_time=_parse_time(payload.get("timestamp"))
+    )
+    if event in ("session.status", *WAHA_MESSAGE_EVENTS, "message.ack", "message.revoked"):
+        if not session:
+            raise MalformedPayload(f"{event} without 'session'")
+        if not isinstance(body, dict):
+            raise MalformedPayload(f"{event} needs a payload object")
+    else:
+        return WebhookEvent(**base, kind=EventKind.OTHER, event_id=event_id)
+    assert isinstance(body, dict)
+    if event == "session.status":
+        raw = body.get("status")
+        status = from_waha(raw) if isinstance(raw, str) else None
+        if status is None:
+            raise MalformedPayload(f"session.status has unknown status {raw!r}")
+        me = payload.get("me") if isinstance(payload.get("me"), dict) else {}
+        assert isinstance(me, dict)
+        connected = status is InstanceStatus.CONNECTED
+        return WebhookEvent(
+            **base,
+            kind=EventKind.STATUS,
+            event_id=event_id,
+            status=status,
+            reason=None if connected else waha_reason(raw) or f"session status {raw}",
+            phone_number=phone_from_jid(me.get("id")) if connected and isinstance(me.get("id"), str) else None,
+            profile_name=me.get("pushName") if connected and isinstance(me.get("pushName"), str) else None,
+        )
+    if event in WAHA_MESSAGE_EVENTS:
+        try:
+            message = from_waha_message(body)
+        except MalformedMessage as exc:
+            raise MalformedPayload(f"{event}: {exc}") from exc
+        return WebhookEvent(
+            **base,
+            kind=EventKind.MESSAGES,
+            event_id=event_id,
+            messages=(message,),
+            dedupe_id=f"{session}|message|{message.external_id}",
+        )
+    if event == "message.ack":
+        raw_id = serialized_id(body.get("id"))
+        ack = status_from_ack(body.get("ack"), body.get("ackName"))
+        if raw_id is None or ack is None:
+            raise MalformedPayload("message.ack needs payload.id and payload.ack (-1..4) or payload.ackName")
+        found = key_id(raw_id)
+        return WebhookEvent(
+            **base,
+            kind=EventKind.RECEIPTS,
+            event_id=event_id,
+            receipts=((found, ack),),
+            dedupe_id=f"{session}|message.ack|{found}|{ack}",
+        )
+    before = body.get("before") if isinstance(body.get("before"), dict) else {}
+    assert isinstance(before, dict)
+    revoked = body.get("revokedMessageId") or serialized_id(before.get("id"))
+    if not isinstance(revoked, str) or not revoked:
+        raise MalformedPayload("message.revoked needs payload.revokedMessageId or payload.before.id")
+    found = key_id(revoked)
+    return WebhookEvent(
+        **base,
+        kind=EventKind.RECEIPTS,
+        event_id=event_id,
+        receipts=((found, "deleted"),),
+        dedupe_id=f"{session}|message.revoked|{found}",
+    )

@@ -9,7 +9,9 @@ from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
 from api.deps import PrincipalDep, SessionDep, scoped_organization
+from core.domain import Provider
 from core.errors import InvalidInput, NotFound
+from core.webhook_signatures import WebhookAuth, allowed_modes
 from db.repositories.organization_settings import read_settings, update_settings
 
 router = APIRouter(prefix="/organizations", tags=["organizations"])
@@ -27,6 +29,11 @@ class OrganizationSettings(BaseModel):
     close_waiting_conversations: bool = Field(
         description="Also close idle conversations still waiting on an agent's reply."
     )
+    webhook_auth: dict[str, str] = Field(
+        default_factory=dict,
+        description="How webhook deliveries authenticate, per provider: `secret` (header or ?secret=), `hmac` "
+        "(WAHA's X-Webhook-Hmac), `jwt` (Evolution's Bearer JWT) or `any` (default: whatever the provider can send).",
+    )
     updated_at: datetime
 
 
@@ -38,6 +45,9 @@ class OrganizationSettingsUpdate(BaseModel):
     import_history_days: int | None = Field(default=None, ge=1, le=3650)
     auto_reconnect: bool | None = None
     close_waiting_conversations: bool | None = None
+    webhook_auth: dict[Provider, WebhookAuth] | None = Field(
+        default=None, description="Replaces the whole per-provider choice; a provider left out accepts `any`."
+    )
 
 
 def _organization(principal: PrincipalDep, organization_id: uuid.UUID) -> uuid.UUID:
@@ -62,7 +72,10 @@ async def update_organization_settings(
     organization_id: uuid.UUID, changes: OrganizationSettingsUpdate, session: SessionDep, principal: PrincipalDep
 ) -> OrganizationSettings:
     """Change some settings; the next scheduled runs use them."""
-    values = changes.model_dump(exclude_unset=True)
+    values = changes.model_dump(exclude_unset=True, mode="json")
+    for provider, mode in (changes.webhook_auth or {}).items():
+        if mode not in allowed_modes(provider):
+            raise InvalidInput(f"{provider} cannot send {mode} webhooks: choose one of {_modes(provider)}")
     nulls = sorted(name for name, value in values.items() if value is None and name != "import_history_days")
     if nulls:
         raise InvalidInput(f"these settings cannot be null: {', '.join(nulls)}")
@@ -70,3 +83,7 @@ async def update_organization_settings(
     if found is None:
         raise NotFound(f"no organization {organization_id}")
     return OrganizationSettings.model_validate(found)
+
+
+def _modes(provider: Provider) -> str:
+    return ", ".join(sorted(allowed_modes(provider)))

@@ -1,12 +1,18 @@
 """Webhook receivers: authenticate → bound and parse the body → dedupe, store, apply → 200 fast.
 
 The organization's secret travels in a header set in the gateway's webhook config (`X-Webhook-Secret`, or
-`Authorization: Bearer <secret>`); MegaAPI, which cannot send headers, may put it in the query (`?secret=`),
-which zapsync never logs. A 4xx is answered only for permanent rejects (gateways do not retry those).
+`Authorization: Bearer <secret>`); a gateway that cannot send headers (MegaAPI, Evolution's global webhook) may put
+it in the query (`?secret=`), which zapsync never logs. Signed deliveries are checked too, keyed by the same secret:
+WAHA's `X-Webhook-Hmac` (HMAC-SHA512 of the raw body) and Evolution's `Authorization: Bearer <HS256 JWT>`; each
+organization chooses per provider which methods it accepts (``organizations.webhook_auth``,
+``core.webhook_signatures``). Credentials are checked before the body is read (an unsigned, unauthenticated post
+of any size gets 401); an HMAC needs the body, which is read within the size limit first. A 4xx is answered only
+for permanent rejects (gateways do not retry those).
 """
 
 from __future__ import annotations
 
+import hmac
 import logging
 import time
 import uuid
@@ -20,9 +26,24 @@ from api.inbox import RepeatFilter, handle_event
 from core.domain import Provider
 from core.errors import InvalidInput, PayloadTooLarge, Unauthorized
 from core.settings import get_settings
+from core.webhook_signatures import (
+    SIGNED_METHODS,
+    WebhookAuth,
+    hmac_matches,
+    jwt_matches,
+    looks_like_jwt,
+    mode_for,
+)
 from db.engine import session_scope
-from db.repositories.organizations import webhook_secret_matches
-from gateways.webhook_payloads import MalformedPayload, WebhookEvent, decode_json, parse_evolution, parse_megaapi
+from db.repositories.organizations import WebhookCredentials, digest, webhook_credentials
+from gateways.webhook_payloads import (
+    MalformedPayload,
+    WebhookEvent,
+    decode_json,
+    parse_evolution,
+    parse_megaapi,
+    parse_waha,
+)
 
 log = logging.getLogger("zapsync.webhooks")
 router = APIRouter(prefix="/webhooks", tags=["webhooks"])
@@ -65,13 +86,69 @@ async def presented_secret(
 SecretDep = Annotated[str | None, Depends(presented_secret)]
 
 
-async def authenticate(organization_id: uuid.UUID, presented: str | None) -> None:
-    """Check the organization's webhook secret (constant time); 401 otherwise."""
-    if not presented:
-        raise Unauthorized("missing webhook secret: send it in the X-Webhook-Secret header")
+_NO_SEALED_SECRET = (
+    "this organization's webhook secret predates sealed secrets: rotate it (zapsync org rotate-secret) to accept "
+    "signed deliveries, or send the secret in the X-Webhook-Secret header"
+)
+_PARSERS = {Provider.EVOLUTION: parse_evolution, Provider.MEGAAPI: parse_megaapi, Provider.WAHA: parse_waha}
+
+
+async def authenticated_body(
+    request: Request, organization_id: uuid.UUID, provider: Provider, presented: str | None
+) -> bytes:
+    """Authenticate the delivery as the organization chose for ``provider``, then return its raw body.
+
+    The strongest credential the delivery carries among those allowed is checked: WAHA's HMAC, then Evolution's
+    JWT, then the shared secret; a delivery carrying none gets 401 before its body is read. Every comparison is
+    constant-time, and an unknown organization is compared against a dummy so timing does not tell ids apart.
+    """
     async with session_scope() as session:
-        if not await webhook_secret_matches(session, organization_id, presented):
+        credentials = await webhook_credentials(session, organization_id)
+    mode = mode_for(credentials.webhook_auth if credentials else None, provider)
+    allowed = {WebhookAuth.SECRET, *SIGNED_METHODS[provider]} if mode is WebhookAuth.ANY else {mode}
+    signature = request.headers.get("x-webhook-hmac")
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    token = token.strip() if scheme.lower() == "bearer" else ""
+    if WebhookAuth.HMAC in allowed and signature:
+        algorithm = request.headers.get("x-webhook-hmac-algorithm", "sha512").lower()
+        if algorithm != "sha512":
+            raise Unauthorized(f"unsupported webhook HMAC algorithm {algorithm!r}: configure sha512")
+        key = _signing_key(credentials)
+        body = await read_limited_body(request)
+        if not hmac_matches(key, body, signature):
+            raise Unauthorized("wrong webhook signature (X-Webhook-Hmac) for this organization")
+        return body
+    if WebhookAuth.JWT in allowed and token and looks_like_jwt(token):
+        leeway = get_settings().webhook_jwt_leeway_seconds
+        if not jwt_matches(_signing_key(credentials), token, leeway_seconds=leeway):
+            raise Unauthorized("wrong or expired webhook JWT for this organization")
+        return await read_limited_body(request)
+    if WebhookAuth.SECRET in allowed and presented:
+        stored = credentials.secret_hash if credentials else None
+        # Compare even when the organization is unknown, so timing does not tell which ids exist.
+        if not (hmac.compare_digest(stored or "0" * 64, digest(presented)) and stored is not None):
             raise Unauthorized("wrong webhook secret for this organization")
+        return await read_limited_body(request)
+    raise Unauthorized(f"missing webhook credentials: this organization accepts {_expected(provider, allowed)}")
+
+
+def _signing_key(credentials: WebhookCredentials | None) -> str:
+    """The organization's secret in clear, which signed deliveries are keyed by."""
+    if credentials is None:
+        raise Unauthorized("wrong webhook signature for this organization")
+    key = credentials.secret()
+    if key is None:
+        raise Unauthorized(_NO_SEALED_SECRET)
+    return key
+
+
+def _expected(provider: Provider, allowed: set[WebhookAuth]) -> str:
+    words = {
+        WebhookAuth.SECRET: "the secret in X-Webhook-Secret (or ?secret=)",
+        WebhookAuth.HMAC: "an X-Webhook-Hmac signature (HMAC-SHA512 of the body)",
+        WebhookAuth.JWT: "an Authorization: Bearer JWT (Evolution's jwt_key)",
+    }
+    return " or ".join(words[method] for method in sorted(allowed) if method in words) + f" from {provider}"
 
 
 async def receive(
@@ -83,14 +160,13 @@ async def receive(
 ) -> WebhookAck:
     """The shared receive path of every provider."""
     begun = time.perf_counter()
-    body = await read_limited_body(request)
-    await authenticate(organization_id, secret)
+    body = await authenticated_body(request, organization_id, provider, secret)
     try:
         payload = decode_json(body)
         event: WebhookEvent = (
             parse_evolution(payload, path_event=path_event)
             if provider is Provider.EVOLUTION
-            else parse_megaapi(payload)
+            else _PARSERS[provider](payload)
         )
     except MalformedPayload as exc:
         log.info("[WEBHOOK] %s org=%s rejected: %s", provider, organization_id, exc)
@@ -132,3 +208,9 @@ async def evolution_webhook_by_event(
 async def megaapi_webhook(request: Request, organization_id: uuid.UUID, secret: SecretDep) -> WebhookAck:
     """MegaAPI deliveries."""
     return await receive(request, organization_id, Provider.MEGAAPI, secret)
+
+
+@router.post("/waha/{organization_id}", response_model=WebhookAck)
+async def waha_webhook(request: Request, organization_id: uuid.UUID, secret: SecretDep) -> WebhookAck:
+    """WAHA deliveries (every event to one URL), HMAC-signed or with the secret in a custom header."""
+    return await receive(request, organization_id, Provider.WAHA, secret)

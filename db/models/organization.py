@@ -6,7 +6,7 @@ import uuid
 from datetime import datetime
 
 from sqlalchemy import ForeignKey, Index, String, text
-from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
 from db.models.base import Base, Timestamps
@@ -23,6 +23,9 @@ class Organization(Timestamps, Base):
     """sha256 hex of the secret gateways send in a header: what every delivery is checked against."""
     webhook_secret_sealed: Mapped[str | None]
     """The same secret sealed (``core.sealing``): written into the webhook config of instances zapsync creates."""
+    webhook_auth: Mapped[dict[str, str]] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))
+    """How deliveries authenticate, per provider: ``{"waha": "hmac", "evolution": "jwt"}`` (``secret``, ``hmac``,
+    ``jwt`` or ``any``; a provider not named accepts any method it can send — ``core.webhook_signatures``)."""
     inactivity_hours: Mapped[int] = mapped_column(server_default=text("24"))
     session_retention_days: Mapped[int] = mapped_column(server_default=text("30"))
     import_history_days: Mapped[int | None]

@@ -6,6 +6,7 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
+import orjson
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -15,7 +16,9 @@ SETTINGS = (
     "import_history_days",
     "auto_reconnect",
     "close_waiting_conversations",
+    "webhook_auth",
 )
+_JSON = frozenset({"webhook_auth"})
 _RETURNING = "id, name, " + ", ".join(SETTINGS) + ", updated_at"
 
 
@@ -35,10 +38,13 @@ async def update_settings(
         raise ValueError(f"not organization settings: {sorted(unknown)}")
     if not changes:
         return await read_settings(session, organization_id)
-    assignments = ", ".join(f"{name} = :{name}" for name in changes)
+    assignments = ", ".join(
+        f"{name} = CAST(:{name} AS jsonb)" if name in _JSON else f"{name} = :{name}" for name in changes
+    )
+    values = {name: orjson.dumps(value).decode() if name in _JSON else value for name, value in changes.items()}
     row = await session.execute(
         text(f"UPDATE organizations SET {assignments}, updated_at = now() WHERE id = :id RETURNING {_RETURNING}"),
-        {**changes, "id": organization_id},
+        {**values, "id": organization_id},
     )
     found = row.mappings().one_or_none()
     return dict(found) if found else None

@@ -10,8 +10,9 @@ import hashlib
 import hmac
 import secrets
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -122,3 +123,31 @@ async def organization_exists(session: AsyncSession, organization_id: uuid.UUID)
     """Whether an organization with this id exists."""
     found = await session.execute(text("SELECT 1 FROM organizations WHERE id = :id"), {"id": organization_id})
     return found.scalar_one_or_none() is not None
+
+
+@dataclass(frozen=True)
+class WebhookCredentials:
+    """What checking one organization's deliveries needs: the secret's digest, the secret itself when it is sealed
+    (signed deliveries are keyed by it), and the organization's choice of method per provider."""
+
+    secret_hash: str | None
+    sealed_secret: str | None
+    webhook_auth: dict[str, Any] = field(default_factory=dict)
+
+    def secret(self) -> str | None:
+        """The secret in clear (unsealed on demand); None for organizations created before secrets were sealed."""
+        return unseal(self.sealed_secret) if self.sealed_secret else None
+
+
+async def webhook_credentials(session: AsyncSession, organization_id: uuid.UUID) -> WebhookCredentials | None:
+    """The organization's webhook credentials; None when there is no such organization."""
+    row = (
+        await session.execute(
+            text("SELECT webhook_secret_hash, webhook_secret_sealed, webhook_auth FROM organizations WHERE id = :id"),
+            {"id": organization_id},
+        )
+    ).one_or_none()
+    if row is None:
+        return None
+    secret_hash, sealed, auth = row
+    return WebhookCredentials(secret_hash=secret_hash, sealed_secret=sealed, webhook_auth=dict(auth or {}))

@@ -1,4 +1,5 @@
-"""ASGI app of the gateway simulator: Evolution API v2 and MegaAPI REST contracts over :class:`SimulatorState`.
+"""ASGI app of the gateway simulator: Evolution API v2, MegaAPI and WAHA (``simulator.waha``) REST contracts over
+:class:`SimulatorState`.
 
 Provider routes follow gateways.md §1 and §4: Evolution's guard order (instance exists → name free on create →
 ``apikey``), its error envelope and its 200-with-``{"error": true}`` quirk on restart; MegaAPI's bearer token and
@@ -69,6 +70,8 @@ def _evolution_fail(status_code: int, message: str) -> _Reply:
 def _unavailable(provider: ProviderName, message: str) -> _Reply:
     if provider == "evolution":
         return _evolution_fail(503, message)
+    if provider == "waha":
+        return _Reply({"statusCode": 503, "message": message}, 503)
     return _Reply(shapes.megaapi_error(message), 503)
 
 
@@ -584,7 +587,8 @@ def _control_router(state: SimulatorState) -> APIRouter:
 
 
 def create_app(state: SimulatorState) -> FastAPI:
-    """Build the simulator's ASGI app over ``state`` (Evolution at ``/``, MegaAPI at ``/rest``, control ``/_sim``)."""
+    """Build the simulator's ASGI app over ``state`` (Evolution at ``/``, MegaAPI at ``/rest``, WAHA at ``/api``,
+    control ``/_sim``)."""
     app = FastAPI(
         title="zapsync gateway simulator", docs_url="/_sim/docs", redoc_url=None, openapi_url="/_sim/openapi.json"
     )
@@ -592,6 +596,9 @@ def create_app(state: SimulatorState) -> FastAPI:
     app.add_exception_handler(_Reply, _reply)
     app.include_router(_evolution_router(state))
     app.include_router(_megaapi_router(state))
+    from gateways.simulator.waha import waha_router  # it uses this module's guards
+
+    app.include_router(waha_router(state))
     app.include_router(_control_router(state))
     from gateways.simulator.sends import sends_router  # it builds on this module's guards
 

@@ -6,6 +6,8 @@ server_url, apikey}`` for ``connection.update`` (no delivery for a reconnectable
 sent as-is, except ``jwt_key``, which becomes ``Authorization: Bearer <HS256 JWT>`` like Evolution 2.3.x. An
 instance with its own webhook (create body or ``/webhook/set``) is delivered there instead, honouring its events.
 
+WAHA (§8.4): ``session.status`` in WAHA's envelope, HMAC-signed (see ``simulator.waha``).
+
 MegaAPI (§4): flat ``connection_update`` bodies alternating between the official shape and the 2026 ``phone_*``
 shape, so receivers are exercised with both.
 
@@ -92,8 +94,16 @@ class WebhookEmitter:
         max_concurrency: int = 16,
         timeout_s: float = 5.0,
         transport: httpx.AsyncBaseTransport | None = None,
+        waha_url: str | None = None,
+        waha_hmac_key: str | None = None,
+        waha_headers: dict[str, str] | None = None,
     ) -> None:
         self.state = state
+        self.waha_url = waha_url
+        """WAHA sessions without a webhook of their own deliver here (``simulator.waha``), signed with
+        ``waha_hmac_key`` when set."""
+        self.waha_hmac_key = waha_hmac_key
+        self.waha_headers = dict(waha_headers or {})
         self.evolution_url = evolution_url
         self.megaapi_url = megaapi_url
         self.headers = dict(headers or {})
@@ -209,6 +219,10 @@ class WebhookEmitter:
         """Deliver one event the way its provider would; returns the number of successful POSTs."""
         if isinstance(change, SendDelivery):
             return await self._emit_send(change)
+        if change.provider == "waha":
+            from gateways.simulator.waha import deliver_change  # WAHA's envelope, headers and signing
+
+            return await deliver_change(self, change)
         if change.provider == "megaapi":
             target = self._megaapi_target(change.webhook)
             if not isinstance(change, StateChange) or target is None:

@@ -36,7 +36,7 @@ from gateways.simulator.sends import SendBook, SendDelivery
 
 logger = logging.getLogger(__name__)
 
-ProviderName = Literal["evolution", "megaapi"]
+ProviderName = Literal["evolution", "megaapi", "waha"]
 LiveState = Literal["open", "connecting", "close", "refused"]
 ColumnState = Literal["open", "connecting", "close"]
 
@@ -98,6 +98,7 @@ class SimulatorConfig(BaseModel):
 
     evolution_api_key: str = "sim-evolution-key"
     megaapi_token: str = "sim-megaapi-token"
+    waha_api_key: str = "sim-waha-key"
     latency_ms: float = Field(default=0, ge=0)
     """Added to every provider route."""
     error_rate: float = Field(default=0, ge=0, le=1)
@@ -164,6 +165,8 @@ class SimInstance:
     """Per-instance webhook (Evolution's ``Webhook`` row fields), set by create or ``/webhook/set``."""
     history: HistorySpec | None = None
     """This instance's generated chat history (else the config's default)."""
+    waha_status: str | None = None
+    """A WAHA status shown instead of the one mapped from ``live_state`` (e.g. ``PASSKEY_REQUIRED``)."""
 
     def row_key(self) -> tuple[Any, ...]:
         """The persisted row's fields that change over time (Evolution writes ``updatedAt`` when they do)."""
