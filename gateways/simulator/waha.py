@@ -26,13 +26,13 @@ from fastapi.responses import Response
 from core.webhook_signatures import hmac_sha512
 from gateways.simulator.app import _gate, _json, _Reply
 from gateways.simulator.state import (
-    PNG_1X1,
     InstanceExists,
     InstanceNotConnected,
     SimEvent,
     SimInstance,
     SimulatorState,
     StateChange,
+    qr_image,
 )
 
 if TYPE_CHECKING:
@@ -264,7 +264,7 @@ def waha_router(state: SimulatorState) -> APIRouter:
             raise fail(422, f"Can get QR code only in SCAN_QR_CODE status. The current status is '{status}'")
         if request.query_params.get("format") == "raw":
             return _json({"value": inst.qr_code})
-        png = PNG_1X1.split(",", 1)[1]
+        png = qr_image(inst.qr_code).split(",", 1)[1]
         if "application/json" in request.headers.get("accept", ""):
             return _json({"mimetype": "image/png", "data": png})
         return Response(base64.b64decode(png), media_type="image/png")
