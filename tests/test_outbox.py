@@ -15,7 +15,7 @@ from sqlalchemy import text
 
 from core.settings import get_settings
 from db.engine import session_scope
-from flows.send_messages import send_queued_now
+from flows.send_messages import send_messages, send_queued_now
 from gateways.simulator import SimulatorState, WebhookEmitter
 from tests.factories import auth_headers, make_instance, make_organization
 
@@ -142,6 +142,63 @@ async def test_a_send_that_times_out_and_is_then_echoed_is_sent_without_a_second
     assert (row["id"], row["status"], row["external_id"]) == (queued["message"]["id"], "sent", record.external_id)
     events = await status_events(row["id"])
     assert events[0] == "pending" and events[-1] == "sent" and "failed" not in events
+
+
+async def test_a_send_whose_echo_comes_after_its_timeout_is_confirmed_by_it_and_not_sent_again(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ZAPSYNC_SEND_UNKNOWN_GRACE", "600")  # only the echo can end the wait
+    get_settings.cache_clear()
+    world.sim.set_webhook("acme-01", {"url": "http://zapsync/nowhere", "events": ["CONNECTION_UPDATE"]})
+    world.sim.configure(send_timeout_rate=1.0, send_hang_s=3.0)
+    queued = (await world.send({"to": NUMBER, "text": "late echo"})).json()
+    item_id = queued["work_item_id"]
+
+    await send_messages()  # the send leaves, the answer does not come in time
+    (row,) = await rows("SELECT * FROM messages")
+    assert (row["status"], row["external_id"]) == ("unknown", None)
+    (item,) = await rows("SELECT state, next_attempt_at > now() + interval '5 minutes' AS waits FROM work_items")
+    assert item == {"state": "pending", "waits": True}
+
+    (record,) = world.sim.sends.records  # the gateway did take it; now its echo arrives
+    echo = {"event": "send.message", "instance": "acme-01", "data": record.stored, "date_time": "2026-11-25T12:00:00Z"}
+    posted = await world.http.post(f"/webhooks/evolution/{world.org}", json=echo, headers={"x-webhook-secret": SECRET})
+    assert posted.status_code == 200
+    (state,) = await world.drain(item_id)  # the wait is over: the item finishes without sending
+
+    assert state.state == "done"
+    assert len(world.sim.sends.records) == 1
+    (row,) = await rows("SELECT * FROM messages")
+    assert (row["status"], row["external_id"]) == ("sent", record.external_id)
+    assert await status_events(row["id"]) == ["pending", "unknown", "sent"]
+
+
+async def test_an_unknown_outcome_without_an_echo_is_found_in_the_gateways_history(world: World) -> None:
+    world.sim.set_webhook("acme-01", {"url": "http://zapsync/nowhere", "events": ["CONNECTION_UPDATE"]})  # no echo
+    world.sim.configure(send_timeout_rate=1.0, send_hang_s=3.0)
+    queued = (await world.send({"to": NUMBER, "text": "did it go?"})).json()
+
+    (state,) = await world.drain(queued["work_item_id"])
+
+    assert state.state == "done"
+    (record,) = world.sim.sends.records
+    (row,) = await rows("SELECT * FROM messages")
+    assert (row["status"], row["external_id"]) == ("sent", record.external_id)
+    assert await status_events(row["id"]) == ["pending", "unknown", "sent"]
+    assert world.sim.calls["evolution.findMessages:acme-01"] >= 1
+
+
+async def test_an_unknown_outcome_the_gateway_never_took_is_sent_again_once(world: World) -> None:
+    world.sim.configure(send_drop_next=1, send_hang_s=3.0)  # the first try is lost, the next gets through
+    queued = (await world.send({"to": NUMBER, "text": "lost in transit"})).json()
+
+    (state,) = await world.drain(queued["work_item_id"])
+
+    assert state.state == "done"
+    (record,) = world.sim.sends.records  # the lost try left nothing; the resend is the only send
+    (row,) = await rows("SELECT * FROM messages")
+    assert (row["status"], row["external_id"]) == ("sent", record.external_id)
+    assert "unknown" in await status_events(row["id"])
 
 
 async def test_number_not_on_whatsapp_fails_with_the_reason_and_is_not_retried(world: World) -> None:

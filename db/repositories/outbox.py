@@ -37,7 +37,7 @@ from db.repositories.conversations import (
     upsert_contacts,
 )
 from db.repositories.live_events import publish
-from db.repositories.work_queue import enqueue
+from db.repositories.work_queue import enqueue, make_due_now
 
 OUTSTANDING = ("pending", "unknown")
 """Statuses of an outbox message whose send has not been confirmed."""
@@ -442,6 +442,9 @@ async def adopt_echoes(
         if row is not None:
             adopted.add(m.external_id)
             changes.append(StatusChange(row[0], row[1], scope.id, m.external_id, row[2]))
+    # A message waiting out the grace period of an unknown outcome need not wait any longer: its send item can
+    # finish now (the drain sees the external id and sends nothing).
+    await make_due_now(session, kind=WorkKind.SEND, keys=[str(c.message_id) for c in changes])
     return changes, adopted
 
 

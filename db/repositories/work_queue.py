@@ -15,7 +15,7 @@ matches, so that process can no longer complete, retry or fail it (fencing).
 from __future__ import annotations
 
 import uuid
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -317,6 +317,25 @@ async def retry_later(
             continue
         return state
     raise Conflict(f"work item {item_id}: a follow-up kept appearing while it was put back to pending")
+
+
+_DUE_NOW_SQL = text("""
+WITH due AS (
+    UPDATE work_items SET next_attempt_at = now(), updated_at = now()
+    WHERE kind = :kind AND state = 'pending' AND key = ANY(CAST(:keys AS text[])) AND next_attempt_at > now()
+    RETURNING id
+)
+SELECT count(*), (SELECT pg_notify(:channel, :kind) WHERE EXISTS (SELECT 1 FROM due)) FROM due
+""")
+
+
+async def make_due_now(session: AsyncSession, *, kind: str, keys: Sequence[str]) -> int:
+    """Make the pending items of ``kind`` with these keys due now (their wait is over) and wake the workers when
+    the transaction commits; returns how many were waiting."""
+    if not keys:
+        return 0
+    row = (await session.execute(_DUE_NOW_SQL, {"kind": kind, "keys": list(keys), "channel": WORK_CHANNEL})).one()
+    return int(row[0])
 
 
 _STATS_SQL = text("""

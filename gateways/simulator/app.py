@@ -22,6 +22,7 @@ from pydantic import BaseModel, ValidationError
 
 from gateways.simulator import shapes
 from gateways.simulator.history import History, HistorySpec
+from gateways.simulator.sends import SendBook
 from gateways.simulator.state import (
     INTEGRATIONS,
     InstanceExists,
@@ -290,7 +291,9 @@ def _evolution_router(state: SimulatorState) -> APIRouter:
         limit = state.config.fail_find_messages_after_page
         if limit is not None and page > limit:
             raise _evolution_fail(500, f"Simulated failure: findMessages page {page}")
-        return _json(_messages_page(state.history(instance), body.get("where"), page, offset))
+        return _json(
+            _messages_page(state.history(instance), body.get("where"), page, offset, sent=state.sends, name=instance)
+        )
 
     return router
 
@@ -316,26 +319,29 @@ def _epoch(value: Any) -> int | None:
     return None
 
 
-def _messages_page(history: History | None, where: Any, page: int, offset: int) -> dict[str, Any]:
-    """findMessages: `where.key.remoteJid` and `where.messageTimestamp` (only when both bounds are truthy)."""
+def _messages_page(
+    history: History | None, where: Any, page: int, offset: int, *, sent: SendBook | None = None, name: str = ""
+) -> dict[str, Any]:
+    """findMessages: `where.key.remoteJid` and `where.messageTimestamp` (only when both bounds are truthy); the
+    messages the instance sent to that chat (``sent``) are the newest, so they come first."""
     where = where if isinstance(where, dict) else {}
-    chat: int | None = None
+    key = where.get("key") if isinstance(where.get("key"), dict) else {}
+    jid = key.get("remoteJid") if isinstance(key.get("remoteJid"), str) else None
     gte = lte = None
-    if history is not None:
-        key = where.get("key") if isinstance(where.get("key"), dict) else {}
-        jid = key.get("remoteJid")
-        if isinstance(jid, str) and jid:
-            chat = history.chat_index(jid)
-            if chat is None:
-                history = None
-        bounds = where.get("messageTimestamp")
-        if isinstance(bounds, dict) and bounds.get("gte") and bounds.get("lte"):
-            gte, lte = _epoch(bounds["gte"]), _epoch(bounds["lte"])
+    bounds = where.get("messageTimestamp")
+    if isinstance(bounds, dict) and bounds.get("gte") and bounds.get("lte"):
+        gte, lte = _epoch(bounds["gte"]), _epoch(bounds["lte"])
+    chat: int | None = None
+    if history is not None and jid:
+        chat = history.chat_index(jid)
+        if chat is None:
+            history = None
+    outbox = sent.stored_messages(name, jid, gte, lte) if sent is not None and jid else []
     if history is None:
-        first, end, added = 0, 0, []
+        first, end, added = 0, 0, outbox
     else:
         first, end = history.message_window(gte, lte, chat)
-        added = history.extra_window(gte, lte, chat)  # newer than every generated message: they come first
+        added = outbox + history.extra_window(gte, lte, chat)  # newer than every generated message: first
     total = len(added) + end - first
     lo, hi = (page - 1) * offset, page * offset
     records = added[lo:hi]

@@ -9,8 +9,10 @@ followed, when the ``receipts`` knob is on, by the receipts (Evolution ``message
 
 Knobs (:class:`~gateways.simulator.state.SimulatorConfig`, seeded draws): ``send_error_rate`` answers 503 before
 accepting (nothing recorded); ``send_timeout_rate`` accepts, records and echoes, then answers only after
-``send_hang_s`` (longer than a client's timeout); ``not_on_whatsapp`` lists numbers answered with Evolution's 400
-``exists: false``.
+``send_hang_s`` (longer than a client's timeout); ``send_drop_next`` loses the next sends inside the gateway (nothing
+recorded, answered as late); ``not_on_whatsapp`` lists numbers answered with
+Evolution's 400 ``exists: false``. Evolution's ``findMessages`` lists the messages an instance sent, as the real
+gateway stores them, so an unknown outcome can be looked up.
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ class SendRecord:
     at: datetime
     timed_out: bool = False
     """Accepted but answered only after ``send_hang_s`` (the client gave up first)."""
+    stored: Mapping[str, Any] | None = field(default=None, repr=False, compare=False)
+    """The message object as the gateway stores it (what ``findMessages`` lists afterwards)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +85,7 @@ class SendBook:
     records: list[SendRecord] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _rng: random.Random = field(default_factory=random.Random)
+    _by_chat: dict[tuple[str, str], list[SendRecord]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.clear(self.seed)
@@ -89,6 +94,7 @@ class SendBook:
         """Forget every record and re-seed the draws."""
         with self._lock:
             self.records.clear()
+            self._by_chat.clear()
         self.reseed(seed)
 
     def reseed(self, seed: int) -> None:
@@ -114,7 +120,21 @@ class SendBook:
         with self._lock:
             record = SendRecord(seq=len(self.records) + 1, **fields)
             self.records.append(record)
+            self._by_chat.setdefault((record.instance, record.to), []).append(record)
             return record
+
+    def stored_messages(self, instance: str, jid: str, gte: int | None, lte: int | None) -> list[dict[str, Any]]:
+        """The instance's sent messages to ``jid`` within [gte, lte] (epoch seconds), newest first, as the gateway
+        lists them in ``findMessages`` (it stores what it sends)."""
+        with self._lock:
+            found = list(self._by_chat.get((instance, jid), ()))
+        return [
+            dict(r.stored)
+            for r in reversed(found)
+            if r.stored is not None
+            and (gte is None or r.at.timestamp() >= gte)
+            and (lte is None or r.at.timestamp() <= lte)
+        ]
 
     def summary(self) -> dict[str, Any]:
         """Records, counts per (instance, to, type, text, media url) and how many sends repeated one of them."""
@@ -122,7 +142,7 @@ class SendBook:
             records = list(self.records)
         counts = Counter((r.instance, r.to, r.type, r.text, r.media_url) for r in records)
         return {
-            "sends": [{**asdict(r), "at": r.at.isoformat()} for r in records],
+            "sends": [{**asdict(r), "at": r.at.isoformat(), "stored": None} for r in records],
             "counts": [
                 {"instance": i, "to": to, "type": t, "text": text, "media_url": url, "count": n}
                 for (i, to, t, text, url), n in counts.items()
@@ -272,6 +292,10 @@ def sends_router(state: SimulatorState) -> APIRouter:
         jid = to_jid(number)
         if _digits(number) in config.not_on_whatsapp:
             raise fail(400, {"jid": jid, "exists": False, "number": _digits(number)})
+        if config.send_drop_next > 0:
+            state.configure(send_drop_next=config.send_drop_next - 1)
+            await state.sleep(config.send_hang_s)
+            raise fail(504, "Simulated loss: the send never reached WhatsApp")
         late = book.draw(config.send_timeout_rate)
         at = datetime.now(UTC)
         external_id = book.external_id()
@@ -286,19 +310,19 @@ def sends_router(state: SimulatorState) -> APIRouter:
             external_id=external_id,
             at=at,
             timed_out=late,
+            stored=message if inst.provider == "evolution" else None,
         )
         build = evolution_bodies if inst.provider == "evolution" else megaapi_bodies
-        state.publish_send(
-            SendDelivery(
-                name=inst.name,
-                provider=inst.provider,
-                bodies=build(inst, message, receipts=config.receipts),
-                at=at,
-                owner_jid=inst.owner_jid,
-                token=inst.token,
-                webhook=inst.webhook,
-            )
+        delivery = SendDelivery(
+            name=inst.name,
+            provider=inst.provider,
+            bodies=build(inst, message, receipts=config.receipts),
+            at=at,
+            owner_jid=inst.owner_jid,
+            token=inst.token,
+            webhook=inst.webhook,
         )
+        state.publish_send(delivery)
         return message, late
 
     async def answer_late(late: bool) -> None:

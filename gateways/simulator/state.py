@@ -131,6 +131,9 @@ class SimulatorConfig(BaseModel):
     """Numbers (digits) answered with Evolution's 400 ``exists: false`` (MegaAPI: a 400 saying so)."""
     receipts: bool = False
     """Follow each send's echo with its receipts (sent, delivered, read)."""
+    send_drop_next: int = Field(default=0, ge=0)
+    """The next this many sends are lost inside the gateway: nothing recorded or echoed, answered only after
+    ``send_hang_s`` (the client cannot tell them from ``send_timeout_rate``'s; only the gateway's history can)."""
 
 
 @dataclass(slots=True)
