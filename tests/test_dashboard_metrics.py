@@ -64,8 +64,8 @@ async def test_queue_depth_in_metrics_api_and_dashboard_per_organization(client:
 
     assert 'zapsync_queue_items{kind="import",state="pending"} 1.0' in metrics
     assert "zapsync_queue_oldest_pending_seconds" in metrics
-    assert [(k["kind"], k["pending"]) for k in mine["kinds"]] == [("import", 1)]
-    assert [(k["kind"], k["pending"]) for k in theirs["kinds"]] == [("import", 0)]
+    assert [(k["kind"], k["pending"]) for k in mine["kinds"]] == [("import", 1), ("send", 0)]
+    assert [(k["kind"], k["pending"]) for k in theirs["kinds"]] == [("import", 0), ("send", 0)]
     assert item.status_code == 200 and item.json()["state"] == "pending" and not item.json()["finished"]
     assert peek.status_code == 404
     assert 'id="queue-import"' in page.text and "imports queued" in page.text
