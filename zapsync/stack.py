@@ -690,6 +690,11 @@ class Stack:
             table.add_row("Demo org token", org.token)
             table.add_row("Webhook secret", org.webhook_secret)
             table.add_row("Webhook URL", f"{info.api_url}/webhooks/{DEMO_GATEWAY}/{org.organization_id}")
+            table.add_row(
+                "Connect a number",
+                "dashboard → Connect a number (sign in with the demo org token), then play the phone: "
+                f"curl -X POST {info.simulator_url}/_sim/instances/user_<user id>/scan",
+            )
         table.add_row("Database", info.database)
         table.add_row("Logs", str(self.home / "logs"))
         self.console.print(f"\n[bold green]ready in {took:.1f} s[/]", highlight=False)
