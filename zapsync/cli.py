@@ -610,14 +610,8 @@ def status(org: OrgOpt = None, as_json: JsonOpt = False) -> None:
         rows, auth_failures = run_async(load)
     counts = Counter(str(r["status"]) for r in rows)
     if as_json:
-        emit_json(
-            {
-                "count": len(rows),
-                "by_status": dict(counts),
-                "instances": [_instance_json(r) for r in rows],
-                "gateway_auth_failures": auth_failures,
-            }
-        )
+        found = {"count": len(rows), "by_status": dict(counts), "instances": [_instance_json(r) for r in rows]}
+        emit_json({**found, "gateway_auth_failures": auth_failures} if auth_failures else found)
         return
     console = out()
     for name, error in sorted(auth_failures.items()):
