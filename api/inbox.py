@@ -44,10 +44,17 @@ from db.repositories.instances import apply_status_writes
 from db.repositories.live_events import publish
 from db.repositories.outbox import StatusChange, adopt_echoes, status_events
 from db.repositories.provisioning import set_pairing_code
-from db.repositories.webhook_events import lock_instance, store_event
+from db.repositories.webhook_events import lock_instance, store_event, store_untracked_event
 from flows.runs import Waker
 from gateways.registry import client_class
-from gateways.webhook_payloads import QR_LIMIT_REASON, EventKind, WebhookEvent, dedupe_key, observation_time
+from gateways.webhook_payloads import (
+    QR_LIMIT_REASON,
+    EventKind,
+    WebhookEvent,
+    dedupe_key,
+    observation_time,
+    untracked_key,
+)
 from tasks.import_requests import enqueue_connect_imports
 
 log = logging.getLogger("zapsync.webhooks")
@@ -129,11 +136,18 @@ async def handle_event(
         if repeats.is_repeat(instance_key, state_key):
             return HandlingResult("duplicate", "repeat of the state just handled")
         result = await _handle_status(organization_id, event, payload, received_at)
-        if result.outcome in ("applied", "duplicate"):
+        if result.outcome in ("applied", "duplicate") or result.detail == UNTRACKED:
             repeats.remember(instance_key, state_key)
         return result
     key = dedupe_key(organization_id, event, payload)
     async with session_scope() as session:
+        if event.instance_name and not await instance_scope_by_name(
+            session,
+            organization_id=organization_id,
+            gateways=gateways_for(event.provider),
+            instance_name=event.instance_name,
+        ):
+            return await _store_untracked(session, organization_id, event, payload, acted_on=False)
         stored = await store_event(
             session,
             organization_id=organization_id,
@@ -171,9 +185,7 @@ async def _handle_status(
             instance_name=event.instance_name,
         )
         if instance is None:
-            detail = "no instance of that name in this organization"
-            await store_event(session, **store, outcome="ignored", error=detail)
-            return HandlingResult("ignored", detail)
+            return await _store_untracked(session, organization_id, event, payload)
         if observed_at == instance.status_observed_at and _later_qr_step(event, instance.status):
             # Evolution stamps to the millisecond: a QR code and the `connecting` it follows (or the QR limit and the
             # last QR code) can tie. The QR lifecycle says which is newer.
@@ -203,6 +215,38 @@ async def _handle_status(
         )
         await store_event(session, **store, outcome="applied")
     return HandlingResult("applied", changes=tuple(changes), imports_queued=len(queued), instance_id=instance.id)
+
+
+UNTRACKED = "no instance of that name in this organization"
+
+
+async def _store_untracked(
+    session: AsyncSession,
+    organization_id: uuid.UUID,
+    event: WebhookEvent,
+    payload: dict[str, Any],
+    *,
+    acted_on: bool = True,
+) -> HandlingResult:
+    """A delivery for an instance the organization does not track: one inbox row per instance and event name,
+    refreshed at most once per window, whatever changes between deliveries (Evolution's `date_time` in a
+    reconnect loop). ``ignored`` (``stored`` for an event zapsync never acts on) when the row was written,
+    ``duplicate`` when the window had not passed."""
+    assert event.instance_name is not None
+    outcome: Outcome = "ignored" if acted_on else "stored"
+    written = await store_untracked_event(
+        session,
+        organization_id=organization_id,
+        provider=event.provider,
+        event=event.event,
+        instance_name=event.instance_name,
+        dedupe_key=untracked_key(organization_id, event),
+        payload=payload,
+        outcome=outcome,
+        error=UNTRACKED if acted_on else None,
+        refresh_after_seconds=get_settings().webhook_untracked_window_seconds,
+    )
+    return HandlingResult(outcome if written else "duplicate", UNTRACKED if acted_on else None)
 
 
 QR_EXPIRED_REASON = "the QR code expired before it was scanned: ask for a new QR code"
@@ -252,15 +296,13 @@ async def _handle_messages(
             gateways=gateways_for(event.provider),
             instance_name=event.instance_name,
         )
+        if scope is None:
+            return await _store_untracked(session, organization_id, event, payload)
         people = [m for m in event.messages if m.kind is ChatKind.CONTACT]
         ignored = (
-            "no instance of that name in this organization"
-            if scope is None
-            else "group and broadcast chats are not imported"
-            if event.kind is EventKind.MESSAGES and not people
-            else None
+            "group and broadcast chats are not imported" if event.kind is EventKind.MESSAGES and not people else None
         )
-        if ignored is not None or scope is None:
+        if ignored is not None:
             stored = await store_event(session, **store, outcome="ignored", error=ignored)
             return HandlingResult("ignored" if stored else "duplicate", ignored)
         if not await store_event(session, **store, outcome="applied"):

@@ -6,10 +6,13 @@ than counted here: any API replica answers the same.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.domain import WorkKind
+from core.names import MONITOR_FLOW, SYNC_FLOW
 from db.repositories.metrics import closed_inactive_total, import_totals, instance_counts, latest_reports
 from db.repositories.work_queue import queue_stats
 
@@ -44,6 +47,12 @@ class Metrics:
             ["gateway"],
             registry=r,
         )
+        self.gateway_auth_failed = Gauge(
+            "zapsync_gateway_auth_failed",
+            "1 when the gateway refused zapsync's key (401/403) in the newest sync or health check",
+            ["gateway"],
+            registry=r,
+        )
         self.breaker_open = Gauge(
             "zapsync_gateway_breaker_open",
             "1 when the gateway's circuit breaker was open in the newest sync",
@@ -66,6 +75,19 @@ class Metrics:
             "zapsync_queue_oldest_pending_seconds", "Age of the oldest pending item of each kind", ["kind"], registry=r
         )
 
+    def _auth_failures(self, reports: dict[str, dict[str, Any]]) -> None:
+        """One gauge per gateway from the newest of the sync and health reports (health names it ``auth_failed``)."""
+        newest = sorted(
+            (r for r in (reports.get(SYNC_FLOW), reports.get(MONITOR_FLOW)) if r),
+            key=lambda r: str(r.get("finished_at") or ""),
+        )
+        failed: dict[str, bool] = {}
+        for report in newest:
+            for gateway, summary in (report.get("by_gateway") or {}).items():
+                failed[gateway] = bool(summary.get("auth_error") or summary.get("auth_failed"))
+        for gateway, value in failed.items():
+            self.gateway_auth_failed.labels(gateway).set(1.0 if value else 0.0)
+
     async def render(self, session: AsyncSession) -> bytes:
         """Refresh the database-backed gauges and return the exposition text."""
         self.instances.clear()
@@ -82,6 +104,7 @@ class Metrics:
             for gateway, summary in (sync.get("by_gateway") or {}).items():
                 self.gateway_unreachable.labels(gateway).set(float(summary.get("unreachable") or 0))
                 self.breaker_open.labels(gateway).set(1.0 if summary.get("breaker") == "open" else 0.0)
+        self._auth_failures(reports)
         imports = await import_totals(session)
         self.import_rows.labels("messages").set(imports["messages"])
         self.import_rows.labels("contacts").set(imports["contacts"])

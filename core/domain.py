@@ -52,6 +52,8 @@ class StatusObservation(BaseModel):
     error: str | None = None
     logged_out: bool = False
     """True when the gateway says the session was logged out (a new QR is needed)."""
+    auth_failed: bool = False
+    """True when the gateway refused zapsync's key (401/403) instead of answering (``error`` says which setting)."""
 
     @property
     def reachable(self) -> bool:

@@ -59,6 +59,8 @@ class GatewaySummary(BaseModel):
     confirmed_live: int = 0
     breaker: str = "closed"
     seconds: float = 0.0
+    auth_error: str | None = None
+    """Set when the gateway refused zapsync's key (401/403): which gateway, and the setting to check."""
 
 
 class SyncReport(BaseModel):
@@ -82,6 +84,9 @@ class SyncReport(BaseModel):
     changes: list[Drift] = Field(default_factory=list)
     unreachable_instances: list[UnreachableInstance] = Field(default_factory=list)
     became_connected: list[uuid.UUID] = Field(default_factory=list)
+    failed_gateways: list[str] = Field(default_factory=list)
+    """Configured gateways none of whose instances could be read (down, or refusing the key): the run failed
+    there (`zapsync sync` exits 1, `GET /cron/sync-status` answers 502)."""
     flow_run_id: uuid.UUID | None = None
 
     def to_markdown(self) -> str:
@@ -95,6 +100,11 @@ class SyncReport(BaseModel):
         ]
         if self.skipped:
             lines += ["", f"Skipped: {self.skipped}"]
+        if self.failed_gateways:
+            lines += ["", f"Could not read gateway(s): {', '.join(self.failed_gateways)}"]
+        lines += [
+            f"- **Authentication failed**: {g.auth_error}" for _, g in sorted(self.by_gateway.items()) if g.auth_error
+        ]
         if self.by_gateway:
             lines += [
                 "",
@@ -232,6 +242,8 @@ class GatewayHealthSummary(BaseModel):
     health: Literal["healthy", "unhealthy"] = "healthy"
     consecutive_failures: int = 0
     error: str | None = None
+    auth_failed: bool = False
+    """The gateway refused zapsync's key (401/403); ``error`` names the setting to check."""
     transition: Literal["unhealthy", "recovered"] | None = None
     seconds: float = 0.0
 

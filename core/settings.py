@@ -79,6 +79,11 @@ class Settings(BaseSettings):
     """A payload timestamp older than this (or in the future) is not trusted; the receive time is used."""
     webhook_repeat_window_seconds: float = Field(default=5.0, ge=0, validation_alias="ZAPSYNC_WEBHOOK_REPEAT_WINDOW")
     """How long an API process answers an identical status event from memory, without touching the DB."""
+    webhook_untracked_window_seconds: float = Field(
+        default=3600.0, ge=1, validation_alias="ZAPSYNC_WEBHOOK_UNTRACKED_WINDOW"
+    )
+    """Deliveries for an instance the organization does not track keep one inbox row per instance and event, its
+    payload refreshed at most once per this many seconds (a gateway's reconnect loop does not grow the inbox)."""
     webhook_jwt_leeway_seconds: float = Field(default=1800.0, ge=0, validation_alias="ZAPSYNC_WEBHOOK_JWT_LEEWAY")
     """How long after its `exp` an Evolution webhook JWT is still accepted: Evolution signs once before its retry
     loop (about 20 minutes of retries) and its tokens live 10 minutes, so late retries carry an expired token."""
@@ -206,6 +211,14 @@ class Settings(BaseSettings):
     def data_dir(self) -> Path:
         """Folder for the embedded PostgreSQL cluster."""
         return self.home / "pgdata"
+
+
+API_KEY_SETTINGS = {"evolution": "EVOLUTION_API_KEY", "megaapi": "MEGA_API_TOKEN", "waha": "WAHA_API_KEY"}
+
+
+def api_key_setting(gateway: str) -> str:
+    """The setting holding ``gateway``'s key, as an operator would look for it."""
+    return API_KEY_SETTINGS.get(gateway, f"the api_key of gateway {gateway!r} in ZAPSYNC_GATEWAYS")
 
 
 @functools.cache

@@ -186,8 +186,9 @@ async def _observe(
         reachable = any(o.reachable for o in observations) and breaker != "open"
         errors = [o.error for o in observations if o.error]
         error = None if reachable else (errors[0] if errors else "no answer")
+        auth_failed = bool(observations) and all(o.auth_failed for o in observations)  # the key, not one instance
         judged.gateways[name] = GatewayHealthSummary(
-            checked=len(observations), reachable=reachable, seconds=seconds, error=error
+            checked=len(observations), reachable=reachable, seconds=seconds, error=error, auth_failed=auth_failed
         )
         judged.checks.append(GatewayCheck(gateway=name, reachable=reachable, error=error, checked_at=checked_at))
         if reachable:

@@ -96,6 +96,7 @@ class SyncResult(BaseModel):
     changes: list[Drift]
     unreachable_instances: list[UnreachableInstance]
     became_connected: list[uuid.UUID]
+    failed_gateways: list[str]
 
 
 async def run_sync(
@@ -207,6 +208,8 @@ async def _observe_gateway(
         confirmed_live=len(confirm),
         breaker=getattr(gateway, "breaker_state", "closed"),
         seconds=round(time.perf_counter() - begun, 3),
+        # The whole gateway refused the key (one 401 at MegaAPI may be one logged-out instance).
+        auth_error=observations[0].error if observations and all(o.auth_failed for o in observations) else None,
     )
     return observations, confirm, summary
 
@@ -265,6 +268,11 @@ def sync_result(
         changes=drifts[:REPORT_LIST_CAP],
         unreachable_instances=unreachable[:REPORT_LIST_CAP],
         became_connected=[c.instance_id for c in applied if c.to_status == "connected"],
+        failed_gateways=sorted(
+            name
+            for name, g in seen.by_gateway.items()
+            if g.checked and g.unreachable == g.checked and g.breaker != "unconfigured"
+        ),
     )
 
 

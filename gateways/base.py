@@ -20,6 +20,7 @@ from core.domain import (
     SendResult,
     StatusObservation,
 )
+from core.errors import GatewayAuthError, GatewayError
 
 
 @runtime_checkable
@@ -156,3 +157,14 @@ async def iter_messages(
         if page >= batch.pages:
             return
         page += 1
+
+
+def unreachable(name: str, observed_at: datetime, exc: GatewayError) -> StatusObservation:
+    """The observation of an instance its gateway did not answer for (a refused key is flagged as such)."""
+    return StatusObservation(
+        instance_name=name,
+        status=None,
+        observed_at=observed_at,
+        error=exc.message,
+        auth_failed=isinstance(exc, GatewayAuthError),
+    )

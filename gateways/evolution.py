@@ -32,6 +32,7 @@ from core.errors import (
     GatewayRequestError,
 )
 from core.phones import phone_from_jid
+from gateways.base import unreachable
 from gateways.http import HttpGateway
 from gateways.messages import MalformedMessage, from_baileys
 from gateways.resilience import BreakerPolicy, RetryPolicy
@@ -432,7 +433,7 @@ def _from_row(name: str, row: FetchedRow, observed_at: datetime) -> StatusObserv
 
 
 def _unreachable(name: str, observed_at: datetime, exc: GatewayError) -> StatusObservation:
-    return StatusObservation(instance_name=name, status=None, observed_at=observed_at, error=exc.message)
+    return unreachable(name, observed_at, exc)
 
 
 class FetchedRow(msgspec.Struct):

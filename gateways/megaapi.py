@@ -35,6 +35,7 @@ from core.errors import (
     GatewaySendRejected,
 )
 from core.phones import phone_from_jid
+from gateways.base import unreachable
 from gateways.http import HttpGateway
 from gateways.resilience import BreakerPolicy, RetryPolicy
 from gateways.sending import raise_for_send_status, recipient_number, send_result
@@ -95,7 +96,7 @@ class MegaApiGateway(HttpGateway):
                 reason="instance not found at the gateway",
             )
         except GatewayError as exc:
-            return StatusObservation(instance_name=name, status=None, observed_at=started, error=exc.message)
+            return unreachable(name, started, exc)
         instance = (body or {}).get("instance") or {}
         raw = instance.get("status")
         user = instance.get("user") or {}

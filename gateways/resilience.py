@@ -29,6 +29,7 @@ from core.errors import (
     GatewayTransientError,
     GatewayUnavailable,
 )
+from core.settings import api_key_setting
 
 log = logging.getLogger("zapsync.gateways")
 
@@ -130,6 +131,11 @@ def translate_once_errors(gateway: str, what: str) -> Iterator[None]:
         ) from exc
 
 
+def auth_failure(gateway: str, what: str, code: int) -> str:
+    """What a 401/403 means to an operator: the key was refused, and which setting holds it."""
+    return f"{gateway}: {what} was refused (HTTP {code}): authentication failed, check {api_key_setting(gateway)}"
+
+
 def raise_for_status(gateway: str, what: str, response: httpx.Response) -> None:
     """Raise the gateway error matching a non-2xx answer."""
     code = response.status_code
@@ -140,7 +146,7 @@ def raise_for_status(gateway: str, what: str, response: httpx.Response) -> None:
     if code in RETRYABLE_STATUS:
         raise GatewayTransientError(message, gateway=gateway)
     if code in (401, 403):
-        raise GatewayAuthError(message, upstream_status=code, body=body, gateway=gateway)
+        raise GatewayAuthError(auth_failure(gateway, what, code), upstream_status=code, body=body, gateway=gateway)
     if code == 404:
         raise GatewayNotFound(message, upstream_status=code, body=body, gateway=gateway)
     raise GatewayRequestError(message, upstream_status=code, body=body, gateway=gateway)

@@ -44,6 +44,7 @@ from core.errors import (
     GatewayUnavailable,
 )
 from core.phones import phone_from_jid
+from gateways.base import unreachable
 from gateways.http import HttpGateway
 from gateways.messages import MalformedMessage, epoch_seconds
 from gateways.resilience import BreakerPolicy, RetryPolicy
@@ -119,10 +120,7 @@ class WahaGateway(HttpGateway):
                     f"{self.name}: sessions answered an unexpected body", upstream_status=200, gateway=self.name
                 )
         except GatewayError as exc:
-            return {
-                name: StatusObservation(instance_name=name, status=None, observed_at=started, error=exc.message)
-                for name in instance_names
-            }
+            return {name: unreachable(name, started, exc) for name in instance_names}
         by_name = {row["name"]: row for row in rows if isinstance(row, dict) and isinstance(row.get("name"), str)}
         result: dict[str, StatusObservation] = {}
         for name in instance_names:

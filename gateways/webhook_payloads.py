@@ -164,6 +164,16 @@ def parse_evolution(payload: dict[str, Any], *, path_event: str | None = None) -
         return WebhookEvent(
             **base, kind=EventKind.STATUS, status=InstanceStatus.DISCONNECTED, reason="logged out", logged_out=True
         )
+    if event in DELETE_EVENTS:
+        name = instance or (data.get("instanceName") if isinstance(data, dict) else None)
+        if not isinstance(name, str) or not name:
+            raise MalformedPayload(f"{event} without 'instance' (or data.instanceName)")
+        return WebhookEvent(
+            **{**base, "instance_name": name},
+            kind=EventKind.STATUS,
+            status=InstanceStatus.DISCONNECTED,
+            reason=DELETED_REASON,
+        )
     if event in MESSAGE_EVENTS:
         return _evolution_messages(base, event, instance, data)
     if event in RECEIPT_EVENTS or event == "messages.delete":
@@ -179,6 +189,10 @@ def parse_evolution(payload: dict[str, Any], *, path_event: str | None = None) -
 
 QR_LIMIT_REASON = "QR code limit reached: ask for a new QR code"
 """The status reason once Evolution stops making QR codes for a session (`QRCODE_LIMIT`, state `refused`)."""
+
+DELETE_EVENTS = frozenset({"instance.delete", "remove.instance"})
+"""Evolution's events for an instance deleted at the gateway (`{instanceName, instanceId}`)."""
+DELETED_REASON = "deleted at the gateway"
 
 MESSAGE_EVENTS = frozenset({"messages.upsert", "send.message", "messages.set"})
 RECEIPT_EVENTS = frozenset({"messages.update", "send.message.update"})
@@ -341,6 +355,13 @@ def dedupe_key(organization_id: object, event: WebhookEvent, payload: dict[str, 
     else:
         body_hash = hashlib.sha256(orjson.dumps(payload, option=orjson.OPT_SORT_KEYS)).hexdigest()
         material = f"{organization_id}|{event.provider}|body|{body_hash}"
+    return hashlib.sha256(material.encode()).hexdigest()
+
+
+def untracked_key(organization_id: object, event: WebhookEvent) -> str:
+    """The one key of every delivery of ``event``'s name for an instance the organization does not track: nothing
+    in the body counts (a reconnect loop changes `date_time` on every delivery)."""
+    material = f"{organization_id}|{event.provider}|untracked|{event.instance_name}|{event.event}"
     return hashlib.sha256(material.encode()).hexdigest()
 
 

@@ -571,26 +571,51 @@ def _instance_json(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+async def _gateway_auth_failures(session: Any) -> dict[str, str]:
+    """Gateways that refused zapsync's key in the newest sync or health check (whichever is newer), with the
+    sentence naming the setting to check."""
+    from core.names import MONITOR_FLOW, SYNC_FLOW
+    from db.repositories.metrics import latest_reports
+
+    reports = await latest_reports(session)
+    newest = sorted(
+        (r for r in (reports.get(SYNC_FLOW), reports.get(MONITOR_FLOW)) if r),
+        key=lambda r: str(r.get("finished_at") or ""),
+    )
+    failures: dict[str, str] = {}
+    for report in newest:
+        for name, summary in (report.get("by_gateway") or {}).items():
+            error = summary.get("auth_error") or (summary.get("error") if summary.get("auth_failed") else None)
+            if error:
+                failures[name] = str(error)
+            else:
+                failures.pop(name, None)
+    return failures
+
+
 @app.command("status")
 def status(org: OrgOpt = None, as_json: JsonOpt = False) -> None:
     """List the instances and their stored status (the database's view; `zapsync sync --check` asks the gateways)."""
     from db.engine import session_scope
     from db.repositories.instances import list_instances
 
-    async def load() -> list[dict[str, Any]]:
+    async def load() -> tuple[list[dict[str, Any]], dict[str, str]]:
         async with session_scope() as session:
             if org is not None:
                 await _check_organization(session, org)
-            return await list_instances(session, organization_id=org)
+            return await list_instances(session, organization_id=org), await _gateway_auth_failures(session)
 
     with expected_errors():
         ensure_migrated()
-        rows = run_async(load)
+        rows, auth_failures = run_async(load)
     counts = Counter(str(r["status"]) for r in rows)
     if as_json:
-        emit_json({"count": len(rows), "by_status": dict(counts), "instances": [_instance_json(r) for r in rows]})
+        found = {"count": len(rows), "by_status": dict(counts), "instances": [_instance_json(r) for r in rows]}
+        emit_json({**found, "gateway_auth_failures": auth_failures} if auth_failures else found)
         return
     console = out()
+    for name, error in sorted(auth_failures.items()):
+        err().print(f"[red]Authentication failed at gateway {name}:[/] {error}")
     if not rows:
         console.print("No instances registered" + (f" for organization {org}." if org else "."))
         return
@@ -658,6 +683,9 @@ def _print_report(report: Any, state_name: str, ui: str | None) -> None:
                 d.instance_name, d.gateway, d.db_status, d.gateway_status, "yes" if d.applied else "no", d.reason or ""
             )
         console.print(drift)
+    for name, summary in sorted(report.by_gateway.items()):
+        if summary.auth_error:
+            console.print(f"[red]Authentication failed at gateway {name}:[/] {summary.auth_error}")
     if report.unreachable_instances:
         unreachable = Table(title="Unreachable (status left as stored)", title_justify="left")
         for column in ("instance", "gateway", "error"):
@@ -692,7 +720,7 @@ def sync(
         from flows.sync_status import sync_status
 
         scope = SyncScope(organization_id=org, instance_id=instance)
-        _run_flow_here(
+        report = _run_flow_here(
             sync_status,
             "sync",
             as_json,
@@ -701,6 +729,9 @@ def sync(
             mode="check" if check else "apply",
             force=force,
         )
+    if report.failed_gateways:
+        auth = [g.auth_error for _, g in sorted(report.by_gateway.items()) if g.auth_error]
+        fail(f"could not read gateway(s) {', '.join(report.failed_gateways)}" + "".join(f"; {a}" for a in auth), 1)
 
 
 # -- maintenance and import -------------------------------------------------------------------------------------

@@ -8,14 +8,16 @@ import hmac
 from datetime import UTC, datetime
 
 from fastapi import APIRouter
+from fastapi.responses import JSONResponse, Response
 
-from api.deps import BearerDep, bearer
+from api.deps import BearerDep, SessionDep, bearer
 from api.schemas import FlowRunResponse
 from core.errors import Unauthorized
-from core.names import SYNC_ON_DEMAND
+from core.names import SYNC_FLOW, SYNC_ON_DEMAND
 from core.reports import SyncScope
 from core.settings import get_settings
 from db.engine import check_migrated
+from db.repositories.reports import latest_report
 from flows.runs import start_run
 
 router = APIRouter(tags=["health"])
@@ -34,9 +36,17 @@ async def readyz() -> dict[str, str]:
     return {"status": "ready"}
 
 
-@router.get("/cron/sync-status", response_model=FlowRunResponse, status_code=202)
-async def cron_sync_status(credentials: BearerDep) -> FlowRunResponse:
-    """Start a sync of every instance for an external cron (`Authorization: Bearer $CRON_SECRET`)."""
+@router.get(
+    "/cron/sync-status",
+    response_model=FlowRunResponse,
+    status_code=202,
+    responses={502: {"description": "Started, but the newest sync could not read a whole gateway"}},
+)
+async def cron_sync_status(credentials: BearerDep, session: SessionDep) -> Response:
+    """Start a sync of every instance for an external cron (`Authorization: Bearer $CRON_SECRET`).
+
+    202 when the run started; 502 (the run still started) when the newest finished sync could not read a whole
+    gateway — down or refusing the key — so the cron's own alerting sees the failure."""
     expected = get_settings().cron_secret
     presented = bearer(credentials)
     if (
@@ -49,4 +59,11 @@ async def cron_sync_status(credentials: BearerDep) -> FlowRunResponse:
     minute = datetime.now(UTC).strftime("%Y%m%d%H%M")
     parameters = {"scope": SyncScope().model_dump(mode="json"), "mode": "apply", "force": False}
     run = await start_run(SYNC_ON_DEMAND, parameters, idempotency_key=f"cron-sync-status-{minute}")
-    return FlowRunResponse(flow_run=run)
+    body = FlowRunResponse(flow_run=run).model_dump(mode="json")
+    last = await latest_report(session, SYNC_FLOW) or {}
+    failed = list(last.get("failed_gateways") or [])
+    if not failed:
+        return JSONResponse(body, status_code=202)
+    auth = [g["auth_error"] for _, g in sorted((last.get("by_gateway") or {}).items()) if g.get("auth_error")]
+    detail = f"the newest sync could not read gateway(s) {', '.join(failed)}" + (f": {'; '.join(auth)}" if auth else "")
+    return JSONResponse({**body, "failed_gateways": failed, "detail": detail}, status_code=502)

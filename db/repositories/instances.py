@@ -83,7 +83,10 @@ UPDATE whatsapp_instances i SET
     phone_number = COALESCE(o.phone, i.phone_number),
     profile_name = COALESCE(o.profile, i.profile_name),
     qr_code = CASE WHEN i.status = 'qr_pending' THEN COALESCE(o.qr, i.qr_code) ELSE i.qr_code END,
-    live_confirmed_at = CASE WHEN o.confirmed THEN o.observed_at ELSE i.live_confirmed_at END
+    live_confirmed_at = CASE WHEN o.confirmed THEN o.observed_at ELSE i.live_confirmed_at END,
+    status_reason = CASE WHEN o.reason IS NOT NULL
+        AND (i.status_observed_at IS NULL OR i.status_observed_at <= o.observed_at) THEN o.reason
+        ELSE i.status_reason END
 FROM (SELECT instance_id AS id, status, observed_at, reason, phone_number AS phone, profile_name AS profile,
            qr_code AS qr, live_confirmed AS confirmed, logged_out
     FROM json_to_recordset(CAST(:rows AS json)) AS r(
@@ -92,7 +95,8 @@ FROM (SELECT instance_id AS id, status, observed_at, reason, phone_number AS pho
 WHERE i.id = o.id AND i.status = o.status
   AND (i.last_checked_at IS NULL OR i.last_checked_at < o.observed_at
        OR o.confirmed OR i.phone_number IS DISTINCT FROM COALESCE(o.phone, i.phone_number)
-       OR i.profile_name IS DISTINCT FROM COALESCE(o.profile, i.profile_name))
+       OR i.profile_name IS DISTINCT FROM COALESCE(o.profile, i.profile_name)
+       OR (o.reason IS NOT NULL AND i.status_reason IS DISTINCT FROM o.reason))
 """)
 
 _HISTORY_SQL = text("""
@@ -130,7 +134,9 @@ async def apply_status_writes(
 
     Newest observation wins: a write older than the row's `status_observed_at` changes nothing. Every applied
     transition gets a history row; becoming connected opens a session, leaving connected closes it. Writes that
-    confirm the current status only refresh `last_checked_at` and profile fields.
+    confirm the current status only refresh `last_checked_at`, profile fields and, when they give one that is not
+    older than the stored observation, the reason (an instance gone from its gateway says so even if it was
+    already disconnected).
     """
     if not writes:
         return []

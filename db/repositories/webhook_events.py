@@ -11,6 +11,8 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from core.redaction import redact
+
 
 @dataclass(frozen=True, slots=True)
 class LockedInstance:
@@ -53,7 +55,8 @@ async def store_event(
     outcome: str,
     error: str | None = None,
 ) -> bool:
-    """Insert a delivery into the inbox; False when the same key is already there (a redelivery)."""
+    """Insert a delivery into the inbox, token-like fields redacted; False when the same key is already there (a
+    redelivery)."""
     inserted = await session.execute(
         text(
             "INSERT INTO webhook_events (organization_id, provider, event, instance_name, dedupe_key, payload, "
@@ -66,12 +69,51 @@ async def store_event(
             "event": event[:64],
             "instance": instance_name,
             "key": dedupe_key,
-            "payload": _json(payload),
+            "payload": _json(redact(payload)),
             "outcome": outcome,
             "error": error,
         },
     )
     return inserted.scalar_one_or_none() is not None
+
+
+async def store_untracked_event(
+    session: AsyncSession,
+    *,
+    organization_id: uuid.UUID,
+    provider: str,
+    event: str,
+    instance_name: str,
+    dedupe_key: str,
+    payload: dict[str, Any],
+    outcome: str,
+    error: str | None,
+    refresh_after_seconds: float,
+) -> bool:
+    """Keep one inbox row for an instance the organization does not track, per ``dedupe_key``:
+    inserted the first time, its payload and time refreshed when older than ``refresh_after_seconds``. True when a
+    row was written."""
+    written = await session.execute(
+        text(
+            "INSERT INTO webhook_events (organization_id, provider, event, instance_name, dedupe_key, payload, "
+            "outcome, error) VALUES (:org, :provider, :event, :instance, :key, CAST(:payload AS jsonb), :outcome, "
+            ":error) ON CONFLICT (dedupe_key) DO UPDATE SET payload = EXCLUDED.payload, received_at = now(), "
+            "error = EXCLUDED.error WHERE webhook_events.received_at < now() - make_interval(secs => :refresh) "
+            "RETURNING id"
+        ),
+        {
+            "org": organization_id,
+            "provider": provider,
+            "event": event[:64],
+            "instance": instance_name,
+            "key": dedupe_key,
+            "payload": _json(redact(payload)),
+            "outcome": outcome,
+            "error": error,
+            "refresh": refresh_after_seconds,
+        },
+    )
+    return written.scalar_one_or_none() is not None
 
 
 async def set_event_outcome(session: AsyncSession, dedupe_key: str, outcome: str, error: str | None = None) -> None:
