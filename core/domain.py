@@ -52,6 +52,9 @@ class StatusObservation(BaseModel):
     error: str | None = None
     logged_out: bool = False
     """True when the gateway says the session was logged out (a new QR is needed)."""
+    live: bool = False
+    """True when ``status`` is the gateway's live (in-memory) state read in bulk (Evolution's or WAHA's `/metrics`):
+    as good as a per-instance live confirmation."""
 
     @property
     def reachable(self) -> bool:

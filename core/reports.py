@@ -59,6 +59,10 @@ class GatewaySummary(BaseModel):
     confirmed_live: int = 0
     breaker: str = "closed"
     seconds: float = 0.0
+    live_in_bulk: int = 0
+    """Instances whose live state came from the gateway's one `/metrics` call (no per-instance confirmation)."""
+    live_state_error: str | None = None
+    """Why the gateway's configured `/metrics` could not be used this run (the sync fell back), else None."""
 
 
 class SyncReport(BaseModel):

@@ -207,6 +207,8 @@ async def _observe_gateway(
         confirmed_live=len(confirm),
         breaker=getattr(gateway, "breaker_state", "closed"),
         seconds=round(time.perf_counter() - begun, 3),
+        live_in_bulk=sum(1 for obs in observations if obs.live),
+        live_state_error=getattr(gateway, "live_state_error", None),
     )
     return observations, confirm, summary
 

@@ -29,7 +29,8 @@ def diff_observations(
 ) -> tuple[list[Drift], list[UnreachableInstance], list[StatusWrite]]:
     """Compare database rows with observations: drift, unreachable instances, and the writes to apply.
 
-    Pure: no I/O. An unreachable observation never becomes a write.
+    Pure: no I/O. An unreachable observation never becomes a write. A write is live-confirmed when its instance was
+    picked for confirmation or its observation is the gateway's live state read in bulk (``obs.live``).
     """
     confirmed = confirmed or set()
     drifts: list[Drift] = []
@@ -54,7 +55,7 @@ def diff_observations(
                 reason=obs.reason,
                 phone_number=obs.phone_number,
                 profile_name=obs.profile_name,
-                live_confirmed=ref.instance_name in confirmed,
+                live_confirmed=obs.live or ref.instance_name in confirmed,
                 logged_out=obs.logged_out,
             )
         )

@@ -131,6 +131,13 @@ class SimulatorConfig(BaseModel):
     """Numbers (digits) answered with Evolution's 400 ``exists: false`` (MegaAPI: a 400 saying so)."""
     receipts: bool = False
     """Follow each send's echo with its receipts (sent, delivered, read)."""
+    prometheus_metrics: bool = False
+    """Evolution's `PROMETHEUS_METRICS=true`: `GET /metrics` serves every loaded instance's live state."""
+    metrics_user: str | None = None
+    """Evolution's `METRICS_USER`: with ``metrics_password``, `/metrics` asks for Basic auth (401 otherwise)."""
+    metrics_password: str | None = None
+    waha_prometheus_metrics: bool = False
+    """WAHA's `WAHA_PROMETHEUS_ENABLED=true`: `GET /metrics` serves `waha_session_status` (no auth)."""
 
 
 @dataclass(slots=True)
@@ -167,6 +174,8 @@ class SimInstance:
     """This instance's generated chat history (else the config's default)."""
     waha_status: str | None = None
     """A WAHA status shown instead of the one mapped from ``live_state`` (e.g. ``PASSKEY_REQUIRED``)."""
+    loaded: bool = True
+    """Whether the gateway holds the instance in memory: Evolution's `/metrics` lists only loaded instances."""
 
     def row_key(self) -> tuple[Any, ...]:
         """The persisted row's fields that change over time (Evolution writes ``updatedAt`` when they do)."""
