@@ -29,7 +29,14 @@ ProviderName = Literal["evolution", "megaapi"]
 
 SIM_EVOLUTION_KEY = "bench-evolution-key"
 SIM_MEGAAPI_TOKEN = "bench-megaapi-token"
-_GATEWAY_VARS = ("EVOLUTION_API_URL", "EVOLUTION_API_KEY", "MEGA_API_HOST", "MEGA_API_TOKEN", "ZAPSYNC_GATEWAYS")
+_GATEWAY_VARS = (
+    "EVOLUTION_API_URL",
+    "EVOLUTION_API_KEY",
+    "EVOLUTION_METRICS",
+    "MEGA_API_HOST",
+    "MEGA_API_TOKEN",
+    "ZAPSYNC_GATEWAYS",
+)
 _STARTED = time.perf_counter()
 
 
@@ -152,11 +159,14 @@ def prepare_environment() -> None:
     os.environ.setdefault("DO_NOT_TRACK", "1")
 
 
-def configure_gateway(provider: ProviderName, url: str, *, max_concurrency: int | None = None) -> None:
+def configure_gateway(
+    provider: ProviderName, url: str, *, max_concurrency: int | None = None, metrics: bool = False
+) -> None:
     """Point zapsync's only configured gateway (named after the provider) at the simulator and reload settings.
 
     The seeds' variables (``EVOLUTION_API_URL``/``EVOLUTION_API_KEY``, ``MEGA_API_HOST``/``MEGA_API_TOKEN``) by default;
-    ``ZAPSYNC_GATEWAYS`` when ``max_concurrency`` is given, the only way to set a gateway's concurrency.
+    ``ZAPSYNC_GATEWAYS`` when ``max_concurrency`` is given, the only way to set a gateway's concurrency. ``metrics``
+    reads Evolution's live states from its `/metrics` (``EVOLUTION_METRICS=true``, or the gateway's ``metrics``).
     """
     from core.settings import get_settings
 
@@ -165,9 +175,13 @@ def configure_gateway(provider: ProviderName, url: str, *, max_concurrency: int 
     key = SIM_EVOLUTION_KEY if provider == "evolution" else SIM_MEGAAPI_TOKEN
     if max_concurrency is not None:
         config = {"provider": provider, "url": url, "api_key": key, "max_concurrency": max_concurrency}
+        if metrics:
+            config["metrics"] = True
         os.environ["ZAPSYNC_GATEWAYS"] = json.dumps({provider: config})
     elif provider == "evolution":
         os.environ.update({"EVOLUTION_API_URL": url, "EVOLUTION_API_KEY": key})
+        if metrics:
+            os.environ["EVOLUTION_METRICS"] = "true"
     else:
         os.environ.update({"MEGA_API_HOST": url, "MEGA_API_TOKEN": key})
     get_settings.cache_clear()
@@ -315,6 +329,8 @@ class SimulatorProcess:
     seeds: Sequence[SimSeed]
     latency_ms: float = 0.0
     startup_timeout_s: float = 180.0
+    knobs: dict[str, Any] = field(default_factory=dict)
+    """More :class:`SimulatorConfig` knobs (e.g. ``prometheus_metrics``)."""
     url: str = ""
     seeded: list[SeededInstances] = field(default_factory=list)
     _conn: Connection | None = None
@@ -330,6 +346,7 @@ class SimulatorProcess:
             "latency_ms": self.latency_ms,
             "evolution_api_key": SIM_EVOLUTION_KEY,
             "megaapi_token": SIM_MEGAAPI_TOKEN,
+            **self.knobs,
         }
         process = ctx.Process(
             target=_simulator_child, args=(child, list(self.seeds), config), name="zapsync-bench-simulator", daemon=True

@@ -65,6 +65,8 @@ class SyncOptions:
     runs: int
     max_concurrency: int | None
     as_json: bool
+    live_state: str = "confirm"
+    """`confirm`: fetchInstances + per-instance connectionState; `metrics`: fetchInstances + one `/metrics`."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +118,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="the gateway's parallel calls (set through ZAPSYNC_GATEWAYS; zapsync's default is 32)",
     )
+    parser.add_argument(
+        "--live-state",
+        choices=("confirm", "metrics"),
+        default="confirm",
+        help="Evolution's live states: confirmed one by one (connectionState), or all from one GET /metrics",
+    )
     parser.add_argument("--json", action="store_true", dest="as_json", help="print one JSON object on stdout")
 
 
@@ -131,7 +139,10 @@ def run(args: argparse.Namespace) -> int:
         runs=args.runs,
         max_concurrency=args.max_concurrency,
         as_json=args.as_json,
+        live_state=args.live_state,
     )
+    if options.live_state == "metrics" and options.provider != "evolution":
+        raise SystemExit("--live-state metrics: only Evolution serves per-instance metrics in bench sync")
     return run_main(lambda out: bench_sync(options, out))
 
 
@@ -140,17 +151,26 @@ def bench_sync(options: SyncOptions, out: IO[str]) -> None:
     prepare_environment()
     progress(
         f"sync: {options.instances} {options.provider} instances, latency {options.latency_ms:g} ms, "
-        f"drift {options.drift:g}"
+        f"drift {options.drift:g}, live state by {options.live_state}"
     )
     with contextlib.ExitStack() as stack:
         simulator = stack.enter_context(
-            SimulatorProcess([SimSeed(options.instances, provider=options.provider)], latency_ms=options.latency_ms)
+            SimulatorProcess(
+                [SimSeed(options.instances, provider=options.provider)],
+                latency_ms=options.latency_ms,
+                knobs={"prometheus_metrics": options.live_state == "metrics"},
+            )
         )
         database = stack.enter_context(bench_database())
         stack.enter_context(prefect_api())
         simulator.wait()
         progress(f"simulator serving {options.instances} instances at {simulator.url} (separate process)")
-        configure_gateway(options.provider, simulator.url, max_concurrency=options.max_concurrency)
+        configure_gateway(
+            options.provider,
+            simulator.url,
+            max_concurrency=options.max_concurrency,
+            metrics=options.live_state == "metrics",
+        )
         world = plan_world(simulator.seeded[0], drift=options.drift, seed=options.seed)
         simulator.seeded.clear()
         result = asyncio.run(measure(options, world, simulator, database))
@@ -222,6 +242,7 @@ async def measure(
                     "flow_internal_seconds": report.seconds,
                     "observe_seconds": gateway.seconds if gateway else None,
                     "confirmed_live": gateway.confirmed_live if gateway else None,
+                    "live_in_bulk": gateway.live_in_bulk if gateway else None,
                     "gateway_calls": calls,
                     "applied": report.applied,
                     "drifted": report.drifted,
@@ -245,6 +266,7 @@ async def measure(
         "provider": options.provider,
         "latency_ms": options.latency_ms,
         "drift": options.drift,
+        "live_state": options.live_state,
         "max_concurrency": get_settings().gateways()[world.provider].max_concurrency,
         "seconds": seconds,
         "instances_per_second": round(options.instances / seconds, 1),
@@ -470,7 +492,7 @@ def result_table(result: dict[str, Any]) -> str:
         Row(
             "instances",
             f"{result['instances']} ({result['provider']}, latency {result['latency_ms']:g} ms, "
-            f"drift {result['drift']:g})",
+            f"drift {result['drift']:g}, live state by {result['live_state']})",
         ),
         Row(
             "zapsync seconds",

@@ -54,6 +54,9 @@ class StatusObservation(BaseModel):
     """True when the gateway says the session was logged out (a new QR is needed)."""
     auth_failed: bool = False
     """True when the gateway refused zapsync's key (401/403) instead of answering (``error`` says which setting)."""
+    live: bool = False
+    """True when ``status`` is the gateway's live (in-memory) state read in bulk (Evolution's or WAHA's `/metrics`):
+    as good as a per-instance live confirmation."""
 
     @property
     def reachable(self) -> bool:

@@ -61,6 +61,10 @@ class GatewaySummary(BaseModel):
     seconds: float = 0.0
     auth_error: str | None = None
     """Set when the gateway refused zapsync's key (401/403): which gateway, and the setting to check."""
+    live_in_bulk: int = 0
+    """Instances whose live state came from the gateway's one `/metrics` call (no per-instance confirmation)."""
+    live_state_error: str | None = None
+    """Why the gateway's configured `/metrics` could not be used this run (the sync fell back), else None."""
 
 
 class SyncReport(BaseModel):

@@ -31,6 +31,21 @@ class GatewayConfig(BaseModel):
     max_concurrency: int = Field(default=32, ge=1, le=1024)
     """Parallel per-instance calls (MegaAPI status, Evolution live confirmations)."""
 
+    # -- one call for every instance's live state (issue 12 §3) --
+    metrics: bool = False
+    """Read every instance's live state from the gateway's Prometheus `GET /metrics` in one call (Evolution with
+    `PROMETHEUS_METRICS=true`, WAHA with `WAHA_PROMETHEUS_ENABLED=true`) instead of confirming them one by one."""
+    metrics_user: str | None = None
+    """Basic-auth user of Evolution's `/metrics` (its `METRICS_USER`, when `METRICS_AUTH_REQUIRED=true`)."""
+    metrics_password: SecretStr | None = None
+    """Basic-auth password of Evolution's `/metrics` (its `METRICS_PASSWORD`)."""
+
+    @model_validator(mode="after")
+    def _metrics_provider(self) -> GatewayConfig:
+        if self.metrics and self.provider not in (Provider.EVOLUTION, Provider.WAHA):
+            raise ValueError(f"metrics: provider {self.provider} serves no per-instance metrics")
+        return self
+
     @field_validator("url")
     @classmethod
     def _strip_slash(cls, value: str) -> str:
@@ -53,6 +68,13 @@ class Settings(BaseSettings):
     mega_api_token: SecretStr | None = Field(default=None, validation_alias="MEGA_API_TOKEN")
     waha_api_url: str | None = Field(default=None, validation_alias="WAHA_API_URL")
     waha_api_key: SecretStr | None = Field(default=None, validation_alias="WAHA_API_KEY")
+    evolution_metrics: bool = Field(default=False, validation_alias="EVOLUTION_METRICS")
+    """The `evolution` gateway's live states come from its `/metrics` (set `PROMETHEUS_METRICS=true` there)."""
+    evolution_metrics_user: str | None = Field(default=None, validation_alias="EVOLUTION_METRICS_USER")
+    evolution_metrics_password: SecretStr | None = Field(default=None, validation_alias="EVOLUTION_METRICS_PASSWORD")
+    """Evolution's `METRICS_USER`/`METRICS_PASSWORD` (when it sets `METRICS_AUTH_REQUIRED=true`)."""
+    waha_metrics: bool = Field(default=False, validation_alias=AliasChoices("WAHA_METRICS", "WAHA_PROMETHEUS_ENABLED"))
+    """The `waha` gateway's session statuses come from its `/metrics` (WAHA's own `WAHA_PROMETHEUS_ENABLED=true`)."""
     extra_gateways: dict[str, GatewayConfig] = Field(default_factory=dict, validation_alias="ZAPSYNC_GATEWAYS")
     default_gateway: str | None = Field(default=None, validation_alias="ZAPSYNC_DEFAULT_GATEWAY")
     """The gateway new instances are created at when a request names none and more than one is configured."""
@@ -184,6 +206,9 @@ class Settings(BaseSettings):
                 url=self.evolution_api_url,
                 api_key=self.evolution_api_key or SecretStr(""),
                 timeout_seconds=self.gateway_timeout_seconds,
+                metrics=self.evolution_metrics,
+                metrics_user=self.evolution_metrics_user,
+                metrics_password=self.evolution_metrics_password,
             )
         if self.mega_api_host:
             found["megaapi"] = GatewayConfig(
@@ -198,6 +223,7 @@ class Settings(BaseSettings):
                 url=self.waha_api_url,
                 api_key=self.waha_api_key or SecretStr(""),
                 timeout_seconds=self.gateway_timeout_seconds,
+                metrics=self.waha_metrics,
             )
         found.update(self.extra_gateways)
         return found

@@ -210,6 +210,8 @@ async def _observe_gateway(
         seconds=round(time.perf_counter() - begun, 3),
         # The whole gateway refused the key (one 401 at MegaAPI may be one logged-out instance).
         auth_error=observations[0].error if observations and all(o.auth_failed for o in observations) else None,
+        live_in_bulk=sum(1 for obs in observations if obs.live),
+        live_state_error=getattr(gateway, "live_state_error", None),
     )
     return observations, confirm, summary
 

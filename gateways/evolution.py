@@ -35,6 +35,7 @@ from core.phones import phone_from_jid
 from gateways.base import unreachable
 from gateways.http import HttpGateway
 from gateways.messages import MalformedMessage, from_baileys
+from gateways.prometheus import LiveRead, MetricsAccess, read_live_states
 from gateways.resilience import BreakerPolicy, RetryPolicy
 from gateways.sending import raise_for_send_status, recipient_number, send_result
 from gateways.status import LOGGED_OUT_CODES, from_evolution
@@ -78,7 +79,12 @@ class EvolutionGateway(HttpGateway):
         transport: httpx.AsyncBaseTransport | None = None,
         retry: RetryPolicy | None = None,
         breaker: BreakerPolicy | None = None,
+        metrics: MetricsAccess | None = None,
     ) -> None:
+        self.metrics = metrics
+        """Where every loaded instance's live state is read in one call (None: confirmed one by one)."""
+        self.live_state_error: str | None = None
+        """Why the last ``fetch_states`` could not use ``metrics`` (and fell back), else None."""
         super().__init__(
             name=name,
             base_url=base_url,
@@ -97,14 +103,28 @@ class EvolutionGateway(HttpGateway):
         db_statuses: Mapping[str, InstanceStatus | None] | None = None,
         confirm: set[str] | None = None,
     ) -> dict[str, StatusObservation]:
-        """One fetchInstances call for all; `connectionState` for those whose lagging `open` needs confirming."""
+        """One fetchInstances call for all; `connectionState` for those whose lagging `open` needs confirming.
+
+        With ``metrics``, `GET /metrics` is read alongside: an instance it lists takes its live state from there
+        (``live=True``, nothing to confirm); one it does not list (not loaded in memory) keeps its column, confirmed
+        as without metrics. When `/metrics` fails, every instance is handled as without metrics.
+        """
         started = datetime.now(UTC)
+        live_read = asyncio.ensure_future(self._read_metrics())
         try:
             content = await self.request_bytes("GET", "/instance/fetchInstances", what="fetchInstances")
             rows = _decode_fetched(self.name, content)
         except GatewayError as exc:
-            return {name: _unreachable(name, started, exc) for name in instance_names}
+            live = (await live_read).states or {}
+            return {
+                name: _from_live(name, live[name], started) if name in live else _unreachable(name, started, exc)
+                for name in instance_names
+            }
+        except BaseException:
+            live_read.cancel()
+            raise
         del content
+        live = (await live_read).states or {}
         by_name = {row.name: row for row in rows}
         db_statuses = db_statuses or {}
         confirm = confirm or set()
@@ -112,15 +132,23 @@ class EvolutionGateway(HttpGateway):
         to_confirm: list[str] = []
         for name in instance_names:
             row = by_name.get(name)
+            state = live.get(name)
             if row is None:
-                result[name] = StatusObservation(
-                    instance_name=name,
-                    status=InstanceStatus.DISCONNECTED,
-                    observed_at=started,
-                    reason=MISSING_AT_GATEWAY,
+                result[name] = (
+                    _from_live(name, state, started)
+                    if state is not None
+                    else StatusObservation(
+                        instance_name=name,
+                        status=InstanceStatus.DISCONNECTED,
+                        observed_at=started,
+                        reason=MISSING_AT_GATEWAY,
+                    )
                 )
                 continue
             observation = _from_row(name, row, started)
+            if state is not None:
+                result[name] = _with_live(observation, state)
+                continue
             result[name] = observation
             # The column is written on open, QR and non-reconnectable close only: just `open` can be stale.
             if observation.status is InstanceStatus.CONNECTED and (
@@ -131,6 +159,28 @@ class EvolutionGateway(HttpGateway):
             confirmed = await asyncio.gather(*(self._live_state(result[name]) for name in to_confirm))
             result.update({obs.instance_name: obs for obs in confirmed})
         return result
+
+    async def _read_metrics(self) -> LiveRead:
+        """Every loaded instance's live state from `/metrics` (known states only), or why not."""
+        if self.metrics is None:
+            return LiveRead(None)
+        read = await read_live_states(
+            self,
+            self.metrics,
+            family="evolution_instance_state",
+            name_label="instance",
+            state_label="state",
+            server_setting="PROMETHEUS_METRICS=true",
+            credentials_setting=(
+                "metrics_user/metrics_password (EVOLUTION_METRICS_USER/EVOLUTION_METRICS_PASSWORD, or the gateway's "
+                "entry in ZAPSYNC_GATEWAYS) against the gateway's METRICS_USER/METRICS_PASSWORD"
+            ),
+        )
+        self.live_state_error = read.error
+        if read.states is None:
+            return read
+        # `unknown` (no state in memory yet) tells nothing: such an instance is handled as one not listed.
+        return LiveRead({name: state for name, state in read.states.items() if state in _LIVE_STATES})
 
     async def list_instance_names(self) -> list[str]:
         """Every instance this gateway has (one fetchInstances call), for adopting untracked ones."""
@@ -429,6 +479,43 @@ def _from_row(name: str, row: FetchedRow, observed_at: datetime) -> StatusObserv
         phone_number=phone_from_jid(row.ownerJid),
         profile_name=row.profileName,
         logged_out=logged_out,
+    )
+
+
+_LIVE_STATES = frozenset({"open", "connecting", "close"})
+"""The states of `evolution_instance_state` that say something (`unknown` does not; `refused` never appears)."""
+
+
+def _from_live(name: str, state: str, observed_at: datetime) -> StatusObservation:
+    """An instance known only from `/metrics` (no fetchInstances row: no number, no close code)."""
+    status = from_evolution(state) or InstanceStatus.ERROR
+    return StatusObservation(
+        instance_name=name,
+        status=status,
+        observed_at=observed_at,
+        reason=None if status is InstanceStatus.CONNECTED else f"live state {state}",
+        live=True,
+    )
+
+
+def _with_live(row: StatusObservation, state: str) -> StatusObservation:
+    """The fetchInstances observation corrected by the live state from `/metrics`.
+
+    Live `connecting` while the column says a QR code is pending stays ``qr_pending`` (Evolution shows a QR wait as
+    `connecting` in memory); a live state that agrees with the column keeps the column's reason (a logout's code).
+    """
+    status = from_evolution(state) or InstanceStatus.ERROR
+    if status is InstanceStatus.CONNECTING and row.status is InstanceStatus.QR_PENDING:
+        status = InstanceStatus.QR_PENDING
+    if status is row.status:
+        return row.model_copy(update={"live": True})
+    return row.model_copy(
+        update={
+            "status": status,
+            "reason": None if status is InstanceStatus.CONNECTED else f"live state {state}",
+            "logged_out": row.logged_out and status is not InstanceStatus.CONNECTED,
+            "live": True,
+        }
     )
 
 

@@ -84,8 +84,10 @@ class HttpGateway:
         what: str,
         json: Any = None,
         params: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
     ) -> bytes:
-        """One request with retries behind the breaker; returns the raw body of a 2xx answer."""
+        """One request with retries behind the breaker; returns the raw body of a 2xx answer (``headers`` are added
+        to the client's)."""
 
         async def attempt() -> bytes:
             async with self._concurrency:
@@ -93,7 +95,9 @@ class HttpGateway:
                 self._in_flight[shard] += 1
                 try:
                     with translate_errors(self.name, what):
-                        response = await self._clients[shard].request(method, path, json=json, params=params)
+                        response = await self._clients[shard].request(
+                            method, path, json=json, params=params, headers=headers
+                        )
                         raise_for_status(self.name, what, response)
                         return await response.aread()
                 finally:

@@ -47,6 +47,7 @@ from core.phones import phone_from_jid
 from gateways.base import unreachable
 from gateways.http import HttpGateway
 from gateways.messages import MalformedMessage, epoch_seconds
+from gateways.prometheus import MetricsAccess, read_live_states
 from gateways.resilience import BreakerPolicy, RetryPolicy
 from gateways.status import from_waha, waha_reason
 from gateways.waha_messages import chat_id_out, from_waha_message, jid_in, key_id, serialized_id
@@ -89,7 +90,12 @@ class WahaGateway(HttpGateway):
         transport: httpx.AsyncBaseTransport | None = None,
         retry: RetryPolicy | None = None,
         breaker: BreakerPolicy | None = None,
+        metrics: MetricsAccess | None = None,
     ) -> None:
+        self.metrics = metrics
+        """Where every session's status is read in one small call (`WAHA_PROMETHEUS_ENABLED=true`), else None."""
+        self.live_state_error: str | None = None
+        """Why the last ``fetch_states`` could not use ``metrics`` (and fell back), else None."""
         super().__init__(
             name=name,
             base_url=base_url,
@@ -111,8 +117,40 @@ class WahaGateway(HttpGateway):
         db_statuses: Mapping[str, InstanceStatus | None] | None = None,
         confirm: set[str] | None = None,
     ) -> dict[str, StatusObservation]:
-        """One `GET /api/sessions?all=true` for every instance (WAHA's listing is live: nothing to confirm)."""
+        """One `GET /api/sessions?all=true` for every instance (WAHA's listing is live: nothing to confirm).
+
+        With ``metrics``, `GET /metrics` (`waha_session_status`) comes first: a session it lists takes its status from
+        there (``live=True``; no number or push name); the listing is read only for the sessions it does not list,
+        or for all when `/metrics` fails.
+        """
         started = datetime.now(UTC)
+        from_metrics = await self._metric_states(instance_names, started)
+        missing = [name for name in instance_names if name not in from_metrics]
+        if not missing:
+            return from_metrics
+        return from_metrics | await self._listed_states(missing, started)
+
+    async def _metric_states(self, instance_names: Sequence[str], started: datetime) -> dict[str, StatusObservation]:
+        if self.metrics is None:
+            return {}
+        read = await read_live_states(
+            self,
+            self.metrics,
+            family="waha_session_status",
+            name_label="session",
+            state_label="status",
+            server_setting="WAHA_PROMETHEUS_ENABLED=true",
+            credentials_setting="the gateway's metrics_user/metrics_password (ZAPSYNC_GATEWAYS)",
+        )
+        self.live_state_error = read.error
+        states = read.states or {}
+        return {
+            name: _observation(name, {"status": states[name]}, started).model_copy(update={"live": True})
+            for name in instance_names
+            if name in states
+        }
+
+    async def _listed_states(self, instance_names: Sequence[str], started: datetime) -> dict[str, StatusObservation]:
         try:
             rows = await self.request_json("GET", "/api/sessions", what="sessions", params={"all": "true"})
             if not isinstance(rows, list):

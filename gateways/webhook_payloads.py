@@ -168,8 +168,11 @@ def parse_evolution(payload: dict[str, Any], *, path_event: str | None = None) -
         name = instance or (data.get("instanceName") if isinstance(data, dict) else None)
         if not isinstance(name, str) or not name:
             raise MalformedPayload(f"{event} without 'instance' (or data.instanceName)")
+        named = _Envelope(
+            provider=base["provider"], event=base["event"], instance_name=name, event_time=base["event_time"]
+        )
         return WebhookEvent(
-            **{**base, "instance_name": name},
+            **named,
             kind=EventKind.STATUS,
             status=InstanceStatus.DISCONNECTED,
             reason=DELETED_REASON,

@@ -29,7 +29,9 @@ def diff_observations(
 ) -> tuple[list[Drift], list[UnreachableInstance], list[StatusWrite]]:
     """Compare database rows with observations: drift, unreachable instances, and the writes to apply.
 
-    Pure: no I/O. An unreachable observation never becomes a write.
+    Pure: no I/O. An unreachable observation never becomes a write. A write is live-confirmed when its instance was
+    picked for confirmation, or when a live state read in bulk (``obs.live``) changes its status: marking every
+    bulk-live observation would rewrite every row on every run.
     """
     confirmed = confirmed or set()
     drifts: list[Drift] = []
@@ -54,7 +56,7 @@ def diff_observations(
                 reason=obs.reason,
                 phone_number=obs.phone_number,
                 profile_name=obs.profile_name,
-                live_confirmed=ref.instance_name in confirmed,
+                live_confirmed=ref.instance_name in confirmed or (obs.live and obs.status != ref.status),
                 logged_out=obs.logged_out,
             )
         )

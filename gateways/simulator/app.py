@@ -609,4 +609,7 @@ def create_app(state: SimulatorState) -> FastAPI:
     from gateways.simulator.sends import sends_router  # it builds on this module's guards
 
     app.include_router(sends_router(state))
+    from gateways.simulator.metrics import metrics_router  # Evolution's and WAHA's /metrics (issue 12 §3)
+
+    app.include_router(metrics_router(state))
     return app

@@ -134,6 +134,13 @@ class SimulatorConfig(BaseModel):
     send_drop_next: int = Field(default=0, ge=0)
     """The next this many sends are lost inside the gateway: nothing recorded or echoed, answered only after
     ``send_hang_s`` (the client cannot tell them from ``send_timeout_rate``'s; only the gateway's history can)."""
+    prometheus_metrics: bool = False
+    """Evolution's `PROMETHEUS_METRICS=true`: `GET /metrics` serves every loaded instance's live state."""
+    metrics_user: str | None = None
+    """Evolution's `METRICS_USER`: with ``metrics_password``, `/metrics` asks for Basic auth (401 otherwise)."""
+    metrics_password: str | None = None
+    waha_prometheus_metrics: bool = False
+    """WAHA's `WAHA_PROMETHEUS_ENABLED=true`: `GET /metrics` serves `waha_session_status` (no auth)."""
 
 
 @dataclass(slots=True)
@@ -170,6 +177,8 @@ class SimInstance:
     """This instance's generated chat history (else the config's default)."""
     waha_status: str | None = None
     """A WAHA status shown instead of the one mapped from ``live_state`` (e.g. ``PASSKEY_REQUIRED``)."""
+    loaded: bool = True
+    """Whether the gateway holds the instance in memory: Evolution's `/metrics` lists only loaded instances."""
 
     def row_key(self) -> tuple[Any, ...]:
         """The persisted row's fields that change over time (Evolution writes ``updatedAt`` when they do)."""
