@@ -6,7 +6,8 @@ server_url, apikey}`` for ``connection.update`` (no delivery for a reconnectable
 sent as-is, except ``jwt_key``, which becomes ``Authorization: Bearer <HS256 JWT>`` like Evolution 2.3.x. An
 instance with its own webhook (create body or ``/webhook/set``) is delivered there instead, honouring its events.
 
-WAHA (§8.4): ``session.status`` in WAHA's envelope, HMAC-signed (see ``simulator.waha``).
+WAHA (§8.4): ``session.status``, ``message``/``message.any`` and ``message.ack`` in WAHA's envelope, HMAC-signed,
+to the session's webhook (see ``simulator.waha``).
 
 MegaAPI (§4): flat ``connection_update`` bodies alternating between the official shape and the 2026 ``phone_*``
 shape, so receivers are exercised with both.
@@ -275,6 +276,10 @@ class WebhookEmitter:
 
     async def _emit_send(self, delivery: SendDelivery) -> int:
         """An accepted send's echo and receipts, one after another (so they arrive in order)."""
+        if delivery.provider == "waha":
+            from gateways.simulator.waha import deliver_send  # WAHA's envelope, headers and signing
+
+            return await deliver_send(self, delivery)
         delivered = 0
         for event, data in delivery.bodies:
             if delivery.provider != "megaapi":

@@ -1,11 +1,16 @@
 """Sending at the simulated gateways: Evolution's `message/sendText` and `message/sendMedia`, MegaAPI's
-`rest/sendMessage/{key}/text` and `/mediaUrl` (gateways.md §1.2–1.3, §4, §8.5).
+`rest/sendMessage/{key}/text` and `/mediaUrl` (gateways.md §1.2–1.3, §4, §8.5); WAHA's send routes
+(``simulator.waha``) go through the same :func:`accept_send`.
 
 Every accepted send is recorded in the :class:`SendBook` (``GET /_sim/sends`` lists the records and counts them per
 (instance, to, text), so tests and the benchmark can count duplicates) and echoed by webhook like the real gateways:
-Evolution ``send.message`` with the stored message object (``fromMe: true``), MegaAPI a flat fromMe message —
-followed, when the ``receipts`` knob is on, by the receipts (Evolution ``messages.update`` SERVER_ACK → DELIVERY_ACK
-→ READ; MegaAPI ``message.ack`` 2/3/4), all delivered in order by one emitter worker.
+Evolution ``send.message`` with the stored message object (``fromMe: true``), MegaAPI a flat fromMe message, WAHA
+``message.any`` with ``fromMe`` (never ``message``, which is for inbound messages only) — followed, when the
+``receipts`` knob is on, by the receipts (Evolution ``messages.update`` SERVER_ACK → DELIVERY_ACK → READ; MegaAPI
+``message.ack`` 2/3/4; WAHA ``message.ack`` ack 1/2/3, and 4 for a voice message), all delivered in order by one
+emitter worker. Messages that are not API sends (inbound, or typed on the owner's phone) and out-of-order receipts
+are built by :func:`message_bodies` and :func:`receipt_bodies` (``SimulatorState.receive_message`` and
+``SimulatorState.send_receipts``).
 
 Knobs (:class:`~gateways.simulator.state.SimulatorConfig`, seeded draws): ``send_error_rate`` answers 503 before
 accepting (nothing recorded); ``send_timeout_rate`` accepts, records and echoes, then answers only after
@@ -75,6 +80,8 @@ class SendDelivery:
     owner_jid: str | None = None
     token: str | None = None
     webhook: Mapping[str, Any] | None = None
+    profile_name: str | None = None
+    """The owner's push name (WAHA's envelope ``me``)."""
 
 
 @dataclass(slots=True)
@@ -203,19 +210,7 @@ def evolution_bodies(
     if receipts:
         key = message["key"]
         bodies += [
-            (
-                "messages.update",
-                {
-                    "keyId": key["id"],
-                    "remoteJid": key["remoteJid"],
-                    "fromMe": True,
-                    "participant": None,
-                    "status": status,
-                    "pollUpdates": None,
-                    "instanceId": inst.instance_id,
-                    "messageId": f"c{key['id'].lower()}",
-                },
-            )
+            ("messages.update", _evolution_receipt(inst, key["remoteJid"], key["id"], status))
             for status in EVOLUTION_RECEIPTS
         ]
     return tuple(bodies)
@@ -224,7 +219,7 @@ def evolution_bodies(
 def megaapi_bodies(
     inst: SimInstance, message: dict[str, Any], *, receipts: bool
 ) -> tuple[tuple[str, dict[str, Any]], ...]:
-    """The flat fromMe message echo and, with ``receipts``, its ``message.ack`` 2/3/4."""
+    """The flat message (for a send, its fromMe echo) and, with ``receipts``, its ``message.ack`` 2/3/4."""
     echo = {
         "instance_key": inst.name,
         "jid": inst.owner_jid or "",
@@ -237,15 +232,153 @@ def megaapi_bodies(
     }
     bodies: list[tuple[str, dict[str, Any]]] = [("message", echo)]
     if receipts:
-        key = {"remoteJid": message["key"]["remoteJid"], "id": message["key"]["id"]}
-        bodies += [
-            (
-                "message.ack",
-                {"instance_key": inst.name, "messageType": "message.ack", "key": key, "update": {"status": s}},
-            )
-            for s in MEGAAPI_RECEIPTS
-        ]
+        key = message["key"]
+        bodies += [("message.ack", _megaapi_receipt(inst, key["remoteJid"], key["id"], s)) for s in MEGAAPI_RECEIPTS]
     return tuple(bodies)
+
+
+def send_bodies(
+    inst: SimInstance, message: dict[str, Any], *, kind: str, receipts: bool
+) -> tuple[tuple[str, dict[str, Any]], ...]:
+    """The webhook bodies an accepted send causes at ``inst``'s provider (its echo, then its receipts)."""
+    if inst.provider == "evolution":
+        return evolution_bodies(inst, message, receipts=receipts)
+    if inst.provider == "megaapi":
+        return megaapi_bodies(inst, message, receipts=receipts)
+    from gateways.simulator.waha import send_bodies as waha_send_bodies
+
+    return waha_send_bodies(inst, message, kind=kind, receipts=receipts)
+
+
+async def accept_send(
+    state: SimulatorState,
+    inst: SimInstance,
+    *,
+    number: str,
+    kind: str,
+    text: str | None,
+    media: Mapping[str, Any],
+    fail: Any,
+) -> tuple[dict[str, Any], bool]:
+    """The send knobs, then record and echo one send at any provider; returns (message object, whether to answer
+    late). ``fail(status, message)`` builds the provider's error reply (``message`` may be Evolution's
+    ``exists: false`` object)."""
+    book = state.sends
+    config = state.config
+    if book.draw(config.send_error_rate):
+        raise fail(503, "Simulated error: the gateway is unavailable")
+    if inst.live_state != "open":
+        raise fail(400, "Connection Closed")
+    jid = to_jid(number)
+    if _digits(number) in config.not_on_whatsapp:
+        raise fail(400, {"jid": jid, "exists": False, "number": _digits(number)})
+    if config.send_drop_next > 0:
+        state.configure(send_drop_next=config.send_drop_next - 1)
+        await state.sleep(config.send_hang_s)
+        raise fail(504, "Simulated loss: the send never reached WhatsApp")
+    late = book.draw(config.send_timeout_rate)
+    at = datetime.now(UTC)
+    external_id = book.external_id()
+    message = message_object(inst, jid=jid, external_id=external_id, kind=kind, text=text, media=media, at=at)
+    book.record(
+        instance=inst.name,
+        provider=inst.provider,
+        to=jid,
+        type=kind,
+        text=text,
+        media_url=media.get("url"),
+        external_id=external_id,
+        at=at,
+        timed_out=late,
+        stored=message if inst.provider == "evolution" else None,
+    )
+    state.publish_send(delivery(inst, send_bodies(inst, message, kind=kind, receipts=config.receipts), at=at))
+    return message, late
+
+
+def delivery(inst: SimInstance, bodies: tuple[tuple[str, dict[str, Any]], ...], *, at: datetime) -> SendDelivery:
+    """``bodies`` to deliver in order to ``inst``'s webhook, with what its provider's envelope says about it."""
+    return SendDelivery(
+        name=inst.name,
+        provider=inst.provider,
+        bodies=bodies,
+        at=at,
+        owner_jid=inst.owner_jid,
+        token=inst.token,
+        webhook=inst.webhook,
+        profile_name=inst.profile_name,
+    )
+
+
+# -- messages that reach an instance, and receipts -------------------------------------------------------------
+
+_EVOLUTION_ACK = {"sent": "SERVER_ACK", "delivered": "DELIVERY_ACK", "read": "READ", "played": "PLAYED"}
+_MEGAAPI_ACK = {"sent": 2, "delivered": 3, "read": 4, "played": 5}
+RECEIPT_STATUSES = tuple(_EVOLUTION_ACK)
+
+
+def chat_message(
+    inst: SimInstance, *, jid: str, external_id: str, text: str, at: datetime, from_me: bool, push_name: str | None
+) -> dict[str, Any]:
+    """A text message in a one-to-one chat as the gateway stores it: from ``jid`` to the instance, or (``from_me``)
+    typed on the owner's phone to ``jid``."""
+    return {
+        "key": {"remoteJid": jid, "fromMe": from_me, "id": external_id},
+        "pushName": (inst.profile_name or "") if from_me else (push_name or ""),
+        "status": "SERVER_ACK" if from_me else "DELIVERY_ACK",
+        "message": {"conversation": text},
+        "contextInfo": None,
+        "messageType": "conversation",
+        "messageTimestamp": int(at.timestamp()),
+        "instanceId": inst.instance_id,
+        "source": "android",
+    }
+
+
+def message_bodies(inst: SimInstance, message: dict[str, Any]) -> tuple[tuple[str, dict[str, Any]], ...]:
+    """How ``inst``'s provider delivers a message that is not an API send: Evolution ``messages.upsert``, MegaAPI
+    its flat message, WAHA ``message`` (inbound only) and ``message.any`` (gateways.md §2.3, §4, §8.4)."""
+    if inst.provider == "evolution":
+        return (("messages.upsert", message),)
+    if inst.provider == "megaapi":
+        return megaapi_bodies(inst, message, receipts=False)
+    from gateways.simulator.waha import message_bodies as waha_message_bodies
+
+    return waha_message_bodies(inst, message)
+
+
+def receipt_bodies(
+    inst: SimInstance, *, jid: str, external_id: str, statuses: tuple[str, ...]
+) -> tuple[tuple[str, dict[str, Any]], ...]:
+    """Receipts (``sent``, ``delivered``, ``read``, ``played``) of the instance's message ``external_id`` to ``jid``,
+    in the given order, in its provider's shape."""
+    if inst.provider == "evolution":
+        return tuple(
+            ("messages.update", _evolution_receipt(inst, jid, external_id, _EVOLUTION_ACK[s])) for s in statuses
+        )
+    if inst.provider == "megaapi":
+        return tuple(("message.ack", _megaapi_receipt(inst, jid, external_id, _MEGAAPI_ACK[s])) for s in statuses)
+    from gateways.simulator.waha import receipt_bodies as waha_receipt_bodies
+
+    return waha_receipt_bodies(inst, jid=jid, external_id=external_id, statuses=statuses)
+
+
+def _evolution_receipt(inst: SimInstance, jid: str, external_id: str, status: str) -> dict[str, Any]:
+    return {
+        "keyId": external_id,
+        "remoteJid": jid,
+        "fromMe": True,
+        "participant": None,
+        "status": status,
+        "pollUpdates": None,
+        "instanceId": inst.instance_id,
+        "messageId": f"c{external_id.lower()}",
+    }
+
+
+def _megaapi_receipt(inst: SimInstance, jid: str, external_id: str, status: int) -> dict[str, Any]:
+    key = {"remoteJid": jid, "id": external_id}
+    return {"instance_key": inst.name, "messageType": "message.ack", "key": key, "update": {"status": status}}
 
 
 def sends_router(state: SimulatorState) -> APIRouter:
@@ -283,47 +416,7 @@ def sends_router(state: SimulatorState) -> APIRouter:
         media: Mapping[str, Any],
         fail: Any,
     ) -> tuple[dict[str, Any], bool]:
-        """The knobs, then record and echo one send; returns (message object, whether to answer late)."""
-        config = state.config
-        if book.draw(config.send_error_rate):
-            raise fail(503, "Simulated error: the gateway is unavailable")
-        if inst.live_state != "open":
-            raise fail(400, "Connection Closed")
-        jid = to_jid(number)
-        if _digits(number) in config.not_on_whatsapp:
-            raise fail(400, {"jid": jid, "exists": False, "number": _digits(number)})
-        if config.send_drop_next > 0:
-            state.configure(send_drop_next=config.send_drop_next - 1)
-            await state.sleep(config.send_hang_s)
-            raise fail(504, "Simulated loss: the send never reached WhatsApp")
-        late = book.draw(config.send_timeout_rate)
-        at = datetime.now(UTC)
-        external_id = book.external_id()
-        message = message_object(inst, jid=jid, external_id=external_id, kind=kind, text=text, media=media, at=at)
-        book.record(
-            instance=inst.name,
-            provider=inst.provider,
-            to=jid,
-            type=kind,
-            text=text,
-            media_url=media.get("url"),
-            external_id=external_id,
-            at=at,
-            timed_out=late,
-            stored=message if inst.provider == "evolution" else None,
-        )
-        build = evolution_bodies if inst.provider == "evolution" else megaapi_bodies
-        delivery = SendDelivery(
-            name=inst.name,
-            provider=inst.provider,
-            bodies=build(inst, message, receipts=config.receipts),
-            at=at,
-            owner_jid=inst.owner_jid,
-            token=inst.token,
-            webhook=inst.webhook,
-        )
-        state.publish_send(delivery)
-        return message, late
+        return await accept_send(state, inst, number=number, kind=kind, text=text, media=media, fail=fail)
 
     async def answer_late(late: bool) -> None:
         if late:

@@ -32,7 +32,15 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from core.qr import qr_png_data_url
 from gateways.simulator.history import History, HistorySpec
-from gateways.simulator.sends import SendBook, SendDelivery
+from gateways.simulator.sends import (
+    SendBook,
+    SendDelivery,
+    chat_message,
+    delivery,
+    message_bodies,
+    receipt_bodies,
+    to_jid,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -496,6 +504,37 @@ class SimulatorState:
                 )
                 cached = self._histories[name] = (spec, built)
             return cached[1]
+
+    # -- messages that reach an instance, and receipts -----------------------------------------------------------
+
+    def receive_message(
+        self, name: str, number: str, text: str, *, from_me: bool = False, push_name: str | None = None
+    ) -> dict[str, Any]:
+        """A text message from ``number`` reaches instance ``name`` (``from_me``: its owner typed it on the phone to
+        ``number``); its provider's webhook delivers it. Returns the message as the gateway stores it."""
+        with self._lock:
+            inst = self.require(name)
+            message = chat_message(
+                inst,
+                jid=to_jid(number),
+                external_id=self.sends.external_id(),
+                text=text,
+                at=self._clock(),
+                from_me=from_me,
+                push_name=push_name,
+            )
+            sent = delivery(inst, message_bodies(inst, message), at=self._clock())
+        self._notify([sent])
+        return message
+
+    def send_receipts(self, name: str, number: str, external_id: str, *statuses: str) -> None:
+        """Receipts (``sent``, ``delivered``, ``read``, ``played``) of instance ``name``'s message ``external_id`` to
+        ``number``, delivered in the order given (a late one included: deliveries are not ordered, gateways.md §8.3)."""
+        with self._lock:
+            inst = self.require(name)
+            bodies = receipt_bodies(inst, jid=to_jid(number), external_id=external_id, statuses=statuses)
+            sent = delivery(inst, bodies, at=self._clock())
+        self._notify([sent])
 
     # -- state transitions ----------------------------------------------------------------------------------------
 

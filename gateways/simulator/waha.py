@@ -25,6 +25,7 @@ from fastapi.responses import Response
 
 from core.webhook_signatures import hmac_sha512
 from gateways.simulator.app import _gate, _json, _Reply
+from gateways.simulator.sends import SendDelivery, accept_send
 from gateways.simulator.state import (
     InstanceExists,
     InstanceNotConnected,
@@ -329,7 +330,7 @@ def waha_router(state: SimulatorState) -> APIRouter:
         )
 
     for route in _SEND_ROUTES:
-        router.add_api_route(f"/api/{route}", _send_handler(route, guard, session, fail), methods=["POST"])
+        router.add_api_route(f"/api/{route}", _send_handler(route, state, guard, session, fail), methods=["POST"])
 
     @router.post("/_sim/waha/{name}/status")
     async def override_status(name: str, request: Request) -> Response:
@@ -341,7 +342,19 @@ def waha_router(state: SimulatorState) -> APIRouter:
     return router
 
 
-def _send_handler(route: str, guard: Any, session: Any, fail: Any) -> Any:
+_SEND_KINDS = {
+    "sendText": "text",
+    "sendImage": "image",
+    "sendVideo": "video",
+    "sendVoice": "audio",
+    "sendFile": "document",
+}
+
+
+def _send_handler(route: str, state: SimulatorState, guard: Any, session: Any, fail: Any) -> Any:
+    def send_fail(status_code: int, message: Any) -> _Reply:
+        return fail(status_code, message if isinstance(message, str) else orjson.dumps(message).decode())
+
     async def send(request: Request) -> Response:
         try:
             body = orjson.loads(await request.body() or b"{}")
@@ -357,19 +370,27 @@ def _send_handler(route: str, guard: Any, session: Any, fail: Any) -> Any:
             raise fail(400, "chatId must be a WhatsApp chat id such as 5511999990000@c.us")
         if route == "sendText" and not body.get("text"):
             raise fail(400, "text should not be empty")
-        if route != "sendText" and not (isinstance(body.get("file"), dict) and body["file"].get("url")):
+        file = body.get("file")
+        if route != "sendText" and not (isinstance(file, dict) and file.get("url")):
             raise fail(400, "file.url should not be empty")
-        key_id = "3EB0" + os.urandom(8).hex().upper()
-        now = int(time.time())
-        return _json(
-            {
-                "key": {"remoteJid": chat.replace("@c.us", "@s.whatsapp.net"), "fromMe": True, "id": key_id},
-                "message": {"conversation": body.get("text") or body.get("caption") or ""},
-                "messageTimestamp": now,
-                "status": "PENDING",
-            },
-            201,
+        media = (
+            {"url": file.get("url"), "mimetype": file.get("mimetype"), "fileName": file.get("filename")}
+            if route != "sendText" and isinstance(file, dict)
+            else {}
         )
+        message, late = await accept_send(
+            state,
+            inst,
+            number=chat.replace("@c.us", "@s.whatsapp.net"),
+            kind=_SEND_KINDS[route],
+            text=(body.get("text") if route == "sendText" else body.get("caption")) or None,
+            media=media,
+            fail=send_fail,
+        )
+        if late:
+            await state.sleep(state.config.send_hang_s)
+        # NOWEB answers the Baileys message it sent.
+        return _json({key: message[key] for key in ("key", "message", "messageTimestamp", "status")}, 201)
 
     return send
 
@@ -466,3 +487,64 @@ def _status_of_change(change: StateChange) -> str:
     if change.new == "connecting":
         return "STARTING" if change.owner_jid else "SCAN_QR_CODE"
     return "FAILED" if change.new == "refused" else "STOPPED"
+
+
+# -- messages: the echo of a send, inbound messages, receipts -------------------------------------------------
+
+
+def send_bodies(
+    inst: SimInstance, message: Mapping[str, Any], *, kind: str, receipts: bool
+) -> tuple[tuple[str, dict[str, Any]], ...]:
+    """An API send's echo, ``message.any`` with ``fromMe`` (WAHA sends ``message`` only for inbound messages), and,
+    with ``receipts``, its ``message.ack`` 1 (SERVER), 2 (DEVICE), 3 (READ) and, for a voice message, 4 (PLAYED)."""
+    echo = {**waha_message(message, inst.owner_jid), "source": "api"}
+    bodies: list[tuple[str, dict[str, Any]]] = [("message.any", echo)]
+    if receipts:
+        acks = (1, 2, 3, 4) if kind == "audio" else (1, 2, 3)
+        bodies += [("message.ack", _ack(echo, ack)) for ack in acks]
+    return tuple(bodies)
+
+
+def message_bodies(inst: SimInstance, message: Mapping[str, Any]) -> tuple[tuple[str, dict[str, Any]], ...]:
+    """A message that is not an API send: inbound, both ``message`` and ``message.any``; typed on the owner's phone,
+    ``message.any`` only."""
+    payload = waha_message(message, inst.owner_jid)
+    if payload["fromMe"]:
+        return (("message.any", payload),)
+    return (("message", payload), ("message.any", payload))
+
+
+def receipt_bodies(
+    inst: SimInstance, *, jid: str, external_id: str, statuses: tuple[str, ...]
+) -> tuple[tuple[str, dict[str, Any]], ...]:
+    """``message.ack`` of the session's own message ``external_id`` to ``jid``, one per status, in order."""
+    chat = c_us(jid) or jid
+    sent = {"id": f"true_{chat}_{external_id}", "from": c_us(inst.owner_jid) or "0@c.us", "to": chat}
+    return tuple(("message.ack", _ack(sent, _ACK_OF_RECEIPT[s])) for s in statuses)
+
+
+_ACK_OF_RECEIPT = {"sent": 1, "delivered": 2, "read": 3, "played": 4}
+
+
+def _ack(message: Mapping[str, Any], ack: int) -> dict[str, Any]:
+    """A ``message.ack`` payload: the acknowledging chat in ``from`` (gateways.md §8.4)."""
+    return {
+        "id": message["id"],
+        "from": message["to"],
+        "to": message["from"],
+        "participant": None,
+        "fromMe": True,
+        "ack": ack,
+        "ackName": _ACK_NAMES[ack],
+        "_data": {},
+    }
+
+
+async def deliver_send(emitter: WebhookEmitter, delivery: SendDelivery) -> int:
+    """A delivery's bodies (an echo and its receipts, a message, receipts), one after another, to the session's
+    webhook with its HMAC key."""
+    me = me_of(delivery.owner_jid, delivery.profile_name)
+    delivered = 0
+    for event, payload in delivery.bodies:
+        delivered += int(await emit_event(emitter, delivery.name, event, payload, hook=delivery.webhook, me=me))
+    return delivered
