@@ -29,6 +29,8 @@ NUMBER = "5511988887777"
 JID = f"{NUMBER}@s.whatsapp.net"
 CREATE_CALL = {"evolution": "evolution.create", "megaapi": "megaapi.init", "waha": "waha.create"}
 """The simulator's counter of each provider's create call."""
+WEBHOOK_AUTH = {"evolution": "secret", "megaapi": "secret", "waha": "hmac"}
+"""What the organization accepts from each provider: WAHA's deliveries must be HMAC-signed with its key."""
 NO_HISTORY = "MegaAPI has no history API: nothing to import on connect (gateways.md §4)"
 
 
@@ -144,7 +146,12 @@ async def world(gateway: str, simulator: SimulatorState, monkeypatch: pytest.Mon
         httpx.AsyncClient(transport=transport, base_url="http://zapsync") as http,
         WebhookEmitter(simulator, evolution_url=None, megaapi_url=None, transport=transport) as emitter,
     ):
-        yield World(gateway, simulator, http, emitter, org, await auth_headers(org))
+        headers = await auth_headers(org)
+        chosen = await http.patch(
+            f"/organizations/{org}/settings", json={"webhook_auth": WEBHOOK_AUTH}, headers=headers
+        )
+        assert chosen.status_code == 200, chosen.text
+        yield World(gateway, simulator, http, emitter, org, headers)
         assert emitter.stats["failed"] == 0, emitter.last_error  # every delivery was accepted
         await app.state.waker.settle()
     get_settings.cache_clear()
@@ -294,3 +301,25 @@ async def test_send_through_the_outbox(world: World) -> None:
     )
     seen = [e["status"] for e in events]
     assert seen[0] == "pending" and seen[-1] == "read" and {"sent", "delivered"} <= set(seen), seen
+
+
+@pytest.mark.parametrize("gateway", ["waha"], indirect=True)
+async def test_waha_inbound_message_comes_as_message_and_message_any_and_is_stored_once(world: World) -> None:
+    instance_id, name = await world.connected("both-events")
+    hook = world.sim.require(name).webhook
+    assert hook is not None
+    world.sim.set_webhook(name, {**hook, "events": ["*"]})  # an operator subscribed the session to every event
+    delivered = world.emitter.stats["delivered"]
+
+    inbound = world.sim.receive_message(name, NUMBER, "oi")
+    own = world.sim.receive_message(name, NUMBER, "typed on the phone", from_me=True)
+    await world.emitter.flush()
+
+    assert world.emitter.stats["delivered"] - delivered == 3  # inbound: message + message.any; own: message.any
+    events = await rows("SELECT event FROM webhook_events WHERE instance_name = :n ORDER BY id", n=name)
+    assert [e["event"] for e in events if e["event"].startswith("message")] == ["message", "message.any", "message.any"]
+    stored = await stored_messages(instance_id)
+    assert [(m["external_id"], m["from_me"]) for m in stored] == [
+        (inbound["key"]["id"], False),
+        (own["key"]["id"], True),
+    ]

@@ -269,3 +269,53 @@ async def test_simulator_webhooks_use_wahas_envelope_and_signed_headers() -> Non
     headers = received[0].headers
     assert headers["x-webhook-hmac"] == hmac_sha512("k", body) and headers["x-webhook-hmac-algorithm"] == "sha512"
     assert headers["x-webhook-request-id"] and headers["x-webhook-timestamp"] == str(envelope["timestamp"])
+
+
+async def test_simulator_echoes_a_send_as_message_any_with_its_acks_signed_to_the_session_webhook(
+    waha, simulator: SimulatorState
+) -> None:
+    received: list[httpx.Request] = []
+
+    def receiver(request: httpx.Request) -> httpx.Response:
+        received.append(request)
+        return httpx.Response(200)
+
+    simulator.create_instance(
+        "w-echo",
+        provider="waha",
+        webhook={"url": "http://crm/hook", "events": ["message.any", "message.ack"], "hmac": {"key": "k"}},
+    )
+    simulator.set_state("w-echo", "open")
+    simulator.configure(receipts=True)
+    voice = OutgoingMessage(to="5511988887777@s.whatsapp.net", type=OutgoingType.AUDIO, media_url="https://x/a.ogg")
+    async with WebhookEmitter(
+        simulator, evolution_url=None, megaapi_url=None, transport=httpx.MockTransport(receiver)
+    ) as emitter:
+        text = await waha.send(
+            "w-echo", OutgoingMessage(to="5511988887777@s.whatsapp.net", text="oi"), timeout_seconds=5
+        )
+        sent_voice = await waha.send("w-echo", voice, timeout_seconds=5)
+        await emitter.flush()
+
+    [text_record, voice_record] = simulator.sends.records
+    assert (text_record.external_id, voice_record.external_id) == (text.external_id, sent_voice.external_id)
+    assert (text_record.to, text_record.type, voice_record.type) == ("5511988887777@s.whatsapp.net", "text", "audio")
+    bodies = [orjson.loads(r.content) for r in received]
+    assert all(r.headers["x-webhook-hmac"] == hmac_sha512("k", r.content) for r in received)
+    events = [(b["event"], b["payload"].get("ack")) for b in bodies]
+    assert events == [
+        ("message.any", 0),
+        ("message.ack", 1),
+        ("message.ack", 2),
+        ("message.ack", 3),
+        ("message.any", 0),
+        ("message.ack", 1),
+        ("message.ack", 2),
+        ("message.ack", 3),
+        ("message.ack", 4),  # PLAYED: a voice message only
+    ]
+    echo = bodies[0]["payload"]
+    assert echo["fromMe"] is True and echo["to"] == "5511988887777@c.us" and echo["body"] == "oi"
+    assert echo["id"] == f"true_5511988887777@c.us_{text.external_id}" and echo["source"] == "api"
+    assert {b["payload"]["id"] for b in bodies[1:4]} == {echo["id"]}
+    assert [b["payload"]["ackName"] for b in bodies[5:]] == ["SERVER", "DEVICE", "READ", "PLAYED"]
