@@ -1,6 +1,12 @@
 """One conformance suite for every gateway (issue 12 §5): the same scenarios and assertions against the Evolution,
 MegaAPI and WAHA simulators over loopback, real PostgreSQL, real Prefect runs where the scenario has a flow.
-A scenario a gateway cannot do is skipped with the reason."""
+A scenario a gateway cannot do is skipped with the reason.
+
+Scenarios: status sync (drift found and applied), connect's QR, connect/provisioning through the API (the instance
+created at the gateway with zapsync's webhook, the scan connecting it by webhook), import on connect (drained by a
+flow run), message and receipt webhooks (receipts only move forward), and a send through the outbox (one gateway
+send, its echo adopting the outbox row, its receipts). Instances are created through zapsync, so every webhook comes
+from the simulator to the receiver zapsync configured, authenticated as the organization chose (WAHA: HMAC only)."""
 
 from __future__ import annotations
 
@@ -128,6 +134,7 @@ class World:
 
 @pytest.fixture
 async def world(gateway: str, simulator: SimulatorState, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[World]:
+    """The :class:`World` of the gateway under test; at the end, no webhook delivery may have been refused."""
     for name, value in {
         "ZAPSYNC_SEND_MIN_INTERVAL": "0",
         "ZAPSYNC_SEND_TIMEOUT": "5",
