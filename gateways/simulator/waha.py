@@ -16,7 +16,7 @@ from __future__ import annotations
 import base64
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -351,7 +351,9 @@ _SEND_KINDS = {
 }
 
 
-def _send_handler(route: str, state: SimulatorState, guard: Any, session: Any, fail: Any) -> Any:
+def _send_handler(
+    route: str, state: SimulatorState, guard: Any, session: Any, fail: Callable[[int, str], _Reply]
+) -> Any:
     def send_fail(status_code: int, message: Any) -> _Reply:
         return fail(status_code, message if isinstance(message, str) else orjson.dumps(message).decode())
 
