@@ -88,10 +88,11 @@ async def drain(
         done, _ = await asyncio.wait(running, timeout=0.5 if slack else None, return_when=asyncio.FIRST_COMPLETED)
         for task in done:
             running.pop(task)
-            _count(report, task.result())
+            count_item(report, task.result())
 
 
-def _count(report: DrainReport, item: DrainedItem) -> None:
+def count_item(report: DrainReport, item: DrainedItem) -> None:
+    """Add one item's ending to the report."""
     match item.outcome:
         case "done":
             report.done += 1
@@ -121,6 +122,14 @@ async def _work(item: ClaimedItem, handler: Handler, limits: DrainLimits) -> Dra
         heartbeat.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await heartbeat
+    return await finish_item(item, handled, failure, limits, begun=begun)
+
+
+async def finish_item(
+    item: ClaimedItem, handled: Handled | None, failure: BaseException | None, limits: DrainLimits, *, begun: float
+) -> DrainedItem:
+    """Finish one item in a transaction of its own according to how its work went (``handled``, or the exception
+    it raised): done, back to the queue (an asked-for retry, or a transient failure with backoff), or failed."""
     ended = functools.partial(
         DrainedItem,
         item_id=item.id,

@@ -1,11 +1,19 @@
 """Flow `send-messages`: drain the send queue (the outbox) through the instances' gateways.
 
 The API writes each message ``pending`` with its queue item (kind ``send``, key = the message id). A drain run claims
-only the head of each instance's line (``work_queue.claim_line_heads``: claims serialized by an advisory lock, so
-two drains never send one instance's messages out of order or twice), so per instance the messages go one after
-another, in order, at least ``send_min_interval_seconds`` apart, while up to ``send_max_concurrency`` instances are
-served at once. A message that waits for its retry (backoff, or the grace period of an unknown outcome) holds its
-instance's line. What happens to each message is :func:`tasks.send.send_item`.
+the RUN of each instance's line in one statement (``work_queue.claim_line_runs``: up to ``RUN_LENGTH`` consecutive due
+items, none behind an item that is not due; claims serialized by an advisory lock, so two drains never send one
+instance's messages out of order or twice), and works up to ``send_max_concurrency`` lines at once, each line's
+messages one after another, in order, at least ``send_min_interval_seconds`` apart.
+
+The database work is set-based: the lines' messages that are ready at the same moment form a wave — one statement
+marks the wave attempted (committed before its HTTP calls), the calls go out concurrently, and one transaction records
+the wave's accepted sends, announces their ``message.status`` events and completes their items. A wave is not
+lock-step: a line whose call hangs (a timeout after the gateway took it) does not hold up the others' next waves.
+The rare rest goes one message at a time, by the rules of :func:`tasks.send.send_item`: a message the gateway did
+not take (backoff), one whose outcome is unknown (it waits for its echo, then the gateway's history), one refused
+for good, one whose instance is not connected. A message that must wait holds its line: the rest of its run is
+given back unsent (``work_queue.release_unsent``), so nothing overtakes it.
 
 In-process entry point (tests, the benchmark): :func:`send_queued_now`.
 """
@@ -13,27 +21,50 @@ In-process entry point (tests, the benchmark): :func:`send_queued_now`.
 from __future__ import annotations
 
 import asyncio
-import functools
+import contextlib
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
+from typing import Any, Generic, TypeVar
 
 from prefect import flow
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.domain import WorkKind
+from core.errors import GatewayError
 from core.names import SEND_FLOW
-from core.reports import DrainReport
+from core.reports import DrainedItem, DrainReport
 from core.settings import get_settings
 from db.engine import session_scope
-from db.repositories.work_queue import ClaimedItem, ItemState, claim_line_heads, seconds_to_next_head
-from flows.drain import DrainLimits, Handled, drain
+from db.repositories.outbox import SendJob, Sent, load_send_jobs
+from db.repositories.work_queue import (
+    ClaimedItem,
+    ItemState,
+    claim_line_runs,
+    extend_leases,
+    release_unsent,
+    seconds_to_next_head,
+)
+from flows.drain import DrainLimits, Handled, count_item, finish_item
 from flows.guard import Reporting, current_flow_run_id, guarded
 from flows.runs import wait_for_item
 from gateways.base import Gateway
 from gateways.registry import open_gateways
-from tasks.send import SendPolicy, send_item
+from tasks.send import (
+    LEASE_LOST,
+    SendOutcome,
+    SendPolicy,
+    failed_send,
+    fast_gateway,
+    mark_wave,
+    record_wave,
+    send_item,
+)
 
+T = TypeVar("T")
+R = TypeVar("R")
+
+RUN_LENGTH = 25
+"""Items of one line claimed together (its run); what the line does not get to is given back unsent."""
 LINGER_SECONDS = 2.0
 """A drain whose remaining messages come due within this long (plus the pacing interval) waits for them rather
 than ending (pacing would otherwise end it after every instance's first message)."""
@@ -84,40 +115,196 @@ async def _drain_lines(
 ) -> None:
     """Drain until nothing is due within the linger time (or the budget is spent)."""
     begun = time.monotonic()
+    lines = _Lines(gateways, policy, limits, report, gap)
+    heartbeat = asyncio.create_task(lines.keep_leases())
+    try:
+        while True:
+            left = None if limits.budget_seconds is None else limits.budget_seconds - (time.monotonic() - begun)
+            if left is not None and left <= 0:
+                return
+            await lines.drain(left)
+            async with session_scope() as session:
+                wait = await seconds_to_next_head(session, kind=WorkKind.SEND, min_gap_seconds=gap)
+            if wait is None or wait > LINGER_SECONDS + gap:
+                return
+            await asyncio.sleep(wait + 0.01)
+    finally:
+        heartbeat.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await heartbeat
 
-    async def claim(session: AsyncSession, limit: int, lease_seconds: float) -> list[ClaimedItem]:
-        return await claim_line_heads(
-            session, kind=WorkKind.SEND, limit=limit, lease_seconds=lease_seconds, min_gap_seconds=gap
-        )
 
-    handler = functools.partial(_send, gateways=gateways, policy=policy)
-    while True:
-        left = None if limits.budget_seconds is None else limits.budget_seconds - (time.monotonic() - begun)
-        if left is not None and left <= 0:
-            return
-        await drain(WorkKind.SEND, handler, _with_budget(limits, left), report, claim=claim)
-        async with session_scope() as session:
-            wait = await seconds_to_next_head(session, kind=WorkKind.SEND, min_gap_seconds=gap)
-        if wait is None or wait > LINGER_SECONDS + gap:
-            return
-        await asyncio.sleep(wait + 0.01)
+class _GroupCommit(Generic[T, R]):
+    """Calls ``flush`` once for every entry submitted while the previous call ran (or in the same turn of the event
+    loop): coroutines that each submit one entry share one statement or transaction — a wave."""
+
+    def __init__(self, flush: Callable[[list[T]], Awaitable[list[R]]]) -> None:
+        self._flush = flush
+        self._waiting: list[tuple[T, asyncio.Future[R]]] = []
+        self._runner: asyncio.Task[None] | None = None
+
+    async def submit(self, entry: T) -> R:
+        """Add ``entry`` to the next wave; its result (or the wave's exception)."""
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._waiting.append((entry, future))
+        if self._runner is None or self._runner.done():
+            self._runner = asyncio.create_task(self._run())
+        return await future
+
+    async def _run(self) -> None:
+        while self._waiting:
+            await asyncio.sleep(0)  # whoever gets ready in this turn of the loop joins the wave
+            wave, self._waiting = self._waiting, []
+            try:
+                results = await self._flush([entry for entry, _ in wave])
+            except Exception as exc:
+                for _, future in wave:
+                    if not future.done():
+                        future.set_exception(exc)
+            else:
+                for (_, future), result in zip(wave, results, strict=True):
+                    if not future.done():
+                        future.set_result(result)
 
 
-def _with_budget(limits: DrainLimits, left: float | None) -> DrainLimits:
-    if left is None:
-        return limits
-    return DrainLimits(
-        concurrency=limits.concurrency,
-        lease_seconds=limits.lease_seconds,
-        max_attempts=limits.max_attempts,
-        retry_initial_seconds=limits.retry_initial_seconds,
-        retry_max_seconds=limits.retry_max_seconds,
-        budget_seconds=left,
+class _Lines:
+    """One drain's lines: the runs it holds, its waves, and the heartbeat that keeps their leases."""
+
+    def __init__(
+        self,
+        gateways: Mapping[str, Gateway],
+        policy: SendPolicy,
+        limits: DrainLimits,
+        report: DrainReport,
+        gap: float,
+    ) -> None:
+        self.gateways = gateways
+        self.policy = policy
+        self.limits = limits
+        self.report = report
+        self.gap = gap
+        self.held: dict[int, ClaimedItem] = {}
+        self.marks = _GroupCommit(mark_wave)
+        self.records = _GroupCommit(record_wave)
+
+    async def drain(self, budget_seconds: float | None) -> None:
+        """Claim runs while lines are free and work them, until nothing is due (or the budget is spent)."""
+        begun = time.monotonic()
+        running: set[asyncio.Task[None]] = set()
+
+        def budget_left() -> bool:
+            return budget_seconds is None or time.monotonic() - begun < budget_seconds
+
+        while True:
+            free = self.limits.concurrency - len(running)
+            if free > 0 and budget_left():
+                async with session_scope() as session:
+                    runs = await claim_line_runs(
+                        session,
+                        kind=WorkKind.SEND,
+                        lines=free,
+                        run_length=RUN_LENGTH,
+                        lease_seconds=self.limits.lease_seconds,
+                        min_gap_seconds=self.gap,
+                    )
+                for run in runs:
+                    self.held.update((item.id, item) for item in run)
+                    running.add(asyncio.create_task(self.work_run(run)))
+            if not running:
+                return
+            # With a free line, look for newly due lines every half second (retries come due meanwhile).
+            slack = self.limits.concurrency - len(running) > 0 and budget_left()
+            done, _ = await asyncio.wait(running, timeout=0.5 if slack else None, return_when=asyncio.FIRST_COMPLETED)
+            running -= done
+            for task in done:
+                task.result()
+
+    async def work_run(self, run: list[ClaimedItem]) -> None:
+        """Send a line's run in order, paced; give back the rest once one of its messages must wait."""
+        jobs: dict[int, SendJob] = {}
+        failure: Exception | None = None
+        try:
+            async with session_scope() as session:
+                jobs = await load_send_jobs(session, [_message_id(item) for item in run])
+        except Exception as exc:  # the first item takes the failure (a database away: retried), the rest go back
+            failure = exc
+        for index, item in enumerate(run):
+            if index and self.gap:
+                await asyncio.sleep(self.gap)
+            if failure is None:
+                ended = await self.send(item, jobs.get(_message_id(item)))
+            else:
+                ended = await finish_item(item, None, failure, self.limits, begun=time.monotonic())
+            self.held.pop(item.id, None)
+            self.report.claimed += 1  # the items given back unsent are not counted: a later claim works them
+            count_item(self.report, ended)
+            if ended.outcome not in ("done", "failed"):
+                await self.release(run[index + 1 :])
+                return
+
+    async def send(self, item: ClaimedItem, job: SendJob | None) -> DrainedItem:
+        """One message: in the waves when it can go the set-based way, else by the one-message rules."""
+        begun = time.monotonic()
+        handled: Handled | None = None
+        failure: Exception | None = None
+        try:
+            gateway = fast_gateway(job, self.gateways)
+            marked = None if gateway is None or job is None else await self.marks.submit((item, job))
+            if marked == LEASE_LOST:
+                return _ended(item, begun, outcome="lease_lost", error="another drain holds the item")
+            if gateway is None or job is None or marked is None:  # something else: the one-message rules
+                handled = _handled(await send_item(item, self.gateways, self.policy))
+            else:
+                try:
+                    result = await gateway.send(
+                        job.instance_name, job.outgoing(), timeout_seconds=self.policy.timeout_seconds
+                    )
+                except GatewayError as exc:
+                    handled = _handled(await failed_send(job, item, self.policy, exc))
+                else:
+                    sent = Sent(job, result.external_id, result.status)
+                    held = await self.records.submit((item, sent))
+                    summary = f"message {job.message_id} sent as {result.external_id}"
+                    return _ended(item, begun, outcome="done" if held else "lease_lost", summary=summary)
+        except Exception as exc:
+            failure = exc
+        return await finish_item(item, handled, failure, self.limits, begun=begun)
+
+    async def release(self, rest: Sequence[ClaimedItem]) -> None:
+        """Give back a run's items that were not sent (a failure to do so only leaves them to their leases)."""
+        for item in rest:
+            self.held.pop(item.id, None)
+        if rest:
+            with contextlib.suppress(Exception):
+                async with session_scope() as session:
+                    await release_unsent(session, rest)
+
+    async def keep_leases(self) -> None:
+        """Extend the leases of every held item every third of the lease, in one statement."""
+        while True:
+            await asyncio.sleep(max(self.limits.lease_seconds / 3, 0.05))
+            held = list(self.held.values())
+            with contextlib.suppress(Exception):  # a missed heartbeat only shortens the leases; the next may land
+                async with session_scope() as session:
+                    await extend_leases(session, held, self.limits.lease_seconds)
+
+
+def _message_id(item: ClaimedItem) -> int:
+    return int(item.payload.get("message_id") or item.key)
+
+
+def _ended(item: ClaimedItem, begun: float, **fields: Any) -> DrainedItem:
+    return DrainedItem(
+        item_id=item.id,
+        key=item.key,
+        instance_id=item.instance_id,
+        attempt=item.attempts,
+        seconds=round(time.monotonic() - begun, 3),
+        **fields,
     )
 
 
-async def _send(item: ClaimedItem, *, gateways: Mapping[str, Gateway], policy: SendPolicy) -> Handled:
-    outcome = await send_item(item, gateways, policy)
+def _handled(outcome: SendOutcome) -> Handled:
     result = {"external_id": outcome.external_id} if outcome.external_id else None
     return Handled(result=result, summary=outcome.summary, error=outcome.error, retry_after=outcome.retry_after)
 

@@ -17,14 +17,13 @@ Per message (a ``send`` queue item, key = the message id):
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from core.errors import (
     GatewayError,
     GatewayOutcomeUnknown,
-    GatewaySendRejected,
     GatewayTransientError,
 )
 from core.policies.backoff import should_give_up
@@ -33,15 +32,18 @@ from db.repositories.live_events import publish
 from db.repositories.outbox import (
     OUTSTANDING,
     SendJob,
+    Sent,
     load_send_job,
     mark_attempted,
+    mark_first_attempts,
     record_sent,
+    record_sent_many,
     restore_attempt,
     set_outcome,
     status_events,
     stored_external_ids,
 )
-from db.repositories.work_queue import ClaimedItem
+from db.repositories.work_queue import ClaimedItem, complete_many
 from gateways.base import Gateway
 
 LOGGED_OUT = "instance logged out"
@@ -149,25 +151,72 @@ async def send_item(item: ClaimedItem, gateways: Mapping[str, Gateway], policy: 
         return SendOutcome(summary=f"message {message_id} already sent")
     try:
         result = await gateway.send(job.instance_name, job.outgoing(), timeout_seconds=policy.timeout_seconds)
-    except GatewaySendRejected as exc:
-        await _outcome(job, status="failed", error=_reason(exc))
-        return SendOutcome(error=_reason(exc))
-    except GatewayOutcomeUnknown as exc:
+    except GatewayError as exc:
+        return await failed_send(job, item, policy, exc)
+    await _adopt(job, external_id=result.external_id, status=result.status, sent_at=None)
+    return SendOutcome(summary=f"message {message_id} sent as {result.external_id}", external_id=result.external_id)
+
+
+async def failed_send(job: SendJob, item: ClaimedItem, policy: SendPolicy, exc: GatewayError) -> SendOutcome:
+    """What becomes of a message whose one call (made after ``attempted_at`` was committed) raised ``exc``: refused
+    for good → ``failed``; no answer → ``unknown``, retried after the grace period; not taken → ``attempted_at`` put
+    back and the error raised (the queue's backoff), or ``failed`` once the item used its attempts."""
+    if isinstance(exc, GatewayOutcomeUnknown):
         if should_give_up(item.attempts, policy.max_attempts):
             error = f"gave up after {item.attempts} attempts: {_reason(exc)}"
             await _outcome(job, status="unknown", error=error)
             return SendOutcome(error=error)
         await _outcome(job, status="unknown", error=_reason(exc))
         return SendOutcome(error=_reason(exc), retry_after=policy.unknown_grace_seconds)
-    except GatewayTransientError as exc:
+    if isinstance(exc, GatewayTransientError):
         async with session_scope() as session:
-            await restore_attempt(session, message_id, job.attempted_at)
+            await restore_attempt(session, job.message_id, job.attempted_at)
         return await _transient(job, item, policy, exc)
-    except GatewayError as exc:  # auth, not found, not supported: a retry cannot cure it
-        await _outcome(job, status="failed", error=_reason(exc))
-        return SendOutcome(error=_reason(exc))
-    await _adopt(job, external_id=result.external_id, status=result.status, sent_at=None)
-    return SendOutcome(summary=f"message {message_id} sent as {result.external_id}", external_id=result.external_id)
+    # refused for good (number not on WhatsApp), or auth, not found, not supported: a retry cannot cure it
+    await _outcome(job, status="failed", error=_reason(exc))
+    return SendOutcome(error=_reason(exc))
+
+
+# -- the set-based path: many instances' messages per statement (a wave) ------------------------------------------
+
+
+def fast_gateway(job: SendJob | None, gateways: Mapping[str, Gateway]) -> Gateway | None:
+    """The gateway of a message that can go the set-based way (never attempted, ``pending``, its instance connected
+    and its gateway configured); None sends it down :func:`send_item`'s one-message path."""
+    if job is None or job.external_id is not None or job.status != "pending" or job.attempted_at is not None:
+        return None
+    if job.logged_out or job.instance_status != "connected":
+        return None
+    return gateways.get(job.gateway)
+
+
+LEASE_LOST = "lease lost"
+"""What :func:`mark_wave` answers for an item another drain holds now: its message must not be sent."""
+
+
+async def mark_wave(wave: Sequence[tuple[ClaimedItem, SendJob]]) -> list[datetime | str | None]:
+    """Stamp ``attempted_at`` on a wave's messages and commit, before any of them is sent; per entry its
+    ``attempted_at``, None when it was not stamped (the one-message rules decide), or :data:`LEASE_LOST`."""
+    async with session_scope() as session:
+        marked = await mark_first_attempts(session, [(job.message_id, item.id, item.lease_token) for item, job in wave])
+    return [marked.get(job.message_id, None) if job.message_id in marked else LEASE_LOST for _, job in wave]
+
+
+async def record_wave(wave: Sequence[tuple[ClaimedItem, Sent]]) -> list[bool]:
+    """In one transaction: the wave's accepted sends get their gateway ids (merged with rows their echoes
+    inserted), their status changes are announced, and their items are done. Per entry whether its item was still
+    held (the message is recorded either way)."""
+    async with session_scope() as session:
+        changes = await record_sent_many(session, [sent for _, sent in wave])
+        events = [
+            event
+            for (_, sent), change in zip(wave, changes, strict=True)
+            if change is not None
+            for event in status_events(sent.job.organization_id, [change])
+        ]
+        await publish(events, session=session)
+        done = await complete_many(session, [(item, {"external_id": sent.external_id}) for item, sent in wave])
+    return [item.id in done for item, _ in wave]
 
 
 def job_reason(job: SendJob) -> str:

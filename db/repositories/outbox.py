@@ -267,22 +267,26 @@ class SendJob:
         )
 
 
+_JOB_SQL = """
+SELECT m.id, m.organization_id, m.instance_id, m.conversation_id, i.gateway, i.instance_name, i.status, i.logged_out,
+       c.jid, m.type, m.content, m.media_url, m.media_mime, m.media_name, m.status, m.external_id, m.attempted_at
+FROM messages m JOIN conversations v ON v.id = m.conversation_id
+JOIN contacts c ON c.id = v.contact_id JOIN whatsapp_instances i ON i.id = m.instance_id
+"""
+
+
 async def load_send_job(session: AsyncSession, message_id: int) -> SendJob | None:
     """The message, its recipient and its instance; None when the message is gone."""
-    row = (
-        await session.execute(
-            text(
-                "SELECT m.id, m.organization_id, m.instance_id, m.conversation_id, i.gateway, i.instance_name, "
-                "i.status, i.logged_out, c.jid, m.type, m.content, m.media_url, m.media_mime, m.media_name, "
-                "m.status, m.external_id, m.attempted_at "
-                "FROM messages m JOIN conversations v ON v.id = m.conversation_id "
-                "JOIN contacts c ON c.id = v.contact_id JOIN whatsapp_instances i ON i.id = m.instance_id "
-                "WHERE m.id = :id"
-            ),
-            {"id": message_id},
-        )
-    ).one_or_none()
+    row = (await session.execute(text(_JOB_SQL + "WHERE m.id = :id"), {"id": message_id})).one_or_none()
     return SendJob(*row) if row else None
+
+
+async def load_send_jobs(session: AsyncSession, message_ids: Sequence[int]) -> dict[int, SendJob]:
+    """:func:`load_send_job` for many messages in one statement (the ones that still exist, by id)."""
+    if not message_ids:
+        return {}
+    rows = await session.execute(text(_JOB_SQL + "WHERE m.id = ANY(:ids)"), {"ids": list(message_ids)})
+    return {row[0]: SendJob(*row) for row in rows.all()}
 
 
 async def mark_attempted(session: AsyncSession, message_id: int) -> datetime | None:
@@ -312,51 +316,134 @@ async def record_sent(
     kept if further along, and the outbox row (with the client's key) stays. Returns the change, or None when the
     status did not move.
     """
-    current = (
-        await session.execute(
-            text("SELECT status, external_id FROM messages WHERE id = :id FOR UPDATE"), {"id": job.message_id}
+    (change,) = await record_sent_many(session, [Sent(job, external_id, status, sent_at)])
+    return change
+
+
+@dataclass(frozen=True, slots=True)
+class Sent:
+    """A send the gateway took: its message, the gateway's id and the status the answer implies."""
+
+    job: SendJob
+    external_id: str
+    status: str
+    sent_at: datetime | None = None
+
+
+_UNNEST_SENT = "unnest(CAST(:ids AS bigint[]), CAST(:insts AS uuid[]), CAST(:exts AS text[])) AS u(id, inst, ext)"
+
+
+async def record_sent_many(session: AsyncSession, sent: Sequence[Sent]) -> list[StatusChange | None]:
+    """:func:`record_sent` for many messages (at most one per instance and gateway id) in four statements; one
+    change (or None) per input, in order."""
+    if not sent:
+        return []
+    current = {
+        r[0]: (r[1], r[2])
+        for r in await session.execute(
+            text("SELECT id, status, external_id FROM messages WHERE id = ANY(:ids) ORDER BY id FOR UPDATE"),
+            {"ids": sorted({s.job.message_id for s in sent})},
         )
-    ).one_or_none()
-    if current is None:
-        return None
-    old_status, stored_id = current
-    best = _later(old_status if old_status not in OUTSTANDING else "pending", status)
-    if stored_id is None:
-        echo = (
-            await session.execute(
-                text(
-                    "DELETE FROM messages WHERE instance_id = :inst AND external_id = :ext AND id <> :id "
-                    "AND attempted_at IS NULL AND client_id IS NULL RETURNING status"
-                ),
-                {"inst": job.instance_id, "ext": external_id, "id": job.message_id},
-            )
-        ).scalar_one_or_none()
-        if echo is not None:
-            best = _later(best, echo)
-    elif stored_id != external_id:  # an echo adopted the row under another id: that one stays
-        external_id = stored_id
-    if stored_id is None and await _stored_elsewhere(session, job, external_id):
+    }
+    fresh = [s for s in sent if s.job.message_id in current and current[s.job.message_id][1] is None]
+    echoes: dict[int, str] = {}
+    elsewhere: set[int] = set()
+    if fresh:
+        ids = {
+            "ids": [s.job.message_id for s in fresh],
+            "insts": [s.job.instance_id for s in fresh],
+            "exts": [s.external_id for s in fresh],
+        }
+        # the rows an echo inserted on their own (before the send was recorded) merge into the outbox rows
+        deleted = await session.execute(
+            text(
+                f"DELETE FROM messages d USING {_UNNEST_SENT} WHERE d.instance_id = u.inst AND d.external_id = u.ext "
+                "AND d.id <> u.id AND d.attempted_at IS NULL AND d.client_id IS NULL RETURNING u.id, d.status"
+            ),
+            ids,
+        )
+        echoes = {r[0]: r[1] for r in deleted}
         # another outbox message holds that id (a reconciliation must never take a sibling's echo): keep it apart
-        return None
-    await session.execute(
-        text(
-            "UPDATE messages SET external_id = :ext, status = :status, error = NULL, "
-            "sent_at = COALESCE(:sent_at, sent_at) WHERE id = :id"
-        ),
-        {"id": job.message_id, "ext": external_id, "status": best, "sent_at": sent_at},
-    )
-    if best == old_status:
-        return None
-    return StatusChange(job.message_id, job.conversation_id, job.instance_id, external_id, best)
-
-
-async def _stored_elsewhere(session: AsyncSession, job: SendJob, external_id: str) -> bool:
-    return (
-        await session.execute(
-            text("SELECT 1 FROM messages WHERE instance_id = :inst AND external_id = :ext AND id <> :id"),
-            {"inst": job.instance_id, "ext": external_id, "id": job.message_id},
+        taken = await session.execute(
+            text(
+                f"SELECT u.id FROM {_UNNEST_SENT} WHERE EXISTS (SELECT 1 FROM messages x "
+                "WHERE x.instance_id = u.inst AND x.external_id = u.ext AND x.id <> u.id)"
+            ),
+            ids,
         )
-    ).first() is not None
+        elsewhere = {r[0] for r in taken}
+    changes: list[StatusChange | None] = []
+    updates: list[tuple[int, str, str, datetime | None]] = []
+    for s in sent:
+        job = s.job
+        if job.message_id not in current or job.message_id in elsewhere:
+            changes.append(None)
+            continue
+        old_status, stored_id = current[job.message_id]
+        best = _later(old_status if old_status not in OUTSTANDING else "pending", s.status)
+        external_id = s.external_id
+        if stored_id is None:
+            if job.message_id in echoes:
+                best = _later(best, echoes[job.message_id])
+        elif stored_id != external_id:  # an echo adopted the row under another id: that one stays
+            external_id = stored_id
+        updates.append((job.message_id, external_id, best, s.sent_at))
+        changed = best != old_status
+        changes.append(
+            StatusChange(job.message_id, job.conversation_id, job.instance_id, external_id, best) if changed else None
+        )
+    if updates:
+        await session.execute(
+            text(
+                "UPDATE messages m SET external_id = u.ext, status = u.status, error = NULL, "
+                "sent_at = COALESCE(u.sent_at, m.sent_at) FROM unnest(CAST(:ids AS bigint[]), CAST(:exts AS text[]), "
+                "CAST(:statuses AS text[]), CAST(:sent_ats AS timestamptz[])) AS u(id, ext, status, sent_at) "
+                "WHERE m.id = u.id"
+            ),
+            {
+                "ids": [u[0] for u in updates],
+                "exts": [u[1] for u in updates],
+                "statuses": [u[2] for u in updates],
+                "sent_ats": [u[3] for u in updates],
+            },
+        )
+    return changes
+
+
+_MARK_HELD_SQL = text("""
+WITH held AS (
+    SELECT u.message_id FROM unnest(CAST(:mids AS bigint[]), CAST(:wids AS bigint[]), CAST(:tokens AS uuid[]))
+        AS u(message_id, item_id, token)
+    JOIN work_items w ON w.id = u.item_id AND w.lease_token = u.token AND w.state = 'running'
+), marked AS (
+    UPDATE messages m SET attempted_at = clock_timestamp()
+    FROM held h, whatsapp_instances i
+    WHERE m.id = h.message_id AND i.id = m.instance_id AND i.status = 'connected' AND NOT i.logged_out
+      AND m.external_id IS NULL AND m.status = 'pending' AND m.attempted_at IS NULL
+    RETURNING m.id, m.attempted_at
+)
+SELECT h.message_id, k.attempted_at FROM held h LEFT JOIN marked k ON k.id = h.message_id
+""")
+
+
+async def mark_first_attempts(
+    session: AsyncSession, attempts: Sequence[tuple[int, int, uuid.UUID]]
+) -> dict[int, datetime | None]:
+    """Stamp ``attempted_at`` on many never-attempted messages in one statement, for (message id, work item id,
+    lease token) whose work item is still held by that token.
+
+    Returns, for each message whose item is still held, its ``attempted_at`` — or None when it was not stamped: it
+    got its gateway id meanwhile, is no longer ``pending``, was attempted before, or its instance is no longer
+    connected (the caller then applies the one-message rules). A message missing from the answer must not be sent:
+    its item's lease was lost.
+    """
+    if not attempts:
+        return {}
+    rows = await session.execute(
+        _MARK_HELD_SQL,
+        {"mids": [a[0] for a in attempts], "wids": [a[1] for a in attempts], "tokens": [a[2] for a in attempts]},
+    )
+    return {r[0]: r[1] for r in rows.all()}
 
 
 async def stored_external_ids(session: AsyncSession, instance_id: uuid.UUID, external_ids: Sequence[str]) -> set[str]:
