@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 
@@ -53,10 +54,10 @@ from tasks.send import (
     LEASE_LOST,
     SendOutcome,
     SendPolicy,
+    ToMark,
     failed_send,
     fast_gateway,
-    mark_wave,
-    record_wave,
+    run_wave,
     send_item,
 )
 
@@ -167,6 +168,15 @@ class _GroupCommit(Generic[T, R]):
                         future.set_result(result)
 
 
+@dataclass(frozen=True, slots=True)
+class _Carry:
+    """A send the gateway accepted, to be recorded in the line's next wave."""
+
+    item: ClaimedItem
+    sent: Sent
+    begun: float
+
+
 class _Lines:
     """One drain's lines: the runs it holds, its waves, and the heartbeat that keeps their leases."""
 
@@ -184,8 +194,7 @@ class _Lines:
         self.report = report
         self.gap = gap
         self.held: dict[int, ClaimedItem] = {}
-        self.marks = _GroupCommit(mark_wave)
-        self.records = _GroupCommit(record_wave)
+        self.waves = _GroupCommit(run_wave)
 
     async def drain(self, budget_seconds: float | None) -> None:
         """Claim runs while lines are free and work them, until nothing is due (or the budget is spent)."""
@@ -220,7 +229,11 @@ class _Lines:
                 task.result()
 
     async def work_run(self, run: list[ClaimedItem]) -> None:
-        """Send a line's run in order, paced; give back the rest once one of its messages must wait."""
+        """Send a line's run in order, paced; give back the rest once one of its messages must wait.
+
+        Without pacing, the wave that records a send also marks the line's next message (one transaction per
+        message and line); with pacing, the send is recorded first, then the line waits, then the next is marked.
+        """
         jobs: dict[int, SendJob] = {}
         failure: Exception | None = None
         try:
@@ -228,47 +241,89 @@ class _Lines:
                 jobs = await load_send_jobs(session, [_message_id(item) for item in run])
         except Exception as exc:  # the first item takes the failure (a database away: retried), the rest go back
             failure = exc
+        carry: _Carry | None = None
         for index, item in enumerate(run):
+            job = jobs.get(_message_id(item))
+            gateway = None if failure is not None else fast_gateway(job, self.gateways)
+            if carry is not None and (self.gap or gateway is None or job is None):
+                stopped, _ = await self.step(carry, None)
+                carry = None
+                if stopped:
+                    await self.release(run[index:])
+                    return
             if index and self.gap:
                 await asyncio.sleep(self.gap)
-            if failure is None:
-                ended = await self.send(item, jobs.get(_message_id(item)))
-            else:
+            ended: DrainedItem | None
+            if failure is not None:
                 ended = await finish_item(item, None, failure, self.limits, begun=time.monotonic())
-            self.held.pop(item.id, None)
-            self.report.claimed += 1  # the items given back unsent are not counted: a later claim works them
-            count_item(self.report, ended)
-            if ended.outcome not in ("done", "failed"):
-                await self.release(run[index + 1 :])
-                return
+            elif gateway is None or job is None:
+                ended = await self.one(item)
+            else:
+                stopped, marked = await self.step(carry, (item, job))
+                carry = None
+                if stopped:
+                    await self.release(run[index:])
+                    return
+                ended, carry = await self.fast(item, job, gateway, marked)
+            if ended is not None:
+                self.count(ended)
+                if ended.outcome not in ("done", "failed"):
+                    await self.release(run[index + 1 :])
+                    return
+        if carry is not None:
+            await self.step(carry, None)
 
-    async def send(self, item: ClaimedItem, job: SendJob | None) -> DrainedItem:
-        """One message: in the waves when it can go the set-based way, else by the one-message rules."""
+    async def step(self, carry: _Carry | None, to_mark: ToMark | None) -> tuple[bool, datetime | str | None]:
+        """The line's part of the next wave: record ``carry`` and/or mark ``to_mark``. Returns (stopped, the mark's
+        answer); stopped when the wave failed (``carry`` goes back to the queue, ``to_mark`` was not marked)."""
+        try:
+            held, marked = await self.waves.submit((None if carry is None else (carry.item, carry.sent), to_mark))
+        except Exception as exc:
+            if carry is not None:
+                self.count(await finish_item(carry.item, None, exc, self.limits, begun=carry.begun))
+            return True, None
+        if carry is not None:
+            summary = f"message {carry.sent.job.message_id} sent as {carry.sent.external_id}"
+            self.count(_ended(carry.item, carry.begun, outcome="done" if held else "lease_lost", summary=summary))
+        return False, marked
+
+    async def fast(
+        self, item: ClaimedItem, job: SendJob, gateway: Gateway, marked: datetime | str | None
+    ) -> tuple[DrainedItem | None, _Carry | None]:
+        """Send a marked message: an accepted send is carried to the next wave; anything else ends here."""
+        begun = time.monotonic()
+        if marked == LEASE_LOST:
+            return _ended(item, begun, outcome="lease_lost", error="another drain holds the item"), None
+        if marked is None:  # something changed since the run was loaded: the one-message rules decide
+            return await self.one(item), None
+        try:
+            result = await gateway.send(job.instance_name, job.outgoing(), timeout_seconds=self.policy.timeout_seconds)
+        except GatewayError as exc:
+            handled: Handled | None = None
+            failure: Exception | None = None
+            try:
+                handled = _handled(await failed_send(job, item, self.policy, exc))
+            except Exception as raised:
+                failure = raised
+            return await finish_item(item, handled, failure, self.limits, begun=begun), None
+        return None, _Carry(item, Sent(job, result.external_id, result.status), begun)
+
+    async def one(self, item: ClaimedItem) -> DrainedItem:
+        """One message by the one-message rules (:func:`tasks.send.send_item`), finished on its own."""
         begun = time.monotonic()
         handled: Handled | None = None
         failure: Exception | None = None
         try:
-            gateway = fast_gateway(job, self.gateways)
-            marked = None if gateway is None or job is None else await self.marks.submit((item, job))
-            if marked == LEASE_LOST:
-                return _ended(item, begun, outcome="lease_lost", error="another drain holds the item")
-            if gateway is None or job is None or marked is None:  # something else: the one-message rules
-                handled = _handled(await send_item(item, self.gateways, self.policy))
-            else:
-                try:
-                    result = await gateway.send(
-                        job.instance_name, job.outgoing(), timeout_seconds=self.policy.timeout_seconds
-                    )
-                except GatewayError as exc:
-                    handled = _handled(await failed_send(job, item, self.policy, exc))
-                else:
-                    sent = Sent(job, result.external_id, result.status)
-                    held = await self.records.submit((item, sent))
-                    summary = f"message {job.message_id} sent as {result.external_id}"
-                    return _ended(item, begun, outcome="done" if held else "lease_lost", summary=summary)
+            handled = _handled(await send_item(item, self.gateways, self.policy))
         except Exception as exc:
             failure = exc
         return await finish_item(item, handled, failure, self.limits, begun=begun)
+
+    def count(self, ended: DrainedItem) -> None:
+        """The item is no longer held; add its ending to the report."""
+        self.held.pop(ended.item_id, None)
+        self.report.claimed += 1  # the items given back unsent are not counted: a later claim works them
+        count_item(self.report, ended)
 
     async def release(self, rest: Sequence[ClaimedItem]) -> None:
         """Give back a run's items that were not sent (a failure to do so only leaves them to their leases)."""

@@ -191,32 +191,49 @@ def fast_gateway(job: SendJob | None, gateways: Mapping[str, Gateway]) -> Gatewa
 
 
 LEASE_LOST = "lease lost"
-"""What :func:`mark_wave` answers for an item another drain holds now: its message must not be sent."""
+"""What :func:`run_wave` answers for a message whose item another drain holds now: it must not be sent."""
+
+Recorded = tuple[ClaimedItem, Sent]
+"""An accepted send to record, with its item."""
+ToMark = tuple[ClaimedItem, SendJob]
+"""A message about to be sent, with its item."""
 
 
-async def mark_wave(wave: Sequence[tuple[ClaimedItem, SendJob]]) -> list[datetime | str | None]:
-    """Stamp ``attempted_at`` on a wave's messages and commit, before any of them is sent; per entry its
-    ``attempted_at``, None when it was not stamped (the one-message rules decide), or :data:`LEASE_LOST`."""
+async def run_wave(wave: Sequence[tuple[Recorded | None, ToMark | None]]) -> list[tuple[bool, datetime | str | None]]:
+    """One transaction for a wave of lines, each with the send it just finished and/or the message it sends next.
+
+    The accepted sends get their gateway ids (merged with rows their echoes inserted), their status changes are
+    announced and their items done; then the next messages get ``attempted_at`` (committed before any of them is
+    sent; only never-attempted ``pending`` messages of connected instances whose items are still held). Per entry:
+    whether the recorded item was still held (the send is recorded either way), and the mark's answer — the
+    ``attempted_at``, None when not stamped (the one-message rules decide), or :data:`LEASE_LOST`.
+    """
+    recorded = [entry for entry, _ in wave if entry is not None]
+    to_mark = [entry for _, entry in wave if entry is not None]
+    held: set[int] = set()
+    marked: dict[int, datetime | None] = {}
     async with session_scope() as session:
-        marked = await mark_first_attempts(session, [(job.message_id, item.id, item.lease_token) for item, job in wave])
-    return [marked.get(job.message_id, None) if job.message_id in marked else LEASE_LOST for _, job in wave]
-
-
-async def record_wave(wave: Sequence[tuple[ClaimedItem, Sent]]) -> list[bool]:
-    """In one transaction: the wave's accepted sends get their gateway ids (merged with rows their echoes
-    inserted), their status changes are announced, and their items are done. Per entry whether its item was still
-    held (the message is recorded either way)."""
-    async with session_scope() as session:
-        changes = await record_sent_many(session, [sent for _, sent in wave])
-        events = [
-            event
-            for (_, sent), change in zip(wave, changes, strict=True)
-            if change is not None
-            for event in status_events(sent.job.organization_id, [change])
-        ]
-        await publish(events, session=session)
-        done = await complete_many(session, [(item, {"external_id": sent.external_id}) for item, sent in wave])
-    return [item.id in done for item, _ in wave]
+        if recorded:
+            changes = await record_sent_many(session, [sent for _, sent in recorded])
+            events = [
+                event
+                for (_, sent), change in zip(recorded, changes, strict=True)
+                if change is not None
+                for event in status_events(sent.job.organization_id, [change])
+            ]
+            await publish(events, session=session)
+            held = await complete_many(session, [(item, {"external_id": sent.external_id}) for item, sent in recorded])
+        if to_mark:
+            marked = await mark_first_attempts(
+                session, [(job.message_id, item.id, item.lease_token) for item, job in to_mark]
+            )
+    return [
+        (
+            entry is not None and entry[0].id in held,
+            None if mark is None else marked.get(mark[1].message_id, LEASE_LOST),
+        )
+        for entry, mark in wave
+    ]
 
 
 def job_reason(job: SendJob) -> str:
