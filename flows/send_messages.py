@@ -66,6 +66,8 @@ R = TypeVar("R")
 
 RUN_LENGTH = 25
 """Items of one line claimed together (its run); what the line does not get to is given back unsent."""
+POLL_SECONDS = 0.5
+"""How often a drain with a free line looks for newly due lines at most (it also looks when a line ends)."""
 LINGER_SECONDS = 2.0
 """A drain whose remaining messages come due within this long (plus the pacing interval) waits for them rather
 than ending (pacing would otherwise end it after every instance's first message)."""
@@ -206,6 +208,7 @@ class _Lines:
 
         while True:
             free = self.limits.concurrency - len(running)
+            next_due: float | None = None
             if free > 0 and budget_left():
                 async with session_scope() as session:
                     runs = await claim_line_runs(
@@ -216,14 +219,17 @@ class _Lines:
                         lease_seconds=self.limits.lease_seconds,
                         min_gap_seconds=self.gap,
                     )
+                    if len(runs) < free and running:
+                        next_due = await seconds_to_next_head(session, kind=WorkKind.SEND, min_gap_seconds=self.gap)
                 for run in runs:
                     self.held.update((item.id, item) for item in run)
                     running.add(asyncio.create_task(self.work_run(run)))
             if not running:
                 return
-            # With a free line, look for newly due lines every half second (retries come due meanwhile).
+            # With a free line, look for due lines again when the next comes due (a retry), at least every half second.
             slack = self.limits.concurrency - len(running) > 0 and budget_left()
-            done, _ = await asyncio.wait(running, timeout=0.5 if slack else None, return_when=asyncio.FIRST_COMPLETED)
+            timeout = None if not slack else POLL_SECONDS if next_due is None else min(POLL_SECONDS, next_due + 0.02)
+            done, _ = await asyncio.wait(running, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
             running -= done
             for task in done:
                 task.result()
@@ -273,7 +279,7 @@ class _Lines:
         if carry is not None:
             await self.step(carry, None)
 
-    async def step(self, carry: _Carry | None, to_mark: ToMark | None) -> tuple[bool, datetime | str | None]:
+    async def step(self, carry: _Carry | None, to_mark: ToMark | None) -> tuple[bool, str | None]:
         """The line's part of the next wave: record ``carry`` and/or mark ``to_mark``. Returns (stopped, the mark's
         answer); stopped when the wave failed (``carry`` goes back to the queue, ``to_mark`` was not marked)."""
         try:
@@ -288,7 +294,7 @@ class _Lines:
         return False, marked
 
     async def fast(
-        self, item: ClaimedItem, job: SendJob, gateway: Gateway, marked: datetime | str | None
+        self, item: ClaimedItem, job: SendJob, gateway: Gateway, marked: str | None
     ) -> tuple[DrainedItem | None, _Carry | None]:
         """Send a marked message: an accepted send is carried to the next wave; anything else ends here."""
         begun = time.monotonic()

@@ -35,13 +35,13 @@ from db.repositories.outbox import (
     Sent,
     load_send_job,
     mark_attempted,
-    mark_first_attempts,
     record_sent,
     record_sent_many,
     restore_attempt,
     set_outcome,
     status_events,
     stored_external_ids,
+    write_wave,
 )
 from db.repositories.work_queue import ClaimedItem, complete_many
 from gateways.base import Gateway
@@ -190,6 +190,8 @@ def fast_gateway(job: SendJob | None, gateways: Mapping[str, Gateway]) -> Gatewa
     return gateways.get(job.gateway)
 
 
+MARKED = "marked"
+"""What :func:`run_wave` answers for a message it stamped ``attempted_at`` on: it may be sent now."""
 LEASE_LOST = "lease lost"
 """What :func:`run_wave` answers for a message whose item another drain holds now: it must not be sent."""
 
@@ -199,41 +201,43 @@ ToMark = tuple[ClaimedItem, SendJob]
 """A message about to be sent, with its item."""
 
 
-async def run_wave(wave: Sequence[tuple[Recorded | None, ToMark | None]]) -> list[tuple[bool, datetime | str | None]]:
+async def run_wave(wave: Sequence[tuple[Recorded | None, ToMark | None]]) -> list[tuple[bool, str | None]]:
     """One transaction for a wave of lines, each with the send it just finished and/or the message it sends next.
 
     The accepted sends get their gateway ids (merged with rows their echoes inserted), their status changes are
     announced and their items done; then the next messages get ``attempted_at`` (committed before any of them is
     sent; only never-attempted ``pending`` messages of connected instances whose items are still held). Per entry:
-    whether the recorded item was still held (the send is recorded either way), and the mark's answer — the
-    ``attempted_at``, None when not stamped (the one-message rules decide), or :data:`LEASE_LOST`.
+    whether the recorded item was still held (the send is recorded either way), and the mark's answer —
+    :data:`MARKED`, None when not stamped (the one-message rules decide), or :data:`LEASE_LOST`.
     """
     recorded = [entry for entry, _ in wave if entry is not None]
     to_mark = [entry for _, entry in wave if entry is not None]
-    held: set[int] = set()
-    marked: dict[int, datetime | None] = {}
     async with session_scope() as session:
-        if recorded:
-            changes = await record_sent_many(session, [sent for _, sent in recorded])
+        written = await write_wave(
+            session,
+            [(sent, item.id, item.lease_token) for item, sent in recorded],
+            [(job.message_id, item.id, item.lease_token) for item, job in to_mark],
+        )
+        held = set(written.completed)
+        rest = [(item, sent) for item, sent in recorded if sent.job.message_id not in written.recorded]
+        if rest:  # rare: an echo's row to merge, an id held elsewhere, a row an echo adopted meanwhile
+            changes = await record_sent_many(session, [sent for _, sent in rest])
             events = [
                 event
-                for (_, sent), change in zip(recorded, changes, strict=True)
+                for (_, sent), change in zip(rest, changes, strict=True)
                 if change is not None
                 for event in status_events(sent.job.organization_id, [change])
             ]
             await publish(events, session=session)
-            held = await complete_many(session, [(item, {"external_id": sent.external_id}) for item, sent in recorded])
-        if to_mark:
-            marked = await mark_first_attempts(
-                session, [(job.message_id, item.id, item.lease_token) for item, job in to_mark]
-            )
-    return [
-        (
-            entry is not None and entry[0].id in held,
-            None if mark is None else marked.get(mark[1].message_id, LEASE_LOST),
-        )
-        for entry, mark in wave
-    ]
+            held |= await complete_many(session, [(item, {"external_id": sent.external_id}) for item, sent in rest])
+    answers: list[tuple[bool, str | None]] = []
+    for entry, mark in wave:
+        answer: str | None = None
+        if mark is not None:
+            message_id = mark[1].message_id
+            answer = LEASE_LOST if message_id not in written.held else MARKED if message_id in written.marked else None
+        answers.append((entry is not None and entry[0].id in held, answer))
+    return answers
 
 
 def job_reason(job: SendJob) -> str:

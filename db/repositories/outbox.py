@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import orjson
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -36,6 +37,7 @@ from db.repositories.conversations import (
     ensure_conversations,
     upsert_contacts,
 )
+from db.repositories.live_events import CHANNEL as LIVE_CHANNEL
 from db.repositories.live_events import publish
 from db.repositories.work_queue import enqueue, make_due_now
 
@@ -410,8 +412,35 @@ async def record_sent_many(session: AsyncSession, sent: Sequence[Sent]) -> list[
     return changes
 
 
-_MARK_HELD_SQL = text("""
-WITH held AS (
+_WAVE_SQL = text(f"""
+WITH rec AS (
+    SELECT * FROM unnest(CAST(:r_ids AS bigint[]), CAST(:r_insts AS uuid[]), CAST(:r_exts AS text[]),
+                         CAST(:r_statuses AS text[]), CAST(:r_items AS bigint[]), CAST(:r_tokens AS uuid[]),
+                         CAST(:r_results AS jsonb[]), CAST(:r_orgs AS uuid[]), CAST(:r_payloads AS jsonb[]))
+        WITH ORDINALITY AS r(id, inst, ext, status, item_id, token, result, org, payload, ord)
+), upd AS (  -- the usual case; an echo's row to merge, an id held elsewhere or a row adopted meanwhile: not here
+    UPDATE messages m SET external_id = r.ext, status = r.status, error = NULL
+    FROM rec r
+    WHERE m.id = r.id AND m.external_id IS NULL AND m.status IN ('pending', 'unknown')
+      AND NOT EXISTS (SELECT 1 FROM messages x WHERE x.instance_id = r.inst AND x.external_id = r.ext)
+    RETURNING m.id
+), ins AS (
+    INSERT INTO live_events (organization_id, kind, payload)
+    SELECT r.org, :kind, r.payload FROM rec r JOIN upd ON upd.id = r.id ORDER BY r.ord
+    RETURNING id, organization_id
+), numbered AS (  -- as live_events.publish: the ids per organization, at most 300 per notification
+    SELECT id, organization_id, (row_number() OVER (PARTITION BY organization_id ORDER BY id) - 1) / 300 AS chunk
+    FROM ins
+), notified AS (
+    SELECT pg_notify('{LIVE_CHANNEL}', organization_id::text || ':' || string_agg(id::text, ',' ORDER BY id))
+    FROM numbered GROUP BY organization_id, chunk
+), done AS (
+    UPDATE work_items w SET state = 'done', finished_at = now(), result = r.result, lease_until = NULL,
+        lease_token = NULL, updated_at = now()
+    FROM rec r JOIN upd ON upd.id = r.id
+    WHERE w.id = r.item_id AND w.lease_token = r.token AND w.state = 'running'
+    RETURNING w.id
+), held AS (
     SELECT u.message_id FROM unnest(CAST(:mids AS bigint[]), CAST(:wids AS bigint[]), CAST(:tokens AS uuid[]))
         AS u(message_id, item_id, token)
     JOIN work_items w ON w.id = u.item_id AND w.lease_token = u.token AND w.state = 'running'
@@ -420,30 +449,71 @@ WITH held AS (
     FROM held h, whatsapp_instances i
     WHERE m.id = h.message_id AND i.id = m.instance_id AND i.status = 'connected' AND NOT i.logged_out
       AND m.external_id IS NULL AND m.status = 'pending' AND m.attempted_at IS NULL
-    RETURNING m.id, m.attempted_at
+    RETURNING m.id
 )
-SELECT h.message_id, k.attempted_at FROM held h LEFT JOIN marked k ON k.id = h.message_id
+SELECT (SELECT array_agg(id) FROM upd), (SELECT array_agg(id) FROM done), (SELECT array_agg(message_id) FROM held),
+       (SELECT array_agg(id) FROM marked), (SELECT count(*) FROM notified)
 """)
 
 
-async def mark_first_attempts(
-    session: AsyncSession, attempts: Sequence[tuple[int, int, uuid.UUID]]
-) -> dict[int, datetime | None]:
-    """Stamp ``attempted_at`` on many never-attempted messages in one statement, for (message id, work item id,
-    lease token) whose work item is still held by that token.
+def _status_payload(sent: Sent, status: str) -> dict[str, Any]:
+    job = sent.job
+    change = StatusChange(job.message_id, job.conversation_id, job.instance_id, sent.external_id, status)
+    return dict(status_events(job.organization_id, [change])[0].payload)
 
-    Returns, for each message whose item is still held, its ``attempted_at`` — or None when it was not stamped: it
-    got its gateway id meanwhile, is no longer ``pending``, was attempted before, or its instance is no longer
-    connected (the caller then applies the one-message rules). A message missing from the answer must not be sent:
-    its item's lease was lost.
+
+@dataclass(frozen=True, slots=True)
+class WaveWrite:
+    """What :func:`write_wave` did."""
+
+    recorded: set[int]
+    """Messages it gave their gateway ids (the others need :func:`record_sent_many`)."""
+    completed: set[int]
+    """Work items it completed (those of the recorded messages still held)."""
+    held: set[int]
+    """Messages to mark whose work items are still held (the others must not be sent)."""
+    marked: set[int]
+    """Messages it stamped ``attempted_at`` on."""
+
+
+async def write_wave(
+    session: AsyncSession,
+    recorded: Sequence[tuple[Sent, int, uuid.UUID]],
+    to_mark: Sequence[tuple[int, int, uuid.UUID]],
+) -> WaveWrite:
+    """A wave's usual case in one statement: accepted sends (with their work item id and lease token) get their
+    gateway ids and status, are announced as ``message.status`` and their items completed; messages to send next
+    (message id, work item id, lease token) are stamped as :func:`mark_first_attempts` does.
+
+    A send whose row is not the usual case (an echo's row to merge, its id held by another row, a row an echo
+    adopted meanwhile) is left alone: the caller records it with :func:`record_sent_many`.
     """
-    if not attempts:
-        return {}
-    rows = await session.execute(
-        _MARK_HELD_SQL,
-        {"mids": [a[0] for a in attempts], "wids": [a[1] for a in attempts], "tokens": [a[2] for a in attempts]},
-    )
-    return {r[0]: r[1] for r in rows.all()}
+    statuses = [_later("pending", sent.status) for sent, _, _ in recorded]
+    payloads = [
+        orjson.dumps(_status_payload(sent, status), default=str).decode()
+        for (sent, _, _), status in zip(recorded, statuses, strict=True)
+    ]
+    row = (
+        await session.execute(
+            _WAVE_SQL,
+            {
+                "r_ids": [sent.job.message_id for sent, _, _ in recorded],
+                "r_insts": [sent.job.instance_id for sent, _, _ in recorded],
+                "r_exts": [sent.external_id for sent, _, _ in recorded],
+                "r_statuses": statuses,
+                "r_items": [item_id for _, item_id, _ in recorded],
+                "r_tokens": [token for _, _, token in recorded],
+                "r_results": [orjson.dumps({"external_id": sent.external_id}).decode() for sent, _, _ in recorded],
+                "r_orgs": [sent.job.organization_id for sent, _, _ in recorded],
+                "r_payloads": payloads,
+                "kind": str(Kind.MESSAGE_STATUS),
+                "mids": [m[0] for m in to_mark],
+                "wids": [m[1] for m in to_mark],
+                "tokens": [m[2] for m in to_mark],
+            },
+        )
+    ).one()
+    return WaveWrite(*(set(ids or ()) for ids in row[:4]))
 
 
 async def stored_external_ids(session: AsyncSession, instance_id: uuid.UUID, external_ids: Sequence[str]) -> set[str]:
