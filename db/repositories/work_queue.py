@@ -433,12 +433,25 @@ async def read_item(
 
 _LINE_LOCK_SQL = text("SELECT pg_advisory_xact_lock(hashtext(:name))")
 
-_HEADS = """
-    SELECT DISTINCT ON (w.instance_id) w.id, w.instance_id, w.state, w.next_attempt_at, w.lease_until
-    FROM work_items w
-    WHERE w.kind = :kind AND w.state IN ('pending', 'running') AND w.instance_id IS NOT NULL
-    ORDER BY w.instance_id, w.id
-"""
+_OUTSTANDING_LINE = "w.kind = :kind AND w.state IN ('pending', 'running')"
+_HEADS = f"""
+RECURSIVE line_ids (instance_id) AS (
+    -- the instances with outstanding items, one index probe each (ix_work_items_line), not a scan of every item
+    (SELECT w.instance_id FROM work_items w
+     WHERE {_OUTSTANDING_LINE} AND w.instance_id IS NOT NULL ORDER BY w.instance_id LIMIT 1)
+    UNION ALL
+    SELECT (SELECT w.instance_id FROM work_items w
+            WHERE {_OUTSTANDING_LINE} AND w.instance_id > l.instance_id ORDER BY w.instance_id LIMIT 1)
+    FROM line_ids l WHERE l.instance_id IS NOT NULL
+),
+heads AS (  -- each line's first outstanding item
+    SELECT f.id, f.instance_id, f.state, f.next_attempt_at, f.lease_until
+    FROM line_ids l CROSS JOIN LATERAL (
+        SELECT w.id, w.instance_id, w.state, w.next_attempt_at, w.lease_until FROM work_items w
+        WHERE {_OUTSTANDING_LINE} AND w.instance_id = l.instance_id ORDER BY w.id LIMIT 1
+    ) AS f
+    WHERE l.instance_id IS NOT NULL
+)"""
 _PACED = """
     NOT EXISTS (
         SELECT 1 FROM work_items f
@@ -447,7 +460,7 @@ _PACED = """
 """
 
 _CLAIM_HEADS_SQL = text(f"""
-WITH heads AS ({_HEADS}),
+WITH {_HEADS},
 due AS (
     SELECT h.id FROM heads h
     WHERE ((h.state = 'pending' AND h.next_attempt_at <= clock_timestamp())
@@ -510,7 +523,7 @@ async def claim_line_heads(
 
 
 _NEXT_HEAD_SQL = text(f"""
-WITH heads AS ({_HEADS})
+WITH {_HEADS}
 SELECT EXTRACT(EPOCH FROM min(GREATEST(
     h.next_attempt_at,
     COALESCE((SELECT max(f.finished_at) FROM work_items f
@@ -549,7 +562,7 @@ _DUE = """((x.state = 'pending' AND x.next_attempt_at <= clock_timestamp())
            OR (x.state = 'running' AND x.lease_until <= clock_timestamp()))"""
 
 _CLAIM_RUNS_SQL = text(f"""
-WITH heads AS ({_HEADS}),
+WITH {_HEADS},
 lines AS (
     SELECT h.instance_id FROM heads h
     WHERE ((h.state = 'pending' AND h.next_attempt_at <= clock_timestamp())
