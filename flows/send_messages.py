@@ -66,6 +66,8 @@ R = TypeVar("R")
 
 RUN_LENGTH = 25
 """Items of one line claimed together (its run); what the line does not get to is given back unsent."""
+WAVES_IN_FLIGHT = 3
+"""Wave transactions a drain runs at once (each holds a database connection)."""
 POLL_SECONDS = 0.5
 """How often a drain with a free line looks for newly due lines at most (it also looks when a line ends)."""
 LINGER_SECONDS = 2.0
@@ -138,26 +140,33 @@ async def _drain_lines(
 
 
 class _GroupCommit(Generic[T, R]):
-    """Calls ``flush`` once for every entry submitted while the previous call ran (or in the same turn of the event
-    loop): coroutines that each submit one entry share one statement or transaction — a wave."""
+    """Calls ``flush`` once for all the entries submitted while it waited for one of ``parallel`` slots (or in the
+    same turn of the event loop): coroutines that each submit one entry share one statement or transaction — a
+    wave. A few waves may be in flight at once, so an entry rarely waits for a whole wave before its own starts."""
 
-    def __init__(self, flush: Callable[[list[T]], Awaitable[list[R]]]) -> None:
+    def __init__(self, flush: Callable[[list[T]], Awaitable[list[R]]], *, parallel: int = 1) -> None:
         self._flush = flush
+        self._slots = asyncio.Semaphore(parallel)
         self._waiting: list[tuple[T, asyncio.Future[R]]] = []
-        self._runner: asyncio.Task[None] | None = None
+        self._collecting = False
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def submit(self, entry: T) -> R:
         """Add ``entry`` to the next wave; its result (or the wave's exception)."""
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._waiting.append((entry, future))
-        if self._runner is None or self._runner.done():
-            self._runner = asyncio.create_task(self._run())
+        if not self._collecting:
+            self._collecting = True
+            task = asyncio.create_task(self._collect())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         return await future
 
-    async def _run(self) -> None:
-        while self._waiting:
+    async def _collect(self) -> None:
+        async with self._slots:
             await asyncio.sleep(0)  # whoever gets ready in this turn of the loop joins the wave
             wave, self._waiting = self._waiting, []
+            self._collecting = False
             try:
                 results = await self._flush([entry for entry, _ in wave])
             except Exception as exc:
@@ -196,7 +205,7 @@ class _Lines:
         self.report = report
         self.gap = gap
         self.held: dict[int, ClaimedItem] = {}
-        self.waves = _GroupCommit(run_wave)
+        self.waves = _GroupCommit(run_wave, parallel=WAVES_IN_FLIGHT)
 
     async def drain(self, budget_seconds: float | None) -> None:
         """Claim runs while lines are free and work them, until nothing is due (or the budget is spent)."""
