@@ -45,7 +45,7 @@ from db.repositories.work_queue import (
     release_unsent,
     seconds_to_next_head,
 )
-from flows.drain import DrainLimits, Handled, count_item, finish_item
+from flows.drain import DrainLimits, Handled, count_item, finish_in, finish_item
 from flows.guard import Reporting, current_flow_run_id, guarded
 from flows.runs import wait_for_item
 from gateways.base import Gateway
@@ -179,6 +179,10 @@ class _GroupCommit(Generic[T, R]):
                         future.set_result(result)
 
 
+_Worked = tuple[Handled | None, Exception | None]
+"""How one message's work went: what the handler made of it, or the exception it raised."""
+
+
 @dataclass(frozen=True, slots=True)
 class _Carry:
     """A send the gateway accepted, to be recorded in the line's next wave."""
@@ -228,11 +232,12 @@ class _Lines:
                         lease_seconds=self.limits.lease_seconds,
                         min_gap_seconds=self.gap,
                     )
+                    jobs = await load_send_jobs(session, [_message_id(item) for run in runs for item in run])
                     if len(runs) < free and running:
                         next_due = await seconds_to_next_head(session, kind=WorkKind.SEND, min_gap_seconds=self.gap)
                 for run in runs:
                     self.held.update((item.id, item) for item in run)
-                    running.add(asyncio.create_task(self.work_run(run)))
+                    running.add(asyncio.create_task(self.work_run(run, jobs)))
             if not running:
                 return
             # With a free line, look for due lines again when the next comes due (a retry), at least every half second.
@@ -243,23 +248,17 @@ class _Lines:
             for task in done:
                 task.result()
 
-    async def work_run(self, run: list[ClaimedItem]) -> None:
-        """Send a line's run in order, paced; give back the rest once one of its messages must wait.
+    async def work_run(self, run: list[ClaimedItem], jobs: Mapping[int, SendJob]) -> None:
+        """Send a line's run in order, paced; give back the rest once one of its messages must wait. ``jobs``: the
+        messages as read in the claim's transaction.
 
         Without pacing, the wave that records a send also marks the line's next message (one transaction per
         message and line); with pacing, the send is recorded first, then the line waits, then the next is marked.
         """
-        jobs: dict[int, SendJob] = {}
-        failure: Exception | None = None
-        try:
-            async with session_scope() as session:
-                jobs = await load_send_jobs(session, [_message_id(item) for item in run])
-        except Exception as exc:  # the first item takes the failure (a database away: retried), the rest go back
-            failure = exc
         carry: _Carry | None = None
         for index, item in enumerate(run):
             job = jobs.get(_message_id(item))
-            gateway = None if failure is not None else fast_gateway(job, self.gateways)
+            gateway = fast_gateway(job, self.gateways)
             if carry is not None and (self.gap or gateway is None or job is None):
                 stopped, _ = await self.step(carry, None)
                 carry = None
@@ -268,23 +267,34 @@ class _Lines:
                     return
             if index and self.gap:
                 await asyncio.sleep(self.gap)
-            ended: DrainedItem | None
-            if failure is not None:
-                ended = await finish_item(item, None, failure, self.limits, begun=time.monotonic())
-            elif gateway is None or job is None:
-                ended = await self.one(item)
+            begun = time.monotonic()
+            if gateway is None or job is None:  # the head as claimed (its read is fresh), or anything unusual
+                outcome = await self.one(item, job if index == 0 else None)
             else:
                 stopped, marked = await self.step(carry, (item, job))
                 carry = None
                 if stopped:
                     await self.release(run[index:])
                     return
-                ended, carry = await self.fast(item, job, gateway, marked)
-            if ended is not None:
+                outcome = await self.fast(item, job, gateway, marked)
+            if isinstance(outcome, _Carry):
+                carry = outcome
+                continue
+            rest = run[index + 1 :]
+            if isinstance(outcome, DrainedItem):
+                ended = outcome
                 self.count(ended)
                 if ended.outcome not in ("done", "failed"):
-                    await self.release(run[index + 1 :])
+                    await self.release(rest)
                     return
+                continue
+            handled, failure = outcome
+            ended = await self.finish(item, handled, failure, begun, rest=rest)
+            self.count(ended)
+            if ended.outcome not in ("done", "failed"):  # the rest went back with it
+                for later in rest:
+                    self.held.pop(later.id, None)
+                return
         if carry is not None:
             await self.step(carry, None)
 
@@ -304,35 +314,44 @@ class _Lines:
 
     async def fast(
         self, item: ClaimedItem, job: SendJob, gateway: Gateway, marked: str | None
-    ) -> tuple[DrainedItem | None, _Carry | None]:
-        """Send a marked message: an accepted send is carried to the next wave; anything else ends here."""
-        begun = time.monotonic()
+    ) -> _Carry | DrainedItem | _Worked:
+        """Send a marked message: an accepted send is carried to the next wave; anything else is to be finished."""
         if marked == LEASE_LOST:
-            return _ended(item, begun, outcome="lease_lost", error="another drain holds the item"), None
+            return _ended(item, time.monotonic(), outcome="lease_lost", error="another drain holds the item")
         if marked is None:  # something changed since the run was loaded: the one-message rules decide
-            return await self.one(item), None
+            return await self.one(item, None)
+        begun = time.monotonic()
         try:
             result = await gateway.send(job.instance_name, job.outgoing(), timeout_seconds=self.policy.timeout_seconds)
         except GatewayError as exc:
-            handled: Handled | None = None
-            failure: Exception | None = None
             try:
-                handled = _handled(await failed_send(job, item, self.policy, exc))
+                return _handled(await failed_send(job, item, self.policy, exc)), None
             except Exception as raised:
-                failure = raised
-            return await finish_item(item, handled, failure, self.limits, begun=begun), None
-        return None, _Carry(item, Sent(job, result.external_id, result.status), begun)
+                return None, raised
+        return _Carry(item, Sent(job, result.external_id, result.status), begun)
 
-    async def one(self, item: ClaimedItem) -> DrainedItem:
-        """One message by the one-message rules (:func:`tasks.send.send_item`), finished on its own."""
-        begun = time.monotonic()
-        handled: Handled | None = None
-        failure: Exception | None = None
+    async def one(self, item: ClaimedItem, loaded: SendJob | None) -> _Worked:
+        """One message by the one-message rules (:func:`tasks.send.send_item`)."""
         try:
-            handled = _handled(await send_item(item, self.gateways, self.policy))
+            return _handled(await send_item(item, self.gateways, self.policy, loaded=loaded)), None
         except Exception as exc:
-            failure = exc
-        return await finish_item(item, handled, failure, self.limits, begun=begun)
+            return None, exc
+
+    async def finish(
+        self,
+        item: ClaimedItem,
+        handled: Handled | None,
+        failure: Exception | None,
+        begun: float,
+        *,
+        rest: Sequence[ClaimedItem],
+    ) -> DrainedItem:
+        """Finish the item; when it goes back to the queue, give back the rest of its run in the same transaction."""
+        async with session_scope() as session:
+            ended = await finish_in(session, item, handled, failure, self.limits, begun=begun)
+            if ended.outcome not in ("done", "failed") and rest:
+                await release_unsent(session, rest)
+        return ended
 
     def count(self, ended: DrainedItem) -> None:
         """The item is no longer held; add its ending to the report."""

@@ -114,11 +114,16 @@ async def reconcile(gateway: Gateway, job: SendJob) -> str | None:
     return None
 
 
-async def send_item(item: ClaimedItem, gateways: Mapping[str, Gateway], policy: SendPolicy) -> SendOutcome:
-    """Send one queued outbox message (the rules in the module's docstring); transient failures are raised."""
+async def send_item(
+    item: ClaimedItem, gateways: Mapping[str, Gateway], policy: SendPolicy, *, loaded: SendJob | None = None
+) -> SendOutcome:
+    """Send one queued outbox message (the rules in the module's docstring); transient failures are raised.
+    ``loaded``: the message as read in the transaction that claimed the item (not read again)."""
     message_id = int(item.payload.get("message_id") or item.key)
-    async with session_scope() as session:
-        job = await load_send_job(session, message_id)
+    job = loaded
+    if job is None:
+        async with session_scope() as session:
+            job = await load_send_job(session, message_id)
     if job is None:
         return SendOutcome(summary=f"message {message_id} no longer exists")
     if job.external_id is not None:
