@@ -29,13 +29,15 @@ from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 
 from prefect import flow
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from core.domain import WorkKind
-from core.errors import GatewayError
+from core.errors import DatabaseUnavailable, GatewayError
 from core.names import SEND_FLOW
 from core.reports import DrainedItem, DrainReport
 from core.settings import get_settings
-from db.engine import session_scope
+from db.engine import get_engine, session_scope
 from db.repositories.outbox import SendJob, Sent, load_send_jobs
 from db.repositories.work_queue import (
     ClaimedItem,
@@ -52,6 +54,7 @@ from gateways.base import Gateway
 from gateways.registry import open_gateways
 from tasks.send import (
     LEASE_LOST,
+    Recorded,
     SendOutcome,
     SendPolicy,
     ToMark,
@@ -137,6 +140,7 @@ async def _drain_lines(
         heartbeat.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await heartbeat
+        await lines.links.close()
 
 
 class _GroupCommit(Generic[T, R]):
@@ -183,6 +187,42 @@ _Worked = tuple[Handled | None, Exception | None]
 """How one message's work went: what the handler made of it, or the exception it raised."""
 
 
+class _WaveLinks:
+    """The connections a drain keeps for its wave statements, in autocommit: a wave is one round trip (no pool
+    pre-ping, BEGIN or COMMIT). A connection that failed is dropped; the next wave opens another."""
+
+    def __init__(self) -> None:
+        self._idle: list[AsyncConnection] = []
+
+    async def run(self, wave: list[tuple[Recorded | None, ToMark | None]]) -> list[tuple[bool, str | None]]:
+        """:func:`tasks.send.run_wave` on an idle kept connection."""
+        connection = self._idle.pop() if self._idle else await self._open()
+        try:
+            answers = await run_wave(wave, connection=connection)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await connection.invalidate()
+                await connection.close()
+            raise
+        self._idle.append(connection)
+        return answers
+
+    async def close(self) -> None:
+        """Give the connections back to the pool."""
+        idle, self._idle = self._idle, []
+        for connection in idle:
+            with contextlib.suppress(Exception):
+                await connection.close()
+
+    @staticmethod
+    async def _open() -> AsyncConnection:
+        try:
+            connection = await get_engine().connect()
+        except (OSError, OperationalError, InterfaceError) as exc:  # as session_scope: a database that is away
+            raise DatabaseUnavailable(f"the database is unreachable: {type(exc).__name__}") from exc
+        return await connection.execution_options(isolation_level="AUTOCOMMIT")
+
+
 @dataclass(frozen=True, slots=True)
 class _Carry:
     """A send the gateway accepted, to be recorded in the line's next wave."""
@@ -209,7 +249,8 @@ class _Lines:
         self.report = report
         self.gap = gap
         self.held: dict[int, ClaimedItem] = {}
-        self.waves = _GroupCommit(run_wave, parallel=WAVES_IN_FLIGHT)
+        self.links = _WaveLinks()
+        self.waves = _GroupCommit(self.links.run, parallel=WAVES_IN_FLIGHT)
 
     async def drain(self, budget_seconds: float | None) -> None:
         """Claim runs while lines are free and work them, until nothing is due (or the budget is spent)."""

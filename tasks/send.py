@@ -21,6 +21,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+from sqlalchemy.ext.asyncio import AsyncConnection
+
 from core.errors import (
     GatewayError,
     GatewayOutcomeUnknown,
@@ -206,26 +208,32 @@ ToMark = tuple[ClaimedItem, SendJob]
 """A message about to be sent, with its item."""
 
 
-async def run_wave(wave: Sequence[tuple[Recorded | None, ToMark | None]]) -> list[tuple[bool, str | None]]:
-    """One transaction for a wave of lines, each with the send it just finished and/or the message it sends next.
+async def run_wave(
+    wave: Sequence[tuple[Recorded | None, ToMark | None]], *, connection: AsyncConnection | None = None
+) -> list[tuple[bool, str | None]]:
+    """One wave of lines, each with the send it just finished and/or the message it sends next, in one statement.
 
     The accepted sends get their gateway ids (merged with rows their echoes inserted), their status changes are
     announced and their items done; then the next messages get ``attempted_at`` (committed before any of them is
     sent; only never-attempted ``pending`` messages of connected instances whose items are still held). Per entry:
     whether the recorded item was still held (the send is recorded either way), and the mark's answer —
-    :data:`MARKED`, None when not stamped (the one-message rules decide), or :data:`LEASE_LOST`.
+    :data:`MARKED`, None when not stamped (the one-message rules decide), or :data:`LEASE_LOST`. ``connection``:
+    one in autocommit to run the wave's statement on (no BEGIN, COMMIT or pool pre-ping for it).
     """
     recorded = [entry for entry, _ in wave if entry is not None]
     to_mark = [entry for _, entry in wave if entry is not None]
-    async with session_scope() as session:
-        written = await write_wave(
-            session,
-            [(sent, item.id, item.lease_token) for item, sent in recorded],
-            [(job.message_id, item.id, item.lease_token) for item, job in to_mark],
-        )
-        held = set(written.completed)
-        rest = [(item, sent) for item, sent in recorded if sent.job.message_id not in written.recorded]
-        if rest:  # rare: an echo's row to merge, an id held elsewhere, a row an echo adopted meanwhile
+    recording = [(sent, item.id, item.lease_token) for item, sent in recorded]
+    marking = [(job.message_id, item.id, item.lease_token) for item, job in to_mark]
+    if connection is not None:  # one statement: atomic on its own, on a connection in autocommit
+        written = await write_wave(connection, recording, marking)
+        await connection.commit()
+    else:
+        async with session_scope() as session:
+            written = await write_wave(session, recording, marking)
+    held = set(written.completed)
+    rest = [(item, sent) for item, sent in recorded if sent.job.message_id not in written.recorded]
+    if rest:  # rare: an echo's row to merge, an id held elsewhere, a row an echo adopted meanwhile
+        async with session_scope() as session:
             changes = await record_sent_many(session, [sent for _, sent in rest])
             events = [
                 event

@@ -21,7 +21,7 @@ from typing import Any
 
 import orjson
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from core.domain import STATUS_ORDER, STATUS_RANK, GatewayMessage, OutgoingMessage, OutgoingType, WorkKind
 from core.errors import Conflict
@@ -477,7 +477,7 @@ class WaveWrite:
 
 
 async def write_wave(
-    session: AsyncSession,
+    session: AsyncSession | AsyncConnection,
     recorded: Sequence[tuple[Sent, int, uuid.UUID]],
     to_mark: Sequence[tuple[int, int, uuid.UUID]],
 ) -> WaveWrite:
