@@ -88,10 +88,11 @@ async def drain(
         done, _ = await asyncio.wait(running, timeout=0.5 if slack else None, return_when=asyncio.FIRST_COMPLETED)
         for task in done:
             running.pop(task)
-            _count(report, task.result())
+            count_item(report, task.result())
 
 
-def _count(report: DrainReport, item: DrainedItem) -> None:
+def count_item(report: DrainReport, item: DrainedItem) -> None:
+    """Add one item's ending to the report."""
     match item.outcome:
         case "done":
             report.done += 1
@@ -121,6 +122,28 @@ async def _work(item: ClaimedItem, handler: Handler, limits: DrainLimits) -> Dra
         heartbeat.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await heartbeat
+    return await finish_item(item, handled, failure, limits, begun=begun)
+
+
+async def finish_item(
+    item: ClaimedItem, handled: Handled | None, failure: BaseException | None, limits: DrainLimits, *, begun: float
+) -> DrainedItem:
+    """Finish one item in a transaction of its own according to how its work went (``handled``, or the exception
+    it raised): done, back to the queue (an asked-for retry, or a transient failure with backoff), or failed."""
+    async with session_scope() as session:
+        return await finish_in(session, item, handled, failure, limits, begun=begun)
+
+
+async def finish_in(
+    session: AsyncSession,
+    item: ClaimedItem,
+    handled: Handled | None,
+    failure: BaseException | None,
+    limits: DrainLimits,
+    *,
+    begun: float,
+) -> DrainedItem:
+    """:func:`finish_item` in the caller's transaction."""
     ended = functools.partial(
         DrainedItem,
         item_id=item.id,
@@ -129,38 +152,37 @@ async def _work(item: ClaimedItem, handler: Handler, limits: DrainLimits) -> Dra
         attempt=item.attempts,
         seconds=round(time.monotonic() - begun, 3),
     )
-    async with session_scope() as session:
-        if handled is not None and handled.retry_after is not None:
-            error = handled.error or "to be tried again"
-            state = await queue.retry_later(
-                session, item.id, item.lease_token, error=error, delay_seconds=handled.retry_after
-            )
-            match state:
-                case "pending":
-                    return ended(outcome="retry", error=error, summary=handled.summary)
-                case "done":
-                    return ended(outcome="superseded", error=error, summary=handled.summary)
-                case _:
-                    return ended(outcome="lease_lost", error=error, summary=handled.summary)
-        if handled is not None and handled.error is None:
-            held = await queue.complete(session, item.id, item.lease_token, result=handled.result)
-            return ended(outcome="done" if held else "lease_lost", summary=handled.summary)
-        error = handled.error if handled is not None and handled.error is not None else _describe(failure)
-        result = handled.result if handled is not None else None
-        if failure is not None and is_transient(failure) and not should_give_up(item.attempts, limits.max_attempts):
-            delay = retry_delay(item.attempts, initial=limits.retry_initial_seconds, cap=limits.retry_max_seconds)
-            state = await queue.retry_later(session, item.id, item.lease_token, error=error, delay_seconds=delay)
-            match state:
-                case "pending":
-                    return ended(outcome="retry", error=error)
-                case "done":  # a newer request superseded the item meanwhile
-                    return ended(outcome="superseded", error=error)
-                case _:  # None: another drain holds the item now
-                    return ended(outcome="lease_lost", error=error)
-        if failure is not None and is_transient(failure):
-            error = f"gave up after {item.attempts} attempts: {error}"
-        held = await queue.fail(session, item.id, item.lease_token, error=error, result=result)
-        return ended(outcome="failed" if held else "lease_lost", error=error)
+    if handled is not None and handled.retry_after is not None:
+        error = handled.error or "to be tried again"
+        state = await queue.retry_later(
+            session, item.id, item.lease_token, error=error, delay_seconds=handled.retry_after
+        )
+        match state:
+            case "pending":
+                return ended(outcome="retry", error=error, summary=handled.summary)
+            case "done":
+                return ended(outcome="superseded", error=error, summary=handled.summary)
+            case _:
+                return ended(outcome="lease_lost", error=error, summary=handled.summary)
+    if handled is not None and handled.error is None:
+        held = await queue.complete(session, item.id, item.lease_token, result=handled.result)
+        return ended(outcome="done" if held else "lease_lost", summary=handled.summary)
+    error = handled.error if handled is not None and handled.error is not None else _describe(failure)
+    result = handled.result if handled is not None else None
+    if failure is not None and is_transient(failure) and not should_give_up(item.attempts, limits.max_attempts):
+        delay = retry_delay(item.attempts, initial=limits.retry_initial_seconds, cap=limits.retry_max_seconds)
+        state = await queue.retry_later(session, item.id, item.lease_token, error=error, delay_seconds=delay)
+        match state:
+            case "pending":
+                return ended(outcome="retry", error=error)
+            case "done":  # a newer request superseded the item meanwhile
+                return ended(outcome="superseded", error=error)
+            case _:  # None: another drain holds the item now
+                return ended(outcome="lease_lost", error=error)
+    if failure is not None and is_transient(failure):
+        error = f"gave up after {item.attempts} attempts: {error}"
+    held = await queue.fail(session, item.id, item.lease_token, error=error, result=result)
+    return ended(outcome="failed" if held else "lease_lost", error=error)
 
 
 async def _keep_lease(item: ClaimedItem, lease_seconds: float) -> None:

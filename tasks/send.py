@@ -17,14 +17,15 @@ Per message (a ``send`` queue item, key = the message id):
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from core.errors import (
     GatewayError,
     GatewayOutcomeUnknown,
-    GatewaySendRejected,
     GatewayTransientError,
 )
 from core.policies.backoff import should_give_up
@@ -33,15 +34,18 @@ from db.repositories.live_events import publish
 from db.repositories.outbox import (
     OUTSTANDING,
     SendJob,
+    Sent,
     load_send_job,
     mark_attempted,
     record_sent,
+    record_sent_many,
     restore_attempt,
     set_outcome,
     status_events,
     stored_external_ids,
+    write_wave,
 )
-from db.repositories.work_queue import ClaimedItem
+from db.repositories.work_queue import ClaimedItem, complete_many
 from gateways.base import Gateway
 
 LOGGED_OUT = "instance logged out"
@@ -112,11 +116,16 @@ async def reconcile(gateway: Gateway, job: SendJob) -> str | None:
     return None
 
 
-async def send_item(item: ClaimedItem, gateways: Mapping[str, Gateway], policy: SendPolicy) -> SendOutcome:
-    """Send one queued outbox message (the rules in the module's docstring); transient failures are raised."""
+async def send_item(
+    item: ClaimedItem, gateways: Mapping[str, Gateway], policy: SendPolicy, *, loaded: SendJob | None = None
+) -> SendOutcome:
+    """Send one queued outbox message (the rules in the module's docstring); transient failures are raised.
+    ``loaded``: the message as read in the transaction that claimed the item (not read again)."""
     message_id = int(item.payload.get("message_id") or item.key)
-    async with session_scope() as session:
-        job = await load_send_job(session, message_id)
+    job = loaded
+    if job is None:
+        async with session_scope() as session:
+            job = await load_send_job(session, message_id)
     if job is None:
         return SendOutcome(summary=f"message {message_id} no longer exists")
     if job.external_id is not None:
@@ -149,25 +158,99 @@ async def send_item(item: ClaimedItem, gateways: Mapping[str, Gateway], policy: 
         return SendOutcome(summary=f"message {message_id} already sent")
     try:
         result = await gateway.send(job.instance_name, job.outgoing(), timeout_seconds=policy.timeout_seconds)
-    except GatewaySendRejected as exc:
-        await _outcome(job, status="failed", error=_reason(exc))
-        return SendOutcome(error=_reason(exc))
-    except GatewayOutcomeUnknown as exc:
+    except GatewayError as exc:
+        return await failed_send(job, item, policy, exc)
+    await _adopt(job, external_id=result.external_id, status=result.status, sent_at=None)
+    return SendOutcome(summary=f"message {message_id} sent as {result.external_id}", external_id=result.external_id)
+
+
+async def failed_send(job: SendJob, item: ClaimedItem, policy: SendPolicy, exc: GatewayError) -> SendOutcome:
+    """What becomes of a message whose one call (made after ``attempted_at`` was committed) raised ``exc``: refused
+    for good → ``failed``; no answer → ``unknown``, retried after the grace period; not taken → ``attempted_at`` put
+    back and the error raised (the queue's backoff), or ``failed`` once the item used its attempts."""
+    if isinstance(exc, GatewayOutcomeUnknown):
         if should_give_up(item.attempts, policy.max_attempts):
             error = f"gave up after {item.attempts} attempts: {_reason(exc)}"
             await _outcome(job, status="unknown", error=error)
             return SendOutcome(error=error)
         await _outcome(job, status="unknown", error=_reason(exc))
         return SendOutcome(error=_reason(exc), retry_after=policy.unknown_grace_seconds)
-    except GatewayTransientError as exc:
+    if isinstance(exc, GatewayTransientError):
         async with session_scope() as session:
-            await restore_attempt(session, message_id, job.attempted_at)
+            await restore_attempt(session, job.message_id, job.attempted_at)
         return await _transient(job, item, policy, exc)
-    except GatewayError as exc:  # auth, not found, not supported: a retry cannot cure it
-        await _outcome(job, status="failed", error=_reason(exc))
-        return SendOutcome(error=_reason(exc))
-    await _adopt(job, external_id=result.external_id, status=result.status, sent_at=None)
-    return SendOutcome(summary=f"message {message_id} sent as {result.external_id}", external_id=result.external_id)
+    # refused for good (number not on WhatsApp), or auth, not found, not supported: a retry cannot cure it
+    await _outcome(job, status="failed", error=_reason(exc))
+    return SendOutcome(error=_reason(exc))
+
+
+# -- the set-based path: many instances' messages per statement (a wave) ------------------------------------------
+
+
+def fast_gateway(job: SendJob | None, gateways: Mapping[str, Gateway]) -> Gateway | None:
+    """The gateway of a message that can go the set-based way (never attempted, ``pending``, its instance connected
+    and its gateway configured); None sends it down :func:`send_item`'s one-message path."""
+    if job is None or job.external_id is not None or job.status != "pending" or job.attempted_at is not None:
+        return None
+    if job.logged_out or job.instance_status != "connected":
+        return None
+    return gateways.get(job.gateway)
+
+
+MARKED = "marked"
+"""What :func:`run_wave` answers for a message it stamped ``attempted_at`` on: it may be sent now."""
+LEASE_LOST = "lease lost"
+"""What :func:`run_wave` answers for a message whose item another drain holds now: it must not be sent."""
+
+Recorded = tuple[ClaimedItem, Sent]
+"""An accepted send to record, with its item."""
+ToMark = tuple[ClaimedItem, SendJob]
+"""A message about to be sent, with its item."""
+
+
+async def run_wave(
+    wave: Sequence[tuple[Recorded | None, ToMark | None]], *, connection: AsyncConnection | None = None
+) -> list[tuple[bool, str | None]]:
+    """One wave of lines, each with the send it just finished and/or the message it sends next, in one statement.
+
+    The accepted sends get their gateway ids (merged with rows their echoes inserted), their status changes are
+    announced and their items done; then the next messages get ``attempted_at`` (committed before any of them is
+    sent; only never-attempted ``pending`` messages of connected instances whose items are still held). Per entry:
+    whether the recorded item was still held (the send is recorded either way), and the mark's answer —
+    :data:`MARKED`, None when not stamped (the one-message rules decide), or :data:`LEASE_LOST`. ``connection``:
+    one in autocommit to run the wave's statement on (no BEGIN, COMMIT or pool pre-ping for it).
+    """
+    recorded = [entry for entry, _ in wave if entry is not None]
+    to_mark = [entry for _, entry in wave if entry is not None]
+    recording = [(sent, item.id, item.lease_token) for item, sent in recorded]
+    marking = [(job.message_id, item.id, item.lease_token) for item, job in to_mark]
+    if connection is not None:  # one statement: atomic on its own, on a connection in autocommit
+        written = await write_wave(connection, recording, marking)
+        await connection.commit()
+    else:
+        async with session_scope() as session:
+            written = await write_wave(session, recording, marking)
+    held = set(written.completed)
+    rest = [(item, sent) for item, sent in recorded if sent.job.message_id not in written.recorded]
+    if rest:  # rare: an echo's row to merge, an id held elsewhere, a row an echo adopted meanwhile
+        async with session_scope() as session:
+            changes = await record_sent_many(session, [sent for _, sent in rest])
+            events = [
+                event
+                for (_, sent), change in zip(rest, changes, strict=True)
+                if change is not None
+                for event in status_events(sent.job.organization_id, [change])
+            ]
+            await publish(events, session=session)
+            held |= await complete_many(session, [(item, {"external_id": sent.external_id}) for item, sent in rest])
+    answers: list[tuple[bool, str | None]] = []
+    for entry, mark in wave:
+        answer: str | None = None
+        if mark is not None:
+            message_id = mark[1].message_id
+            answer = LEASE_LOST if message_id not in written.held else MARKED if message_id in written.marked else None
+        answers.append((entry is not None and entry[0].id in held, answer))
+    return answers
 
 
 def job_reason(job: SendJob) -> str:

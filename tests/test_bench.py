@@ -106,3 +106,19 @@ def test_bench_demo_reports_the_runs_and_cpu_of_zapsync_up() -> None:
     assert isinstance(report["max_queue_depth"], int) and report["max_queue_depth"] >= 0
     lag = report["max_start_lag_s"]
     assert isinstance(lag, float) and lag >= 0
+
+
+@pytest.mark.slow
+@pytest.mark.pure
+def test_bench_send_sends_every_message_once_despite_timeouts_and_503s() -> None:
+    report = _run_bench("send", "--messages", "60", "--instances", "3", timeout=600)
+
+    assert {"messages", "seconds", "messages_per_s", "duplicates", "lost"} <= set(report)
+    assert report["messages"] == 60
+    assert report["duplicates"] == 0
+    assert report["lost"] == 0
+    assert report["statuses"] == {"sent": 60}
+    assert report["gateway_sends"] == 60  # the simulator took each message exactly once
+    seconds = report["seconds"]
+    assert isinstance(seconds, float) and seconds > 0
+    assert report["messages_per_s"] == round(60 / seconds, 1)

@@ -440,3 +440,15 @@ async def test_the_warm_worker_sends_what_the_api_queues(world: World, start_wor
     assert state.state == "done"
     assert [r.text for r in world.sim.sends.records] == ["via the worker"]
     assert (await message(queued["message"]["id"]))["status"] == "sent"
+
+
+async def test_a_message_that_must_wait_holds_the_rest_of_its_line_which_goes_back_unsent(world: World) -> None:
+    world.sim.configure(send_drop_next=1, send_hang_s=3.0)  # the first try is lost: its outcome is unknown
+    items = [(await world.send({"to": NUMBER, "text": f"line-{n}"})).json()["work_item_id"] for n in range(3)]
+
+    states = await world.drain(*items)
+
+    assert [s.state for s in states] == ["done", "done", "done"]
+    assert [r.text for r in world.sim.sends.records] == ["line-0", "line-1", "line-2"]  # nothing overtook line-0
+    # claimed with line-0 and given back unsent while it waited: those claims are not counted as attempts
+    assert [s.attempts for s in states] == [2, 1, 1]

@@ -16,6 +16,7 @@ WORK_ITEM_STATES = ("pending", "running", "done", "failed")
 PENDING = "state = 'pending'"
 RUNNING = "state = 'running'"
 FINISHED = "state IN ('done', 'failed')"
+OUTSTANDING = "state IN ('pending', 'running')"
 
 
 class WorkItem(Timestamps, Base):
@@ -29,6 +30,8 @@ class WorkItem(Timestamps, Base):
         Index("ix_work_items_due", "kind", "next_attempt_at", "id", postgresql_where=text(PENDING)),
         Index("ix_work_items_lease", "kind", "lease_until", postgresql_where=text(RUNNING)),
         Index("ix_work_items_finished", "state", "finished_at", postgresql_where=text(FINISHED)),
+        Index("ix_work_items_line", "kind", "instance_id", "id", postgresql_where=text(OUTSTANDING)),
+        Index("ix_work_items_line_finished", "kind", "instance_id", "finished_at", postgresql_where=text(FINISHED)),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)

@@ -19,8 +19,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import orjson
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from core.domain import STATUS_ORDER, STATUS_RANK, GatewayMessage, OutgoingMessage, OutgoingType, WorkKind
 from core.errors import Conflict
@@ -36,6 +37,7 @@ from db.repositories.conversations import (
     ensure_conversations,
     upsert_contacts,
 )
+from db.repositories.live_events import CHANNEL as LIVE_CHANNEL
 from db.repositories.live_events import publish
 from db.repositories.work_queue import enqueue, make_due_now
 
@@ -267,22 +269,26 @@ class SendJob:
         )
 
 
+_JOB_SQL = """
+SELECT m.id, m.organization_id, m.instance_id, m.conversation_id, i.gateway, i.instance_name, i.status, i.logged_out,
+       c.jid, m.type, m.content, m.media_url, m.media_mime, m.media_name, m.status, m.external_id, m.attempted_at
+FROM messages m JOIN conversations v ON v.id = m.conversation_id
+JOIN contacts c ON c.id = v.contact_id JOIN whatsapp_instances i ON i.id = m.instance_id
+"""
+
+
 async def load_send_job(session: AsyncSession, message_id: int) -> SendJob | None:
     """The message, its recipient and its instance; None when the message is gone."""
-    row = (
-        await session.execute(
-            text(
-                "SELECT m.id, m.organization_id, m.instance_id, m.conversation_id, i.gateway, i.instance_name, "
-                "i.status, i.logged_out, c.jid, m.type, m.content, m.media_url, m.media_mime, m.media_name, "
-                "m.status, m.external_id, m.attempted_at "
-                "FROM messages m JOIN conversations v ON v.id = m.conversation_id "
-                "JOIN contacts c ON c.id = v.contact_id JOIN whatsapp_instances i ON i.id = m.instance_id "
-                "WHERE m.id = :id"
-            ),
-            {"id": message_id},
-        )
-    ).one_or_none()
+    row = (await session.execute(text(_JOB_SQL + "WHERE m.id = :id"), {"id": message_id})).one_or_none()
     return SendJob(*row) if row else None
+
+
+async def load_send_jobs(session: AsyncSession, message_ids: Sequence[int]) -> dict[int, SendJob]:
+    """:func:`load_send_job` for many messages in one statement (the ones that still exist, by id)."""
+    if not message_ids:
+        return {}
+    rows = await session.execute(text(_JOB_SQL + "WHERE m.id = ANY(:ids)"), {"ids": list(message_ids)})
+    return {row[0]: SendJob(*row) for row in rows.all()}
 
 
 async def mark_attempted(session: AsyncSession, message_id: int) -> datetime | None:
@@ -312,51 +318,202 @@ async def record_sent(
     kept if further along, and the outbox row (with the client's key) stays. Returns the change, or None when the
     status did not move.
     """
-    current = (
-        await session.execute(
-            text("SELECT status, external_id FROM messages WHERE id = :id FOR UPDATE"), {"id": job.message_id}
+    (change,) = await record_sent_many(session, [Sent(job, external_id, status, sent_at)])
+    return change
+
+
+@dataclass(frozen=True, slots=True)
+class Sent:
+    """A send the gateway took: its message, the gateway's id and the status the answer implies."""
+
+    job: SendJob
+    external_id: str
+    status: str
+    sent_at: datetime | None = None
+
+
+_UNNEST_SENT = "unnest(CAST(:ids AS bigint[]), CAST(:insts AS uuid[]), CAST(:exts AS text[])) AS u(id, inst, ext)"
+
+
+async def record_sent_many(session: AsyncSession, sent: Sequence[Sent]) -> list[StatusChange | None]:
+    """:func:`record_sent` for many messages (at most one per instance and gateway id) in four statements; one
+    change (or None) per input, in order."""
+    if not sent:
+        return []
+    current = {
+        r[0]: (r[1], r[2])
+        for r in await session.execute(
+            text("SELECT id, status, external_id FROM messages WHERE id = ANY(:ids) ORDER BY id FOR UPDATE"),
+            {"ids": sorted({s.job.message_id for s in sent})},
         )
-    ).one_or_none()
-    if current is None:
-        return None
-    old_status, stored_id = current
-    best = _later(old_status if old_status not in OUTSTANDING else "pending", status)
-    if stored_id is None:
-        echo = (
-            await session.execute(
-                text(
-                    "DELETE FROM messages WHERE instance_id = :inst AND external_id = :ext AND id <> :id "
-                    "AND attempted_at IS NULL AND client_id IS NULL RETURNING status"
-                ),
-                {"inst": job.instance_id, "ext": external_id, "id": job.message_id},
-            )
-        ).scalar_one_or_none()
-        if echo is not None:
-            best = _later(best, echo)
-    elif stored_id != external_id:  # an echo adopted the row under another id: that one stays
-        external_id = stored_id
-    if stored_id is None and await _stored_elsewhere(session, job, external_id):
+    }
+    fresh = [s for s in sent if s.job.message_id in current and current[s.job.message_id][1] is None]
+    echoes: dict[int, str] = {}
+    elsewhere: set[int] = set()
+    if fresh:
+        ids = {
+            "ids": [s.job.message_id for s in fresh],
+            "insts": [s.job.instance_id for s in fresh],
+            "exts": [s.external_id for s in fresh],
+        }
+        # the rows an echo inserted on their own (before the send was recorded) merge into the outbox rows
+        deleted = await session.execute(
+            text(
+                f"DELETE FROM messages d USING {_UNNEST_SENT} WHERE d.instance_id = u.inst AND d.external_id = u.ext "
+                "AND d.id <> u.id AND d.attempted_at IS NULL AND d.client_id IS NULL RETURNING u.id, d.status"
+            ),
+            ids,
+        )
+        echoes = {r[0]: r[1] for r in deleted}
         # another outbox message holds that id (a reconciliation must never take a sibling's echo): keep it apart
-        return None
-    await session.execute(
-        text(
-            "UPDATE messages SET external_id = :ext, status = :status, error = NULL, "
-            "sent_at = COALESCE(:sent_at, sent_at) WHERE id = :id"
-        ),
-        {"id": job.message_id, "ext": external_id, "status": best, "sent_at": sent_at},
-    )
-    if best == old_status:
-        return None
-    return StatusChange(job.message_id, job.conversation_id, job.instance_id, external_id, best)
-
-
-async def _stored_elsewhere(session: AsyncSession, job: SendJob, external_id: str) -> bool:
-    return (
-        await session.execute(
-            text("SELECT 1 FROM messages WHERE instance_id = :inst AND external_id = :ext AND id <> :id"),
-            {"inst": job.instance_id, "ext": external_id, "id": job.message_id},
+        taken = await session.execute(
+            text(
+                f"SELECT u.id FROM {_UNNEST_SENT} WHERE EXISTS (SELECT 1 FROM messages x "
+                "WHERE x.instance_id = u.inst AND x.external_id = u.ext AND x.id <> u.id)"
+            ),
+            ids,
         )
-    ).first() is not None
+        elsewhere = {r[0] for r in taken}
+    changes: list[StatusChange | None] = []
+    updates: list[tuple[int, str, str, datetime | None]] = []
+    for s in sent:
+        job = s.job
+        if job.message_id not in current or job.message_id in elsewhere:
+            changes.append(None)
+            continue
+        old_status, stored_id = current[job.message_id]
+        best = _later(old_status if old_status not in OUTSTANDING else "pending", s.status)
+        external_id = s.external_id
+        if stored_id is None:
+            if job.message_id in echoes:
+                best = _later(best, echoes[job.message_id])
+        elif stored_id != external_id:  # an echo adopted the row under another id: that one stays
+            external_id = stored_id
+        updates.append((job.message_id, external_id, best, s.sent_at))
+        changed = best != old_status
+        changes.append(
+            StatusChange(job.message_id, job.conversation_id, job.instance_id, external_id, best) if changed else None
+        )
+    if updates:
+        await session.execute(
+            text(
+                "UPDATE messages m SET external_id = u.ext, status = u.status, error = NULL, "
+                "sent_at = COALESCE(u.sent_at, m.sent_at) FROM unnest(CAST(:ids AS bigint[]), CAST(:exts AS text[]), "
+                "CAST(:statuses AS text[]), CAST(:sent_ats AS timestamptz[])) AS u(id, ext, status, sent_at) "
+                "WHERE m.id = u.id"
+            ),
+            {
+                "ids": [u[0] for u in updates],
+                "exts": [u[1] for u in updates],
+                "statuses": [u[2] for u in updates],
+                "sent_ats": [u[3] for u in updates],
+            },
+        )
+    return changes
+
+
+_WAVE_SQL = text(f"""
+WITH rec AS (
+    SELECT * FROM unnest(CAST(:r_ids AS bigint[]), CAST(:r_insts AS uuid[]), CAST(:r_exts AS text[]),
+                         CAST(:r_statuses AS text[]), CAST(:r_items AS bigint[]), CAST(:r_tokens AS uuid[]),
+                         CAST(:r_results AS jsonb[]), CAST(:r_orgs AS uuid[]), CAST(:r_payloads AS jsonb[]))
+        WITH ORDINALITY AS r(id, inst, ext, status, item_id, token, result, org, payload, ord)
+), upd AS (  -- the usual case; an echo's row to merge, an id held elsewhere or a row adopted meanwhile: not here
+    UPDATE messages m SET external_id = r.ext, status = r.status, error = NULL
+    FROM rec r
+    WHERE m.id = r.id AND m.external_id IS NULL AND m.status IN ('pending', 'unknown')
+      AND NOT EXISTS (SELECT 1 FROM messages x WHERE x.instance_id = r.inst AND x.external_id = r.ext)
+    RETURNING m.id
+), ins AS (
+    INSERT INTO live_events (organization_id, kind, payload)
+    SELECT r.org, :kind, r.payload FROM rec r JOIN upd ON upd.id = r.id ORDER BY r.ord
+    RETURNING id, organization_id
+), numbered AS (  -- as live_events.publish: the ids per organization, at most 300 per notification
+    SELECT id, organization_id, (row_number() OVER (PARTITION BY organization_id ORDER BY id) - 1) / 300 AS chunk
+    FROM ins
+), notified AS (
+    SELECT pg_notify('{LIVE_CHANNEL}', organization_id::text || ':' || string_agg(id::text, ',' ORDER BY id))
+    FROM numbered GROUP BY organization_id, chunk
+), done AS (
+    UPDATE work_items w SET state = 'done', finished_at = now(), result = r.result, lease_until = NULL,
+        lease_token = NULL, updated_at = now()
+    FROM rec r JOIN upd ON upd.id = r.id
+    WHERE w.id = r.item_id AND w.lease_token = r.token AND w.state = 'running'
+    RETURNING w.id
+), held AS (
+    SELECT u.message_id FROM unnest(CAST(:mids AS bigint[]), CAST(:wids AS bigint[]), CAST(:tokens AS uuid[]))
+        AS u(message_id, item_id, token)
+    JOIN work_items w ON w.id = u.item_id AND w.lease_token = u.token AND w.state = 'running'
+), marked AS (
+    UPDATE messages m SET attempted_at = clock_timestamp()
+    FROM held h, whatsapp_instances i
+    WHERE m.id = h.message_id AND i.id = m.instance_id AND i.status = 'connected' AND NOT i.logged_out
+      AND m.external_id IS NULL AND m.status = 'pending' AND m.attempted_at IS NULL
+    RETURNING m.id
+)
+SELECT (SELECT array_agg(id) FROM upd), (SELECT array_agg(id) FROM done), (SELECT array_agg(message_id) FROM held),
+       (SELECT array_agg(id) FROM marked), (SELECT count(*) FROM notified)
+""")
+
+
+def _status_payload(sent: Sent, status: str) -> dict[str, Any]:
+    job = sent.job
+    change = StatusChange(job.message_id, job.conversation_id, job.instance_id, sent.external_id, status)
+    return dict(status_events(job.organization_id, [change])[0].payload)
+
+
+@dataclass(frozen=True, slots=True)
+class WaveWrite:
+    """What :func:`write_wave` did."""
+
+    recorded: set[int]
+    """Messages it gave their gateway ids (the others need :func:`record_sent_many`)."""
+    completed: set[int]
+    """Work items it completed (those of the recorded messages still held)."""
+    held: set[int]
+    """Messages to mark whose work items are still held (the others must not be sent)."""
+    marked: set[int]
+    """Messages it stamped ``attempted_at`` on."""
+
+
+async def write_wave(
+    session: AsyncSession | AsyncConnection,
+    recorded: Sequence[tuple[Sent, int, uuid.UUID]],
+    to_mark: Sequence[tuple[int, int, uuid.UUID]],
+) -> WaveWrite:
+    """A wave's usual case in one statement: accepted sends (with their work item id and lease token) get their
+    gateway ids and status, are announced as ``message.status`` and their items completed; messages to send next
+    (message id, work item id, lease token) are stamped as :func:`mark_first_attempts` does.
+
+    A send whose row is not the usual case (an echo's row to merge, its id held by another row, a row an echo
+    adopted meanwhile) is left alone: the caller records it with :func:`record_sent_many`.
+    """
+    statuses = [_later("pending", sent.status) for sent, _, _ in recorded]
+    payloads = [
+        orjson.dumps(_status_payload(sent, status), default=str).decode()
+        for (sent, _, _), status in zip(recorded, statuses, strict=True)
+    ]
+    row = (
+        await session.execute(
+            _WAVE_SQL,
+            {
+                "r_ids": [sent.job.message_id for sent, _, _ in recorded],
+                "r_insts": [sent.job.instance_id for sent, _, _ in recorded],
+                "r_exts": [sent.external_id for sent, _, _ in recorded],
+                "r_statuses": statuses,
+                "r_items": [item_id for _, item_id, _ in recorded],
+                "r_tokens": [token for _, _, token in recorded],
+                "r_results": [orjson.dumps({"external_id": sent.external_id}).decode() for sent, _, _ in recorded],
+                "r_orgs": [sent.job.organization_id for sent, _, _ in recorded],
+                "r_payloads": payloads,
+                "kind": str(Kind.MESSAGE_STATUS),
+                "mids": [m[0] for m in to_mark],
+                "wids": [m[1] for m in to_mark],
+                "tokens": [m[2] for m in to_mark],
+            },
+        )
+    ).one()
+    return WaveWrite(*(set(ids or ()) for ids in row[:4]))
 
 
 async def stored_external_ids(session: AsyncSession, instance_id: uuid.UUID, external_ids: Sequence[str]) -> set[str]:

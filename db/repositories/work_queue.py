@@ -433,12 +433,25 @@ async def read_item(
 
 _LINE_LOCK_SQL = text("SELECT pg_advisory_xact_lock(hashtext(:name))")
 
-_HEADS = """
-    SELECT DISTINCT ON (w.instance_id) w.id, w.instance_id, w.state, w.next_attempt_at, w.lease_until
-    FROM work_items w
-    WHERE w.kind = :kind AND w.state IN ('pending', 'running') AND w.instance_id IS NOT NULL
-    ORDER BY w.instance_id, w.id
-"""
+_OUTSTANDING_LINE = "w.kind = :kind AND w.state IN ('pending', 'running')"
+_HEADS = f"""
+RECURSIVE line_ids (instance_id) AS (
+    -- the instances with outstanding items, one index probe each (ix_work_items_line), not a scan of every item
+    (SELECT w.instance_id FROM work_items w
+     WHERE {_OUTSTANDING_LINE} AND w.instance_id IS NOT NULL ORDER BY w.instance_id LIMIT 1)
+    UNION ALL
+    SELECT (SELECT w.instance_id FROM work_items w
+            WHERE {_OUTSTANDING_LINE} AND w.instance_id > l.instance_id ORDER BY w.instance_id LIMIT 1)
+    FROM line_ids l WHERE l.instance_id IS NOT NULL
+),
+heads AS (  -- each line's first outstanding item
+    SELECT f.id, f.instance_id, f.state, f.next_attempt_at, f.lease_until
+    FROM line_ids l CROSS JOIN LATERAL (
+        SELECT w.id, w.instance_id, w.state, w.next_attempt_at, w.lease_until FROM work_items w
+        WHERE {_OUTSTANDING_LINE} AND w.instance_id = l.instance_id ORDER BY w.id LIMIT 1
+    ) AS f
+    WHERE l.instance_id IS NOT NULL
+)"""
 _PACED = """
     NOT EXISTS (
         SELECT 1 FROM work_items f
@@ -447,7 +460,7 @@ _PACED = """
 """
 
 _CLAIM_HEADS_SQL = text(f"""
-WITH heads AS ({_HEADS}),
+WITH {_HEADS},
 due AS (
     SELECT h.id FROM heads h
     WHERE ((h.state = 'pending' AND h.next_attempt_at <= clock_timestamp())
@@ -510,7 +523,7 @@ async def claim_line_heads(
 
 
 _NEXT_HEAD_SQL = text(f"""
-WITH heads AS ({_HEADS})
+WITH {_HEADS}
 SELECT EXTRACT(EPOCH FROM min(GREATEST(
     h.next_attempt_at,
     COALESCE((SELECT max(f.finished_at) FROM work_items f
@@ -541,3 +554,144 @@ async def due_line_kinds(session: AsyncSession, kinds: Iterable[str]) -> set[str
         if expired.first() is not None or await seconds_to_next_head(session, kind=kind) == 0.0:
             found.add(kind)
     return found
+
+
+# -- line runs: several consecutive items of each line per claim (sends, set-based) --------------------------------
+
+_DUE = """((x.state = 'pending' AND x.next_attempt_at <= clock_timestamp())
+           OR (x.state = 'running' AND x.lease_until <= clock_timestamp()))"""
+
+_CLAIM_RUNS_SQL = text(f"""
+WITH {_HEADS},
+lines AS (
+    SELECT h.instance_id FROM heads h
+    WHERE ((h.state = 'pending' AND h.next_attempt_at <= clock_timestamp())
+           OR (h.state = 'running' AND h.lease_until <= clock_timestamp()))
+      AND {_PACED}
+    ORDER BY h.next_attempt_at, h.id
+    LIMIT :limit
+),
+runs AS (
+    SELECT r.id FROM lines l CROSS JOIN LATERAL (
+        SELECT s.id, sum(CASE WHEN s.due THEN 0 ELSE 1 END) OVER (ORDER BY s.id) AS blocked
+        FROM (
+            SELECT x.id, {_DUE} AS due FROM work_items x
+            WHERE x.kind = :kind AND x.instance_id = l.instance_id AND x.state IN ('pending', 'running')
+            ORDER BY x.id
+            LIMIT :run
+        ) AS s
+    ) AS r
+    WHERE r.blocked = 0  -- the run ends before the first item that is not due: nothing overtakes it
+)
+UPDATE work_items AS w SET
+    state = 'running',
+    attempts = w.attempts + 1,
+    lease_token = gen_random_uuid(),
+    lease_until = clock_timestamp() + make_interval(secs => :lease),
+    last_error = CASE WHEN w.state = 'running' THEN :expired_error ELSE w.last_error END,
+    updated_at = now()
+WHERE w.id = ANY (ARRAY(SELECT id FROM runs))
+RETURNING w.id, w.kind, w.key, w.organization_id, w.instance_id, w.payload, w.attempts, w.lease_token
+""")
+
+
+async def claim_line_runs(
+    session: AsyncSession,
+    *,
+    kind: str,
+    lines: int,
+    run_length: int,
+    lease_seconds: float,
+    min_gap_seconds: float = 0.0,
+) -> list[list[ClaimedItem]]:
+    """Lease the run of up to ``lines`` instances' lines in one statement: each line's first ``run_length``
+    outstanding items in id order, up to (not including) the first that is not due. A line is taken only when its
+    head is due and paced (the rules of :func:`claim_line_heads`; claims are serialized by the same advisory lock).
+
+    Returns one list per line, in line order; the claimer works each run in order and gives back with
+    :func:`release_unsent` whatever it does not get to (an item whose send must wait holds the rest of its line).
+    """
+    if lines <= 0 or run_length <= 0:
+        return []
+    await session.execute(_LINE_LOCK_SQL, {"name": f"zapsync:line-claim:{kind}"})
+    rows = await session.execute(
+        _CLAIM_RUNS_SQL,
+        {
+            "kind": kind,
+            "limit": lines,
+            "run": run_length,
+            "lease": float(lease_seconds),
+            "gap": float(min_gap_seconds),
+            "expired_error": LEASE_EXPIRED,
+        },
+    )
+    runs: dict[uuid.UUID | None, list[ClaimedItem]] = {}
+    for r in sorted(rows.all(), key=lambda r: r.id):
+        item = ClaimedItem(
+            id=r.id,
+            kind=r.kind,
+            key=r.key,
+            organization_id=r.organization_id,
+            instance_id=r.instance_id,
+            payload=r.payload,
+            attempts=r.attempts,
+            lease_token=r.lease_token,
+        )
+        runs.setdefault(item.instance_id, []).append(item)
+    return list(runs.values())
+
+
+def _held(items: Sequence[ClaimedItem]) -> dict[str, Any]:
+    return {"ids": [i.id for i in items], "tokens": [i.lease_token for i in items]}
+
+
+_HELD_MANY = """FROM unnest(CAST(:ids AS bigint[]), CAST(:tokens AS uuid[])) AS h(id, token)
+WHERE w.id = h.id AND w.lease_token = h.token AND w.state = 'running'"""
+
+
+async def release_unsent(session: AsyncSession, items: Sequence[ClaimedItem]) -> int:
+    """Give back claimed items that were not worked (pending again, as due as before, this claim not counted as an
+    attempt); returns how many were still held."""
+    if not items:
+        return 0
+    result = await session.execute(
+        text(f"UPDATE work_items AS w SET state = 'pending', attempts = w.attempts - 1, {_RELEASE} {_HELD_MANY}"),
+        _held(items),
+    )
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+
+async def extend_leases(session: AsyncSession, items: Sequence[ClaimedItem], lease_seconds: float) -> set[int]:
+    """Heartbeat for many items in one statement; returns the ids still held (the others were lost)."""
+    if not items:
+        return set()
+    rows = await session.execute(
+        text(
+            "UPDATE work_items AS w SET lease_until = now() + make_interval(secs => :lease), updated_at = now() "
+            f"{_HELD_MANY} RETURNING w.id"
+        ),
+        {**_held(items), "lease": float(lease_seconds)},
+    )
+    return {r[0] for r in rows.all()}
+
+
+async def complete_many(
+    session: AsyncSession, done: Sequence[tuple[ClaimedItem, Mapping[str, Any] | None]]
+) -> set[int]:
+    """:func:`complete` for many items in one statement; returns the ids completed (the others' leases were lost)."""
+    if not done:
+        return set()
+    rows = await session.execute(
+        text(
+            "UPDATE work_items AS w SET state = 'done', finished_at = now(), result = h.result, "
+            f"{_RELEASE} "
+            "FROM unnest(CAST(:ids AS bigint[]), CAST(:tokens AS uuid[]), CAST(:results AS jsonb[])) "
+            "AS h(id, token, result) "
+            "WHERE w.id = h.id AND w.lease_token = h.token AND w.state = 'running' RETURNING w.id"
+        ),
+        {
+            **_held([item for item, _ in done]),
+            "results": [orjson.dumps(result, default=str).decode() if result else None for _, result in done],
+        },
+    )
+    return {r[0] for r in rows.all()}
