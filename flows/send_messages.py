@@ -309,6 +309,7 @@ class _Lines:
             if index and self.gap:
                 await asyncio.sleep(self.gap)
             begun = time.monotonic()
+            outcome: _Carry | DrainedItem | tuple[Handled | None, Exception | None]
             if gateway is None or job is None:  # the head as claimed (its read is fresh), or anything unusual
                 outcome = await self.one(item, job if index == 0 else None)
             else:

@@ -1,11 +1,9 @@
 """work item lines: the indexes the per-instance line queries of the send queue use (each line's head and run, and
 when its last item finished)
 
-Revision ID: 0011
+Revision ID: 0009
 Revises: 0008
 Create Date: 2026-11-25 19:40:00.000000
-
-On merge, point ``down_revision`` at the newest migration of main (0009 and 0010 are being written beside this one).
 """
 
 from __future__ import annotations
@@ -13,7 +11,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0011"
+revision = "0009"
 down_revision = "0008"
 branch_labels = None
 depends_on = None
