@@ -238,12 +238,19 @@ async def _apply(writes: Sequence[StatusWrite], *, flow_run_id: uuid.UUID | None
     batches = await asyncio.gather(
         *(
             apply_batch(_quoted(batch), source="sync", flow_run_id=flow_run_id, import_gateways=import_gateways)
-            for batch in chunks(writes, get_settings().sync_batch_size)
+            for batch in chunks(writes, _apply_batch_size(len(writes)))
         )
     )
     applied = [change for batch in batches for change in batch]
     await publish_status_changes(applied, source="sync")
     return applied
+
+
+def _apply_batch_size(count: int) -> int:
+    """Writes per `apply-status` task: ``sync_batch_size``, larger when that would make more than
+    ``sync_apply_tasks`` task runs."""
+    settings = get_settings()
+    return max(settings.sync_batch_size, -(-count // settings.sync_apply_tasks))
 
 
 def sync_result(
