@@ -34,6 +34,7 @@ from core.errors import (
 from core.phones import phone_from_jid
 from gateways.base import unreachable
 from gateways.http import HttpGateway
+from gateways.json_stream import ArrayStreamDecoder
 from gateways.messages import MalformedMessage, from_baileys
 from gateways.prometheus import LiveRead, MetricsAccess, read_live_states
 from gateways.resilience import BreakerPolicy, RetryPolicy
@@ -107,13 +108,13 @@ class EvolutionGateway(HttpGateway):
 
         With ``metrics``, `GET /metrics` is read alongside: an instance it lists takes its live state from there
         (``live=True``, nothing to confirm); one it does not list (not loaded in memory) keeps its column, confirmed
-        as without metrics. When `/metrics` fails, every instance is handled as without metrics.
+        as without metrics. When `/metrics` fails, every instance is handled as without metrics. The listing is
+        decoded as it streams in (never held whole: it is ~1 kB per instance).
         """
         started = datetime.now(UTC)
         live_read = asyncio.ensure_future(self._read_metrics())
         try:
-            content = await self.request_bytes("GET", "/instance/fetchInstances", what="fetchInstances")
-            rows = _decode_fetched(self.name, content)
+            rows = await self._fetch_rows()
         except GatewayError as exc:
             live = (await live_read).states or {}
             return {
@@ -123,10 +124,9 @@ class EvolutionGateway(HttpGateway):
         except BaseException:
             live_read.cancel()
             raise
-        del content
         live = (await live_read).states or {}
-        by_name = {row.name: row for row in rows}
         db_statuses = db_statuses or {}
+        by_name = {row.name: row for row in rows}
         confirm = confirm or set()
         result: dict[str, StatusObservation] = {}
         to_confirm: list[str] = []
@@ -184,8 +184,25 @@ class EvolutionGateway(HttpGateway):
 
     async def list_instance_names(self) -> list[str]:
         """Every instance this gateway has (one fetchInstances call), for adopting untracked ones."""
-        content = await self.request_bytes("GET", "/instance/fetchInstances", what="fetchInstances")
-        return [row.name for row in _decode_fetched(self.name, content)]
+        return [row.name for row in await self._fetch_rows()]
+
+    async def _fetch_rows(self) -> list[FetchedRow]:
+        """Every fetchInstances row, decoded as the body streams in."""
+        decoder = await self.request_stream(
+            "GET",
+            "/instance/fetchInstances",
+            what="fetchInstances",
+            sink=lambda: ArrayStreamDecoder(_FETCHED_DECODER),
+        )
+        try:
+            return decoder.finish()
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise GatewayRequestError(
+                f"{self.name}: fetchInstances answered an unexpected body",
+                upstream_status=200,
+                body=bytes(decoder.head).decode(errors="replace"),
+                gateway=self.name,
+            ) from exc
 
     async def _live_state(self, bulk: StatusObservation) -> StatusObservation:
         name = bulk.instance_name
