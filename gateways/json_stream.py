@@ -5,7 +5,8 @@ its chunks, plus the decoded rows. :class:`ArrayStreamDecoder` keeps only the by
 
 Where to cut: at a ``}`` followed by ``,`` and ``{`` (whitespace allowed). A cut inside a nested value or a string
 leaves an unbalanced or unterminated prefix, which msgspec rejects, so a wrong cut is never decoded as something
-else: the bytes are kept and the decoder tries again once more have arrived (the whole body at worst).
+else: the decoder tries a few earlier cuts, then keeps the bytes and tries again once more have arrived (the whole
+body at worst).
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ import msgspec
 T = TypeVar("T")
 
 _WHITESPACE = b" \t\r\n"
+_ATTEMPTS = 4
+"""Cuts tried per batch, from the end backwards, before waiting for more bytes (one is enough for Evolution's rows:
+their nested objects follow a key, so ``}`` ``,`` ``{`` occurs only between rows or inside a string)."""
 
 
 class ArrayStreamDecoder(Generic[T]):
@@ -74,24 +78,26 @@ class ArrayStreamDecoder(Generic[T]):
             return
         if not opened:
             return
-        cut = self._last_boundary()
-        if cut is not None:
-            end, comma = cut
+        end = len(self._buffer)
+        for _ in range(_ATTEMPTS):
+            cut = self._boundary_before(end)
+            if cut is None:
+                break
+            close, comma = cut
             try:
-                batch = self._decoder.decode(b"[" + self._buffer[: end + 1] + b"]")
+                batch = self._decoder.decode(b"[" + self._buffer[: close + 1] + b"]")
             except (msgspec.DecodeError, msgspec.ValidationError):
-                batch = None  # cut inside a nested value or a string (or a bad element): :meth:`finish` decides
-            if batch is not None:
-                self.items += batch
-                del self._buffer[: comma + 1]
-                self._next_try = self._batch_bytes
-                return
+                end = close  # cut inside a nested value or a string (or a bad element): try an earlier one
+                continue
+            self.items += batch
+            del self._buffer[: comma + 1]
+            self._next_try = self._batch_bytes
+            return
         self._next_try = len(self._buffer) + self._batch_bytes
 
-    def _last_boundary(self) -> tuple[int, int] | None:
-        """(index of the ``}``, index of the ``,``) of the last ``}``-``,``-``{`` in the buffer, or None."""
+    def _boundary_before(self, end: int) -> tuple[int, int] | None:
+        """(index of the ``}``, index of the ``,``) of the last ``}``-``,``-``{`` starting before ``end``, or None."""
         buffer = self._buffer
-        end = len(buffer)
         while (close := buffer.rfind(b"}", 0, end)) >= 0:
             comma = _skip_whitespace(buffer, close + 1)
             if comma < len(buffer) and buffer[comma] == ord(","):
