@@ -117,6 +117,9 @@ class Settings(BaseSettings):
     sync_batch_size: int = Field(default=5000, ge=1, validation_alias="ZAPSYNC_SYNC_BATCH")
     sync_confirm_budget: int = Field(default=200, ge=0, validation_alias="ZAPSYNC_SYNC_CONFIRM_BUDGET")
     """Instances per run whose 'open' bulk status is confirmed live even when the DB agrees (rotating)."""
+    sync_apply_tasks: int = Field(default=4, ge=1, validation_alias="ZAPSYNC_SYNC_APPLY_TASKS")
+    """At most this many `apply-status` task runs per sync (batches grow past ``sync_batch_size`` to fit): a task
+    run costs Prefect bookkeeping, and PostgreSQL gains nothing from more parallel writers on a small machine."""
 
     schedules_enabled: bool = Field(default=True, validation_alias="ZAPSYNC_SCHEDULES_ENABLED")
     """Whether the served deployments' schedules are active (tests switch them off)."""

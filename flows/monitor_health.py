@@ -204,7 +204,7 @@ async def _observe_gateway(
 ) -> list[StatusObservation]:
     batches = [refs] if gateway.bulk_states else chunks(refs, batch_size)
     results = await asyncio.gather(*(observe_batch(gateway, batch, confirm=confirm) for batch in batches))
-    return [obs for batch in results for obs in batch]
+    return [obs for batch in results for obs in batch.value]
 
 
 async def _unconfigured(refs: Sequence[InstanceRef], name: str, at: datetime) -> list[StatusObservation]:

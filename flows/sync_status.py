@@ -106,6 +106,7 @@ async def run_sync(
     with _long_lived_objects_frozen():
         seen = await observe_scope(scope, force=force, observe=_observe_in_task)
         drifts, unreachable, writes = diff_observations(seen.refs, seen.observations, confirmed=seen.confirmed)
+        seen.observations = []  # the writes hold what is applied: free ~1 kB per instance before applying
         applied = await _apply(writes, flow_run_id=flow_run_id) if mode == "apply" and writes else []
     result = sync_result(seen, drifts, unreachable, applied, mode=mode)
     _log_drifts(result.changes)
@@ -220,7 +221,7 @@ async def _observe_in_task(
     gateway: Gateway, refs: Sequence[InstanceRef], *, confirm: set[str]
 ) -> list[StatusObservation]:
     """One `observe-instances` task run (quoted: Prefect would otherwise walk and copy every element)."""
-    return await observe_batch(gateway, _quoted(refs), confirm=_quoted(confirm))
+    return (await observe_batch(gateway, _quoted(refs), confirm=_quoted(confirm))).value
 
 
 _T = TypeVar("_T")
@@ -238,12 +239,19 @@ async def _apply(writes: Sequence[StatusWrite], *, flow_run_id: uuid.UUID | None
     batches = await asyncio.gather(
         *(
             apply_batch(_quoted(batch), source="sync", flow_run_id=flow_run_id, import_gateways=import_gateways)
-            for batch in chunks(writes, get_settings().sync_batch_size)
+            for batch in chunks(writes, _apply_batch_size(len(writes)))
         )
     )
-    applied = [change for batch in batches for change in batch]
+    applied = [change for batch in batches for change in batch.value]
     await publish_status_changes(applied, source="sync")
     return applied
+
+
+def _apply_batch_size(count: int) -> int:
+    """Writes per `apply-status` task: ``sync_batch_size``, larger when that would make more than
+    ``sync_apply_tasks`` task runs."""
+    settings = get_settings()
+    return max(settings.sync_batch_size, -(-count // settings.sync_apply_tasks))
 
 
 def sync_result(

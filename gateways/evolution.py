@@ -34,6 +34,7 @@ from core.errors import (
 from core.phones import phone_from_jid
 from gateways.base import unreachable
 from gateways.http import HttpGateway
+from gateways.json_stream import ArrayStreamDecoder
 from gateways.messages import MalformedMessage, from_baileys
 from gateways.prometheus import LiveRead, MetricsAccess, read_live_states
 from gateways.resilience import BreakerPolicy, RetryPolicy
@@ -107,13 +108,13 @@ class EvolutionGateway(HttpGateway):
 
         With ``metrics``, `GET /metrics` is read alongside: an instance it lists takes its live state from there
         (``live=True``, nothing to confirm); one it does not list (not loaded in memory) keeps its column, confirmed
-        as without metrics. When `/metrics` fails, every instance is handled as without metrics.
+        as without metrics. When `/metrics` fails, every instance is handled as without metrics. The listing is
+        decoded as it streams in (never held whole: it is ~1 kB per instance).
         """
         started = datetime.now(UTC)
         live_read = asyncio.ensure_future(self._read_metrics())
         try:
-            content = await self.request_bytes("GET", "/instance/fetchInstances", what="fetchInstances")
-            rows = _decode_fetched(self.name, content)
+            rows = await self._fetch_rows()
         except GatewayError as exc:
             live = (await live_read).states or {}
             return {
@@ -123,10 +124,9 @@ class EvolutionGateway(HttpGateway):
         except BaseException:
             live_read.cancel()
             raise
-        del content
         live = (await live_read).states or {}
-        by_name = {row.name: row for row in rows}
         db_statuses = db_statuses or {}
+        by_name = {row.name: row for row in rows}
         confirm = confirm or set()
         result: dict[str, StatusObservation] = {}
         to_confirm: list[str] = []
@@ -145,9 +145,9 @@ class EvolutionGateway(HttpGateway):
                     )
                 )
                 continue
-            observation = _from_row(name, row, started)
+            observation = _from_row(name, row, started, live_state=state)
             if state is not None:
-                result[name] = _with_live(observation, state)
+                result[name] = observation
                 continue
             result[name] = observation
             # The column is written on open, QR and non-reconnectable close only: just `open` can be stale.
@@ -184,8 +184,25 @@ class EvolutionGateway(HttpGateway):
 
     async def list_instance_names(self) -> list[str]:
         """Every instance this gateway has (one fetchInstances call), for adopting untracked ones."""
-        content = await self.request_bytes("GET", "/instance/fetchInstances", what="fetchInstances")
-        return [row.name for row in _decode_fetched(self.name, content)]
+        return [row.name for row in await self._fetch_rows()]
+
+    async def _fetch_rows(self) -> list[FetchedRow]:
+        """Every fetchInstances row, decoded as the body streams in."""
+        decoder = await self.request_stream(
+            "GET",
+            "/instance/fetchInstances",
+            what="fetchInstances",
+            sink=lambda: ArrayStreamDecoder(_FETCHED_DECODER),
+        )
+        try:
+            return decoder.finish()
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise GatewayRequestError(
+                f"{self.name}: fetchInstances answered an unexpected body",
+                upstream_status=200,
+                body=bytes(decoder.head).decode(errors="replace"),
+                gateway=self.name,
+            ) from exc
 
     async def _live_state(self, bulk: StatusObservation) -> StatusObservation:
         name = bulk.instance_name
@@ -459,7 +476,13 @@ def _chat(row: ChatRow) -> GatewayChat:
     )
 
 
-def _from_row(name: str, row: FetchedRow, observed_at: datetime) -> StatusObservation:
+def _from_row(name: str, row: FetchedRow, observed_at: datetime, *, live_state: str | None = None) -> StatusObservation:
+    """A fetchInstances row's observation, corrected by the live state from `/metrics` when one is given.
+
+    Live `connecting` while the column says a QR code is pending stays ``qr_pending`` (Evolution shows a QR wait as
+    `connecting` in memory); a live state that agrees with the column keeps the column's reason (a logout's code).
+    One model is built per row (its construction is most of the listing's cost at 100k instances).
+    """
     state = row.connectionStatus
     code = row.disconnectionReasonCode
     logged_out = state == "close" and isinstance(code, int) and code in LOGGED_OUT_CODES
@@ -471,6 +494,14 @@ def _from_row(name: str, row: FetchedRow, observed_at: datetime) -> StatusObserv
         reason = f"logged out (code {code})"
     elif status is not InstanceStatus.CONNECTED and code is not None:
         reason = f"closed (code {code})"
+    if live_state is not None:
+        live = from_evolution(live_state) or InstanceStatus.ERROR
+        if live is InstanceStatus.CONNECTING and status is InstanceStatus.QR_PENDING:
+            live = InstanceStatus.QR_PENDING
+        if live is not status:
+            status = live
+            reason = None if live is InstanceStatus.CONNECTED else f"live state {live_state}"
+            logged_out = logged_out and live is not InstanceStatus.CONNECTED
     return StatusObservation(
         instance_name=name,
         status=status,
@@ -479,6 +510,7 @@ def _from_row(name: str, row: FetchedRow, observed_at: datetime) -> StatusObserv
         phone_number=phone_from_jid(row.ownerJid),
         profile_name=row.profileName,
         logged_out=logged_out,
+        live=live_state is not None,
     )
 
 
@@ -495,27 +527,6 @@ def _from_live(name: str, state: str, observed_at: datetime) -> StatusObservatio
         observed_at=observed_at,
         reason=None if status is InstanceStatus.CONNECTED else f"live state {state}",
         live=True,
-    )
-
-
-def _with_live(row: StatusObservation, state: str) -> StatusObservation:
-    """The fetchInstances observation corrected by the live state from `/metrics`.
-
-    Live `connecting` while the column says a QR code is pending stays ``qr_pending`` (Evolution shows a QR wait as
-    `connecting` in memory); a live state that agrees with the column keeps the column's reason (a logout's code).
-    """
-    status = from_evolution(state) or InstanceStatus.ERROR
-    if status is InstanceStatus.CONNECTING and row.status is InstanceStatus.QR_PENDING:
-        status = InstanceStatus.QR_PENDING
-    if status is row.status:
-        return row.model_copy(update={"live": True})
-    return row.model_copy(
-        update={
-            "status": status,
-            "reason": None if status is InstanceStatus.CONNECTED else f"live state {state}",
-            "logged_out": row.logged_out and status is not InstanceStatus.CONNECTED,
-            "live": True,
-        }
     )
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import ssl
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
 
 import httpx
 import orjson
@@ -26,6 +27,15 @@ from gateways.resilience import (
 )
 
 CONNECTIONS_PER_POOL = 8
+
+
+class Sink(Protocol):
+    """Takes a response body chunk by chunk."""
+
+    def feed(self, chunk: bytes) -> None: ...
+
+
+_S = TypeVar("_S", bound=Sink)
 
 
 @functools.cache
@@ -100,6 +110,37 @@ class HttpGateway:
                         )
                         raise_for_status(self.name, what, response)
                         return await response.aread()
+                finally:
+                    self._in_flight[shard] -= 1
+
+        return await call_with_resilience(self.name, self.breaker, self._retry, attempt)
+
+    async def request_stream(
+        self,
+        method: str,
+        path: str,
+        *,
+        what: str,
+        sink: Callable[[], _S],
+        params: dict[str, Any] | None = None,
+    ) -> _S:
+        """Like :meth:`request_bytes`, but the 2xx body goes chunk by chunk, as it arrives, to a new ``sink()`` per
+        attempt (never joined in memory); returns the sink of the attempt that read the whole body."""
+
+        async def attempt() -> _S:
+            async with self._concurrency:
+                shard = min(range(len(self._clients)), key=self._in_flight.__getitem__)
+                self._in_flight[shard] += 1
+                try:
+                    with translate_errors(self.name, what):
+                        async with self._clients[shard].stream(method, path, params=params) as response:
+                            if response.status_code >= 400:
+                                await response.aread()
+                                raise_for_status(self.name, what, response)
+                            target = sink()
+                            async for chunk in response.aiter_bytes():
+                                target.feed(chunk)
+                            return target
                 finally:
                     self._in_flight[shard] -= 1
 

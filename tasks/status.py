@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Collection, Sequence
+from typing import Generic, TypeVar
 
 from prefect import task
 
@@ -42,5 +43,36 @@ async def write_statuses(
         return changes
 
 
-observe_batch = task(name="observe-instances", **TASK_OPTIONS)(observe_instances)
-apply_batch = task(name="apply-status", **TASK_OPTIONS)(write_statuses)
+T = TypeVar("T")
+
+
+class Unlinked(Generic[T]):
+    """A task's result Prefect does not walk: a list returned as such has each element linked to the task run (a
+    weak reference and an entry in the flow run's table each, ~0.4 s per 100k observations)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: T) -> None:
+        self.value = value
+
+
+@task(name="observe-instances", **TASK_OPTIONS)
+async def observe_batch(
+    gateway: Gateway, refs: Sequence[InstanceRef], *, confirm: set[str]
+) -> Unlinked[list[StatusObservation]]:
+    """:func:`observe_instances` as a task run."""
+    return Unlinked(await observe_instances(gateway, refs, confirm=confirm))
+
+
+@task(name="apply-status", **TASK_OPTIONS)
+async def apply_batch(
+    writes: Sequence[StatusWrite],
+    *,
+    source: str,
+    flow_run_id: uuid.UUID | None,
+    import_gateways: Collection[str] = (),
+) -> Unlinked[list[AppliedChange]]:
+    """:func:`write_statuses` as a task run."""
+    return Unlinked(
+        await write_statuses(writes, source=source, flow_run_id=flow_run_id, import_gateways=import_gateways)
+    )

@@ -290,13 +290,13 @@ async def test_webhook_observed_after_the_poll_started_wins(client: httpx.AsyncC
     ref = InstanceRef(instance_id, org, "evolution", "acme-01", InstanceStatus.CONNECTED, None, None)
 
     async with open_gateways({"evolution"}) as gateways:  # the poll observes "close"…
-        observations = await observe_batch.fn(gateways["evolution"], [ref], confirm=set())
+        observations = (await observe_batch.fn(gateways["evolution"], [ref], confirm=set())).value
     assert await post(client, org, opened("acme-01")) is not None  # …then the instance reconnects: webhook
     assert (await instance_row(instance_id))["status"] == "connected"
 
     drifts, _, writes = diff_observations([ref], observations)
     assert drifts and drifts[0].gateway_status == "disconnected"
-    applied = await apply_batch.fn(chunks(writes, 10)[0], source="sync", flow_run_id=None)
+    applied = (await apply_batch.fn(chunks(writes, 10)[0], source="sync", flow_run_id=None)).value
 
     assert applied == []  # the older poll lost to the newer webhook
     row = await instance_row(instance_id)

@@ -201,6 +201,43 @@ class PendingImport:
     has started since its current connection began)."""
 
 
+_PENDING_CANDIDATES = """
+    SELECT i.id, s.connected_at, r.id, r.state, r.connection_key,
+           CASE WHEN r.id IS NULL THEN 'never_imported'
+                WHEN r.state = 'completed' THEN 'connected' ELSE 'unfinished' END
+    FROM whatsapp_instances i
+    LEFT JOIN LATERAL (
+        SELECT connected_at FROM whatsapp_sessions ws WHERE ws.instance_id = i.id AND ws.disconnected_at IS NULL
+        ORDER BY connected_at DESC LIMIT 1) s ON true
+    LEFT JOIN LATERAL (
+        SELECT id, state, connection_key, started_at, cursor FROM import_runs ir WHERE ir.instance_id = i.id
+        ORDER BY ir.started_at DESC, ir.id DESC LIMIT 1) r ON true
+    WHERE i.status = 'connected' AND i.gateway = ANY(:gateways)
+      AND (CAST(:org AS uuid) IS NULL OR i.organization_id = :org)
+      AND (CAST(:iid AS uuid) IS NULL OR i.id = :iid)
+      AND (r.id IS NULL OR r.state = 'failed'
+           OR (r.state = 'completed' AND r.started_at < s.connected_at)
+           OR (r.state = 'running' AND COALESCE(CAST(r.cursor->>'at' AS timestamptz), r.started_at)
+               < now() - make_interval(mins => :stale)))
+      -- already queued or being worked; or failed for good within the hour (asked again at most hourly). NOT IN
+      -- (`key` is never null) is one hashed subplan; NOT EXISTS became a nested loop over the queue when its
+      -- statistics predate the batch of imports the sync just queued.
+      AND CAST(i.id AS text) NOT IN (
+          SELECT w.key FROM work_items w WHERE w.kind = 'import'
+            AND (w.state IN ('pending', 'running')
+                 OR (w.state = 'failed' AND w.finished_at > now() - interval '1 hour')))
+"""
+
+_PENDING_IMPORTS_SQL = text(f"""
+({_PENDING_CANDIDATES} AND i.id = ANY(CAST(:first AS uuid[])) ORDER BY i.id LIMIT :limit)
+UNION ALL
+({_PENDING_CANDIDATES} AND i.id <> ALL(CAST(:first AS uuid[])) ORDER BY i.id LIMIT :limit)
+LIMIT :limit
+""")
+"""The just-connected candidates first, then the others, each branch in id order so that it stops at the limit
+(one ``ORDER BY i.id = ANY(:first)`` would evaluate every connected instance before sorting)."""
+
+
 async def pending_imports(
     session: AsyncSession,
     *,
@@ -217,32 +254,7 @@ async def pending_imports(
     if not gateways:
         return []
     rows = await session.execute(
-        text("""
-        SELECT i.id, s.connected_at, r.id, r.state, r.connection_key,
-               CASE WHEN r.id IS NULL THEN 'never_imported'
-                    WHEN r.state = 'completed' THEN 'connected' ELSE 'unfinished' END
-        FROM whatsapp_instances i
-        LEFT JOIN LATERAL (
-            SELECT connected_at FROM whatsapp_sessions ws WHERE ws.instance_id = i.id AND ws.disconnected_at IS NULL
-            ORDER BY connected_at DESC LIMIT 1) s ON true
-        LEFT JOIN LATERAL (
-            SELECT id, state, connection_key, started_at, cursor FROM import_runs ir WHERE ir.instance_id = i.id
-            ORDER BY ir.started_at DESC, ir.id DESC LIMIT 1) r ON true
-        WHERE i.status = 'connected' AND i.gateway = ANY(:gateways)
-          AND (CAST(:org AS uuid) IS NULL OR i.organization_id = :org)
-          AND (CAST(:iid AS uuid) IS NULL OR i.id = :iid)
-          AND (r.id IS NULL OR r.state = 'failed'
-               OR (r.state = 'completed' AND r.started_at < s.connected_at)
-               OR (r.state = 'running' AND COALESCE(CAST(r.cursor->>'at' AS timestamptz), r.started_at)
-                   < now() - make_interval(mins => :stale)))
-          -- already queued or being worked; or failed for good within the hour (asked again at most hourly)
-          AND NOT EXISTS (
-              SELECT 1 FROM work_items w WHERE w.kind = 'import' AND w.key = CAST(i.id AS text)
-                AND (w.state IN ('pending', 'running')
-                     OR (w.state = 'failed' AND w.finished_at > now() - interval '1 hour')))
-        ORDER BY i.id = ANY(CAST(:first AS uuid[])) DESC, i.id
-        LIMIT :limit
-    """),
+        _PENDING_IMPORTS_SQL,
         {
             "gateways": list(gateways),
             "first": list(first),

@@ -6,6 +6,7 @@ import uuid
 from collections.abc import Sequence
 
 import orjson
+from psycopg.types.json import Json
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -41,15 +42,17 @@ async def load_instances(
     return [InstanceRef(r[0], r[1], r[2], r[3], InstanceStatus(r[4]), r[5], r[6]) for r in rows.all()]
 
 
-_APPLY_SQL = text("""
-WITH obs AS (
+_OBS_COLUMNS = """
     SELECT instance_id AS id, status, observed_at, reason, phone_number AS phone, profile_name AS profile,
            qr_code AS qr, live_confirmed AS confirmed, logged_out
     FROM json_to_recordset(CAST(:rows AS json)) AS r(
         instance_id uuid, status text, observed_at timestamptz, reason text, phone_number text, profile_name text,
         qr_code text, live_confirmed boolean, logged_out boolean)
-),
-prev AS (
+"""
+
+_APPLY_SQL = text(f"""
+WITH obs AS MATERIALIZED ({_OBS_COLUMNS}),
+prev AS MATERIALIZED (
     SELECT i.id, i.status AS from_status
     FROM whatsapp_instances i JOIN obs ON obs.id = i.id
 ),
@@ -70,56 +73,48 @@ upd AS (
       AND i.status IS DISTINCT FROM obs.status
       AND (i.status_observed_at IS NULL OR i.status_observed_at < obs.observed_at)
     RETURNING i.id, i.organization_id, i.instance_name, i.status, obs.observed_at, obs.reason, i.gateway
+),
+touched AS (
+    -- rows whose status the observation confirms (disjoint from `upd`: both read the statement's snapshot)
+    UPDATE whatsapp_instances i SET
+        last_checked_at = GREATEST(i.last_checked_at, o.observed_at),
+        status_observed_at = GREATEST(i.status_observed_at, o.observed_at),
+        phone_number = COALESCE(o.phone, i.phone_number),
+        profile_name = COALESCE(o.profile, i.profile_name),
+        qr_code = CASE WHEN i.status = 'qr_pending' THEN COALESCE(o.qr, i.qr_code) ELSE i.qr_code END,
+        live_confirmed_at = CASE WHEN o.confirmed THEN o.observed_at ELSE i.live_confirmed_at END,
+        status_reason = CASE WHEN o.reason IS NOT NULL
+            AND (i.status_observed_at IS NULL OR i.status_observed_at <= o.observed_at) THEN o.reason
+            ELSE i.status_reason END
+    FROM obs o
+    WHERE i.id = o.id AND i.status = o.status
+      AND (i.last_checked_at IS NULL OR i.last_checked_at < o.observed_at
+           OR o.confirmed OR i.phone_number IS DISTINCT FROM COALESCE(o.phone, i.phone_number)
+           OR i.profile_name IS DISTINCT FROM COALESCE(o.profile, i.profile_name)
+           OR (o.reason IS NOT NULL AND i.status_reason IS DISTINCT FROM o.reason))
+),
+changes AS MATERIALIZED (
+    SELECT upd.id, upd.organization_id, upd.instance_name, prev.from_status, upd.status, upd.observed_at,
+           upd.reason, upd.gateway
+    FROM upd JOIN prev ON prev.id = upd.id
+),
+history AS (
+    INSERT INTO instance_status_changes
+        (instance_id, organization_id, from_status, to_status, source, reason, observed_at, flow_run_id)
+    SELECT id, organization_id, from_status, status, :source, reason, observed_at, CAST(:run AS uuid) FROM changes
+),
+closed AS (
+    UPDATE whatsapp_sessions s SET status = 'ended', disconnected_at = c.observed_at,
+        last_activity_at = GREATEST(s.last_activity_at, c.observed_at)
+    FROM changes c
+    WHERE c.from_status = 'connected' AND s.instance_id = c.id AND s.disconnected_at IS NULL
+),
+opened AS (
+    INSERT INTO whatsapp_sessions (instance_id, status, connected_at, last_activity_at)
+    SELECT id, 'active', observed_at, observed_at FROM changes WHERE status = 'connected'
+    ON CONFLICT (instance_id) WHERE disconnected_at IS NULL DO NOTHING
 )
-SELECT upd.id, upd.organization_id, upd.instance_name, prev.from_status, upd.status, upd.observed_at, upd.reason,
-       upd.gateway
-FROM upd JOIN prev ON prev.id = upd.id
-""")
-
-_TOUCH_SQL = text("""
-UPDATE whatsapp_instances i SET
-    last_checked_at = GREATEST(i.last_checked_at, o.observed_at),
-    status_observed_at = GREATEST(i.status_observed_at, o.observed_at),
-    phone_number = COALESCE(o.phone, i.phone_number),
-    profile_name = COALESCE(o.profile, i.profile_name),
-    qr_code = CASE WHEN i.status = 'qr_pending' THEN COALESCE(o.qr, i.qr_code) ELSE i.qr_code END,
-    live_confirmed_at = CASE WHEN o.confirmed THEN o.observed_at ELSE i.live_confirmed_at END,
-    status_reason = CASE WHEN o.reason IS NOT NULL
-        AND (i.status_observed_at IS NULL OR i.status_observed_at <= o.observed_at) THEN o.reason
-        ELSE i.status_reason END
-FROM (SELECT instance_id AS id, status, observed_at, reason, phone_number AS phone, profile_name AS profile,
-           qr_code AS qr, live_confirmed AS confirmed, logged_out
-    FROM json_to_recordset(CAST(:rows AS json)) AS r(
-        instance_id uuid, status text, observed_at timestamptz, reason text, phone_number text, profile_name text,
-        qr_code text, live_confirmed boolean, logged_out boolean)) AS o
-WHERE i.id = o.id AND i.status = o.status
-  AND (i.last_checked_at IS NULL OR i.last_checked_at < o.observed_at
-       OR o.confirmed OR i.phone_number IS DISTINCT FROM COALESCE(o.phone, i.phone_number)
-       OR i.profile_name IS DISTINCT FROM COALESCE(o.profile, i.profile_name)
-       OR (o.reason IS NOT NULL AND i.status_reason IS DISTINCT FROM o.reason))
-""")
-
-_HISTORY_SQL = text("""
-INSERT INTO instance_status_changes
-    (instance_id, organization_id, from_status, to_status, source, reason, observed_at, flow_run_id)
-SELECT * FROM unnest(
-    CAST(:ids AS uuid[]), CAST(:orgs AS uuid[]), CAST(:froms AS text[]), CAST(:tos AS text[]),
-    CAST(:sources AS text[]), CAST(:reasons AS text[]), CAST(:observed AS timestamptz[]),
-    CAST(:runs AS uuid[])
-)
-""")
-
-_OPEN_SESSIONS_SQL = text("""
-INSERT INTO whatsapp_sessions (instance_id, status, connected_at, last_activity_at)
-SELECT id, 'active', at, at FROM unnest(CAST(:ids AS uuid[]), CAST(:ats AS timestamptz[])) AS s(id, at)
-ON CONFLICT (instance_id) WHERE disconnected_at IS NULL DO NOTHING
-""")
-
-_CLOSE_SESSIONS_SQL = text("""
-UPDATE whatsapp_sessions s SET status = 'ended', disconnected_at = c.at,
-    last_activity_at = GREATEST(s.last_activity_at, c.at)
-FROM unnest(CAST(:ids AS uuid[]), CAST(:ats AS timestamptz[])) AS c(id, at)
-WHERE s.instance_id = c.id AND s.disconnected_at IS NULL
+SELECT id, organization_id, instance_name, from_status, status, observed_at, reason, gateway FROM changes
 """)
 
 
@@ -130,7 +125,7 @@ async def apply_status_writes(
     source: str,
     flow_run_id: uuid.UUID | None = None,
 ) -> list[AppliedChange]:
-    """Apply many observations in a few set-based statements.
+    """Apply many observations in one set-based statement.
 
     Newest observation wins: a write older than the row's `status_observed_at` changes nothing. Every applied
     transition gets a history row; becoming connected opens a session, leaving connected closes it. Writes that
@@ -140,44 +135,12 @@ async def apply_status_writes(
     """
     if not writes:
         return []
-    rows = {"rows": orjson.dumps(writes).decode()}  # one C-speed document; psycopg adapts lists item by item
-    result = await session.execute(_APPLY_SQL, rows)
-    changes = [AppliedChange(*row) for row in result.all()]
-    await session.execute(_TOUCH_SQL, rows)
-    if not changes:
-        return changes
-    await session.execute(
-        _HISTORY_SQL,
-        {
-            "ids": [c.instance_id for c in changes],
-            "orgs": [c.organization_id for c in changes],
-            "froms": [c.from_status for c in changes],
-            "tos": [c.to_status for c in changes],
-            "sources": [source] * len(changes),
-            "reasons": [c.reason for c in changes],
-            "observed": [c.observed_at for c in changes],
-            "runs": [flow_run_id] * len(changes),
-        },
+    result = await session.execute(
+        _APPLY_SQL,
+        # one C-speed document, sent as orjson's bytes (no str copy); psycopg would adapt lists item by item
+        {"rows": Json(writes, dumps=orjson.dumps), "source": source, "run": flow_run_id},
     )
-    connected = [c for c in changes if c.to_status == InstanceStatus.CONNECTED]
-    left = [c for c in changes if c.from_status == InstanceStatus.CONNECTED]
-    if left:
-        await session.execute(
-            _CLOSE_SESSIONS_SQL,
-            {
-                "ids": [c.instance_id for c in left],
-                "ats": [c.observed_at for c in left],
-            },
-        )
-    if connected:
-        await session.execute(
-            _OPEN_SESSIONS_SQL,
-            {
-                "ids": [c.instance_id for c in connected],
-                "ats": [c.observed_at for c in connected],
-            },
-        )
-    return changes
+    return [AppliedChange(*row) for row in result.all()]
 
 
 async def get_instance(
