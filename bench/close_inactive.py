@@ -39,6 +39,7 @@ from bench.common import (
     bench_database,
     emit,
     peak_rss_mb,
+    positive_int,
     prefect_api,
     prepare_environment,
     progress,
@@ -69,13 +70,13 @@ class CloseOptions:
 def configure(parser: argparse.ArgumentParser) -> None:
     """Declare ``bench close-inactive``'s options."""
     parser.add_argument(
-        "--conversations", type=_positive_int, default=1_000_000, help="open conversations (N, default 1,000,000)"
+        "--conversations", type=positive_int, default=1_000_000, help="open conversations (N, default 1,000,000)"
     )
     parser.add_argument("--idle", type=float, default=0.1, help="fraction of them that are idle (default 0.1)")
     parser.add_argument(
         "--rate", type=float, default=200.0, help="messages per second arriving during the run (default 200)"
     )
-    parser.add_argument("--writers", type=_positive_int, default=4, help="concurrent message senders (default 4)")
+    parser.add_argument("--writers", type=positive_int, default=4, help="concurrent message senders (default 4)")
     parser.add_argument(
         "--messages",
         choices=("auto", "webhook", "sql"),
@@ -523,13 +524,6 @@ def result_table(result: dict[str, Any]) -> str:
             )
         )
     return render_table("zapsync bench: close-inactive", rows)
-
-
-def _positive_int(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return number
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ imported, so :func:`prepare_environment` must run before anything imports ``pref
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import math
@@ -147,6 +148,25 @@ def emit(result: dict[str, Any], *, as_json: bool, table: str, out: IO[str]) -> 
     else:
         out.write(table + "\n")
     out.flush()
+
+
+# -- command-line values ----------------------------------------------------------------------------------------
+
+
+def positive_int(value: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return number
+
+
+def fraction(value: str) -> float:
+    """An argparse type: a number within [0, 1]."""
+    number = float(value)
+    if not 0 <= number <= 1:
+        raise argparse.ArgumentTypeError("must be within [0, 1]")
+    return number
 
 
 # -- environment ------------------------------------------------------------------------------------------------

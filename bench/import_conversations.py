@@ -30,6 +30,7 @@ from bench.common import (
     emit,
     load_average,
     peak_rss_mb,
+    positive_int,
     prefect_api,
     prepare_environment,
     progress,
@@ -61,17 +62,17 @@ class ImportOptions:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     """Declare ``bench import``'s options."""
-    parser.add_argument("--chats", type=_positive_int, required=True, help="one-to-one chats (C)")
-    parser.add_argument("--messages-per-chat", type=_positive_int, required=True, help="messages in each chat (M)")
+    parser.add_argument("--chats", type=positive_int, required=True, help="one-to-one chats (C)")
+    parser.add_argument("--messages-per-chat", type=positive_int, required=True, help="messages in each chat (M)")
     parser.add_argument(
         "--page-size",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="records per gateway page and transaction (default: ZAPSYNC_IMPORT_PAGE_SIZE or 5000)",
     )
     parser.add_argument(
         "--concurrency",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="message pages in flight (default: ZAPSYNC_IMPORT_PAGE_CONCURRENCY or 3)",
     )
@@ -255,10 +256,3 @@ def result_table(result: dict[str, Any]) -> str:
         ),
     ]
     return render_table("zapsync bench: import-conversations", rows)
-
-
-def _positive_int(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return number

@@ -35,8 +35,10 @@ from bench.common import (
     bench_database,
     configure_gateway,
     emit,
+    fraction,
     load_average,
     peak_rss_mb,
+    positive_int,
     prefect_api,
     prepare_environment,
     progress,
@@ -69,16 +71,16 @@ class SendOptions:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     """Declare ``bench send``'s options."""
-    parser.add_argument("--messages", type=_positive_int, required=True, help="messages to send (N)")
-    parser.add_argument("--instances", type=_positive_int, required=True, help="instances they go through (I)")
-    parser.add_argument("--recipients", type=_positive_int, default=20, help="distinct recipients per instance")
+    parser.add_argument("--messages", type=positive_int, required=True, help="messages to send (N)")
+    parser.add_argument("--instances", type=positive_int, required=True, help="instances they go through (I)")
+    parser.add_argument("--recipients", type=positive_int, default=20, help="distinct recipients per instance")
     parser.add_argument(
-        "--timeout-rate", type=_rate, default=0.05, help="share of sends taken, then answered too late (unknown)"
+        "--timeout-rate", type=fraction, default=0.05, help="share of sends taken, then answered too late (unknown)"
     )
-    parser.add_argument("--error-rate", type=_rate, default=0.02, help="share of sends refused with 503 (transient)")
+    parser.add_argument("--error-rate", type=fraction, default=0.02, help="share of sends refused with 503 (transient)")
     parser.add_argument(
         "--concurrency",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="instances served at once (default: every instance, at most 1024)",
     )
@@ -281,17 +283,3 @@ def result_table(result: dict[str, Any]) -> str:
             Row("peak RSS", f"{result['peak_rss_mb']} MB"),
         ],
     )
-
-
-def _positive_int(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return number
-
-
-def _rate(value: str) -> float:
-    number = float(value)
-    if not 0 <= number <= 1:
-        raise argparse.ArgumentTypeError("must be between 0 and 1")
-    return number

@@ -51,6 +51,7 @@ from bench.common import (
     free_port,
     load_average,
     percentile,
+    positive_int,
     prefect_api,
     prefect_server,
     prepare_environment,
@@ -95,9 +96,9 @@ class StormOptions:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     """Declare ``bench storm``'s options."""
-    parser.add_argument("--instances", type=_positive_int, required=True, help="instances that reconnect (N)")
-    parser.add_argument("--chats", type=_positive_int, default=10, help="one-to-one chats per instance")
-    parser.add_argument("--messages", type=_positive_int, default=10, help="messages per chat")
+    parser.add_argument("--instances", type=positive_int, required=True, help="instances that reconnect (N)")
+    parser.add_argument("--chats", type=positive_int, default=10, help="one-to-one chats per instance")
+    parser.add_argument("--messages", type=positive_int, default=10, help="messages per chat")
     parser.add_argument(
         "--spread-seconds",
         type=float,
@@ -105,7 +106,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         dest="spread_s",
         help=f"seconds the webhooks are spread over (default: 0.1 s per instance, at most {MAX_SPREAD_S:g})",
     )
-    parser.add_argument("--concurrency", type=_positive_int, default=20, help="webhooks in flight at once")
+    parser.add_argument("--concurrency", type=positive_int, default=20, help="webhooks in flight at once")
     parser.add_argument(
         "--timeout", type=float, default=600.0, dest="timeout_s", help="seconds to wait for every import"
     )
@@ -517,10 +518,3 @@ def result_table(result: dict[str, Any]) -> str:
         ),
     ]
     return render_table("zapsync bench: reconnect storm", rows)
-
-
-def _positive_int(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return number

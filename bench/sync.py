@@ -34,8 +34,10 @@ from bench.common import (
     call_count_delta,
     configure_gateway,
     emit,
+    fraction,
     load_average,
     peak_rss_mb,
+    positive_int,
     prefect_api,
     prepare_environment,
     progress,
@@ -93,11 +95,11 @@ class World:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     """Declare ``bench sync``'s options."""
-    parser.add_argument("--instances", type=_positive_int, required=True, help="simulated instances (N)")
+    parser.add_argument("--instances", type=positive_int, required=True, help="simulated instances (N)")
     parser.add_argument("--latency-ms", type=float, default=0.0, help="latency the simulator adds to each request")
     parser.add_argument("--provider", choices=("evolution", "megaapi"), default="evolution")
     parser.add_argument(
-        "--drift", type=_fraction, default=0.1, help="fraction of rows that disagree with the gateway (default 0.1)"
+        "--drift", type=fraction, default=0.1, help="fraction of rows that disagree with the gateway (default 0.1)"
     )
     parser.add_argument(
         "--baseline-seconds",
@@ -108,13 +110,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the drift draw")
     parser.add_argument(
         "--runs",
-        type=_positive_int,
+        type=positive_int,
         default=1,
         help="flow runs to time (drift re-injected before each); `seconds` is the first, cold one",
     )
     parser.add_argument(
         "--max-concurrency",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="the gateway's parallel calls (set through ZAPSYNC_GATEWAYS; zapsync's default is 32)",
     )
@@ -521,17 +523,3 @@ def result_table(result: dict[str, Any]) -> str:
             )
         )
     return render_table("zapsync bench: sync-status (apply)", rows)
-
-
-def _positive_int(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return number
-
-
-def _fraction(value: str) -> float:
-    number = float(value)
-    if not 0 <= number <= 1:
-        raise argparse.ArgumentTypeError("must be within [0, 1]")
-    return number
