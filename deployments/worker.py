@@ -36,7 +36,7 @@ from flows.send_messages import send_messages
 log = logging.getLogger("zapsync.worker")
 
 LINE_KINDS = frozenset({"send"})
-"""Kinds whose items are claimed only at the head of each instance's line (see ``work_queue.claim_line_heads``)."""
+"""Kinds whose items are claimed only at the head of each instance's line (see ``work_queue.claim_line_runs``)."""
 
 
 @dataclass(slots=True)

@@ -216,19 +216,21 @@ async def claim(session: AsyncSession, *, kind: str, limit: int, lease_seconds: 
         _CLAIM_SQL, {"kind": kind, "limit": limit, "lease": float(lease_seconds), "expired_error": LEASE_EXPIRED}
     )
     ordered = sorted(rows.all(), key=lambda r: (r.next_attempt_at, r.id))
-    return [
-        ClaimedItem(
-            id=r.id,
-            kind=r.kind,
-            key=r.key,
-            organization_id=r.organization_id,
-            instance_id=r.instance_id,
-            payload=r.payload,
-            attempts=r.attempts,
-            lease_token=r.lease_token,
-        )
-        for r in ordered
-    ]
+    return [_claimed(r) for r in ordered]
+
+
+def _claimed(r: Any) -> ClaimedItem:
+    """A claim statement's returned row as the item its claimer holds."""
+    return ClaimedItem(
+        id=r.id,
+        kind=r.kind,
+        key=r.key,
+        organization_id=r.organization_id,
+        instance_id=r.instance_id,
+        payload=r.payload,
+        attempts=r.attempts,
+        lease_token=r.lease_token,
+    )
 
 
 _HELD = "id = :id AND lease_token = :token AND state = 'running'"
@@ -459,69 +461,6 @@ _PACED = """
           AND f.finished_at > clock_timestamp() - make_interval(secs => :gap))
 """
 
-_CLAIM_HEADS_SQL = text(f"""
-WITH {_HEADS},
-due AS (
-    SELECT h.id FROM heads h
-    WHERE ((h.state = 'pending' AND h.next_attempt_at <= clock_timestamp())
-           OR (h.state = 'running' AND h.lease_until <= clock_timestamp()))
-      AND {_PACED}
-    ORDER BY h.next_attempt_at, h.id
-    LIMIT :limit
-)
-UPDATE work_items AS w SET
-    state = 'running',
-    attempts = w.attempts + 1,
-    lease_token = gen_random_uuid(),
-    lease_until = clock_timestamp() + make_interval(secs => :lease),
-    last_error = CASE WHEN w.state = 'running' THEN :expired_error ELSE w.last_error END,
-    updated_at = now()
-WHERE w.id = ANY (ARRAY(SELECT id FROM due))
-RETURNING w.id, w.kind, w.key, w.organization_id, w.instance_id, w.payload, w.attempts, w.lease_token,
-          w.next_attempt_at
-""")
-
-
-async def claim_line_heads(
-    session: AsyncSession, *, kind: str, limit: int, lease_seconds: float, min_gap_seconds: float = 0.0
-) -> list[ClaimedItem]:
-    """Lease the first outstanding item of up to ``limit`` instances' lines, for work that must keep each
-    instance's order (sends).
-
-    An instance's line is its pending and running items of ``kind`` in id order; only its head is ever claimed, and
-    only when due (a pending head waiting for its retry holds the whole line) and when the instance's last item
-    finished at least ``min_gap_seconds`` ago (pacing). Claims are serialized by a transaction advisory lock, so two
-    claimers never take two items of one line; run it in a short transaction of its own.
-    """
-    if limit <= 0:
-        return []
-    await session.execute(_LINE_LOCK_SQL, {"name": f"zapsync:line-claim:{kind}"})
-    rows = await session.execute(
-        _CLAIM_HEADS_SQL,
-        {
-            "kind": kind,
-            "limit": limit,
-            "lease": float(lease_seconds),
-            "gap": float(min_gap_seconds),
-            "expired_error": LEASE_EXPIRED,
-        },
-    )
-    ordered = sorted(rows.all(), key=lambda r: (r.next_attempt_at, r.id))
-    return [
-        ClaimedItem(
-            id=r.id,
-            kind=r.kind,
-            key=r.key,
-            organization_id=r.organization_id,
-            instance_id=r.instance_id,
-            payload=r.payload,
-            attempts=r.attempts,
-            lease_token=r.lease_token,
-        )
-        for r in ordered
-    ]
-
-
 _NEXT_HEAD_SQL = text(f"""
 WITH {_HEADS}
 SELECT EXTRACT(EPOCH FROM min(GREATEST(
@@ -606,7 +545,7 @@ async def claim_line_runs(
 ) -> list[list[ClaimedItem]]:
     """Lease the run of up to ``lines`` instances' lines in one statement: each line's first ``run_length``
     outstanding items in id order, up to (not including) the first that is not due. A line is taken only when its
-    head is due and paced (the rules of :func:`claim_line_heads`; claims are serialized by the same advisory lock).
+    head is due and paced (the rules of :func:`claim_line_runs`; claims are serialized by the same advisory lock).
 
     Returns one list per line, in line order; the claimer works each run in order and gives back with
     :func:`release_unsent` whatever it does not get to (an item whose send must wait holds the rest of its line).
@@ -627,16 +566,7 @@ async def claim_line_runs(
     )
     runs: dict[uuid.UUID | None, list[ClaimedItem]] = {}
     for r in sorted(rows.all(), key=lambda r: r.id):
-        item = ClaimedItem(
-            id=r.id,
-            kind=r.kind,
-            key=r.key,
-            organization_id=r.organization_id,
-            instance_id=r.instance_id,
-            payload=r.payload,
-            attempts=r.attempts,
-            lease_token=r.lease_token,
-        )
+        item = _claimed(r)
         runs.setdefault(item.instance_id, []).append(item)
     return list(runs.values())
 
