@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 
+import psycopg
 from prefect import flow
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -38,7 +39,7 @@ from core.names import SEND_FLOW
 from core.reports import DrainedItem, DrainReport
 from core.settings import get_settings
 from db.engine import get_engine, session_scope
-from db.repositories.outbox import SendJob, Sent, load_send_jobs
+from db.repositories.outbox import SendJob, Sent, driver_connection, load_send_jobs
 from db.repositories.work_queue import (
     ClaimedItem,
     ItemState,
@@ -189,38 +190,40 @@ _Worked = tuple[Handled | None, Exception | None]
 
 class _WaveLinks:
     """The connections a drain keeps for its wave statements, in autocommit: a wave is one round trip (no pool
-    pre-ping, BEGIN or COMMIT). A connection that failed is dropped; the next wave opens another."""
+    pre-ping, BEGIN or COMMIT), run on the driver's connection as a prepared statement. A connection that failed is
+    dropped; the next wave opens another."""
 
     def __init__(self) -> None:
-        self._idle: list[AsyncConnection] = []
+        self._idle: list[tuple[AsyncConnection, psycopg.AsyncConnection[Any]]] = []
 
     async def run(self, wave: list[tuple[Recorded | None, ToMark | None]]) -> list[tuple[bool, str | None]]:
         """:func:`tasks.send.run_wave` on an idle kept connection."""
-        connection = self._idle.pop() if self._idle else await self._open()
+        link = self._idle.pop() if self._idle else await self._open()
         try:
-            answers = await run_wave(wave, connection=connection)
+            answers = await run_wave(wave, connection=link[1])
         except BaseException:
             with contextlib.suppress(Exception):
-                await connection.invalidate()
-                await connection.close()
+                await link[0].invalidate()
+                await link[0].close()
             raise
-        self._idle.append(connection)
+        self._idle.append(link)
         return answers
 
     async def close(self) -> None:
         """Give the connections back to the pool."""
         idle, self._idle = self._idle, []
-        for connection in idle:
+        for connection, _ in idle:
             with contextlib.suppress(Exception):
                 await connection.close()
 
     @staticmethod
-    async def _open() -> AsyncConnection:
+    async def _open() -> tuple[AsyncConnection, psycopg.AsyncConnection[Any]]:
         try:
             connection = await get_engine().connect()
         except (OSError, OperationalError, InterfaceError) as exc:  # as session_scope: a database that is away
             raise DatabaseUnavailable(f"the database is unreachable: {type(exc).__name__}") from exc
-        return await connection.execution_options(isolation_level="AUTOCOMMIT")
+        connection = await connection.execution_options(isolation_level="AUTOCOMMIT")
+        return connection, await driver_connection(connection)
 
 
 @dataclass(frozen=True, slots=True)

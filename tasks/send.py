@@ -20,8 +20,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncConnection
+import psycopg
 
 from core.errors import (
     GatewayError,
@@ -209,7 +210,9 @@ ToMark = tuple[ClaimedItem, SendJob]
 
 
 async def run_wave(
-    wave: Sequence[tuple[Recorded | None, ToMark | None]], *, connection: AsyncConnection | None = None
+    wave: Sequence[tuple[Recorded | None, ToMark | None]],
+    *,
+    connection: psycopg.AsyncConnection[Any] | None = None,
 ) -> list[tuple[bool, str | None]]:
     """One wave of lines, each with the send it just finished and/or the message it sends next, in one statement.
 
@@ -218,7 +221,8 @@ async def run_wave(
     sent; only never-attempted ``pending`` messages of connected instances whose items are still held). Per entry:
     whether the recorded item was still held (the send is recorded either way), and the mark's answer —
     :data:`MARKED`, None when not stamped (the one-message rules decide), or :data:`LEASE_LOST`. ``connection``:
-    one in autocommit to run the wave's statement on (no BEGIN, COMMIT or pool pre-ping for it).
+    a driver connection in autocommit to run the wave's statement on (no BEGIN, COMMIT or pool pre-ping for
+    it).
     """
     recorded = [entry for entry, _ in wave if entry is not None]
     to_mark = [entry for _, entry in wave if entry is not None]
@@ -226,7 +230,6 @@ async def run_wave(
     marking = [(job.message_id, item.id, item.lease_token) for item, job in to_mark]
     if connection is not None:  # one statement: atomic on its own, on a connection in autocommit
         written = await write_wave(connection, recording, marking)
-        await connection.commit()
     else:
         async with session_scope() as session:
             written = await write_wave(session, recording, marking)
