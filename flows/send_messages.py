@@ -34,7 +34,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from core.domain import WorkKind
-from core.errors import DatabaseUnavailable, GatewayError
+from core.errors import DatabaseUnavailable, GatewayError, GatewayTransientError
 from core.names import SEND_FLOW
 from core.reports import DrainedItem, DrainReport
 from core.settings import get_settings
@@ -235,6 +235,15 @@ class _Carry:
     begun: float
 
 
+@dataclass(frozen=True, slots=True)
+class _Failed:
+    """A marked message whose send raised, to be finished by :meth:`_Lines.failed`."""
+
+    job: SendJob
+    error: GatewayError
+    begun: float
+
+
 class _Lines:
     """One drain's lines: the runs it holds, its waves, and the heartbeat that keeps their leases."""
 
@@ -312,7 +321,7 @@ class _Lines:
             if index and self.gap:
                 await asyncio.sleep(self.gap)
             begun = time.monotonic()
-            outcome: _Carry | DrainedItem | tuple[Handled | None, Exception | None]
+            outcome: _Carry | _Failed | DrainedItem | tuple[Handled | None, Exception | None]
             if gateway is None or job is None:  # the head as claimed (its read is fresh), or anything unusual
                 outcome = await self.one(item, job if index == 0 else None)
             else:
@@ -326,6 +335,14 @@ class _Lines:
                 carry = outcome
                 continue
             rest = run[index + 1 :]
+            if isinstance(outcome, _Failed):
+                ended = await self.failed(item, outcome, rest)
+                self.count(ended)
+                if ended.outcome not in ("done", "failed"):  # the rest went back with it
+                    for later in rest:
+                        self.held.pop(later.id, None)
+                    return
+                continue
             if isinstance(outcome, DrainedItem):
                 ended = outcome
                 self.count(ended)
@@ -359,7 +376,7 @@ class _Lines:
 
     async def fast(
         self, item: ClaimedItem, job: SendJob, gateway: Gateway, marked: str | None
-    ) -> _Carry | DrainedItem | _Worked:
+    ) -> _Carry | _Failed | DrainedItem | _Worked:
         """Send a marked message: an accepted send is carried to the next wave; anything else is to be finished."""
         if marked == LEASE_LOST:
             return _ended(item, time.monotonic(), outcome="lease_lost", error="another drain holds the item")
@@ -369,11 +386,25 @@ class _Lines:
         try:
             result = await gateway.send(job.instance_name, job.outgoing(), timeout_seconds=self.policy.timeout_seconds)
         except GatewayError as exc:
-            try:
-                return _handled(await failed_send(job, item, self.policy, exc)), None
-            except Exception as raised:
-                return None, raised
+            return _Failed(job, exc, begun)
         return _Carry(item, Sent(job, result.external_id, result.status), begun)
+
+    async def failed(self, item: ClaimedItem, failed: _Failed, rest: Sequence[ClaimedItem]) -> DrainedItem:
+        """A send that raised: the message's outcome, the item's finish and (when it goes back to the queue) the rest
+        of its run given back, in one transaction; should that transaction fail, the item is finished on its own."""
+        try:
+            async with session_scope() as session:
+                try:
+                    outcome = _handled(await failed_send(failed.job, item, self.policy, failed.error, session=session))
+                    handled, failure = outcome, None
+                except GatewayTransientError as raised:  # not taken: the queue's backoff
+                    handled, failure = None, raised
+                ended = await finish_in(session, item, handled, failure, self.limits, begun=failed.begun)
+                if ended.outcome not in ("done", "failed") and rest:
+                    await release_unsent(session, rest)
+            return ended
+        except Exception as exc:
+            return await self.finish(item, None, exc, failed.begun, rest=rest)
 
     async def one(self, item: ClaimedItem, loaded: SendJob | None) -> _Worked:
         """One message by the one-message rules (:func:`tasks.send.send_item`)."""
