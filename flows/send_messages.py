@@ -28,17 +28,18 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 
+import psycopg
 from prefect import flow
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from core.domain import WorkKind
-from core.errors import DatabaseUnavailable, GatewayError
+from core.errors import DatabaseUnavailable, GatewayError, GatewayTransientError
 from core.names import SEND_FLOW
 from core.reports import DrainedItem, DrainReport
 from core.settings import get_settings
 from db.engine import get_engine, session_scope
-from db.repositories.outbox import SendJob, Sent, load_send_jobs
+from db.repositories.outbox import SendJob, Sent, driver_connection, load_send_jobs
 from db.repositories.work_queue import (
     ClaimedItem,
     ItemState,
@@ -189,38 +190,40 @@ _Worked = tuple[Handled | None, Exception | None]
 
 class _WaveLinks:
     """The connections a drain keeps for its wave statements, in autocommit: a wave is one round trip (no pool
-    pre-ping, BEGIN or COMMIT). A connection that failed is dropped; the next wave opens another."""
+    pre-ping, BEGIN or COMMIT), run on the driver's connection as a prepared statement. A connection that failed is
+    dropped; the next wave opens another."""
 
     def __init__(self) -> None:
-        self._idle: list[AsyncConnection] = []
+        self._idle: list[tuple[AsyncConnection, psycopg.AsyncConnection[Any]]] = []
 
     async def run(self, wave: list[tuple[Recorded | None, ToMark | None]]) -> list[tuple[bool, str | None]]:
         """:func:`tasks.send.run_wave` on an idle kept connection."""
-        connection = self._idle.pop() if self._idle else await self._open()
+        link = self._idle.pop() if self._idle else await self._open()
         try:
-            answers = await run_wave(wave, connection=connection)
+            answers = await run_wave(wave, connection=link[1])
         except BaseException:
             with contextlib.suppress(Exception):
-                await connection.invalidate()
-                await connection.close()
+                await link[0].invalidate()
+                await link[0].close()
             raise
-        self._idle.append(connection)
+        self._idle.append(link)
         return answers
 
     async def close(self) -> None:
         """Give the connections back to the pool."""
         idle, self._idle = self._idle, []
-        for connection in idle:
+        for connection, _ in idle:
             with contextlib.suppress(Exception):
                 await connection.close()
 
     @staticmethod
-    async def _open() -> AsyncConnection:
+    async def _open() -> tuple[AsyncConnection, psycopg.AsyncConnection[Any]]:
         try:
             connection = await get_engine().connect()
         except (OSError, OperationalError, InterfaceError) as exc:  # as session_scope: a database that is away
             raise DatabaseUnavailable(f"the database is unreachable: {type(exc).__name__}") from exc
-        return await connection.execution_options(isolation_level="AUTOCOMMIT")
+        connection = await connection.execution_options(isolation_level="AUTOCOMMIT")
+        return connection, await driver_connection(connection)
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,6 +232,15 @@ class _Carry:
 
     item: ClaimedItem
     sent: Sent
+    begun: float
+
+
+@dataclass(frozen=True, slots=True)
+class _Failed:
+    """A marked message whose send raised, to be finished by :meth:`_Lines.failed`."""
+
+    job: SendJob
+    error: GatewayError
     begun: float
 
 
@@ -309,7 +321,7 @@ class _Lines:
             if index and self.gap:
                 await asyncio.sleep(self.gap)
             begun = time.monotonic()
-            outcome: _Carry | DrainedItem | tuple[Handled | None, Exception | None]
+            outcome: _Carry | _Failed | DrainedItem | tuple[Handled | None, Exception | None]
             if gateway is None or job is None:  # the head as claimed (its read is fresh), or anything unusual
                 outcome = await self.one(item, job if index == 0 else None)
             else:
@@ -323,6 +335,14 @@ class _Lines:
                 carry = outcome
                 continue
             rest = run[index + 1 :]
+            if isinstance(outcome, _Failed):
+                ended = await self.failed(item, outcome, rest)
+                self.count(ended)
+                if ended.outcome not in ("done", "failed"):  # the rest went back with it
+                    for later in rest:
+                        self.held.pop(later.id, None)
+                    return
+                continue
             if isinstance(outcome, DrainedItem):
                 ended = outcome
                 self.count(ended)
@@ -356,7 +376,7 @@ class _Lines:
 
     async def fast(
         self, item: ClaimedItem, job: SendJob, gateway: Gateway, marked: str | None
-    ) -> _Carry | DrainedItem | _Worked:
+    ) -> _Carry | _Failed | DrainedItem | _Worked:
         """Send a marked message: an accepted send is carried to the next wave; anything else is to be finished."""
         if marked == LEASE_LOST:
             return _ended(item, time.monotonic(), outcome="lease_lost", error="another drain holds the item")
@@ -366,11 +386,25 @@ class _Lines:
         try:
             result = await gateway.send(job.instance_name, job.outgoing(), timeout_seconds=self.policy.timeout_seconds)
         except GatewayError as exc:
-            try:
-                return _handled(await failed_send(job, item, self.policy, exc)), None
-            except Exception as raised:
-                return None, raised
+            return _Failed(job, exc, begun)
         return _Carry(item, Sent(job, result.external_id, result.status), begun)
+
+    async def failed(self, item: ClaimedItem, failed: _Failed, rest: Sequence[ClaimedItem]) -> DrainedItem:
+        """A send that raised: the message's outcome, the item's finish and (when it goes back to the queue) the rest
+        of its run given back, in one transaction; should that transaction fail, the item is finished on its own."""
+        try:
+            async with session_scope() as session:
+                try:
+                    outcome = _handled(await failed_send(failed.job, item, self.policy, failed.error, session=session))
+                    handled, failure = outcome, None
+                except GatewayTransientError as raised:  # not taken: the queue's backoff
+                    handled, failure = None, raised
+                ended = await finish_in(session, item, handled, failure, self.limits, begun=failed.begun)
+                if ended.outcome not in ("done", "failed") and rest:
+                    await release_unsent(session, rest)
+            return ended
+        except Exception as exc:
+            return await self.finish(item, None, exc, failed.begun, rest=rest)
 
     async def one(self, item: ClaimedItem, loaded: SendJob | None) -> _Worked:
         """One message by the one-message rules (:func:`tasks.send.send_item`)."""

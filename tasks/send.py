@@ -20,8 +20,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncConnection
+import psycopg
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.errors import (
     GatewayError,
@@ -74,19 +76,28 @@ class SendOutcome:
     external_id: str | None = None
 
 
-async def _outcome(job: SendJob, *, status: str, error: str) -> None:
-    async with session_scope() as session:
-        change = await set_outcome(session, job, status=status, error=error)
-        if change is not None:
-            await publish(status_events(job.organization_id, [change]), session=session)
+async def _outcome(job: SendJob, *, status: str, error: str, session: AsyncSession | None = None) -> None:
+    if session is None:
+        async with session_scope() as own:
+            await _outcome(job, status=status, error=error, session=own)
+        return
+    change = await set_outcome(session, job, status=status, error=error)
+    if change is not None:
+        await publish(status_events(job.organization_id, [change]), session=session)
 
 
 async def _adopt(job: SendJob, *, external_id: str, status: str, sent_at: datetime | None) -> bool:
     async with session_scope() as session:
-        change = await record_sent(session, job, external_id=external_id, status=status, sent_at=sent_at)
-        if change is not None:
-            await publish(status_events(job.organization_id, [change]), session=session)
-        current = await load_send_job(session, job.message_id)
+        return await _adopt_in(session, job, external_id=external_id, status=status, sent_at=sent_at)
+
+
+async def _adopt_in(
+    session: AsyncSession, job: SendJob, *, external_id: str, status: str, sent_at: datetime | None
+) -> bool:
+    change = await record_sent(session, job, external_id=external_id, status=status, sent_at=sent_at)
+    if change is not None:
+        await publish(status_events(job.organization_id, [change]), session=session)
+    current = await load_send_job(session, job.message_id)
     return current is not None and current.external_id is not None
 
 
@@ -105,14 +116,14 @@ async def reconcile(gateway: Gateway, job: SendJob) -> str | None:
     )
     if not candidates:
         return None
-    async with session_scope() as session:
+    async with session_scope() as session:  # one transaction: the lookup and the adoption
         taken = await stored_external_ids(session, job.instance_id, [m.external_id for m in candidates])
-    for found in candidates:
-        if found.external_id in taken:
-            continue
-        status = found.status if found.status not in (None, "pending", "failed") else "sent"
-        if await _adopt(job, external_id=found.external_id, status=status or "sent", sent_at=found.sent_at):
-            return found.external_id
+        for found in candidates:
+            if found.external_id in taken:
+                continue
+            status = found.status if found.status not in (None, "pending", "failed") else "sent"
+            if await _adopt_in(session, job, external_id=found.external_id, status=status, sent_at=found.sent_at):
+                return found.external_id
     return None
 
 
@@ -164,23 +175,29 @@ async def send_item(
     return SendOutcome(summary=f"message {message_id} sent as {result.external_id}", external_id=result.external_id)
 
 
-async def failed_send(job: SendJob, item: ClaimedItem, policy: SendPolicy, exc: GatewayError) -> SendOutcome:
+async def failed_send(
+    job: SendJob, item: ClaimedItem, policy: SendPolicy, exc: GatewayError, *, session: AsyncSession | None = None
+) -> SendOutcome:
     """What becomes of a message whose one call (made after ``attempted_at`` was committed) raised ``exc``: refused
     for good → ``failed``; no answer → ``unknown``, retried after the grace period; not taken → ``attempted_at`` put
-    back and the error raised (the queue's backoff), or ``failed`` once the item used its attempts."""
+    back and the error raised (the queue's backoff), or ``failed`` once the item used its attempts. ``session``: the
+    caller's transaction to write in (it then also finishes the item: one transaction per fault); else its own."""
     if isinstance(exc, GatewayOutcomeUnknown):
         if should_give_up(item.attempts, policy.max_attempts):
             error = f"gave up after {item.attempts} attempts: {_reason(exc)}"
-            await _outcome(job, status="unknown", error=error)
+            await _outcome(job, status="unknown", error=error, session=session)
             return SendOutcome(error=error)
-        await _outcome(job, status="unknown", error=_reason(exc))
+        await _outcome(job, status="unknown", error=_reason(exc), session=session)
         return SendOutcome(error=_reason(exc), retry_after=policy.unknown_grace_seconds)
     if isinstance(exc, GatewayTransientError):
-        async with session_scope() as session:
+        if session is None:
+            async with session_scope() as own:
+                await restore_attempt(own, job.message_id, job.attempted_at)
+        else:
             await restore_attempt(session, job.message_id, job.attempted_at)
-        return await _transient(job, item, policy, exc)
+        return await _transient(job, item, policy, exc, session=session)
     # refused for good (number not on WhatsApp), or auth, not found, not supported: a retry cannot cure it
-    await _outcome(job, status="failed", error=_reason(exc))
+    await _outcome(job, status="failed", error=_reason(exc), session=session)
     return SendOutcome(error=_reason(exc))
 
 
@@ -209,7 +226,9 @@ ToMark = tuple[ClaimedItem, SendJob]
 
 
 async def run_wave(
-    wave: Sequence[tuple[Recorded | None, ToMark | None]], *, connection: AsyncConnection | None = None
+    wave: Sequence[tuple[Recorded | None, ToMark | None]],
+    *,
+    connection: psycopg.AsyncConnection[Any] | None = None,
 ) -> list[tuple[bool, str | None]]:
     """One wave of lines, each with the send it just finished and/or the message it sends next, in one statement.
 
@@ -218,7 +237,8 @@ async def run_wave(
     sent; only never-attempted ``pending`` messages of connected instances whose items are still held). Per entry:
     whether the recorded item was still held (the send is recorded either way), and the mark's answer —
     :data:`MARKED`, None when not stamped (the one-message rules decide), or :data:`LEASE_LOST`. ``connection``:
-    one in autocommit to run the wave's statement on (no BEGIN, COMMIT or pool pre-ping for it).
+    a driver connection in autocommit to run the wave's statement on (no BEGIN, COMMIT or pool pre-ping for
+    it).
     """
     recorded = [entry for entry, _ in wave if entry is not None]
     to_mark = [entry for _, entry in wave if entry is not None]
@@ -226,7 +246,6 @@ async def run_wave(
     marking = [(job.message_id, item.id, item.lease_token) for item, job in to_mark]
     if connection is not None:  # one statement: atomic on its own, on a connection in autocommit
         written = await write_wave(connection, recording, marking)
-        await connection.commit()
     else:
         async with session_scope() as session:
             written = await write_wave(session, recording, marking)
@@ -258,12 +277,19 @@ def job_reason(job: SendJob) -> str:
     return f"no answer from the gateway to the attempt at {job.attempted_at:%H:%M:%S}; waiting for its echo"
 
 
-async def _transient(job: SendJob, item: ClaimedItem, policy: SendPolicy, exc: GatewayTransientError) -> SendOutcome:
+async def _transient(
+    job: SendJob,
+    item: ClaimedItem,
+    policy: SendPolicy,
+    exc: GatewayTransientError,
+    *,
+    session: AsyncSession | None = None,
+) -> SendOutcome:
     """Raise ``exc`` (the queue retries it with backoff), or fail the message once the item used its attempts."""
     if not should_give_up(item.attempts, policy.max_attempts):
         raise exc
     error = f"gave up after {item.attempts} attempts: {_reason(exc)}"
-    await _outcome(job, status="failed", error=error)
+    await _outcome(job, status="failed", error=error, session=session)
     return SendOutcome(error=error)
 
 

@@ -20,6 +20,7 @@ from datetime import datetime
 from typing import Any
 
 import orjson
+import psycopg
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
@@ -412,12 +413,10 @@ async def record_sent_many(session: AsyncSession, sent: Sequence[Sent]) -> list[
     return changes
 
 
-_WAVE_SQL = text(f"""
+_WAVE_SQL = f"""
 WITH rec AS (
-    SELECT * FROM unnest(CAST(:r_ids AS bigint[]), CAST(:r_insts AS uuid[]), CAST(:r_exts AS text[]),
-                         CAST(:r_statuses AS text[]), CAST(:r_items AS bigint[]), CAST(:r_tokens AS uuid[]),
-                         CAST(:r_results AS jsonb[]), CAST(:r_orgs AS uuid[]), CAST(:r_payloads AS jsonb[]))
-        WITH ORDINALITY AS r(id, inst, ext, status, item_id, token, result, org, payload, ord)
+    SELECT * FROM jsonb_to_recordset(%(rec)s::jsonb)
+        AS r(id bigint, inst uuid, ext text, status text, item_id bigint, token uuid, org uuid, payload jsonb, ord int)
 ), upd AS (  -- the usual case; an echo's row to merge, an id held elsewhere or a row adopted meanwhile: not here
     UPDATE messages m SET external_id = r.ext, status = r.status, error = NULL
     FROM rec r
@@ -426,7 +425,7 @@ WITH rec AS (
     RETURNING m.id
 ), ins AS (
     INSERT INTO live_events (organization_id, kind, payload)
-    SELECT r.org, :kind, r.payload FROM rec r JOIN upd ON upd.id = r.id ORDER BY r.ord
+    SELECT r.org, %(kind)s, r.payload FROM rec r JOIN upd ON upd.id = r.id ORDER BY r.ord
     RETURNING id, organization_id
 ), numbered AS (  -- as live_events.publish: the ids per organization, at most 300 per notification
     SELECT id, organization_id, (row_number() OVER (PARTITION BY organization_id ORDER BY id) - 1) / 300 AS chunk
@@ -435,14 +434,13 @@ WITH rec AS (
     SELECT pg_notify('{LIVE_CHANNEL}', organization_id::text || ':' || string_agg(id::text, ',' ORDER BY id))
     FROM numbered GROUP BY organization_id, chunk
 ), done AS (
-    UPDATE work_items w SET state = 'done', finished_at = now(), result = r.result, lease_until = NULL,
-        lease_token = NULL, updated_at = now()
+    UPDATE work_items w SET state = 'done', finished_at = now(), result = jsonb_build_object('external_id', r.ext),
+        lease_until = NULL, lease_token = NULL, updated_at = now()
     FROM rec r JOIN upd ON upd.id = r.id
     WHERE w.id = r.item_id AND w.lease_token = r.token AND w.state = 'running'
     RETURNING w.id
 ), held AS (
-    SELECT u.message_id FROM unnest(CAST(:mids AS bigint[]), CAST(:wids AS bigint[]), CAST(:tokens AS uuid[]))
-        AS u(message_id, item_id, token)
+    SELECT u.message_id FROM jsonb_to_recordset(%(mark)s::jsonb) AS u(message_id bigint, item_id bigint, token uuid)
     JOIN work_items w ON w.id = u.item_id AND w.lease_token = u.token AND w.state = 'running'
 ), marked AS (
     UPDATE messages m SET attempted_at = clock_timestamp()
@@ -453,7 +451,9 @@ WITH rec AS (
 )
 SELECT (SELECT array_agg(id) FROM upd), (SELECT array_agg(id) FROM done), (SELECT array_agg(message_id) FROM held),
        (SELECT array_agg(id) FROM marked), (SELECT count(*) FROM notified)
-""")
+"""
+"""The wave statement, run on the driver's connection as a prepared statement (psycopg placeholders): each side
+of the wave is one JSON document (one C-speed ``orjson.dumps``; psycopg would adapt lists item by item)."""
 
 
 def _status_payload(sent: Sent, status: str) -> dict[str, Any]:
@@ -476,8 +476,16 @@ class WaveWrite:
     """Messages it stamped ``attempted_at`` on."""
 
 
+async def driver_connection(session: AsyncSession | AsyncConnection) -> psycopg.AsyncConnection[Any]:
+    """The psycopg connection under ``session`` (or ``connection``), in its current transaction."""
+    connection = session if isinstance(session, AsyncConnection) else await session.connection()
+    raw = await connection.get_raw_connection()
+    driver: psycopg.AsyncConnection[Any] = raw.driver_connection  # type: ignore[assignment]
+    return driver
+
+
 async def write_wave(
-    session: AsyncSession | AsyncConnection,
+    session: AsyncSession | AsyncConnection | psycopg.AsyncConnection[Any],
     recorded: Sequence[tuple[Sent, int, uuid.UUID]],
     to_mark: Sequence[tuple[int, int, uuid.UUID]],
 ) -> WaveWrite:
@@ -486,33 +494,36 @@ async def write_wave(
     (message id, work item id, lease token) are stamped as :func:`mark_first_attempts` does.
 
     A send whose row is not the usual case (an echo's row to merge, its id held by another row, a row an echo
-    adopted meanwhile) is left alone: the caller records it with :func:`record_sent_many`.
+    adopted meanwhile) is left alone: the caller records it with :func:`record_sent_many`. ``session`` may be the
+    driver's connection itself (kept by the caller: nothing to look up per wave).
     """
-    statuses = [_later("pending", sent.status) for sent, _, _ in recorded]
-    payloads = [
-        orjson.dumps(_status_payload(sent, status), default=str).decode()
-        for (sent, _, _), status in zip(recorded, statuses, strict=True)
-    ]
-    row = (
-        await session.execute(
-            _WAVE_SQL,
+    rec = []
+    for ord_, (sent, item_id, token) in enumerate(recorded):
+        job = sent.job
+        status = _later("pending", sent.status)
+        rec.append(
             {
-                "r_ids": [sent.job.message_id for sent, _, _ in recorded],
-                "r_insts": [sent.job.instance_id for sent, _, _ in recorded],
-                "r_exts": [sent.external_id for sent, _, _ in recorded],
-                "r_statuses": statuses,
-                "r_items": [item_id for _, item_id, _ in recorded],
-                "r_tokens": [token for _, _, token in recorded],
-                "r_results": [orjson.dumps({"external_id": sent.external_id}).decode() for sent, _, _ in recorded],
-                "r_orgs": [sent.job.organization_id for sent, _, _ in recorded],
-                "r_payloads": payloads,
-                "kind": str(Kind.MESSAGE_STATUS),
-                "mids": [m[0] for m in to_mark],
-                "wids": [m[1] for m in to_mark],
-                "tokens": [m[2] for m in to_mark],
-            },
+                "id": job.message_id,
+                "inst": job.instance_id,
+                "ext": sent.external_id,
+                "status": status,
+                "item_id": item_id,
+                "token": token,
+                "org": job.organization_id,
+                "payload": _status_payload(sent, status),
+                "ord": ord_,
+            }
         )
-    ).one()
+    mark = [{"message_id": m[0], "item_id": m[1], "token": m[2]} for m in to_mark]
+    driver = session if isinstance(session, psycopg.AsyncConnection) else await driver_connection(session)
+    params = {
+        "rec": orjson.dumps(rec, default=str).decode(),
+        "kind": str(Kind.MESSAGE_STATUS),
+        "mark": orjson.dumps(mark).decode(),
+    }
+    cursor = await driver.execute(_WAVE_SQL, params, prepare=True)
+    row = await cursor.fetchone()
+    assert row is not None
     return WaveWrite(*(set(ids or ()) for ids in row[:4]))
 
 
