@@ -87,7 +87,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--latency-ms", type=float, default=0.0, help="latency the simulator adds to each request")
     parser.add_argument(
-        "--drains", type=_positive_int, default=1, help="drain processes at once (1: flow runs in this process)"
+        "--drains", type=positive_int, default=1, help="drain processes at once (1: flow runs in this process)"
     )
     parser.add_argument("--json", action="store_true", dest="as_json", help="print one JSON object on stdout")
 
