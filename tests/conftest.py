@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import UTC, datetime
 
 # Settings are read from the environment: point everything at throwaway places before zapsync is imported.
 _HOME = tempfile.mkdtemp(prefix="zapsync-test-")
@@ -147,9 +148,13 @@ async def _dispose_engine() -> AsyncIterator[None]:
     await dispose_engine()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def served_deployments(prefect_server: None, simulator_server: SimulatorServer, database: str) -> Iterator[None]:
-    """`zapsync serve` in a child process against the test Prefect server, until the session ends."""
+    """`zapsync serve` in a child process against the test Prefect server, for one test.
+
+    Not for the session: a runner outliving the tests that need it would also run the drain deployments that other
+    tests' enqueues start (`flows.runs.wake_drain`), with its own environment, and take their queue items.
+    """
     import signal
     import subprocess
     import sys
@@ -161,19 +166,20 @@ def served_deployments(prefect_server: None, simulator_server: SimulatorServer, 
     from deployments.definitions import build_deployments
 
     env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()), "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
+    started = datetime.now(UTC)
     child = subprocess.Popen([sys.executable, "-m", "deployments.serve"], env=env)
     expected = {f"{d.flow_name}/{d.name}" for d in build_deployments()}
     deadline = time.monotonic() + 60
 
-    async def registered() -> set[str]:
+    async def polled_since_start() -> set[str]:
         async with get_client() as client:
             found = await client.read_deployments()
             flows = {f.id: f.name for f in await client.read_flows()}
-        return {f"{flows.get(d.flow_id)}/{d.name}" for d in found}
+        return {f"{flows.get(d.flow_id)}/{d.name}" for d in found if d.last_polled and d.last_polled >= started}
 
     import asyncio
 
-    while not expected <= asyncio.run(registered()):
+    while not expected <= asyncio.run(polled_since_start()):
         if child.poll() is not None or time.monotonic() > deadline:
             child.kill()
             child.wait()
