@@ -7,7 +7,6 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, NotRequired
 
-import httpx
 import msgspec
 from pydantic import TypeAdapter, ValidationError
 from typing_extensions import TypedDict
@@ -36,8 +35,7 @@ from gateways.base import unreachable
 from gateways.http import HttpGateway
 from gateways.json_stream import ArrayStreamDecoder
 from gateways.messages import MalformedMessage, from_baileys
-from gateways.prometheus import LiveRead, MetricsAccess, read_live_states
-from gateways.resilience import BreakerPolicy, RetryPolicy
+from gateways.prometheus import LiveRead, read_live_states
 from gateways.sending import raise_for_send_status, recipient_number, send_result
 from gateways.status import LOGGED_OUT_CODES, from_evolution
 
@@ -69,33 +67,10 @@ class EvolutionGateway(HttpGateway):
     bulk_states = True
     """One listing call observes every instance (observed in one task, not in batches)."""
 
-    def __init__(
-        self,
-        *,
-        name: str,
-        base_url: str,
-        api_key: str,
-        timeout: httpx.Timeout,
-        max_concurrency: int = 32,
-        transport: httpx.AsyncBaseTransport | None = None,
-        retry: RetryPolicy | None = None,
-        breaker: BreakerPolicy | None = None,
-        metrics: MetricsAccess | None = None,
-    ) -> None:
-        self.metrics = metrics
-        """Where every loaded instance's live state is read in one call (None: confirmed one by one)."""
-        self.live_state_error: str | None = None
-        """Why the last ``fetch_states`` could not use ``metrics`` (and fell back), else None."""
-        super().__init__(
-            name=name,
-            base_url=base_url,
-            headers={"apikey": api_key},
-            timeout=timeout,
-            max_concurrency=max_concurrency,
-            transport=transport,
-            retry=retry,
-            breaker=breaker,
-        )
+    @staticmethod
+    def auth_headers(api_key: str) -> dict[str, str]:
+        """Evolution's global key in the `apikey` header."""
+        return {"apikey": api_key}
 
     async def fetch_states(
         self,

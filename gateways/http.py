@@ -6,7 +6,7 @@ import asyncio
 import functools
 import ssl
 from collections.abc import Callable
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import httpx
 import orjson
@@ -25,6 +25,9 @@ from gateways.resilience import (
     translate_errors,
     translate_once_errors,
 )
+
+if TYPE_CHECKING:
+    from gateways.prometheus import MetricsAccess
 
 CONNECTIONS_PER_POOL = 8
 _JSON_HEADERS = {"Content-Type": "application/json"}
@@ -46,21 +49,30 @@ def _tls_context() -> ssl.SSLContext:
 
 
 class HttpGateway:
-    """Base for provider clients: keyword-only construction, an async context manager closing its client."""
+    """Base for provider clients: keyword-only construction, an async context manager closing its client.
+
+    A provider says how its key travels (:meth:`auth_headers`); the rest of the construction is shared.
+    """
 
     def __init__(
         self,
         *,
         name: str,
         base_url: str,
-        headers: dict[str, str],
+        api_key: str,
         timeout: httpx.Timeout,
         max_concurrency: int = 32,
         transport: httpx.AsyncBaseTransport | None = None,
         retry: RetryPolicy | None = None,
         breaker: BreakerPolicy | None = None,
+        metrics: MetricsAccess | None = None,
     ) -> None:
         self.name = name
+        self.metrics = metrics
+        """Where every instance's live state is read in one call (Evolution's or WAHA's `/metrics`), else None."""
+        self.live_state_error: str | None = None
+        """Why the last ``fetch_states`` could not use ``metrics`` (and fell back), else None."""
+        headers = self.auth_headers(api_key)
         # httpcore's pool bookkeeping is quadratic in its connection count (encode/httpcore#1035): several small
         # pools cost ~0.7 ms of CPU per request where one pool of 32 costs ~4 ms.
         shards = -(-max_concurrency // CONNECTIONS_PER_POOL)
@@ -82,6 +94,11 @@ class HttpGateway:
         self.breaker = make_breaker(name, breaker or BreakerPolicy())
         self._concurrency = asyncio.Semaphore(max_concurrency)
         self.max_concurrency = max_concurrency
+
+    @staticmethod
+    def auth_headers(api_key: str) -> dict[str, str]:
+        """The headers that carry the gateway's key on every request."""
+        raise NotImplementedError
 
     @property
     def breaker_state(self) -> str:

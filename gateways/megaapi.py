@@ -12,8 +12,6 @@ from datetime import UTC, datetime
 from typing import Any, NoReturn
 from urllib.parse import urlencode
 
-import httpx
-
 from core.domain import (
     ConnectResult,
     GatewayChat,
@@ -37,7 +35,6 @@ from core.errors import (
 from core.phones import phone_from_jid
 from gateways.base import unreachable
 from gateways.http import HttpGateway
-from gateways.resilience import BreakerPolicy, RetryPolicy
 from gateways.sending import raise_for_send_status, recipient_number, send_result
 from gateways.status import from_megaapi
 
@@ -50,28 +47,10 @@ class MegaApiGateway(HttpGateway):
     bulk_states = False
     """One listing call observes every instance (observed in one task, not in batches)."""
 
-    def __init__(
-        self,
-        *,
-        name: str,
-        base_url: str,
-        api_key: str,
-        timeout: httpx.Timeout,
-        max_concurrency: int = 32,
-        transport: httpx.AsyncBaseTransport | None = None,
-        retry: RetryPolicy | None = None,
-        breaker: BreakerPolicy | None = None,
-    ) -> None:
-        super().__init__(
-            name=name,
-            base_url=base_url,
-            headers={"Authorization": f"Bearer {api_key}"},
-            timeout=timeout,
-            max_concurrency=max_concurrency,
-            transport=transport,
-            retry=retry,
-            breaker=breaker,
-        )
+    @staticmethod
+    def auth_headers(api_key: str) -> dict[str, str]:
+        """MegaAPI's token as a bearer token."""
+        return {"Authorization": f"Bearer {api_key}"}
 
     async def fetch_states(
         self,

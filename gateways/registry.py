@@ -37,12 +37,12 @@ def build_gateway(
         failure_threshold=settings.gateway_breaker_failures,
         recovery_seconds=settings.gateway_breaker_recovery_seconds,
     )
-    options: dict[str, MetricsAccess] = {}
-    if config.metrics:  # only Evolution and WAHA accept it (GatewayConfig checks)
+    metrics = None
+    if config.metrics:  # only for Evolution and WAHA (GatewayConfig checks)
         password = config.metrics_password.get_secret_value() if config.metrics_password else None
-        options["metrics"] = MetricsAccess(user=config.metrics_user, password=password)
+        metrics = MetricsAccess(user=config.metrics_user, password=password)
     return client_class(config.provider, name=name)(
-        **options,  # MegaApiGateway takes no `metrics`: GatewayConfig refuses it for that provider
+        metrics=metrics,
         name=name,
         base_url=config.url,
         api_key=config.api_key.get_secret_value(),

@@ -10,6 +10,7 @@ within the window, newest first. WAHA reports no totals: ``MessagePage.total`` i
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -47,8 +48,7 @@ from core.phones import phone_from_jid
 from gateways.base import unreachable
 from gateways.http import HttpGateway
 from gateways.messages import MalformedMessage, epoch_seconds
-from gateways.prometheus import MetricsAccess, read_live_states
-from gateways.resilience import BreakerPolicy, RetryPolicy
+from gateways.prometheus import read_live_states
 from gateways.status import from_waha, waha_reason
 from gateways.waha_messages import chat_id_out, from_waha_message, jid_in, key_id, serialized_id
 
@@ -79,34 +79,15 @@ class WahaGateway(HttpGateway):
     chats_listing_size = 500
     """Chats per listing call while planning the instance-wide message pages."""
 
-    def __init__(
-        self,
-        *,
-        name: str,
-        base_url: str,
-        api_key: str,
-        timeout: httpx.Timeout,
-        max_concurrency: int = 32,
-        transport: httpx.AsyncBaseTransport | None = None,
-        retry: RetryPolicy | None = None,
-        breaker: BreakerPolicy | None = None,
-        metrics: MetricsAccess | None = None,
-    ) -> None:
-        self.metrics = metrics
-        """Where every session's status is read in one small call (`WAHA_PROMETHEUS_ENABLED=true`), else None."""
-        self.live_state_error: str | None = None
-        """Why the last ``fetch_states`` could not use ``metrics`` (and fell back), else None."""
-        super().__init__(
-            name=name,
-            base_url=base_url,
-            headers={"X-Api-Key": api_key},
-            timeout=timeout,
-            max_concurrency=max_concurrency,
-            transport=transport,
-            retry=retry,
-            breaker=breaker,
-        )
-        self._plans: OrderedDict[tuple[str, int | None, int | None], list[str]] = OrderedDict()
+    @staticmethod
+    def auth_headers(api_key: str) -> dict[str, str]:
+        """WAHA's key in the `X-Api-Key` header."""
+        return {"X-Api-Key": api_key}
+
+    @functools.cached_property
+    def _plans(self) -> OrderedDict[tuple[str, int | None, int | None], list[str]]:
+        """Chat plans of instance-wide message pages, by (session, since, until), newest used last."""
+        return OrderedDict()
 
     # -- sessions -----------------------------------------------------------------------------------------------
 
