@@ -11,17 +11,18 @@ that opened them, and Prefect may run flows on loops of its own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 from sqlalchemy import URL, make_url, text
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 from core.errors import DatabaseNotMigrated, DatabaseUnavailable
 from core.settings import get_settings
@@ -123,6 +124,51 @@ async def session_scope() -> AsyncIterator[AsyncSession]:
         if isinstance(getattr(exc, "orig", None), psycopg.errors.QueryCanceled):
             raise
         raise DatabaseUnavailable(f"the database is unreachable: {type(exc).__name__}") from exc
+
+
+class KeptConnections:
+    """Connections kept open in autocommit for statements that must cost one round trip (no pool pre-ping, BEGIN or
+    COMMIT), each lent as its psycopg connection. One that failed is dropped; the next use opens another."""
+
+    def __init__(self) -> None:
+        self._idle: list[tuple[AsyncConnection, psycopg.AsyncConnection[Any]]] = []
+
+    @asynccontextmanager
+    async def lend(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """An idle kept connection (or a new one) for one statement; DatabaseUnavailable when none can be opened."""
+        link = self._idle.pop() if self._idle else await self._open()
+        try:
+            yield link[1]
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await link[0].invalidate()
+                await link[0].close()
+            raise
+        self._idle.append(link)
+
+    async def close(self) -> None:
+        """Give the connections back to the pool."""
+        idle, self._idle = self._idle, []
+        for connection, _ in idle:
+            with contextlib.suppress(Exception):
+                await connection.close()
+
+    @staticmethod
+    async def _open() -> tuple[AsyncConnection, psycopg.AsyncConnection[Any]]:
+        try:
+            connection = await get_engine().connect()
+        except (OSError, sa_exc.OperationalError, sa_exc.InterfaceError) as exc:  # as session_scope
+            raise DatabaseUnavailable(f"the database is unreachable: {type(exc).__name__}") from exc
+        connection = await connection.execution_options(isolation_level="AUTOCOMMIT")
+        return connection, await driver_connection(connection)
+
+
+async def driver_connection(session: AsyncSession | AsyncConnection) -> psycopg.AsyncConnection[Any]:
+    """The psycopg connection under ``session`` (or ``connection``), in its current transaction."""
+    connection = session if isinstance(session, AsyncConnection) else await session.connection()
+    raw = await connection.get_raw_connection()
+    driver: psycopg.AsyncConnection[Any] = raw.driver_connection  # type: ignore[assignment]
+    return driver
 
 
 async def current_revision() -> str | None:

@@ -28,18 +28,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 
-import psycopg
 from prefect import flow
-from sqlalchemy.exc import InterfaceError, OperationalError
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from core.domain import WorkKind
-from core.errors import DatabaseUnavailable, GatewayError, GatewayTransientError
+from core.errors import GatewayError, GatewayTransientError
 from core.names import SEND_FLOW
 from core.reports import DrainedItem, DrainReport
 from core.settings import get_settings
-from db.engine import get_engine, session_scope
-from db.repositories.outbox import SendJob, Sent, driver_connection, load_send_jobs
+from db.engine import KeptConnections, session_scope
+from db.repositories.outbox import SendJob, Sent, load_send_jobs
 from db.repositories.work_queue import (
     ClaimedItem,
     ItemState,
@@ -188,44 +185,6 @@ _Worked = tuple[Handled | None, Exception | None]
 """How one message's work went: what the handler made of it, or the exception it raised."""
 
 
-class _WaveLinks:
-    """The connections a drain keeps for its wave statements, in autocommit: a wave is one round trip (no pool
-    pre-ping, BEGIN or COMMIT), run on the driver's connection as a prepared statement. A connection that failed is
-    dropped; the next wave opens another."""
-
-    def __init__(self) -> None:
-        self._idle: list[tuple[AsyncConnection, psycopg.AsyncConnection[Any]]] = []
-
-    async def run(self, wave: list[tuple[Recorded | None, ToMark | None]]) -> list[tuple[bool, str | None]]:
-        """:func:`tasks.send.run_wave` on an idle kept connection."""
-        link = self._idle.pop() if self._idle else await self._open()
-        try:
-            answers = await run_wave(wave, connection=link[1])
-        except BaseException:
-            with contextlib.suppress(Exception):
-                await link[0].invalidate()
-                await link[0].close()
-            raise
-        self._idle.append(link)
-        return answers
-
-    async def close(self) -> None:
-        """Give the connections back to the pool."""
-        idle, self._idle = self._idle, []
-        for connection, _ in idle:
-            with contextlib.suppress(Exception):
-                await connection.close()
-
-    @staticmethod
-    async def _open() -> tuple[AsyncConnection, psycopg.AsyncConnection[Any]]:
-        try:
-            connection = await get_engine().connect()
-        except (OSError, OperationalError, InterfaceError) as exc:  # as session_scope: a database that is away
-            raise DatabaseUnavailable(f"the database is unreachable: {type(exc).__name__}") from exc
-        connection = await connection.execution_options(isolation_level="AUTOCOMMIT")
-        return connection, await driver_connection(connection)
-
-
 @dataclass(frozen=True, slots=True)
 class _Carry:
     """A send the gateway accepted, to be recorded in the line's next wave."""
@@ -261,8 +220,13 @@ class _Lines:
         self.report = report
         self.gap = gap
         self.held: dict[int, ClaimedItem] = {}
-        self.links = _WaveLinks()
-        self.waves = _GroupCommit(self.links.run, parallel=WAVES_IN_FLIGHT)
+        self.links = KeptConnections()
+        self.waves = _GroupCommit(self._run_wave, parallel=WAVES_IN_FLIGHT)
+
+    async def _run_wave(self, wave: list[tuple[Recorded | None, ToMark | None]]) -> list[tuple[bool, str | None]]:
+        """:func:`tasks.send.run_wave` on a kept autocommit connection (one round trip)."""
+        async with self.links.lend() as connection:
+            return await run_wave(wave, connection=connection)
 
     async def drain(self, budget_seconds: float | None) -> None:
         """Claim runs while lines are free and work them, until nothing is due (or the budget is spent)."""

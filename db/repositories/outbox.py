@@ -29,6 +29,7 @@ from core.errors import Conflict
 from core.events import Kind
 from core.events import event as live_event
 from core.phones import phone_from_jid, phone_variants
+from db.engine import driver_connection
 from db.repositories.conversations import (
     ContactInput,
     ConversationFact,
@@ -474,14 +475,6 @@ class WaveWrite:
     """Messages to mark whose work items are still held (the others must not be sent)."""
     marked: set[int]
     """Messages it stamped ``attempted_at`` on."""
-
-
-async def driver_connection(session: AsyncSession | AsyncConnection) -> psycopg.AsyncConnection[Any]:
-    """The psycopg connection under ``session`` (or ``connection``), in its current transaction."""
-    connection = session if isinstance(session, AsyncConnection) else await session.connection()
-    raw = await connection.get_raw_connection()
-    driver: psycopg.AsyncConnection[Any] = raw.driver_connection  # type: ignore[assignment]
-    return driver
 
 
 async def write_wave(
