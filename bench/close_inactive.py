@@ -46,6 +46,7 @@ from bench.common import (
     render_table,
     run_main,
 )
+from bench.series import add_series_option, run_series
 
 NAME = "close-inactive"
 HELP = "inactive-conversation closing on N conversations, with webhook-insert latency measured meanwhile"
@@ -84,12 +85,33 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="how messages arrive: webhooks when the API applies them (auto), or forced",
     )
     parser.add_argument("--json", action="store_true", dest="as_json", help="print one JSON object on stdout")
+    add_series_option(parser, unit="conversations")
+
+
+def series_argv(args: argparse.Namespace, size: int) -> list[str]:
+    """One size of ``--series``: the same options with ``--conversations size``."""
+    return [
+        "--conversations",
+        str(size),
+        "--idle",
+        f"{args.idle:g}",
+        "--rate",
+        f"{args.rate:g}",
+        "--writers",
+        str(args.writers),
+        "--messages",
+        args.messages,
+    ]
 
 
 def run(args: argparse.Namespace) -> int:
     """Entry point: exit code 0, or 1 when the run's result is wrong."""
     if not 0 < args.idle <= 1:
         raise SystemExit("--idle must be within (0, 1]")
+    if args.series:
+        return run_series(
+            NAME, args.series, lambda size: series_argv(args, size), unit="conversations", as_json=args.as_json
+        )
     options = CloseOptions(
         conversations=args.conversations,
         idle=args.idle,

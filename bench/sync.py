@@ -44,6 +44,7 @@ from bench.common import (
     render_table,
     run_main,
 )
+from bench.series import add_series_option, run_series
 
 NAME = "sync"
 HELP = "status sync: the sync-status flow vs one request + one UPDATE per instance"
@@ -95,7 +96,7 @@ class World:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     """Declare ``bench sync``'s options."""
-    parser.add_argument("--instances", type=positive_int, required=True, help="simulated instances (N)")
+    parser.add_argument("--instances", type=positive_int, default=None, help="simulated instances (N; required)")
     parser.add_argument("--latency-ms", type=float, default=0.0, help="latency the simulator adds to each request")
     parser.add_argument("--provider", choices=("evolution", "megaapi"), default="evolution")
     parser.add_argument(
@@ -127,10 +128,42 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="Evolution's live states: confirmed one by one (connectionState), or all from one GET /metrics",
     )
     parser.add_argument("--json", action="store_true", dest="as_json", help="print one JSON object on stdout")
+    add_series_option(parser, unit="instances")
+
+
+def series_argv(args: argparse.Namespace, size: int) -> list[str]:
+    """One size of ``--series``: the same options with ``--instances size``."""
+    argv = [
+        "--instances",
+        str(size),
+        "--latency-ms",
+        f"{args.latency_ms:g}",
+        "--provider",
+        args.provider,
+        "--drift",
+        f"{args.drift:g}",
+        "--baseline-seconds",
+        f"{args.baseline_seconds:g}",
+        "--seed",
+        str(args.seed),
+        "--runs",
+        str(args.runs),
+        "--live-state",
+        args.live_state,
+    ]
+    if args.max_concurrency is not None:
+        argv += ["--max-concurrency", str(args.max_concurrency)]
+    return argv
 
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``bench sync``: exit code 0, or 1 when the flow's result is wrong."""
+    if args.series:
+        return run_series(
+            NAME, args.series, lambda size: series_argv(args, size), unit="instances", as_json=args.as_json
+        )
+    if args.instances is None:
+        raise SystemExit("bench sync: --instances (or --series) is required")
     options = SyncOptions(
         instances=args.instances,
         latency_ms=args.latency_ms,
