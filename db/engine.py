@@ -37,6 +37,33 @@ _embedded_server: PostgresServer | None = None
 _engines: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncEngine] = weakref.WeakKeyDictionary()
 
 
+EMBEDDED_SETTINGS: dict[str, str] = {
+    "max_wal_size": "4GB",
+    "checkpoint_timeout": "15min",
+}
+"""Server settings the embedded PostgreSQL runs with (README "PostgreSQL settings" recommends them for any server).
+
+Both take effect on reload. Checkpoints spaced by WAL volume (default 1 GB) started one in the middle of closing
+100k conversations (about 5 KB of WAL each, mostly full-page images): every page touched again after it is logged
+whole a second time. ``full_page_writes`` stays on (torn pages), ``wal_compression`` stays off (this build has
+only pglz, which halved the WAL and doubled the closing time)."""
+
+
+def _apply_embedded_settings(socket_dir: str) -> None:
+    """Write :data:`EMBEDDED_SETTINGS` with ALTER SYSTEM where they differ, then reload; a no-op once applied."""
+    with psycopg.connect(host=socket_dir, user="postgres", dbname="postgres", autocommit=True) as conn:
+        current = dict(
+            conn.execute(
+                "SELECT name, current_setting(name) FROM pg_settings WHERE name = ANY(%s)", (list(EMBEDDED_SETTINGS),)
+            ).fetchall()
+        )
+        changed = [name for name, value in EMBEDDED_SETTINGS.items() if current.get(name) != value]
+        for name in changed:
+            conn.execute(f"ALTER SYSTEM SET {name} = '{EMBEDDED_SETTINGS[name]}'")  # fixed names and values
+        if changed:
+            conn.execute("SELECT pg_reload_conf()")
+
+
 def start_embedded_postgres() -> str:
     """Start (or attach to) the embedded PostgreSQL server and return its socket folder."""
     global _embedded_server
@@ -47,6 +74,7 @@ def start_embedded_postgres() -> str:
         settings = get_settings()
         settings.home.mkdir(parents=True, exist_ok=True)
         _embedded_server = embedded_postgres.get_server(settings.data_dir, cleanup_mode="stop")
+        _apply_embedded_settings(str(make_url(_embedded_server.get_uri()).query["host"]))
     socket_dir = make_url(_embedded_server.get_uri()).query["host"]
     return str(socket_dir)
 
