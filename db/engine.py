@@ -52,7 +52,7 @@ only pglz, which halved the WAL and doubled the closing time)."""
 def _apply_embedded_settings(socket_dir: str) -> None:
     """Write :data:`EMBEDDED_SETTINGS` with ALTER SYSTEM where they differ, then reload; a no-op once applied."""
     with psycopg.connect(host=socket_dir, user="postgres", dbname="postgres", autocommit=True) as conn:
-        current = dict(
+        current: dict[str, str] = dict(
             conn.execute(
                 "SELECT name, current_setting(name) FROM pg_settings WHERE name = ANY(%s)", (list(EMBEDDED_SETTINGS),)
             ).fetchall()
