@@ -30,6 +30,7 @@ from db.repositories.live_events import publish_quietly
 from db.repositories.maintenance import ClosePolicy, organizations_closing
 from flows.guard import Reporting, current_flow_run_id, fill, guarded, unknown_organization
 from tasks.maintenance import (
+    Opaque,
     close_conversations,
     count_idle_conversations,
     count_waiting_conversations,
@@ -163,11 +164,11 @@ async def _close_rounds(
     async def close_batch(batch: list[int]) -> int:
         async with slots:
             done = await close_conversations(
-                policy, batch, closed_at=closed_at, message=message, transaction_size=transaction_size
+                policy, Opaque(batch), closed_at=closed_at, message=message, transaction_size=transaction_size
             )
-        return len(done)
+        return len(done.value)
 
-    candidates = await select_idle_conversations(policy, after=None, limit=limit)
+    candidates = (await select_idle_conversations(policy, after=None, limit=limit)).value
     while candidates:
         # Closed in id order: rows written together sit together on disk and in the indexes, so each heap and index
         # page is read, locked and WAL-logged (its full-page image after a checkpoint) once per round instead of
@@ -182,7 +183,7 @@ async def _close_rounds(
         results = await asyncio.gather(*(close_batch(list(batch)) for batch in chunks(ids, batch_size)))
         done = sum(results)
         closed, raced, batches = closed + done, raced + len(ids) - done, batches + len(results)
-        candidates = await upcoming if upcoming is not None else []
+        candidates = (await upcoming).value if upcoming is not None else []
     return closed, raced, batches
 
 
