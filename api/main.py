@@ -74,4 +74,5 @@ def create_app(*, check_database: bool = True) -> FastAPI:
         app.include_router(router)
     app.include_router(provisioning.router)
     app.include_router(outbox_routes.router)  # sending (issue 11 §2)
+    app.include_router(organizations.token_router)  # token listing and revocation (issue 13 §1)
     return app

@@ -93,6 +93,8 @@ class Settings(BaseSettings):
     the same key."""
     cron_secret: SecretStr | None = Field(default=None, validation_alias="CRON_SECRET")
     admin_token: SecretStr | None = Field(default=None, validation_alias="ZAPSYNC_ADMIN_TOKEN")
+    metrics_token: SecretStr | None = Field(default=None, validation_alias="ZAPSYNC_METRICS_TOKEN")
+    """A token that may read `GET /metrics` and nothing else (the admin token may too): for a Prometheus scraper."""
     webhook_url: str | None = Field(default=None, validation_alias="WEBHOOK_URL")
     webhook_max_body_bytes: int = Field(default=1_048_576, ge=1024, validation_alias="ZAPSYNC_WEBHOOK_MAX_BODY")
     webhook_event_time_tolerance_seconds: float = Field(

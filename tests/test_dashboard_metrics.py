@@ -36,7 +36,7 @@ async def test_metrics_expose_webhooks_instances_and_the_last_sync(client: httpx
     assert (await post(client, org, opened("acme-01"))).status_code == 200
     await sync_status(mode="apply")  # the gateway says close: drift applied
 
-    text = (await client.get("/metrics")).text
+    text = (await client.get("/metrics", headers={"authorization": "Bearer test-admin-token"})).text
 
     assert 'zapsync_webhook_events_total{event="connection.update",outcome="applied",provider="evolution"} 1.0' in text
     assert 'zapsync_instances{gateway="evolution",health="unknown",status="disconnected"} 1.0' in text
@@ -55,7 +55,7 @@ async def test_queue_depth_in_metrics_api_and_dashboard_per_organization(client:
     async with session_scope() as session:
         (queued,) = await request_imports(session, [import_request(inst, a, trigger="api")])
 
-    metrics = (await client.get("/metrics")).text
+    metrics = (await client.get("/metrics", headers={"authorization": "Bearer test-admin-token"})).text
     mine = (await client.get("/queue", headers=await auth_headers(a))).json()
     theirs = (await client.get("/queue", headers=await auth_headers(b))).json()
     item = await client.get(f"/queue/items/{queued.id}", headers=await auth_headers(a))

@@ -323,6 +323,84 @@ def token_create(
         out().print(f"Token [bold]{name}[/] for {scope}:\n{token}\nIt is shown only now: store it.")
 
 
+def _token_json(t: Any) -> dict[str, Any]:
+    return {
+        "id": str(t.id),
+        "name": t.name,
+        "organization_id": str(t.organization_id) if t.organization_id else None,
+        "admin": t.organization_id is None,
+        "created_at": t.created_at.isoformat(),
+        "last_used_at": t.last_used_at.isoformat() if t.last_used_at else None,
+        "revoked_at": t.revoked_at.isoformat() if t.revoked_at else None,
+    }
+
+
+@token_app.command("list")
+def token_list(as_json: JsonOpt = False) -> None:
+    """List the stored API tokens: id, name, organization, last use, revocation (never the tokens themselves)."""
+    from db.engine import session_scope
+    from db.repositories.organizations import list_tokens
+
+    async def load() -> list[Any]:
+        async with session_scope() as session:
+            return await list_tokens(session)
+
+    with expected_errors():
+        ensure_migrated()
+        tokens = run_async(load)
+    if as_json:
+        emit_json([_token_json(t) for t in tokens])
+        return
+    if not tokens:
+        out().print("No stored tokens (the ZAPSYNC_ADMIN_TOKEN setting is not stored).")
+        return
+    table = Table(title=None)
+    for column in ("id", "name", "organization", "created", "last used", "revoked"):
+        table.add_column(column, no_wrap=True)
+    for t in tokens:
+        table.add_row(
+            str(t.id),
+            t.name,
+            str(t.organization_id) if t.organization_id else "admin",
+            _when(t.created_at),
+            _when(t.last_used_at),
+            _when(t.revoked_at) if t.revoked_at else "",
+        )
+    out().print(table)
+
+
+@token_app.command("revoke")
+def token_revoke(
+    token: Annotated[str, typer.Argument(help="The token's id, or a prefix of its id or name (`zapsync token list`).")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Revoke a stored API token: it gets 401 from its next request on, and its dashboard sessions end.
+
+    Exit code 1 when no token matches, 2 when the prefix matches several (nothing is revoked then)."""
+    from db.engine import session_scope
+    from db.repositories.organizations import find_tokens, revoke_token
+
+    async def revoke() -> tuple[list[Any], Any]:
+        async with session_scope() as session:
+            found = await find_tokens(session, token)
+            if len(found) != 1:
+                return found, None
+            return found, await revoke_token(session, found[0].id)
+
+    with expected_errors():
+        ensure_migrated()
+        found, revoked = run_async(revoke)
+    if not found:
+        fail(f"no token matches {token!r}: see `zapsync token list`", 1)
+    if revoked is None:
+        names = ", ".join(f"{t.id} ({t.name})" for t in found[:5]) + (" …" if len(found) > 5 else "")
+        fail(f"{len(found)} tokens match {token!r}: give more of the id: {names}", 2)
+    if as_json:
+        emit_json(_token_json(revoked))
+    else:
+        out().print(f"Token [bold]{revoked.name}[/] ({revoked.id}) revoked at {_when(revoked.revoked_at)}.")
+
+
 # -- instances and status ----------------------------------------------------------------------------------------
 
 
