@@ -574,3 +574,20 @@ async def test_metrics_need_the_metrics_token_or_an_admin_token(
     assert anonymous.status_code == 401 and organization.status_code == 403
     assert scraper.status_code == 200 and "zapsync_instances" in scraper.text
     assert admin.status_code == 200 and scraper_elsewhere.status_code == 401
+
+
+def test_the_dashboard_sessions_model_matches_migration_0010(database: str) -> None:
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+    from sqlalchemy import create_engine, pool
+
+    from db.engine import database_url
+    from db.models import Base
+
+    engine = create_engine(database_url(), poolclass=pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            diffs = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata)
+    finally:
+        engine.dispose()
+    assert [d for d in diffs if "dashboard_sessions" in repr(d)] == []
