@@ -67,6 +67,8 @@ ADMIN_ONLY = Expect("401", "403", "403", "ok", "admin only")
 OWNED = Expect("401", "hidden", "ok", "ok", "the owner's row in the path")
 OWNED_EXTERNAL = Expect("401", "hidden", "skip", "skip", "the owner's row in the path; then a gateway is called")
 SCOPED = Expect("401", "clean", "ok", "ok", "a collection, scoped to the caller's organization")
+OWNED_READ = Expect("401", "hidden", "ok", "ok", "the owner's row; asks its gateway (none is configured here)")
+SCOPED_READ = Expect("401", "clean", "ok", "ok", "scoped to the caller; asks the gateways (none configured here)")
 SCOPED_EXTERNAL = Expect("401", "skip", "skip", "skip", "scoped to the caller; then a gateway/Prefect/stream")
 DASHBOARD = Expect("login", "clean", "ok", "ok", "the sign-in page without a session")
 DASHBOARD_OWNED = Expect("redirect", "hidden", "ok", "ok", "to the sign-in page without a session")
@@ -87,9 +89,9 @@ ROUTES: dict[tuple[str, str], Expect] = {
     ("GET", "/tokens"): ADMIN_ONLY,
     ("POST", "/tokens/{token_id}/revoke"): ADMIN_ONLY,
     ("GET", "/flow-runs/{flow_run_id}"): OWNED,
-    ("GET", "/instances/status"): SCOPED_EXTERNAL,
+    ("GET", "/instances/status"): SCOPED_READ,
     ("POST", "/instances/sync"): SCOPED_EXTERNAL,
-    ("GET", "/instances/{instance_id}/status"): OWNED_EXTERNAL,
+    ("GET", "/instances/{instance_id}/status"): OWNED_READ,
     ("POST", "/instances/{instance_id}/sync"): OWNED_EXTERNAL,
     ("GET", "/instances/{instance_id}/health"): OWNED,
     ("POST", "/maintenance/cleanup-sessions"): SCOPED_EXTERNAL,
@@ -100,15 +102,15 @@ ROUTES: dict[tuple[str, str], Expect] = {
     ("POST", "/instances/{instance_id}/import"): OWNED_EXTERNAL,
     ("GET", "/conversations"): SCOPED,
     ("GET", "/conversations/{conversation_id}/messages"): OWNED,
-    ("GET", "/instances/{instance_id}/chats"): OWNED_EXTERNAL,
+    ("GET", "/instances/{instance_id}/chats"): OWNED_READ,
     ("GET", "/queue"): SCOPED,
     ("GET", "/queue/items/{item_id}"): OWNED,
-    ("POST", "/users/{user_id}/whatsapp/connect"): SCOPED_EXTERNAL,  # user ids are each organization's own namespace
-    ("GET", "/users/{user_id}/whatsapp"): OWNED_EXTERNAL,
+    ("POST", "/users/{user_id}/whatsapp/connect"): OWNED_EXTERNAL,
+    ("GET", "/users/{user_id}/whatsapp"): OWNED_READ,
     ("POST", "/users/{user_id}/whatsapp/reconnect"): OWNED_EXTERNAL,
     ("DELETE", "/users/{user_id}/whatsapp"): OWNED_EXTERNAL,
     ("POST", "/instances"): SCOPED_EXTERNAL,
-    ("GET", "/instances/{instance_id}/qr"): OWNED_EXTERNAL,
+    ("GET", "/instances/{instance_id}/qr"): OWNED_READ,
     ("POST", "/instances/{instance_id}/logout"): OWNED_EXTERNAL,
     ("POST", "/instances/{instance_id}/restart"): OWNED_EXTERNAL,
     ("DELETE", "/instances/{instance_id}"): OWNED_EXTERNAL,
