@@ -158,11 +158,11 @@ def _probe() -> None:
     """Never run: gives the stored reports a real flow run for `GET /flow-runs/{id}` to read."""
 
 
-async def _real_flow_run() -> uuid.UUID:
+async def _real_flow_run(parameters: dict[str, Any] | None = None) -> uuid.UUID:
     from prefect.client.orchestration import get_client
 
     async with get_client() as client:
-        return (await client.create_flow_run(_probe)).id
+        return (await client.create_flow_run(_probe, parameters=parameters)).id
 
 
 async def _store_report(
@@ -396,6 +396,23 @@ async def test_flow_run_reports_are_scoped_by_organization_in_the_query(client: 
     assert everyone_as_owner.status_code == 404
     assert everyone_as_admin.status_code == 200 and everyone_as_admin.json()["report"]["checked"] == 7
     assert unknown.status_code == 404
+
+
+@pytest.mark.usefixtures("prefect_server")
+async def test_a_run_still_going_is_shown_to_the_organization_it_was_started_for(client: httpx.AsyncClient) -> None:
+    world = await _world(client)
+    owner = {"authorization": f"Bearer {world.tokens['owner']}"}
+    other = {"authorization": f"Bearer {world.tokens['other']}"}
+    for_instance = await _real_flow_run({"instance_id": str(world.instance_a)})
+    for_organization = await _real_flow_run({"organization_id": str(world.org_a)})
+    for_everyone = await _real_flow_run({})
+
+    for run in (for_instance, for_organization):
+        mine = await client.get(f"/flow-runs/{run}", headers=owner)
+        theirs = await client.get(f"/flow-runs/{run}", headers=other)
+        assert mine.status_code == 200 and mine.json()["report"] is None, mine.text
+        assert theirs.status_code == 404, theirs.text
+    assert (await client.get(f"/flow-runs/{for_everyone}", headers=owner)).status_code == 404
 
 
 async def _sign_in(client: httpx.AsyncClient, token: str) -> httpx.Response:

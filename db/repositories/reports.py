@@ -83,6 +83,30 @@ async def report_visible_to(
     return row.scalar_one_or_none()
 
 
+async def parameters_owned_by(session: AsyncSession, parameters: dict[str, Any], organization_id: uuid.UUID) -> bool:
+    """Whether a flow run started with ``parameters`` acts for ``organization_id`` alone: its ``organization_id``
+    parameter is that organization, or its ``instance_id`` parameter is one of that organization's instances
+    (decided in the query). A run over every organization (neither parameter) belongs to none of them."""
+    org = _as_uuid(parameters.get("organization_id"))
+    if org is not None:
+        return org == organization_id
+    instance = _as_uuid(parameters.get("instance_id"))
+    if instance is None:
+        return False
+    row = await session.execute(
+        text("SELECT 1 FROM whatsapp_instances WHERE id = :id AND organization_id = :org"),
+        {"id": instance, "org": organization_id},
+    )
+    return row.first() is not None
+
+
+def _as_uuid(value: object) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(str(value)) if value is not None else None
+    except ValueError:
+        return None
+
+
 async def latest_sync_slice(session: AsyncSession, flow_name: str, organization_id: uuid.UUID) -> dict[str, Any] | None:
     """The newest sync report an organization may see, cut to its own instances in the query.
 
