@@ -106,22 +106,26 @@ def decode_json(body: bytes) -> dict[str, Any]:
     """The body as a bounded JSON object, or MalformedPayload with the reason (see :func:`checked_payload`)."""
     if not body.strip():
         raise MalformedPayload("empty body: expected a JSON object")
+    # A NUL can only come from a `\u0000` escape (a raw one is not JSON) and a lone surrogate only through the
+    # fallback parser: other bodies need no look at their strings.
     try:
         value = orjson.loads(body)
+        strings = b"\\u0000" in body
     except orjson.JSONDecodeError as exc:
         if "surrogate" not in str(exc):
             raise MalformedPayload(f"body is not valid JSON: {exc}") from exc
-        value = _loads_with_lone_surrogates(body)
+        value, strings = _loads_with_lone_surrogates(body), True
     if not isinstance(value, dict):
         raise MalformedPayload(f"expected a JSON object, got {type(value).__name__}")
-    return checked_payload(value)
+    return checked_payload(value, strings=strings)
 
 
-def checked_payload(value: dict[str, Any]) -> dict[str, Any]:
+def checked_payload(value: dict[str, Any], *, strings: bool = True) -> dict[str, Any]:
     """``value`` when its nesting and numbers are within bounds and its text is storable; a
     :class:`SanitizedPayload` (NUL as "␀", lone surrogates as "�", the original kept) when some text is not;
-    MalformedPayload when a bound is crossed. Replaying a stored original goes through here too."""
-    if _walk(value, 1):
+    MalformedPayload when a bound is crossed. Replaying a stored original goes through here too. ``strings=False``
+    skips the look at the text (the caller knows it is storable)."""
+    if _walk(value, 1, "body", strings):
         return SanitizedPayload(value)
     return value
 
@@ -142,23 +146,31 @@ def _loads_with_lone_surrogates(body: bytes) -> Any:
         raise MalformedPayload(f"body is not valid JSON: {exc}") from exc
 
 
-def _walk(value: Any, depth: int, key: object = "body") -> bool:
-    """Check depth and numbers below ``value`` (the value of field ``key``); True when some string (or object key)
-    is not storable."""
+def _walk(value: Any, depth: int, key: object, strings: bool) -> bool:
+    """Check depth and numbers below ``value`` (the value of field ``key``); True when ``strings`` and some string
+    (or object key) is not storable."""
     if isinstance(value, str):
-        return has_unstorable(value)
-    if isinstance(value, dict | list):
+        return strings and has_unstorable(value)
+    if isinstance(value, dict):
         if depth > MAX_DEPTH:
             raise MalformedPayload(f"body is nested deeper than {MAX_DEPTH} levels")
         found = False
-        if isinstance(value, dict):
-            for name, item in value.items():
-                found = _walk(item, depth + 1, name) | has_unstorable(name) | found
-        else:
-            for item in value:
-                found = _walk(item, depth + 1, key) | found
+        for name, item in value.items():
+            if isinstance(item, str):  # inline: most values are strings
+                hit = strings and (has_unstorable(item) or has_unstorable(name))
+            else:
+                hit = _walk(item, depth + 1, name, strings) or (strings and has_unstorable(name))
+            found = found or hit
         return found
-    if isinstance(value, bool) or value is None:
+    if isinstance(value, list):
+        if depth > MAX_DEPTH:
+            raise MalformedPayload(f"body is nested deeper than {MAX_DEPTH} levels")
+        found = False
+        for item in value:
+            if _walk(item, depth + 1, key, strings):
+                found = True
+        return found
+    if value is None or isinstance(value, bool):
         return False
     in_range = (
         -MAX_INTEGER - 1 <= value <= MAX_INTEGER
