@@ -19,8 +19,8 @@ from sqlalchemy.exc import DBAPIError
 
 from core.storable import NUL_STANDIN, SURROGATE_STANDIN, storable
 from db.engine import session_scope
-from db.repositories.webhook_events import original_payload
-from gateways.webhook_payloads import MalformedPayload, decode_json
+from db.repositories.webhook_events import inbox_payload, original_payload
+from gateways.webhook_payloads import MalformedPayload, checked_payload, decode_json, parse_evolution
 from tests.factories import auth_headers, count, make_instance, make_organization
 
 CUSTOMER = "5511987654321@s.whatsapp.net"
@@ -164,6 +164,20 @@ async def test_waha_message_with_nul_is_stored(client, org) -> None:
     assert await rows("SELECT content FROM messages") == [{"content": f"ola{NUL_STANDIN}"}]
 
 
+@pytest.mark.pure
+def test_a_stored_original_replays_to_the_same_parse() -> None:
+    body = as_json(envelope("messages.upsert", message("3EB0\x00R", text_="a\ud800\x00"), apikey=SECRET_APIKEY))
+    parsed = decode_json(body)
+    stored = json.loads(json.dumps(inbox_payload(parsed)))  # what jsonb gives back
+
+    original = original_payload(stored)
+    assert original["data"] == json.loads(body)["data"] and original["apikey"] == "[redacted]"
+    replayed = checked_payload(original)
+    assert replayed == {**parsed, "apikey": "[redacted]"}
+    assert parse_evolution(replayed).messages == parse_evolution(parsed).messages
+    assert original_payload({"event": "x"}) == {"event": "x"}  # rows without such characters are as stored
+
+
 # -- 2. over-long identifiers and names --------------------------------------------------------------------------
 
 
@@ -187,8 +201,12 @@ async def test_over_long_instance_names_and_receipt_ids_are_a_permanent_4xx(clie
     long_name = envelope("connection.update", {"state": "open"}, instance="i" * 256)
     receipt = envelope("messages.update", {"keyId": "K" * 200, "status": "READ"})
     contact = envelope("contacts.upsert", [{"remoteJid": "5" * 130 + "@s.whatsapp.net"}])
-    for body, words in ((long_name, "instance"), (receipt, "keyId"), (contact, "remoteJid")):
-        response = await post(client, org, body)
+    mega = {"messageType": "connection_update", "instance_key": "m" * 256, "connection_state": "open"}
+    waha = {"event": "session.status", "session": "w" * 256, "payload": {"status": "WORKING"}}
+    cases = [(long_name, "instance", "evolution"), (receipt, "keyId", "evolution"), (contact, "remoteJid", "evolution")]
+    cases += [(mega, "instance_key", "megaapi"), (waha, "session", "waha")]
+    for body, words, provider in cases:
+        response = await post(client, org, body, path=provider)
         assert response.status_code == 422, response.text
         assert words in response.json()["detail"]
 

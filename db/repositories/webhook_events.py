@@ -75,7 +75,7 @@ async def store_event(
             "event": event[:64],
             "instance": instance_name,
             "key": dedupe_key,
-            "payload": _json(_stored(payload)),
+            "payload": _json(inbox_payload(payload)),
             "outcome": outcome,
             "error": error,
         },
@@ -113,7 +113,7 @@ async def store_untracked_event(
             "event": event[:64],
             "instance": instance_name,
             "key": dedupe_key,
-            "payload": _json(_stored(payload)),
+            "payload": _json(inbox_payload(payload)),
             "outcome": outcome,
             "error": error,
             "refresh": refresh_after_seconds,
@@ -136,7 +136,7 @@ def original_payload(row_payload: Any) -> Any:
     return unescaped(row_payload)
 
 
-def _stored(payload: dict[str, Any]) -> dict[str, Any]:
+def inbox_payload(payload: dict[str, Any]) -> dict[str, Any]:
     """What the inbox row holds for ``payload``: redacted, escaped when it was sanitized at parse time."""
     if isinstance(payload, SanitizedPayload):
         return escaped(redact(payload.original))
