@@ -10,6 +10,7 @@ from fastapi import FastAPI
 
 from api.errors import install_error_handlers
 from api.inbox import RepeatFilter, wake_imports_on_connect
+from api.limits import BodyLimits
 from api.metrics import Metrics
 from api.routes import (
     conversation_page,
@@ -55,6 +56,7 @@ def create_app(*, check_database: bool = True) -> FastAPI:
     app.state.waker = Waker()
     app.state.after_webhook = [events.announce_webhook, wake_imports_on_connect(app.state.waker)]
     app.state.metrics = Metrics()
+    app.add_middleware(BodyLimits)  # added before RequestIds, so inside it: a 413 carries the request id
     install_error_handlers(app)
     for router in (
         probes.router,

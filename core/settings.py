@@ -97,6 +97,8 @@ class Settings(BaseSettings):
     """A token that may read `GET /metrics` and nothing else (the admin token may too): for a Prometheus scraper."""
     webhook_url: str | None = Field(default=None, validation_alias="WEBHOOK_URL")
     webhook_max_body_bytes: int = Field(default=1_048_576, ge=1024, validation_alias="ZAPSYNC_WEBHOOK_MAX_BODY")
+    api_max_body_bytes: int = Field(default=1_048_576, ge=1024, validation_alias="ZAPSYNC_API_MAX_BODY")
+    """Largest request body of every route but the webhooks (those have ``webhook_max_body_bytes``)."""
     webhook_event_time_tolerance_seconds: float = Field(
         default=900.0, ge=0, validation_alias="ZAPSYNC_WEBHOOK_EVENT_TIME_TOLERANCE"
     )

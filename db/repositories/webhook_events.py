@@ -1,4 +1,9 @@
-"""The webhook inbox and the instance lookups webhook handling needs."""
+"""The webhook inbox and the instance lookups webhook handling needs.
+
+A payload is stored redacted (:mod:`core.redaction`); one holding NUL or lone surrogates (a
+:class:`core.storable.SanitizedPayload`) is stored as escaped JSON text, so the row keeps the delivery as sent:
+read stored payloads through :func:`original_payload`.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.redaction import redact
+from core.storable import SanitizedPayload, escaped, unescaped
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +75,7 @@ async def store_event(
             "event": event[:64],
             "instance": instance_name,
             "key": dedupe_key,
-            "payload": _json(redact(payload)),
+            "payload": _json(inbox_payload(payload)),
             "outcome": outcome,
             "error": error,
         },
@@ -107,7 +113,7 @@ async def store_untracked_event(
             "event": event[:64],
             "instance": instance_name,
             "key": dedupe_key,
-            "payload": _json(redact(payload)),
+            "payload": _json(inbox_payload(payload)),
             "outcome": outcome,
             "error": error,
             "refresh": refresh_after_seconds,
@@ -122,6 +128,19 @@ async def set_event_outcome(session: AsyncSession, dedupe_key: str, outcome: str
         text("UPDATE webhook_events SET outcome = :outcome, error = :error WHERE dedupe_key = :key"),
         {"outcome": outcome, "error": error, "key": dedupe_key},
     )
+
+
+def original_payload(row_payload: Any) -> Any:
+    """The payload a `webhook_events.payload` value stands for, exactly as it was delivered (secrets redacted):
+    NUL and lone surrogates included, which the row holds escaped (:mod:`core.storable`)."""
+    return unescaped(row_payload)
+
+
+def inbox_payload(payload: dict[str, Any]) -> dict[str, Any]:
+    """What the inbox row holds for ``payload``: redacted, escaped when it was sanitized at parse time."""
+    if isinstance(payload, SanitizedPayload):
+        return escaped(redact(payload.original))
+    return redact(payload)  # type: ignore[no-any-return]
 
 
 def _json(payload: dict[str, Any]) -> str:
