@@ -45,6 +45,18 @@ async def test_metrics_expose_webhooks_instances_and_the_last_sync(client: httpx
     assert "zapsync_sync_duration_seconds" in text
 
 
+async def test_event_names_zapsync_does_not_act_on_share_one_metrics_label(client: httpx.AsyncClient) -> None:
+    org = await make_organization()
+    await make_instance(org, "acme-01")
+    invented = {"event": "made.up-7f3a9c", "instance": "acme-01", "data": {}}
+    assert (await post(client, org, invented)).status_code == 200
+
+    text = (await client.get("/metrics", headers={"authorization": "Bearer test-admin-token"})).text
+
+    assert "made.up-7f3a9c" not in text
+    assert 'zapsync_webhook_events_total{event="other",outcome="stored",provider="evolution"}' in text
+
+
 async def test_queue_depth_in_metrics_api_and_dashboard_per_organization(client: httpx.AsyncClient) -> None:
     from db.engine import session_scope
     from db.repositories.import_runs import import_request, request_imports
