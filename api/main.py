@@ -28,6 +28,7 @@ from api.routes import (
     webhooks,
 )
 from api.routes import outbox as outbox_routes
+from api.spool import install_spool_handlers, running_spool
 from core.settings import get_settings
 from db.engine import check_migrated, dispose_engine
 from flows.runs import Waker
@@ -36,10 +37,12 @@ log = logging.getLogger("zapsync.api")
 
 
 @asynccontextmanager
-async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-    """Refuse to serve an unmigrated database; close the pool on shutdown."""
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Refuse to serve an unmigrated database; run the webhook spool's replayer; close the pool on shutdown."""
     await check_migrated()
-    yield
+    settings = get_settings()
+    async with running_spool(app, settings.spool_folder, settings.spool_max_bytes):
+        yield
     await dispose_engine()
 
 
@@ -56,6 +59,7 @@ def create_app(*, check_database: bool = True) -> FastAPI:
     app.state.after_webhook = [events.announce_webhook, wake_imports_on_connect(app.state.waker)]
     app.state.metrics = Metrics()
     install_error_handlers(app)
+    install_spool_handlers(app)
     for router in (
         probes.router,
         instances.router,

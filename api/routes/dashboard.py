@@ -10,6 +10,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
 from api.deps import SESSION_COOKIE, BearerDep, SessionDep, bearer, principal_for
+from api.spool import app_spool
 from core.domain import WorkKind
 from core.errors import Unauthorized
 from core.names import SYNC_FLOW
@@ -42,6 +43,7 @@ async def dashboard(request: Request, session: SessionDep, credentials: BearerDe
         "last_sync": report,
         "last_sync_url": ui_url(run_id) if run_id else None,
         "queue": await queue_stats(session, kinds=list(WorkKind), organization_id=organization_id),
+        "spool": journal.depth() if (journal := app_spool(request.app)) is not None else None,
     }
     return templates.TemplateResponse(request, "dashboard.html", context)
 
