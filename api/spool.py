@@ -540,9 +540,15 @@ async def spool_delivery(app: FastAPI, record: SpoolRecord, event: WebhookEvent,
 
 
 @contextlib.asynccontextmanager
-async def running_spool(app: FastAPI, folder: Path, max_bytes: int) -> AsyncIterator[Journal]:
-    """Open the journal and run its replayer for the app's lifetime."""
-    journal = await asyncio.to_thread(Journal(folder, max_bytes=max_bytes).open)
+async def running_spool(app: FastAPI, folder: Path, max_bytes: int) -> AsyncIterator[Journal | None]:
+    """Open the journal and run its replayer for the app's lifetime (without a usable folder the app runs without a
+    spool, answering 503 during outages as before, and says so)."""
+    try:
+        journal = await asyncio.to_thread(Journal(folder, max_bytes=max_bytes).open)
+    except (OSError, ZapsyncError) as exc:
+        log.error("[SPOOL] no webhook spool (%s): deliveries get 503 while the database is unreachable", exc)
+        yield None
+        return
     repeats: RepeatFilter = app.state.repeat_filter
 
     async def apply(record: SpoolRecord) -> HandlingResult:

@@ -160,6 +160,17 @@ def test_two_processes_on_one_machine_take_separate_slots(tmp_path: Path) -> Non
         second.close()
 
 
+@pytest.mark.pure
+async def test_without_a_usable_folder_the_api_runs_without_a_spool(tmp_path: Path) -> None:
+    from api.main import create_app
+    from api.spool import app_spool, running_spool
+
+    app = create_app(check_database=False)
+    (tmp_path / "taken").write_text("a file where the spool folder should be")
+    async with running_spool(app, tmp_path / "taken", 4096) as spool:
+        assert spool is None and app_spool(app) is None
+
+
 # -- replay into the database ------------------------------------------------------------------------------------
 
 
@@ -208,6 +219,7 @@ async def test_a_delivery_behind_a_backlog_is_spooled_then_applied(tmp_path: Pat
         running_spool(app, tmp_path / "spool", 1024 * 1024) as spool,
         httpx.AsyncClient(transport=transport, base_url="http://zapsync") as client,
     ):
+        assert spool is not None
         replayer = app.state.spool_replayer
         await spool.append(record("OLD", org))  # an older delivery still waiting
         answer = await client.post(
