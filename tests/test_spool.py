@@ -247,6 +247,44 @@ async def test_a_delivery_behind_a_backlog_is_spooled_then_applied(tmp_path: Pat
     assert [n for _, n in await stored_messages()] == [1, 1]
 
 
+async def test_a_full_spool_answers_503_with_retry_after(tmp_path: Path, org: uuid.UUID) -> None:
+    from api.main import create_app
+
+    app = create_app(check_database=False)
+    one = len(encode_record(record("OLD", org)))
+    app.state.spool = Journal(tmp_path / "spool", max_bytes=one + 100).open()  # no replayer: it stays full
+    try:
+        await app.state.spool.append(record("OLD", org))
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://zapsync") as client:
+            answer = await client.post(
+                f"/webhooks/evolution/{org}", content=orjson.dumps(upsert("NEW")), headers=SECRET
+            )
+        assert answer.status_code == 503 and answer.headers["retry-after"] == "30"
+        assert answer.json()["error"] == "SpoolFull"
+        assert app.state.spool.depth()["records"] == 1
+    finally:
+        app.state.spool.close()
+    assert await count("messages") == 0
+
+
+async def test_what_a_previous_process_left_is_replayed_at_start(tmp_path: Path, org: uuid.UUID) -> None:
+    from api.main import create_app
+    from api.spool import running_spool
+
+    left = Journal(tmp_path / "spool", max_bytes=1024 * 1024).open()
+    for key in ("P0", "P1", "P2"):
+        await left.append(record(key, org))
+    left.close()  # the process died
+    app = create_app(check_database=False)
+    async with running_spool(app, tmp_path / "spool", 1024 * 1024) as spool:
+        assert spool is not None and spool.depth()["records"] == 3
+        deadline = asyncio.get_running_loop().time() + 30
+        while spool.backlog:
+            assert asyncio.get_running_loop().time() < deadline, "the spool was not drained"
+            await asyncio.sleep(0.05)
+    assert await stored_messages() == [("P0", 1), ("P1", 1), ("P2", 1)]
+
+
 # -- zapsync webhooks replay -------------------------------------------------------------------------------------
 
 
