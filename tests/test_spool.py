@@ -38,6 +38,7 @@ from tests.factories import count, make_instance, make_organization
 
 CUSTOMER = "5511987654321@s.whatsapp.net"
 SECRET = {"x-webhook-secret": "org-secret"}
+ADMIN = {"authorization": "Bearer test-admin-token"}  # ZAPSYNC_ADMIN_TOKEN in tests/conftest.py (/metrics may need it)
 
 
 def upsert(key_id: str, *, instance: str = "acme-01", jid: str = CUSTOMER, text_: str = "oi") -> dict[str, Any]:
@@ -241,7 +242,7 @@ async def test_a_delivery_behind_a_backlog_is_spooled_then_applied(tmp_path: Pat
             assert asyncio.get_running_loop().time() < deadline, "the spool was not drained"
             await asyncio.sleep(0.05)
         assert (await client.get("/readyz")).json() == {"status": "ready"}
-        metrics = (await client.get("/metrics")).text
+        metrics = (await client.get("/metrics", headers=ADMIN)).text
         assert "zapsync_webhook_spool_depth 0.0" in metrics
     assert [k for k, _ in await stored_messages()] == ["NEW", "OLD"]
     assert [n for _, n in await stored_messages()] == [1, 1]
@@ -436,7 +437,7 @@ async def test_postgres_stopped_during_a_burst_loses_nothing(tmp_path: Path, org
                     break
                 assert asyncio.get_running_loop().time() < deadline, f"not drained: {ready.json()}"
                 await asyncio.sleep(0.2)
-            assert "zapsync_webhook_spool_depth 0.0" in (await client.get("/metrics")).text
+            assert "zapsync_webhook_spool_depth 0.0" in (await client.get("/metrics", headers=ADMIN)).text
     finally:
         if socket_dir is not None:
             start_postgres(socket_dir)
