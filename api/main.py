@@ -29,6 +29,7 @@ from api.routes import (
     webhooks,
 )
 from api.routes import outbox as outbox_routes
+from api.spool import install_spool_handlers, running_spool
 from core.settings import get_settings
 from db.engine import check_migrated, dispose_engine
 from flows.runs import Waker
@@ -37,10 +38,12 @@ log = logging.getLogger("zapsync.api")
 
 
 @asynccontextmanager
-async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-    """Refuse to serve an unmigrated database; close the pool on shutdown."""
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Refuse to serve an unmigrated database; run the webhook spool's replayer; close the pool on shutdown."""
     await check_migrated()
-    yield
+    settings = get_settings()
+    async with running_spool(app, settings.spool_folder, settings.spool_max_bytes):
+        yield
     await dispose_engine()
 
 
@@ -58,6 +61,7 @@ def create_app(*, check_database: bool = True) -> FastAPI:
     app.state.metrics = Metrics()
     app.add_middleware(BodyLimits)  # added before RequestIds, so inside it: a 413 carries the request id
     install_error_handlers(app)
+    install_spool_handlers(app)
     for router in (
         probes.router,
         instances.router,

@@ -114,6 +114,12 @@ class Settings(BaseSettings):
     """How long after its `exp` an Evolution webhook JWT is still accepted: Evolution signs once before its retry
     loop (about 20 minutes of retries) and its tokens live 10 minutes, so late retries carry an expired token."""
 
+    # -- the webhook spool for database outages (issue 13 §4) --
+    spool_dir: Path | None = Field(default=None, validation_alias="ZAPSYNC_SPOOL_DIR")
+    """Where the API journals authenticated webhooks while PostgreSQL is unreachable (default $ZAPSYNC_HOME/spool)."""
+    spool_max_bytes: int = Field(default=256 * 1024 * 1024, ge=4096, validation_alias="ZAPSYNC_SPOOL_MAX_BYTES")
+    """The journal's bound: past it deliveries are answered 503 with Retry-After, so the gateway retries."""
+
     api_host: str = Field(default="127.0.0.1", validation_alias="ZAPSYNC_API_HOST")
     api_port: int = Field(default=8000, ge=1, le=65535, validation_alias="ZAPSYNC_API_PORT")
 
@@ -239,6 +245,11 @@ class Settings(BaseSettings):
     def secret_key_file(self) -> Path:
         """Where the generated sealing key lives when ``ZAPSYNC_SECRET_KEY`` is unset."""
         return self.home / "secret.key"
+
+    @property
+    def spool_folder(self) -> Path:
+        """Folder of the webhook spool's journal."""
+        return (self.spool_dir or self.home / "spool").expanduser()
 
     @property
     def data_dir(self) -> Path:

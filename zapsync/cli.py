@@ -74,6 +74,8 @@ app.add_typer(db_app, name="db")
 app.add_typer(org_app, name="org")
 app.add_typer(token_app, name="token")
 app.add_typer(instance_app, name="instance")
+webhooks_app = typer.Typer(no_args_is_help=True, help="Webhook deliveries: replay stored or spooled ones.")
+app.add_typer(webhooks_app, name="webhooks")
 
 PRIVACY_ENV = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of tables.")]
@@ -924,6 +926,78 @@ def close_inactive(
         from flows.close_inactive import close_inactive_conversations
 
         _run_flow_here(close_inactive_conversations, "close-inactive", as_json, organization_id=org, dry_run=dry_run)
+
+
+# -- webhooks replay (issue 13 §5) --------------------------------------------------------------------------------
+
+
+def parse_since(value: str) -> datetime:
+    """``--since``: an ISO 8601 date or time (UTC when it names no zone) or an age such as ``30m``, ``2h``, ``7d``."""
+    import re
+    from datetime import UTC, timedelta
+
+    text = value.strip()
+    age = re.fullmatch(r"(\d+)\s*([smhd])", text)
+    if age:
+        unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[age.group(2)]
+        return datetime.now(UTC) - timedelta(**{unit: int(age.group(1))})
+    try:
+        parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise InvalidInput(
+            f"--since {value!r} is neither an ISO 8601 time (2026-01-31T12:00Z) nor an age (30m, 2h, 7d)"
+        ) from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+@webhooks_app.command("replay")
+def webhooks_replay(
+    since: Annotated[
+        str | None,
+        typer.Option("--since", help="Deliveries received since then: ISO 8601 (UTC by default) or an age (2h, 7d)."),
+    ] = None,
+    event: Annotated[str | None, typer.Option("--event", help="Only this event (messages.upsert, message …).")] = None,
+    org: OrgOpt = None,
+    spool: Annotated[
+        str | None,
+        typer.Option("--spool", help="Replay a spool journal (folder or segment) copied from another machine."),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Apply stored webhook deliveries again through the normal path (idempotent: what is already applied is a
+    duplicate): inbox rows received since --since, or the records of a copied spool journal (--spool)."""
+    from pathlib import Path
+
+    from api.replay import OUTCOMES, replay_inbox, replay_journal
+
+    with expected_errors():
+        start = parse_since(since) if since is not None else None
+        if start is None and spool is None:
+            fail("say which deliveries to replay: --since TIME (inbox rows) or --spool PATH (a copied journal)", 2)
+        if spool is not None and not Path(spool).exists():
+            fail(f"no spool journal at {spool}", 2)
+        ensure_migrated()
+
+        async def replay() -> Counter[str]:
+            if org is not None:
+                from db.engine import session_scope
+
+                async with session_scope() as session:
+                    await _check_organization(session, org)
+            if spool is not None:
+                return await replay_journal(Path(spool), since=start, event=event, organization_id=org)
+            assert start is not None
+            return await replay_inbox(since=start, event=event, organization_id=org)
+
+        counts = run_async(replay)
+    if as_json:
+        emit_json(dict(counts))
+    else:
+        shown = [f"{counts[o]} {o}" for o in OUTCOMES] + [f"{n} {o}" for o, n in counts.items() if o not in OUTCOMES]
+        source = f"spool {spool}" if spool else "the inbox"
+        out().print(f"Replayed {sum(counts.values())} deliveries from {source}: {', '.join(shown)}.")
+    if counts["failed"]:
+        raise typer.Exit(1)
 
 
 # -- processes ---------------------------------------------------------------------------------------------------

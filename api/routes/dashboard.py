@@ -18,6 +18,7 @@ from api.deps import (
     principal_for,
     principal_for_request,
 )
+from api.spool import app_spool
 from core.domain import WorkKind
 from core.errors import Unauthorized
 from core.names import SYNC_FLOW
@@ -54,6 +55,7 @@ async def dashboard(request: Request, session: SessionDep, credentials: BearerDe
         "last_sync": report,
         "last_sync_url": ui_url(run_id) if run_id else None,
         "queue": await queue_stats(session, kinds=list(WorkKind), organization_id=organization_id),
+        "spool": journal.depth() if (journal := app_spool(request.app)) is not None else None,
     }
     return templates.TemplateResponse(request, "dashboard.html", context)
 

@@ -7,6 +7,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from api.deps import SessionDep, get_metrics_reader
+from api.spool import app_spool
 
 router = APIRouter(tags=["health"])
 
@@ -20,5 +21,7 @@ async def metrics(request: Request, session: SessionDep) -> Response:
     organization's instances, webhooks and queue and name the instances' gateways, one API port serves both, and a
     Prometheus scrape job can send a bearer token (`authorization: {credentials_file: ...}`): a dedicated metrics
     token lets the scraper read this and nothing else."""
+    journal = app_spool(request.app)
+    request.app.state.metrics.set_spool(journal.depth() if journal is not None else None)
     body = await request.app.state.metrics.render(session)
     return Response(body, media_type=CONTENT_TYPE_LATEST)

@@ -16,6 +16,7 @@ import hmac
 import logging
 import time
 import uuid
+from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Request
@@ -23,8 +24,9 @@ from pydantic import BaseModel
 
 from api.deps import BearerDep, bearer
 from api.inbox import RepeatFilter, handle_event
+from api.spool import SpoolRecord, app_spool, spool_delivery
 from core.domain import Provider
-from core.errors import InvalidInput, PayloadTooLarge, Unauthorized
+from core.errors import DatabaseUnavailable, InvalidInput, PayloadTooLarge, Unauthorized
 from core.settings import get_settings
 from core.webhook_signatures import (
     SIGNED_METHODS,
@@ -103,8 +105,7 @@ async def authenticated_body(
     JWT, then the shared secret; a delivery carrying none gets 401 before its body is read. Every comparison is
     constant-time, and an unknown organization is compared against a dummy so timing does not tell ids apart.
     """
-    async with session_scope() as session:
-        credentials = await webhook_credentials(session, organization_id)
+    credentials = await _credentials(request, organization_id)
     mode = mode_for(credentials.webhook_auth if credentials else None, provider)
     allowed = {WebhookAuth.SECRET, *SIGNED_METHODS[provider]} if mode is WebhookAuth.ANY else {mode}
     signature = request.headers.get("x-webhook-hmac")
@@ -131,6 +132,26 @@ async def authenticated_body(
             raise Unauthorized("wrong webhook secret for this organization")
         return await read_limited_body(request)
     raise Unauthorized(f"missing webhook credentials: this organization accepts {_expected(provider, allowed)}")
+
+
+async def _credentials(request: Request, organization_id: uuid.UUID) -> WebhookCredentials | None:
+    """The organization's webhook credentials, remembered per process: while the database is unreachable, the last
+    ones loaded are used, so deliveries can still be checked (and spooled); one never loaded since start → 503."""
+    cache: dict[uuid.UUID, WebhookCredentials] | None = getattr(request.app.state, "webhook_credentials", None)
+    if cache is None:
+        cache = request.app.state.webhook_credentials = {}
+    try:
+        async with session_scope() as session:
+            credentials = await webhook_credentials(session, organization_id)
+    except DatabaseUnavailable:
+        if organization_id not in cache:
+            raise
+        return cache[organization_id]
+    if credentials is None:
+        cache.pop(organization_id, None)
+    else:
+        cache[organization_id] = credentials
+    return credentials
 
 
 def _signing_key(credentials: WebhookCredentials | None) -> str:
@@ -173,7 +194,18 @@ async def receive(
         log.info("[WEBHOOK] %s org=%s rejected: %s", provider, organization_id, exc)
         raise InvalidInput(str(exc)) from exc
     repeats: RepeatFilter = request.app.state.repeat_filter
-    result = await handle_event(organization_id, event, payload, repeats=repeats)
+    # -- the spool (issue 13 §4): behind older spooled deliveries, or with the database down, journal and answer 202
+    journal = app_spool(request.app)
+    record = SpoolRecord(datetime.now(UTC), organization_id, provider, path_event, body)
+    if journal is not None and journal.backlog:
+        await spool_delivery(request.app, record, event, "older deliveries are spooled")
+    try:
+        result = await handle_event(organization_id, event, payload, repeats=repeats)
+    except DatabaseUnavailable:
+        if journal is None:
+            raise
+        await spool_delivery(request.app, record, event, "the database is unreachable")
+    # -- end of the spool
     metrics = request.app.state.metrics
     metrics.webhook_events.labels(str(provider), metric_event_label(event), result.outcome).inc()
     metrics.webhook_seconds.labels(str(provider)).observe(time.perf_counter() - begun)
