@@ -46,10 +46,13 @@ _SCRUB = str.maketrans({"\x00": None, "\x1f": " ", "\x1e": " "})
 def _clean(values: Sequence[str | None]) -> Sequence[str | None]:
     """Text as the ``unnest`` path stores it: '' → NULL; NUL bytes dropped, its delimiters as spaces.
 
-    The common case — no value is empty or holds one of those characters — costs one join and three scans.
+    The common case — no value is empty or holds one of those characters — costs one join and a few scans.
     """
-    joined = "\x1f".join([v or "\x1e" for v in values])
-    if "\x1e" not in joined and "\x00" not in joined and joined.count("\x1f") == len(values) - 1:
+    present = [v for v in values if v is not None]
+    if not present:
+        return values
+    joined = "\x1f".join(present)
+    if "" not in present and "\x00" not in joined and "\x1e" not in joined and joined.count("\x1f") == len(present) - 1:
         return values
     return [(v.translate(_SCRUB) or None) if v else None for v in values]
 
