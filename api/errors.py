@@ -23,13 +23,13 @@ import psycopg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from fastapi.routing import iter_route_contexts
 from pydantic import ValidationError
 from sqlalchemy.exc import StatementError
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.openapi import install_openapi, served_routes
 from core.errors import ZapsyncError
 
 log = logging.getLogger("zapsync.api")
@@ -52,8 +52,6 @@ def error_body(error: str, detail: str, rid: str | None) -> dict[str, str | None
 def install_error_handlers(app: FastAPI) -> None:
     """Register the handlers and the request-id middleware (which also answers unexpected exceptions), and make
     the OpenAPI document declare these answers (:mod:`api.openapi`)."""
-    from api.openapi import install_openapi  # it reads the routes' dependencies, which import the database layer
-
     install_openapi(app)
 
     @app.exception_handler(ZapsyncError)
@@ -92,10 +90,9 @@ def allowed_methods(request: Request) -> list[str]:
     """
     path = request.scope.get("path", "")
     methods = {"OPTIONS"}
-    for context in iter_route_contexts(request.app.routes):
-        pattern = getattr(context, "path_regex", None)
-        if pattern is not None and pattern.match(path):
-            methods |= set(context.methods or ())
+    for view in served_routes(request.app.routes):
+        if view.path_regex is not None and view.path_regex.match(path):
+            methods |= view.methods
     return sorted(methods)
 
 

@@ -22,12 +22,15 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.dependencies.models import Dependant
-from fastapi.routing import APIRoute, iter_route_contexts
+from fastapi.routing import APIRoute
+from starlette.routing import BaseRoute
 
 from api.deps import bearer_scheme, get_principal, get_principal_briefly
 from api.schemas import ErrorBody
@@ -112,12 +115,38 @@ def complete(app: FastAPI, document: dict[str, Any]) -> dict[str, Any]:
     return document
 
 
+@dataclass(frozen=True)
+class RouteView:
+    """A route as the application serves it: included routers' prefixes applied."""
+
+    route: BaseRoute
+    path_format: str
+    methods: frozenset[str]
+    path_regex: re.Pattern[str] | None
+
+
+def served_routes(routes: list[BaseRoute]) -> Iterator[RouteView]:
+    """Every route of ``routes`` as served. FastAPI 0.150 keeps an included router as one entry and resolves its
+    routes lazily (`iter_route_contexts`); older versions copy them into the application's list."""
+    try:
+        from fastapi.routing import iter_route_contexts
+    except ImportError:  # FastAPI < 0.150: the list is flat
+        for route in routes:
+            path = getattr(route, "path_format", getattr(route, "path", ""))
+            methods = frozenset(getattr(route, "methods", None) or ())
+            yield RouteView(route, path, methods, getattr(route, "path_regex", None))
+        return
+    for context in iter_route_contexts(routes):
+        path = context.path_format or context.path or ""
+        methods = frozenset(context.methods or ())
+        yield RouteView(context.original_route, path, methods, getattr(context, "path_regex", None))
+
+
 def _operations(app: FastAPI) -> Iterator[tuple[str, str, APIRoute]]:
-    for context in iter_route_contexts(app.routes):
-        route = context.original_route
-        if isinstance(route, APIRoute) and route.include_in_schema:
-            for method in sorted(context.methods or ()):
-                yield context.path_format, method, route
+    for view in served_routes(app.routes):
+        if isinstance(view.route, APIRoute) and view.route.include_in_schema:
+            for method in sorted(view.methods):
+                yield view.path_format, method, view.route
 
 
 def _error_statuses(path: str, method: str, route: APIRoute, operation: dict[str, Any]) -> set[int]:
