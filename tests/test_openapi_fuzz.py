@@ -38,6 +38,8 @@ from db.repositories.organizations import create_token
 from tests.factories import auth_headers, make_instance, make_organization
 
 EXAMPLES = 15
+REQUEST_TIMEOUT = 120
+"""Seconds: generous, so a loaded machine (a slow Prefect server behind a route) is not taken for a failure."""
 SECRET = "fuzz-webhook-secret"
 ADMIN_TOKEN = "test-admin-token"  # tests/conftest.py
 
@@ -176,6 +178,7 @@ def test_every_operation_answers_what_the_document_declares(
     case.call_and_validate(
         headers={"Authorization": f"Bearer {token}", "X-Webhook-Secret": SECRET},
         checks=CHECKS,
+        timeout=REQUEST_TIMEOUT,
     )
 
 
