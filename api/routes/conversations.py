@@ -188,7 +188,7 @@ async def import_instance(
 
 
 def _cursor(cursor: str | None, order: Order) -> tuple[datetime, int] | None:
-    if cursor is None:
+    if not cursor:  # absent, or `cursor=` (a client sending back an empty next_cursor): the first page
         return None
     try:
         at, row_id, cursor_order = decode_cursor(cursor, 3)

@@ -24,6 +24,7 @@ from pydantic import BaseModel
 
 from api.deps import BearerDep, bearer
 from api.inbox import RepeatFilter, handle_event
+from api.schemas import EVOLUTION_WEBHOOK, MEGAAPI_WEBHOOK, WAHA_WEBHOOK, webhook_request_body
 from api.spool import SpoolRecord, app_spool, spool_delivery
 from core.domain import Provider
 from core.errors import DatabaseUnavailable, InvalidInput, PayloadTooLarge, Unauthorized
@@ -229,13 +230,21 @@ def metric_event_label(event: WebhookEvent) -> str:
     return event.event if event.kind is not EventKind.OTHER else "other"
 
 
-@router.post("/evolution/{organization_id}", response_model=WebhookAck)
+@router.post(
+    "/evolution/{organization_id}",
+    response_model=WebhookAck,
+    openapi_extra=webhook_request_body(EVOLUTION_WEBHOOK, required=("event",)),
+)
 async def evolution_webhook(request: Request, organization_id: uuid.UUID, secret: SecretDep) -> WebhookAck:
     """Evolution API v2 deliveries (all events to one URL)."""
     return await receive(request, organization_id, Provider.EVOLUTION, secret)
 
 
-@router.post("/evolution/{organization_id}/{event_suffix}", response_model=WebhookAck)
+@router.post(
+    "/evolution/{organization_id}/{event_suffix}",
+    response_model=WebhookAck,
+    openapi_extra=webhook_request_body(EVOLUTION_WEBHOOK),
+)
 async def evolution_webhook_by_event(
     request: Request, organization_id: uuid.UUID, event_suffix: str, secret: SecretDep
 ) -> WebhookAck:
@@ -243,13 +252,19 @@ async def evolution_webhook_by_event(
     return await receive(request, organization_id, Provider.EVOLUTION, secret, path_event=event_suffix)
 
 
-@router.post("/megaapi/{organization_id}", response_model=WebhookAck)
+@router.post(
+    "/megaapi/{organization_id}", response_model=WebhookAck, openapi_extra=webhook_request_body(MEGAAPI_WEBHOOK)
+)
 async def megaapi_webhook(request: Request, organization_id: uuid.UUID, secret: SecretDep) -> WebhookAck:
     """MegaAPI deliveries."""
     return await receive(request, organization_id, Provider.MEGAAPI, secret)
 
 
-@router.post("/waha/{organization_id}", response_model=WebhookAck)
+@router.post(
+    "/waha/{organization_id}",
+    response_model=WebhookAck,
+    openapi_extra=webhook_request_body(WAHA_WEBHOOK, required=("event",)),
+)
 async def waha_webhook(request: Request, organization_id: uuid.UUID, secret: SecretDep) -> WebhookAck:
     """WAHA deliveries (every event to one URL), HMAC-signed or with the secret in a custom header."""
     return await receive(request, organization_id, Provider.WAHA, secret)
