@@ -229,7 +229,7 @@ def parse_evolution(payload: dict[str, Any], *, path_event: str | None = None) -
             reason=reason,
             logged_out=logged_out,
             phone_number=_phone(data.get("wuid")),
-            profile_name=data.get("profileName"),
+            profile_name=_text(data.get("profileName")),
         )
     if event == "qrcode.updated":
         if not instance:
@@ -420,6 +420,11 @@ def _contacts(base: _Envelope, event: str, instance: str | None, data: Any) -> W
 MEGAAPI_CONNECTION_MESSAGES = {"phone_connected": "connected", "phone_disconnected": "disconnected"}
 
 
+def _text(value: object) -> str | None:
+    """``value`` when it is a non-empty string, else None (a name or label sent as a number, list or object)."""
+    return value if isinstance(value, str) and value else None
+
+
 def parse_megaapi(payload: dict[str, Any]) -> WebhookEvent:
     """A MegaAPI delivery: flat, typed by `messageType` (both `connection_update` shapes accepted)."""
     kind = payload.get("messageType") or payload.get("type")
@@ -436,7 +441,7 @@ def parse_megaapi(payload: dict[str, Any]) -> WebhookEvent:
             raise MalformedPayload("connection_update without 'instance_key'")
         if isinstance(payload.get("connection_state"), str):  # the official sample's shape
             raw = payload["connection_state"]
-        elif payload.get("message") in MEGAAPI_CONNECTION_MESSAGES:  # the 2026 client's shape
+        elif _text(payload.get("message")) in MEGAAPI_CONNECTION_MESSAGES:  # the 2026 client's shape
             raw = MEGAAPI_CONNECTION_MESSAGES[payload["message"]]
         else:
             raise MalformedPayload(
@@ -452,7 +457,7 @@ def parse_megaapi(payload: dict[str, Any]) -> WebhookEvent:
             if status is InstanceStatus.CONNECTED
             else f"{raw}" + (f" ({close_reason})" if close_reason else ""),
             phone_number=_phone(payload.get("jid")),
-            profile_name=payload.get("pushName"),
+            profile_name=_text(payload.get("pushName")),
         )
     key = payload.get("key")
     if kind == "message.ack":
