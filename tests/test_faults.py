@@ -670,3 +670,116 @@ def _differences(got: dict[str, Any], want: dict[str, Any]) -> dict[tuple[str, s
                 else:
                     found[(name, table)] = (mine, rows_)
     return found
+
+
+# -- the Prefect server down while webhooks arrive ----------------------------------------------------------------
+
+PREFECT_DOWN = ("prefect-down-1", "prefect-down-2")
+HISTORY_CHATS, HISTORY_PER_CHAT, LIVE_MESSAGES = 2, 3, 3
+
+
+def _message_webhook(instance: str, key_id: str, at: datetime) -> dict[str, Any]:
+    """A customer's `messages.upsert` arriving live (gateways.md §2.3)."""
+    return _envelope(
+        instance,
+        "messages.upsert",
+        {
+            "key": {"remoteJid": "5511987659999@s.whatsapp.net", "fromMe": False, "id": key_id},
+            "pushName": "Ana",
+            "status": "DELIVERY_ACK",
+            "message": {"conversation": f"live {key_id}"},
+            "messageType": "conversation",
+            "messageTimestamp": int(at.timestamp()),
+            "instanceId": instance,
+            "source": "android",
+        },
+        at,
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_server")
+async def test_webhooks_during_a_prefect_outage_are_applied_and_imported_once_it_is_back(
+    simulator: SimulatorState, start_worker: Any
+) -> None:
+    """Unlike tests/test_prefect_outage.py (connects only, a new Prefect server started), messages and connects are
+    each delivered twice while the Prefect API is unreachable, and the same server comes back at the same address."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from api.main import create_app
+    from db.engine import session_scope
+    from db.repositories.work_queue import listening_workers
+    from tests.tcp_forwarder import TcpForwarder
+    from tests.test_import_triggers import imported as completed_imports
+    from tests.test_import_triggers import opened, queue_items
+
+    real = httpx.URL(str(PREFECT_API_URL.value()))
+    port = free_port()
+    api_url = f"http://127.0.0.1:{port}/api"  # nothing listens here until the forwarder starts
+    org = await make_organization()
+    ids: dict[str, uuid.UUID] = {}
+    for name in PREFECT_DOWN:
+        simulator.add_instance(name, "evolution", "open")
+        simulator.set_history(
+            name,
+            chats=HISTORY_CHATS,
+            messages_per_chat=HISTORY_PER_CHAT,
+            newest_at=datetime.now(UTC) - timedelta(hours=2),
+        )
+        ids[name] = await make_instance(org, name, status="disconnected")
+    now = datetime.now(UTC).replace(microsecond=0)
+    webhooks = [opened(name, now - timedelta(seconds=30)) for name in PREFECT_DOWN] + [
+        _message_webhook(name, f"LIVE-{name}-{k}", now - timedelta(seconds=20 - k))
+        for name in PREFECT_DOWN
+        for k in range(LIVE_MESSAGES)
+    ]
+    forwarder = TcpForwarder(port, real.host or "127.0.0.1", real.port or 80)
+    worker = start_worker(PREFECT_API_URL=api_url)
+    app = create_app(check_database=False)
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: api_url}):  # the API process sees the outage too
+
+            async def worker_listening() -> bool:
+                assert worker.process.poll() is None, "the worker exited while Prefect was down"
+                async with session_scope() as session:
+                    return await listening_workers(session) > 0
+
+            await eventually(worker_listening, timeout=60, what="the worker to LISTEN")
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://zapsync") as client:
+                answers = [
+                    (
+                        await client.post(
+                            f"/webhooks/evolution/{org}",
+                            content=orjson.dumps(body),
+                            headers={"content-type": "application/json", "x-webhook-secret": "org-secret"},
+                        )
+                    ).status_code
+                    for body in webhooks * 2  # a gateway redelivers what it thinks was lost
+                ]
+                await app.state.waker.settle()
+
+            assert answers == [200] * len(webhooks) * 2
+            assert [(await instance_row(i))["status"] for i in ids.values()] == ["connected"] * len(ids)
+            assert await count("messages") == len(PREFECT_DOWN) * LIVE_MESSAGES  # applied without Prefect
+            items = await queue_items()
+            assert sorted(str(i["key"]) for i in items) == sorted(str(i) for i in ids.values())
+            assert {i["state"] for i in items} == {"pending"} and await count("import_runs") == 0
+            assert worker.process.poll() is None
+
+            forwarder.start()  # Prefect is back, at the address everyone already uses
+
+            async def all_imported() -> bool:
+                assert worker.process.poll() is None, "the worker exited"
+                return all(i["state"] == "done" for i in await queue_items())
+
+            await eventually(all_imported, timeout=120, what="every queued import to run")
+    finally:
+        worker.stop()
+        forwarder.stop()
+
+    assert [await completed_imports(i) for i in ids.values()] == [1] * len(ids)
+    assert len(await queue_items()) == len(PREFECT_DOWN)  # nothing queued twice
+    expected = len(PREFECT_DOWN) * (HISTORY_CHATS * HISTORY_PER_CHAT + LIVE_MESSAGES)
+    assert await count("messages") == expected
+    assert await _scalar("SELECT count(DISTINCT (instance_id, external_id)) FROM messages") == expected
+    assert [await history(i) for i in ids.values()] == [[("disconnected", "connected", "webhook")]] * len(ids)
