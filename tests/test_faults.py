@@ -27,7 +27,9 @@ import pytest
 
 from core.reports import ImportReport
 from core.settings import get_settings
-from flows.import_conversations import import_queued_now
+from db.engine import session_scope
+from db.repositories.import_runs import import_request, request_imports
+from flows.import_conversations import import_conversations, import_queued_now
 from flows.sync_status import sync_status
 from gateways.simulator import SimulatorState
 from gateways.simulator.server import SimulatorServer
@@ -94,8 +96,23 @@ async def _pages_served(simulator: SimulatorState, name: str) -> int:
     return simulator.calls[f"evolution.findMessages:{name}"]
 
 
-async def _leases_expired() -> bool:
-    return await _scalar("SELECT count(*) FROM work_items WHERE state = 'running' AND lease_until > now()") == 0
+async def _queue_settled() -> bool:
+    """No import leased by a live claimer and none waiting out a retry backoff: a new drain takes it at once."""
+    return (
+        await _scalar(
+            "SELECT count(*) FROM work_items WHERE (state = 'running' AND lease_until > now()) "
+            "OR (state = 'pending' AND next_attempt_at > now())"
+        )
+        == 0
+    )
+
+
+async def _import_again(instance_id: uuid.UUID) -> ImportReport:
+    """A later run of the import, drained here (bounded: nothing else would drain it)."""
+    await eventually(_queue_settled, timeout=30, what="the interrupted run's lease or backoff to end")
+    item = await import_queued_now(instance_id, trigger="manual", timeout_seconds=120)
+    assert item.finished and item.result is not None, item
+    return ImportReport.model_validate(item.result)
 
 
 async def _assert_like_a_clean_import(instance_id: uuid.UUID, clean: dict[str, Any], messages: int) -> None:
@@ -119,7 +136,9 @@ async def _assert_like_a_clean_import(instance_id: uuid.UUID, clean: dict[str, A
 async def test_postgres_restarted_in_the_middle_of_an_import(simulator: SimulatorState) -> None:
     clean, instance_id, messages = await _clean_and_faulted(simulator, "pg-fault")
     simulator.configure(latency_ms=150)  # pages slow enough to restart the database while one is in flight
-    run = asyncio.create_task(import_queued_now(instance_id, trigger="manual", timeout_seconds=120))
+    async with session_scope() as session:  # queued as any import is, drained by one flow run
+        await request_imports(session, [import_request(instance_id, None, trigger="manual")])
+    run = asyncio.create_task(import_conversations())
 
     async def at_the_fault_page() -> bool:
         return await _pages_served(simulator, "pg-fault") >= FAULT_PAGES
@@ -128,15 +147,10 @@ async def test_postgres_restarted_in_the_middle_of_an_import(simulator: Simulato
     folder = await asyncio.to_thread(stop_postgres)  # every connection cut at once
     await asyncio.to_thread(start_postgres, folder)
     simulator.configure(latency_ms=0)
-    outcome: BaseException | ImportReport | None
-    try:
-        item = await run  # the run retries (the queue's backoff) or fails; either way it ends
-        outcome = ImportReport.model_validate(item.result) if item.result else None
-    except Exception as exc:  # the faulted run may end either way: the rows decide
-        outcome = exc
-    if not (isinstance(outcome, ImportReport) and outcome.outcome == "completed"):
-        await eventually(_leases_expired, timeout=30, what="the faulted run's lease to expire")
-        again = await imported(instance_id)  # a later run resumes
+    with contextlib.suppress(Exception):  # the faulted run retries (the queue's backoff) or fails: the rows decide
+        await run
+    if await _scalar("SELECT count(*) FROM work_items WHERE state = 'done' AND instance_id = :i", i=instance_id) == 0:
+        again = await _import_again(instance_id)  # a later run resumes
         assert again.outcome == "completed", again
 
     await _assert_like_a_clean_import(instance_id, clean, messages)
@@ -165,9 +179,8 @@ async def test_the_process_running_an_import_killed_mid_page(simulator: Simulato
     assert child.returncode == -signal.SIGKILL
     assert partial < messages
     simulator.configure(latency_ms=0)
-    await eventually(_leases_expired, timeout=30, what="the killed run's lease to expire")
 
-    again = await imported(instance_id)  # the import run again
+    again = await _import_again(instance_id)  # the import run again
 
     assert again.outcome == "completed", again
     await _assert_like_a_clean_import(instance_id, clean, messages)
