@@ -1083,9 +1083,27 @@ def api(
 
     configure_logging("INFO")
     _quiet_signals()
-    uvicorn.run(
-        create_app(), host=host, port=port, log_config=access_log_config(), proxy_headers=False, server_header=False
-    )
+    uvicorn.run(create_app(), host=host, port=port, **api_server_options())
+
+
+API_KEEP_ALIVE_S = 120
+"""Seconds the API keeps an idle keep-alive connection open: longer than any gateway's client keeps one idle
+(httpx and Node's agent 5 s, Go 90 s). uvicorn's default of 5 s equals those clients' idle expiry, so under a
+burst with lulls the server closed connections at the very moment clients reused them: the request sent on a
+socket being closed got a TCP reset and no response (issue 13 §7). The client must be the side that closes."""
+API_BACKLOG = 2048
+"""Pending connections the kernel queues before uvicorn accepts them (a burst opens many at once)."""
+
+
+def api_server_options() -> dict[str, Any]:
+    """The uvicorn options `zapsync api` (and so `zapsync up`) serves the API with, beside host, port and app."""
+    return {
+        "log_config": access_log_config(),
+        "proxy_headers": False,
+        "server_header": False,
+        "timeout_keep_alive": API_KEEP_ALIVE_S,
+        "backlog": API_BACKLOG,
+    }
 
 
 @app.command("serve")
