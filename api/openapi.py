@@ -32,7 +32,7 @@ from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 from starlette.routing import BaseRoute
 
-from api.deps import bearer_scheme, get_principal, get_principal_briefly
+from api.deps import bearer_scheme, get_metrics_reader, get_principal, get_principal_briefly
 from api.schemas import ErrorBody
 
 ERROR_REF = "#/components/schemas/ErrorBody"
@@ -51,8 +51,9 @@ DESCRIPTIONS = {
     504: "The gateway did not answer in time; the outcome is unknown.",
 }
 
-PRINCIPAL_DEPENDENCIES: tuple[Callable[..., Any], ...] = (get_principal, get_principal_briefly)
-"""Dependencies that resolve a caller to an organization (or admin): 401 without a valid token, 403 across orgs."""
+PRINCIPAL_DEPENDENCIES: tuple[Callable[..., Any], ...] = (get_principal, get_principal_briefly, get_metrics_reader)
+"""Dependencies that resolve a caller to an organization (or admin): 401 without a valid token, 403 across orgs
+(or for an organization's token on an admin-only route)."""
 
 GATEWAY_TAGS = frozenset({"provisioning", "sending"})
 """Routes under these tags call a gateway while the caller waits."""
