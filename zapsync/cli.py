@@ -916,6 +916,14 @@ def simulator(
 def api(
     host: Annotated[str | None, typer.Option(help="Interface (default ZAPSYNC_API_HOST or 127.0.0.1).")] = None,
     port: Annotated[int | None, typer.Option(min=1, max=65535, help="Port (default ZAPSYNC_API_PORT or 8000).")] = None,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            max=64,
+            help="API processes sharing the port (each with its own pool and webhook group commit).",
+        ),
+    ] = 1,
 ) -> None:
     """Run the HTTP API with uvicorn (refuses to start on an unmigrated database)."""
     import uvicorn
@@ -926,14 +934,32 @@ def api(
     with expected_errors():
         check_ports(host, [(port, "API", "--port")])
         ensure_migrated()
-    from api.main import create_app
     from core.logs import configure_logging
 
     configure_logging("INFO")
     _quiet_signals()
-    uvicorn.run(
-        create_app(), host=host, port=port, log_config=access_log_config(), proxy_headers=False, server_header=False
-    )
+    options: dict[str, Any] = {
+        "host": host,
+        "port": port,
+        "log_config": access_log_config(),
+        "proxy_headers": False,
+        "server_header": False,
+    }
+    if workers > 1:  # uvicorn's supervisor binds once and starts each worker from an import string
+        uvicorn.run("zapsync.cli:api_worker_app", factory=True, workers=workers, **options)
+        return
+    from api.main import create_app
+
+    uvicorn.run(create_app(), **options)
+
+
+def api_worker_app() -> Any:
+    """The API app of one `zapsync api --workers N` process, logging as the single-process API does."""
+    from api.main import create_app
+    from core.logs import configure_logging
+
+    configure_logging("INFO")
+    return create_app()
 
 
 @app.command("serve")
