@@ -1,10 +1,11 @@
 """Group commit: work items arriving while a transaction commits are gathered and applied in one transaction.
 
-There is no timer: the first item of a quiet moment is applied alone, at once; items that arrive while
-``max_inflight`` batches are in flight wait in the queue, and the next free slot takes them all (up to
-``max_batch``) as one batch. So at low load nothing waits, and at high load each transaction carries the deliveries
-that arrived during the previous one — the batch size follows the load. Each caller is answered when the batch that
-carried its item has committed (or failed).
+There is no timer: the first item of a quiet moment is applied alone, at once; items that arrive while a batch
+is in flight wait in the queue, and when it ends the queue is taken (up to ``max_batch``) as the next batch. A
+second batch runs beside the first (up to ``max_inflight``) only once ``min_parallel`` items wait: a batch of one
+costs a transaction like a batch of a hundred. So at low load nothing waits, and at high load each transaction
+carries the items that arrived during the previous one: the batch size follows the load. Each caller is answered
+when the batch that carried its item has committed (or failed).
 
 A batch that fails for lack of a database fails every caller with that error (:class:`DatabaseUnavailable`);
 any other failure (one bad item) is retried item by item, each in its own transaction, so one item cannot fail the
@@ -54,11 +55,13 @@ class GroupCommitter(Generic[T, R]):
         *,
         max_batch: int = 256,
         max_inflight: int = 2,
+        min_parallel: int = 16,
     ) -> None:
         self._apply_batch = apply_batch
         self._apply_one = apply_one
         self.max_batch = max_batch
         self.max_inflight = max_inflight
+        self.min_parallel = min_parallel
         self._queue: deque[tuple[T, asyncio.Future[R]]] = deque()
         self._inflight = 0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -75,7 +78,9 @@ class GroupCommitter(Generic[T, R]):
         return await future
 
     def _kick(self) -> None:
-        while self._queue and self._inflight < self.max_inflight:
+        while self._queue and (
+            self._inflight == 0 or (self._inflight < self.max_inflight and len(self._queue) >= self.min_parallel)
+        ):
             size = min(len(self._queue), self.max_batch)
             batch = [self._queue.popleft() for _ in range(size)]
             self._inflight += 1

@@ -52,6 +52,7 @@ from bench.common import (
     progress,
     render_table,
     run_main,
+    tree_cpu_seconds,
     wait_until,
 )
 from bench.series import add_series_option, run_series
@@ -329,6 +330,19 @@ def api_process(workers: int) -> Iterator[Api]:
             child.wait()
 
 
+def postmaster_pid(database: BenchDatabase) -> int | None:
+    """The local PostgreSQL server's process (its backends' parent), to read its CPU; None when it is elsewhere."""
+    import psutil
+    import psycopg
+
+    with psycopg.connect(database.conninfo, autocommit=True) as conn:
+        backend = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+        try:
+            return int(psutil.Process(backend).ppid())
+        except psutil.Error:
+            return None
+
+
 # -- the load generator (its own process) --------------------------------------------------------------------------
 
 
@@ -506,8 +520,12 @@ def bench_ingest(options: IngestOptions, out: IO[str]) -> None:
         database = stack.enter_context(bench_database())
         organization_id = seed(database, len(workload.receipt_targets))
         api = stack.enter_context(api_process(options.workers))
+        postmaster = postmaster_pid(database)
         load_before = load_average()
+        cpu_before = tree_cpu_seconds(api.pid), tree_cpu_seconds(postmaster) if postmaster else 0.0
         timed = generate_load(api, organization_id, workload.bodies, options.concurrency)
+        api_cpu = tree_cpu_seconds(api.pid) - cpu_before[0]
+        pg_cpu = (tree_cpu_seconds(postmaster) - cpu_before[1]) if postmaster else None
         load_after = load_average()
         checked = check(database, organization_id, workload)
     statuses: list[int] = timed["statuses"]
@@ -531,6 +549,9 @@ def bench_ingest(options: IngestOptions, out: IO[str]) -> None:
         "lost_detail": checked["lost_detail"],
         "status_not_newest": checked["status_not_newest"],
         "generator_cpu_s": round(float(timed["cpu"]), 2),
+        "api_cpu_s": round(api_cpu, 2),
+        "postgres_cpu_s": round(pg_cpu, 2) if pg_cpu is not None else None,
+        "cpu_ms_per_event": round((api_cpu + (pg_cpu or 0.0)) / options.events * 1000, 3),
         "loadavg": [load_before, load_after],
         "target": TARGET,
     }
@@ -550,6 +571,8 @@ def result_table(result: dict[str, Any]) -> str:
         Row("non-2xx (no answer)", f"{result['errors']} ({result['no_answer']})"),
         Row("lost / duplicated", f"{result['lost']} / {result['duplicated']} {result['lost_detail']}"),
         Row("generator CPU s", f"{result['generator_cpu_s']:.2f}"),
+        Row("API / PostgreSQL CPU s", f"{result['api_cpu_s']:.2f} / {result['postgres_cpu_s']}"),
+        Row("CPU ms per event (API + PostgreSQL)", f"{result['cpu_ms_per_event']:.3f}"),
         Row("load average before/after", f"{result['loadavg'][0]:.2f} / {result['loadavg'][1]:.2f}"),
     ]
     return render_table("bench ingest", rows)
