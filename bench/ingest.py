@@ -31,6 +31,7 @@ import random
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -292,6 +293,12 @@ class Api:
     host: str
     port: int
     pid: int
+    log_path: str
+
+    def log_count(self, text: str) -> int:
+        """How many lines of the API's log so far contain ``text``."""
+        with open(self.log_path, encoding="utf-8", errors="replace") as log:
+            return sum(1 for line in log if text in line)
 
 
 @contextlib.contextmanager
@@ -303,7 +310,8 @@ def api_process(workers: int) -> Iterator[Api]:
     command = [sys.executable, "-m", "zapsync.cli", "api", "--host", "127.0.0.1", "--port", str(port)]
     if workers:
         command += ["--workers", str(workers)]
-    log_path = os.path.join(os.environ.get("ZAPSYNC_HOME", "/tmp"), f"bench-ingest-api-{port}.log")
+    log_fd, log_path = tempfile.mkstemp(prefix="bench-ingest-api-", suffix=".log")
+    os.close(log_fd)
     with open(log_path, "wb") as log_file:
         child = subprocess.Popen(command, cwd=REPO_ROOT, env=dict(os.environ), stdout=log_file, stderr=log_file)
     try:
@@ -320,7 +328,7 @@ def api_process(workers: int) -> Iterator[Api]:
             return False
 
         wait_until("the API", ready, timeout_s=120)
-        yield Api("127.0.0.1", port, child.pid)
+        yield Api("127.0.0.1", port, child.pid, log_path)
     finally:
         child.terminate()
         try:
@@ -328,6 +336,7 @@ def api_process(workers: int) -> Iterator[Api]:
         except subprocess.TimeoutExpired:
             child.kill()
             child.wait()
+        os.unlink(log_path)
 
 
 def postmaster_pid(database: BenchDatabase) -> int | None:
@@ -527,6 +536,7 @@ def bench_ingest(options: IngestOptions, out: IO[str]) -> None:
         api_cpu = tree_cpu_seconds(api.pid) - cpu_before[0]
         pg_cpu = (tree_cpu_seconds(postmaster) - cpu_before[1]) if postmaster else None
         load_after = load_average()
+        fallbacks = api.log_count("applying them one by one")
         checked = check(database, organization_id, workload)
     statuses: list[int] = timed["statuses"]
     latencies_ms = [s * 1000 for s in timed["latencies"]]
@@ -548,6 +558,7 @@ def bench_ingest(options: IngestOptions, out: IO[str]) -> None:
         "duplicated": checked["duplicated"],
         "lost_detail": checked["lost_detail"],
         "status_not_newest": checked["status_not_newest"],
+        "batch_fallbacks": fallbacks,
         "generator_cpu_s": round(float(timed["cpu"]), 2),
         "api_cpu_s": round(api_cpu, 2),
         "postgres_cpu_s": round(pg_cpu, 2) if pg_cpu is not None else None,
