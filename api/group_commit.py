@@ -54,8 +54,8 @@ class GroupCommitter(Generic[T, R]):
         apply_one: Callable[[T], Awaitable[R]],
         *,
         max_batch: int = 256,
-        max_inflight: int = 2,
-        min_parallel: int = 16,
+        max_inflight: int = 3,
+        min_parallel: int = 4,
     ) -> None:
         self._apply_batch = apply_batch
         self._apply_one = apply_one
