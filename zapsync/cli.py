@@ -946,7 +946,10 @@ def api(
         "server_header": False,
     }
     if workers > 1:  # uvicorn's supervisor binds once and starts each worker from an import string
-        uvicorn.run("zapsync.cli:api_worker_app", factory=True, workers=workers, **options)
+        # A worker importing the app on a busy machine can take longer than uvicorn's 5 s health check.
+        uvicorn.run(
+            "zapsync.cli:api_worker_app", factory=True, workers=workers, timeout_worker_healthcheck=30, **options
+        )
         return
     from api.main import create_app
 
