@@ -10,10 +10,12 @@ dozens of times a second; a repeat of the state already stored costs a lookup in
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import time
 import uuid
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -22,8 +24,9 @@ from typing import Any, Literal
 from cachetools import TTLCache
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from api.group_commit import ALONE, Alone, GroupCommitter
 from core.domain import AppliedChange, ChatKind, GatewayMessage, InstanceStatus, Provider, StatusWrite, WorkKind
-from core.events import Kind
+from core.events import Kind, NewLiveEvent
 from core.events import event as live_event
 from core.settings import get_settings
 from db.engine import session_scope
@@ -38,13 +41,14 @@ from db.repositories.conversations import (
     ensure_conversations,
     insert_messages_returning,
     instance_scope_by_name,
+    instance_scopes_by_name,
     upsert_contacts,
 )
 from db.repositories.instances import apply_status_writes
 from db.repositories.live_events import publish
 from db.repositories.outbox import StatusChange, adopt_echoes, status_events
 from db.repositories.provisioning import set_pairing_code
-from db.repositories.webhook_events import lock_instance, store_event, store_untracked_event
+from db.repositories.webhook_events import InboxRow, lock_instance, store_event, store_events, store_untracked_event
 from flows.runs import Waker
 from gateways.registry import client_class
 from gateways.webhook_payloads import (
@@ -129,7 +133,9 @@ async def handle_event(
 ) -> HandlingResult:
     """Dedupe, store and apply one authenticated, parsed delivery."""
     received_at = received_at or datetime.now(UTC)
-    if event.kind in (EventKind.MESSAGES, EventKind.RECEIPTS, EventKind.CONTACTS):
+    if event.kind in (EventKind.MESSAGES, EventKind.RECEIPTS):
+        return await message_committer().submit(Delivery(organization_id, event, payload, received_at))
+    if event.kind is EventKind.CONTACTS:
         return await _handle_messages(organization_id, event, payload, received_at)
     if event.kind is EventKind.STATUS:
         instance_key, state_key = repeats.keys(organization_id, event)
@@ -329,16 +335,25 @@ async def _handle_messages(
 
 
 async def apply_messages(
-    session: AsyncSession, scope: InstanceScope, messages: Sequence[GatewayMessage], *, now: datetime
+    session: AsyncSession,
+    scope: InstanceScope,
+    messages: Sequence[GatewayMessage],
+    *,
+    now: datetime,
+    announce: list[NewLiveEvent] | None = None,
 ) -> list[InsertedMessage]:
     """Contacts, conversations (found or opened) and messages for live one-to-one messages; conversations move
-    forward (last message, waiting marker) for the ones not stored before, which are announced live.
+    forward (last message, waiting marker) for the ones not stored before, which are announced live (published
+    here, or added to ``announce`` for the caller to publish in the same transaction).
 
     The business's own messages (the gateway's echo of a send) first adopt the outbox row they echo, which then
     moves to ``sent`` (announced as ``message.status``) instead of a second row being inserted."""
     echoed, adopted = await adopt_echoes(session, scope, [m for m in messages if m.from_me])
     if echoed:
-        await publish(status_events(scope.organization_id, echoed), session=session)
+        if announce is not None:
+            announce.extend(status_events(scope.organization_id, echoed))
+        else:
+            await publish(status_events(scope.organization_id, echoed), session=session)
         messages = [m for m in messages if m.external_id not in adopted]
         if not messages:
             return []
@@ -357,22 +372,23 @@ async def apply_messages(
         rows.append(refs[contacts.ids[m.chat_jid]].id, m)
     inserted = await insert_messages_returning(session, scope, rows)
     await advance_conversations(session, inserted)
-    await publish(
-        [
-            live_event(
-                scope.organization_id,
-                Kind.MESSAGE_NEW,
-                instance_id=str(scope.id),
-                message_id=m.id,
-                conversation_id=m.conversation_id,
-                external_id=m.external_id,
-                from_me=m.from_me,
-                sent_at=m.sent_at.isoformat(),
-            )
-            for m in inserted
-        ],
-        session=session,
-    )
+    news = [
+        live_event(
+            scope.organization_id,
+            Kind.MESSAGE_NEW,
+            instance_id=str(scope.id),
+            message_id=m.id,
+            conversation_id=m.conversation_id,
+            external_id=m.external_id,
+            from_me=m.from_me,
+            sent_at=m.sent_at.isoformat(),
+        )
+        for m in inserted
+    ]
+    if announce is not None:
+        announce.extend(news)
+    else:
+        await publish(news, session=session)
     return inserted
 
 
@@ -388,3 +404,132 @@ def wake_imports_on_connect(waker: Waker) -> AfterWebhook:
             waker.wake(WorkKind.IMPORT)
 
     return after
+
+
+# -- group commit of message deliveries ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One authenticated, parsed message delivery waiting for its transaction."""
+
+    organization_id: uuid.UUID
+    event: WebhookEvent
+    payload: dict[str, Any]
+    received_at: datetime
+
+
+_committers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, GroupCommitter[Delivery, HandlingResult]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def message_committer() -> GroupCommitter[Delivery, HandlingResult]:
+    """The running loop's group committer of message and receipt deliveries (built on first use)."""
+    loop = asyncio.get_running_loop()
+    committer = _committers.get(loop)
+    if committer is None:
+        committer = GroupCommitter(apply_message_batch, _apply_alone)
+        _committers[loop] = committer
+    return committer
+
+
+async def _apply_alone(delivery: Delivery) -> HandlingResult:
+    return await _handle_messages(delivery.organization_id, delivery.event, delivery.payload, delivery.received_at)
+
+
+async def apply_message_batch(batch: Sequence[Delivery]) -> list[HandlingResult | Alone]:
+    """Store and apply message and receipt deliveries in one transaction, set-based; the result of each (ALONE for
+    one to apply alone: an instance the organization does not track).
+
+    Equivalent to applying them one by one in some order: inbox rows are inserted together (a key met twice is a
+    duplicate the second time), then per instance, in id order, all new messages together (each contact's messages
+    go where its newest one goes, as when the newest arrives first), then all receipts (after the messages, as when
+    they arrive after them; each message moves once, to the furthest status, as when that receipt arrives first).
+    """
+    results: list[HandlingResult | Alone] = [ALONE] * len(batch)
+    wanted = [(d.organization_id, tuple(gateways_for(d.event.provider)), d.event.instance_name or "") for d in batch]
+    distinct = list(dict.fromkeys(wanted))
+    async with session_scope() as session:
+        scopes = dict(zip(distinct, await instance_scopes_by_name(session, distinct), strict=True))
+        rows: list[InboxRow] = []
+        planned: list[tuple[int, InstanceScope, str, list[GatewayMessage], str | None]] = []
+        keys: set[str] = set()
+        for index, delivery in enumerate(batch):
+            scope, event = scopes[wanted[index]], delivery.event
+            if scope is None:
+                continue
+            key = dedupe_key(delivery.organization_id, event, delivery.payload)
+            if key in keys:
+                results[index] = HandlingResult("duplicate")
+                continue
+            keys.add(key)
+            people = [m for m in event.messages if m.kind is ChatKind.CONTACT]
+            ignored = (
+                "group and broadcast chats are not imported"
+                if event.kind is EventKind.MESSAGES and not people
+                else None
+            )
+            rows.append(
+                InboxRow(
+                    delivery.organization_id,
+                    event.provider,
+                    event.event,
+                    event.instance_name,
+                    key,
+                    delivery.payload,
+                    "ignored" if ignored else "applied",
+                    ignored,
+                )
+            )
+            planned.append((index, scope, key, people, ignored))
+        stored = await store_events(session, rows)
+        messages: dict[uuid.UUID, list[tuple[int, list[GatewayMessage]]]] = {}
+        receipts: dict[uuid.UUID, list[tuple[int, Sequence[tuple[str, str]]]]] = {}
+        by_id: dict[uuid.UUID, InstanceScope] = {}
+        for index, scope, key, people, ignored in planned:
+            if key not in stored:
+                results[index] = HandlingResult("duplicate")
+            elif ignored is not None:
+                results[index] = HandlingResult("ignored", ignored)
+            else:
+                by_id[scope.id] = scope
+                if batch[index].event.kind is EventKind.MESSAGES:
+                    messages.setdefault(scope.id, []).append((index, people))
+                else:
+                    receipts.setdefault(scope.id, []).append((index, batch[index].event.receipts))
+        now = max(d.received_at for d in batch)
+        announce: list[NewLiveEvent] = []
+        for scope_id in sorted(by_id):
+            scope = by_id[scope_id]
+            if scope_id in messages:
+                # By chat (stable), so concurrent batches lock contacts in the same order.
+                every = sorted((m for _, people in messages[scope_id] for m in people), key=lambda m: m.chat_jid)
+                inserted = await apply_messages(session, scope, every, now=now, announce=announce)
+                new = {m.external_id for m in inserted}
+                for index, people in messages[scope_id]:
+                    count = 0
+                    for m in people:
+                        if m.external_id in new:
+                            new.discard(m.external_id)
+                            count += 1
+                    results[index] = HandlingResult("applied", f"{count} new of {len(people)} messages")
+            if scope_id in receipts:
+                updates = [r for _, some in receipts[scope_id] for r in some]
+                moved = await advance_message_statuses(session, scope, updates)
+                announce.extend(
+                    status_events(
+                        scope.organization_id,
+                        [StatusChange(i, conv, scope.id, ext, status) for i, conv, ext, status in moved],
+                    )
+                )
+                final = {ext: status for _, _, ext, status in moved}
+                for index, some in receipts[scope_id]:
+                    count = 0
+                    for ext, status in some:
+                        if final.get(ext) == status:
+                            del final[ext]
+                            count += 1
+                    results[index] = HandlingResult("applied", f"{count} of {len(some)} message statuses moved forward")
+        await publish(announce, session=session)
+    return results

@@ -150,3 +150,21 @@ def test_bench_import_series_runs_each_size_in_its_own_process() -> None:
     assert [p["size"] for p in points] == [6, 12]
     assert [(p["result"]["chats"], p["result"]["messages"]) for p in points] == [(2, 6), (4, 12)]
     assert all(p["peak_rss_mb"] > 0 and p["seconds"] > 0 for p in points)
+
+
+@pytest.mark.slow
+@pytest.mark.pure
+def test_bench_ingest_stores_every_mixed_event_exactly_once() -> None:
+    report = _run_bench("ingest", "--events", "200", "--concurrency", "8", "--mix", "mixed", timeout=600)
+
+    assert {"events", "seconds", "events_per_s", "p50_ms", "p99_ms", "errors", "lost", "duplicated"} <= set(report)
+    assert report["events"] == 200
+    assert report["kinds"] == {"messages": 120, "receipts": 60, "status": 20}
+    assert report["errors"] == 0
+    assert report["lost"] == 0
+    assert report["duplicated"] == 0
+    seconds = report["seconds"]
+    assert isinstance(seconds, float) and seconds > 0
+    assert report["events_per_s"] == round(200 / seconds, 1)
+    p50, p99 = report["p50_ms"], report["p99_ms"]
+    assert isinstance(p50, float) and isinstance(p99, float) and 0 < p50 <= p99

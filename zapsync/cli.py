@@ -1068,6 +1068,14 @@ def simulator(
 def api(
     host: Annotated[str | None, typer.Option(help="Interface (default ZAPSYNC_API_HOST or 127.0.0.1).")] = None,
     port: Annotated[int | None, typer.Option(min=1, max=65535, help="Port (default ZAPSYNC_API_PORT or 8000).")] = None,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            max=64,
+            help="API processes sharing the port (each with its own pool and webhook group commit).",
+        ),
+    ] = 1,
 ) -> None:
     """Run the HTTP API with uvicorn (refuses to start on an unmigrated database)."""
     import uvicorn
@@ -1078,12 +1086,29 @@ def api(
     with expected_errors():
         check_ports(host, [(port, "API", "--port")])
         ensure_migrated()
-    from api.main import create_app
     from core.logs import configure_logging
 
     configure_logging("INFO")
     _quiet_signals()
-    uvicorn.run(create_app(), host=host, port=port, **api_server_options())
+    options: dict[str, Any] = {"host": host, "port": port, **api_server_options()}
+    if workers > 1:  # uvicorn's supervisor binds once and starts each worker from an import string
+        # A worker importing the app on a busy machine can take longer than uvicorn's 5 s health check.
+        uvicorn.run(
+            "zapsync.cli:api_worker_app", factory=True, workers=workers, timeout_worker_healthcheck=30, **options
+        )
+        return
+    from api.main import create_app
+
+    uvicorn.run(create_app(), **options)
+
+
+def api_worker_app() -> Any:
+    """The API app of one `zapsync api --workers N` process, logging as the single-process API does."""
+    from api.main import create_app
+    from core.logs import configure_logging
+
+    configure_logging("INFO")
+    return create_app()
 
 
 API_KEEP_ALIVE_S = 120

@@ -23,6 +23,7 @@ from fastapi import APIRouter, Depends, Header, Request
 from pydantic import BaseModel
 
 from api.deps import BearerDep, bearer
+from api.group_commit import webhook_credentials_of
 from api.inbox import RepeatFilter, handle_event
 from api.schemas import EVOLUTION_WEBHOOK, MEGAAPI_WEBHOOK, WAHA_WEBHOOK, webhook_request_body
 from api.spool import SpoolRecord, app_spool, spool_delivery
@@ -37,8 +38,7 @@ from core.webhook_signatures import (
     looks_like_jwt,
     mode_for,
 )
-from db.engine import session_scope
-from db.repositories.organizations import WebhookCredentials, digest, webhook_credentials
+from db.repositories.organizations import WebhookCredentials, digest
 from gateways.webhook_payloads import (
     EventKind,
     MalformedPayload,
@@ -142,8 +142,7 @@ async def _credentials(request: Request, organization_id: uuid.UUID) -> WebhookC
     if cache is None:
         cache = request.app.state.webhook_credentials = {}
     try:
-        async with session_scope() as session:
-            credentials = await webhook_credentials(session, organization_id)
+        credentials = await webhook_credentials_of(organization_id)  # one lookup for the deliveries arriving meanwhile
     except DatabaseUnavailable:
         if organization_id not in cache:
             raise

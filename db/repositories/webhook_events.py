@@ -147,3 +147,49 @@ def _json(payload: dict[str, Any]) -> str:
     import orjson
 
     return orjson.dumps(payload).decode()
+
+
+# -- batches (group commit of webhook deliveries) ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class InboxRow:
+    """One delivery to store in the inbox, as :func:`store_event` takes it."""
+
+    organization_id: uuid.UUID
+    provider: str
+    event: str
+    instance_name: str | None
+    dedupe_key: str
+    payload: dict[str, Any]
+    outcome: str
+    error: str | None = None
+
+
+_STORE_EVENTS_SQL = text(
+    "INSERT INTO webhook_events (organization_id, provider, event, instance_name, dedupe_key, payload, outcome, "
+    "error) SELECT * FROM unnest(CAST(:orgs AS uuid[]), CAST(:providers AS text[]), CAST(:events AS text[]), "
+    "CAST(:instances AS text[]), CAST(:keys AS text[]), CAST(:payloads AS jsonb[]), CAST(:outcomes AS text[]), "
+    "CAST(:errors AS text[])) ON CONFLICT (dedupe_key) DO NOTHING RETURNING dedupe_key"
+)
+
+
+async def store_events(session: AsyncSession, rows: Sequence[InboxRow]) -> set[str]:
+    """:func:`store_event` for many deliveries in one statement; returns the keys inserted (the others were there:
+    redeliveries). Keys must be distinct."""
+    if not rows:
+        return set()
+    result = await session.execute(
+        _STORE_EVENTS_SQL,
+        {
+            "orgs": [r.organization_id for r in rows],
+            "providers": [r.provider for r in rows],
+            "events": [r.event[:64] for r in rows],
+            "instances": [r.instance_name for r in rows],
+            "keys": [r.dedupe_key for r in rows],
+            "payloads": [_json(redact(r.payload)) for r in rows],
+            "outcomes": [r.outcome for r in rows],
+            "errors": [r.error for r in rows],
+        },
+    )
+    return {row[0] for row in result.all()}
