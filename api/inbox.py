@@ -83,13 +83,24 @@ AfterWebhook = Callable[[uuid.UUID, "WebhookEvent", HandlingResult], Awaitable[N
 """What runs after a delivery's commit (live events, waking drains); never fails the delivery."""
 
 
+@dataclass(slots=True)
+class _Seen:
+    """An instance's last handled state and the newest observation time seen for it."""
+
+    state: str
+    newest: datetime | None
+
+
 class RepeatFilter:
     """Remembers, per instance, the last status event this process handled, for a few seconds.
 
     A delivery equal to that last one (same state, reason and QR code) within the window is a repeat and costs
     only this lookup. Only the *last* state counts, so a real flip-flop (open, connecting, open) is never
-    swallowed. A TTL cache, bounded (least recently used first out) so a flood across many instances cannot grow
-    it without limit; ``timer`` is its clock (tests pass one they can advance). A window of 0 disables it.
+    swallowed. The newest observation time seen for the instance is remembered too, a swallowed repeat's
+    included: a delivery older than it, arriving late, is stale (the repeat it is older than was not written, so
+    the database alone could not tell). A TTL cache, bounded (least recently used first out) so a flood across many
+    instances cannot grow it without limit; ``timer`` is its clock (tests pass one they can advance). A window of 0
+    disables it.
     """
 
     def __init__(
@@ -97,7 +108,7 @@ class RepeatFilter:
     ) -> None:
         self.window = window_seconds
         self.max_entries = max_entries
-        self._last: TTLCache[str, str] | None = (
+        self._last: TTLCache[str, _Seen] | None = (
             TTLCache(maxsize=max_entries, ttl=window_seconds, timer=timer) if window_seconds > 0 else None
         )
 
@@ -109,12 +120,24 @@ class RepeatFilter:
 
     def is_repeat(self, instance_key: str, state_key: str) -> bool:
         """True when ``state_key`` is the instance's last handled state and the window has not passed."""
-        return self._last is not None and self._last.get(instance_key) == state_key
+        seen = self._last.get(instance_key) if self._last is not None else None
+        return seen is not None and seen.state == state_key
 
-    def remember(self, instance_key: str, state_key: str) -> None:
-        """Make ``state_key`` the instance's last handled state for the window."""
-        if self._last is not None:
-            self._last[instance_key] = state_key
+    def is_stale(self, instance_key: str, observed_at: datetime) -> bool:
+        """True when an observation newer than ``observed_at`` was seen for the instance within the window."""
+        seen = self._last.get(instance_key) if self._last is not None else None
+        return seen is not None and seen.newest is not None and observed_at < seen.newest
+
+    def remember(self, instance_key: str, state_key: str, observed_at: datetime | None = None) -> None:
+        """Make ``state_key`` the instance's last handled state for the window (and ``observed_at`` its newest
+        observation, unless a newer one was already seen)."""
+        if self._last is None:
+            return
+        seen = self._last.get(instance_key)
+        if seen is None or seen.state != state_key:
+            self._last[instance_key] = seen = _Seen(state_key, None)  # a new state starts its window
+        if observed_at is not None and (seen.newest is None or observed_at > seen.newest):
+            seen.newest = observed_at  # changed in place: a repeat does not extend the window
 
 
 def gateways_for(provider: Provider) -> list[str]:
@@ -139,11 +162,15 @@ async def handle_event(
         return await _handle_messages(organization_id, event, payload, received_at)
     if event.kind is EventKind.STATUS:
         instance_key, state_key = repeats.keys(organization_id, event)
+        observed_at = _observed_at(event, received_at)
         if repeats.is_repeat(instance_key, state_key):
+            repeats.remember(instance_key, state_key, observed_at)
             return HandlingResult("duplicate", "repeat of the state just handled")
+        if repeats.is_stale(instance_key, observed_at):
+            return HandlingResult("ignored", STALE)
         result = await _handle_status(organization_id, event, payload, received_at)
         if result.outcome in ("applied", "duplicate") or result.detail == UNTRACKED:
-            repeats.remember(instance_key, state_key)
+            repeats.remember(instance_key, state_key, observed_at)
         return result
     key = dedupe_key(organization_id, event, payload)
     async with session_scope() as session:
@@ -167,13 +194,21 @@ async def handle_event(
     return HandlingResult("stored" if stored else "duplicate")
 
 
+STALE = "older than an observation this process already handled"
+
+
+def _observed_at(event: WebhookEvent, received_at: datetime) -> datetime:
+    """When the gateway saw the state a status delivery reports (its own time, within tolerance of receipt)."""
+    tolerance = timedelta(seconds=get_settings().webhook_event_time_tolerance_seconds)
+    return observation_time(event.event_time, received_at, tolerance)
+
+
 async def _handle_status(
     organization_id: uuid.UUID, event: WebhookEvent, payload: dict[str, Any], received_at: datetime
 ) -> HandlingResult:
     assert event.status is not None
     assert event.instance_name is not None
-    tolerance = timedelta(seconds=get_settings().webhook_event_time_tolerance_seconds)
-    observed_at = observation_time(event.event_time, received_at, tolerance)
+    observed_at = _observed_at(event, received_at)
     key = dedupe_key(organization_id, event, payload)
     store = {
         "organization_id": organization_id,
