@@ -153,13 +153,19 @@ async def handle_event(
     *,
     repeats: RepeatFilter,
     received_at: datetime | None = None,
+    reapply: bool = False,
 ) -> HandlingResult:
-    """Dedupe, store and apply one authenticated, parsed delivery."""
+    """Dedupe, store and apply one authenticated, parsed delivery.
+
+    ``reapply`` (`zapsync webhooks replay`, after a bug fix): a message, receipt or contact delivery whose inbox row
+    exists is applied again instead of being answered as a duplicate; its effects are idempotent (a message already
+    stored stays one row, statuses only move forward). Status deliveries need no flag: an observation not newer
+    than the stored one is ignored either way."""
     received_at = received_at or datetime.now(UTC)
     if event.kind in (EventKind.MESSAGES, EventKind.RECEIPTS):
-        return await message_committer().submit(Delivery(organization_id, event, payload, received_at))
+        return await message_committer().submit(Delivery(organization_id, event, payload, received_at, reapply))
     if event.kind is EventKind.CONTACTS:
-        return await _handle_messages(organization_id, event, payload, received_at)
+        return await _handle_messages(organization_id, event, payload, received_at, reapply=reapply)
     if event.kind is EventKind.STATUS:
         instance_key, state_key = repeats.keys(organization_id, event)
         observed_at = _observed_at(event, received_at)
@@ -318,7 +324,12 @@ def _history_gateways(provider: Provider) -> list[str]:
 
 
 async def _handle_messages(
-    organization_id: uuid.UUID, event: WebhookEvent, payload: dict[str, Any], received_at: datetime
+    organization_id: uuid.UUID,
+    event: WebhookEvent,
+    payload: dict[str, Any],
+    received_at: datetime,
+    *,
+    reapply: bool = False,
 ) -> HandlingResult:
     """Store the delivery (deduped by instance, message key and event) and apply it in the same transaction."""
     assert event.instance_name is not None
@@ -346,7 +357,7 @@ async def _handle_messages(
         if ignored is not None:
             stored = await store_event(session, **store, outcome="ignored", error=ignored)
             return HandlingResult("ignored" if stored else "duplicate", ignored)
-        if not await store_event(session, **store, outcome="applied"):
+        if not await store_event(session, **store, outcome="applied") and not reapply:
             return HandlingResult("duplicate")
         if event.kind is EventKind.MESSAGES:
             inserted = await apply_messages(session, scope, people, now=received_at)
@@ -452,6 +463,8 @@ class Delivery:
     event: WebhookEvent
     payload: dict[str, Any]
     received_at: datetime
+    reapply: bool = False
+    """Applied even when its inbox row exists (see :func:`handle_event`)."""
 
 
 _committers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, GroupCommitter[Delivery, HandlingResult]] = (
@@ -470,7 +483,9 @@ def message_committer() -> GroupCommitter[Delivery, HandlingResult]:
 
 
 async def _apply_alone(delivery: Delivery) -> HandlingResult:
-    return await _handle_messages(delivery.organization_id, delivery.event, delivery.payload, delivery.received_at)
+    return await _handle_messages(
+        delivery.organization_id, delivery.event, delivery.payload, delivery.received_at, reapply=delivery.reapply
+    )
 
 
 async def apply_message_batch(batch: Sequence[Delivery]) -> list[HandlingResult | Alone]:
@@ -523,7 +538,7 @@ async def apply_message_batch(batch: Sequence[Delivery]) -> list[HandlingResult 
         receipts: dict[uuid.UUID, list[tuple[int, Sequence[tuple[str, str]]]]] = {}
         by_id: dict[uuid.UUID, InstanceScope] = {}
         for index, scope, key, people, ignored in planned:
-            if key not in stored:
+            if key not in stored and not batch[index].reapply:
                 results[index] = HandlingResult("duplicate")
             elif ignored is not None:
                 results[index] = HandlingResult("ignored", ignored)

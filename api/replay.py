@@ -1,8 +1,10 @@
 """`zapsync webhooks replay` (issue 13 §5): stored deliveries applied again through the normal path, idempotently.
 
 Two sources: the inbox (``webhook_events`` rows received since a time, after a bug fix) and a spool journal copied
-from another machine. Both go through :func:`api.inbox.handle_event`, whose dedupe keys make a delivery already
-applied a ``duplicate``: replaying twice changes nothing.
+from another machine. Both go through :func:`api.inbox.handle_event`: inbox rows with ``reapply`` (their effects
+are applied again, idempotently: a message already stored stays one row, statuses only move forward, an older status
+observation is ignored), journal records as new deliveries (one already stored is a ``duplicate``). Replaying twice
+changes nothing.
 """
 
 from __future__ import annotations
@@ -34,9 +36,9 @@ def _record(row: StoredDelivery) -> SpoolRecord:
     return SpoolRecord(row.received_at, row.organization_id, provider, path_event, body)
 
 
-async def _apply(records: list[SpoolRecord], repeats: RepeatFilter) -> Counter[str]:
+async def _apply(records: list[SpoolRecord], repeats: RepeatFilter, *, reapply: bool = False) -> Counter[str]:
     async def apply(record: SpoolRecord) -> HandlingResult:
-        return await apply_record(record, repeats)
+        return await apply_record(record, repeats, reapply=reapply)
 
     return await apply_in_order(records, apply, concurrency=4)
 
@@ -55,7 +57,7 @@ async def replay_inbox(
             )
         if not rows:
             return totals
-        totals.update(await _apply([_record(row) for row in rows], repeats))
+        totals.update(await _apply([_record(row) for row in rows], repeats, reapply=True))
         after = (rows[-1].received_at, rows[-1].id)
 
 

@@ -355,11 +355,14 @@ AfterApply = Callable[[uuid.UUID, WebhookEvent, HandlingResult], Awaitable[None]
 
 
 async def apply_record(
-    record: SpoolRecord, repeats: RepeatFilter, after: list[AfterApply] | None = None
+    record: SpoolRecord, repeats: RepeatFilter, after: list[AfterApply] | None = None, *, reapply: bool = False
 ) -> HandlingResult:
-    """Apply one journaled delivery through the normal path, then the after-webhook hooks (which never fail it)."""
+    """Apply one journaled delivery through the normal path, then the after-webhook hooks (which never fail it);
+    ``reapply`` applies a delivery whose inbox row exists again (see :func:`api.inbox.handle_event`)."""
     payload, event = parse_record(record)
-    result = await handle_event(record.organization_id, event, payload, repeats=repeats, received_at=record.received_at)
+    result = await handle_event(
+        record.organization_id, event, payload, repeats=repeats, received_at=record.received_at, reapply=reapply
+    )
     for hook in after or []:
         try:
             await hook(record.organization_id, event, result)
