@@ -17,16 +17,19 @@ import logging
 import re
 import traceback
 import uuid
+from http import HTTPStatus
 
 import psycopg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from sqlalchemy.exc import StatementError
 from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.openapi import install_openapi, served_routes
 from core.errors import ZapsyncError
 
 log = logging.getLogger("zapsync.api")
@@ -47,7 +50,9 @@ def error_body(error: str, detail: str, rid: str | None) -> dict[str, str | None
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Register the handlers and the request-id middleware (which also answers unexpected exceptions)."""
+    """Register the handlers and the request-id middleware (which also answers unexpected exceptions), and make
+    the OpenAPI document declare these answers (:mod:`api.openapi`)."""
+    install_openapi(app)
 
     @app.exception_handler(ZapsyncError)
     async def zapsync_error(request: Request, exc: ZapsyncError) -> JSONResponse:
@@ -61,7 +66,41 @@ def install_error_handlers(app: FastAPI) -> None:
         detail = "; ".join(problems) or "invalid request"
         return JSONResponse(error_body("InvalidInput", detail, request_id(request)), status_code=422)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        # Routing's own answers (no such path, method not allowed) in the same shape as every other error.
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            allowed = ", ".join(allowed_methods(request))
+            if request.method == "OPTIONS":
+                return Response(status_code=204, headers={"Allow": allowed})
+            headers["Allow"] = allowed
+        name = _status_name(exc.status_code)
+        body = error_body(name, str(exc.detail), request_id(request))
+        return JSONResponse(body, status_code=exc.status_code, headers=headers)
+
     app.add_middleware(RequestIds)
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at this request's path, plus OPTIONS.
+
+    Starlette's 405 lists only the methods of the first route whose path matched, so a path served by a GET route
+    and a PATCH route (the organization settings) would advertise GET alone.
+    """
+    path = request.scope.get("path", "")
+    methods = {"OPTIONS"}
+    for view in served_routes(request.app.routes):
+        if view.path_regex is not None and view.path_regex.match(path):
+            methods |= view.methods
+    return sorted(methods)
+
+
+def _status_name(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase.title().replace(" ", "").replace("-", "")
+    except ValueError:
+        return "HTTPError"
 
 
 class RequestIds:

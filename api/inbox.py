@@ -10,10 +10,12 @@ dozens of times a second; a repeat of the state already stored costs a lookup in
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import time
 import uuid
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -22,8 +24,9 @@ from typing import Any, Literal
 from cachetools import TTLCache
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from api.group_commit import ALONE, Alone, GroupCommitter
 from core.domain import AppliedChange, ChatKind, GatewayMessage, InstanceStatus, Provider, StatusWrite, WorkKind
-from core.events import Kind
+from core.events import Kind, NewLiveEvent
 from core.events import event as live_event
 from core.settings import get_settings
 from db.engine import session_scope
@@ -38,13 +41,14 @@ from db.repositories.conversations import (
     ensure_conversations,
     insert_messages_returning,
     instance_scope_by_name,
+    instance_scopes_by_name,
     upsert_contacts,
 )
 from db.repositories.instances import apply_status_writes
 from db.repositories.live_events import publish
 from db.repositories.outbox import StatusChange, adopt_echoes, status_events
 from db.repositories.provisioning import set_pairing_code
-from db.repositories.webhook_events import lock_instance, store_event, store_untracked_event
+from db.repositories.webhook_events import InboxRow, lock_instance, store_event, store_events, store_untracked_event
 from flows.runs import Waker
 from gateways.registry import client_class
 from gateways.webhook_payloads import (
@@ -79,13 +83,24 @@ AfterWebhook = Callable[[uuid.UUID, "WebhookEvent", HandlingResult], Awaitable[N
 """What runs after a delivery's commit (live events, waking drains); never fails the delivery."""
 
 
+@dataclass(slots=True)
+class _Seen:
+    """An instance's last handled state and the newest observation time seen for it."""
+
+    state: str
+    newest: datetime | None
+
+
 class RepeatFilter:
     """Remembers, per instance, the last status event this process handled, for a few seconds.
 
     A delivery equal to that last one (same state, reason and QR code) within the window is a repeat and costs
     only this lookup. Only the *last* state counts, so a real flip-flop (open, connecting, open) is never
-    swallowed. A TTL cache, bounded (least recently used first out) so a flood across many instances cannot grow
-    it without limit; ``timer`` is its clock (tests pass one they can advance). A window of 0 disables it.
+    swallowed. The newest observation time seen for the instance is remembered too, a swallowed repeat's
+    included: a delivery older than it, arriving late, is stale (the repeat it is older than was not written, so
+    the database alone could not tell). A TTL cache, bounded (least recently used first out) so a flood across many
+    instances cannot grow it without limit; ``timer`` is its clock (tests pass one they can advance). A window of 0
+    disables it.
     """
 
     def __init__(
@@ -93,7 +108,7 @@ class RepeatFilter:
     ) -> None:
         self.window = window_seconds
         self.max_entries = max_entries
-        self._last: TTLCache[str, str] | None = (
+        self._last: TTLCache[str, _Seen] | None = (
             TTLCache(maxsize=max_entries, ttl=window_seconds, timer=timer) if window_seconds > 0 else None
         )
 
@@ -105,12 +120,24 @@ class RepeatFilter:
 
     def is_repeat(self, instance_key: str, state_key: str) -> bool:
         """True when ``state_key`` is the instance's last handled state and the window has not passed."""
-        return self._last is not None and self._last.get(instance_key) == state_key
+        seen = self._last.get(instance_key) if self._last is not None else None
+        return seen is not None and seen.state == state_key
 
-    def remember(self, instance_key: str, state_key: str) -> None:
-        """Make ``state_key`` the instance's last handled state for the window."""
-        if self._last is not None:
-            self._last[instance_key] = state_key
+    def is_stale(self, instance_key: str, observed_at: datetime) -> bool:
+        """True when an observation newer than ``observed_at`` was seen for the instance within the window."""
+        seen = self._last.get(instance_key) if self._last is not None else None
+        return seen is not None and seen.newest is not None and observed_at < seen.newest
+
+    def remember(self, instance_key: str, state_key: str, observed_at: datetime | None = None) -> None:
+        """Make ``state_key`` the instance's last handled state for the window (and ``observed_at`` its newest
+        observation, unless a newer one was already seen)."""
+        if self._last is None:
+            return
+        seen = self._last.get(instance_key)
+        if seen is None or seen.state != state_key:
+            self._last[instance_key] = seen = _Seen(state_key, None)  # a new state starts its window
+        if observed_at is not None and (seen.newest is None or observed_at > seen.newest):
+            seen.newest = observed_at  # changed in place: a repeat does not extend the window
 
 
 def gateways_for(provider: Provider) -> list[str]:
@@ -126,18 +153,30 @@ async def handle_event(
     *,
     repeats: RepeatFilter,
     received_at: datetime | None = None,
+    reapply: bool = False,
 ) -> HandlingResult:
-    """Dedupe, store and apply one authenticated, parsed delivery."""
+    """Dedupe, store and apply one authenticated, parsed delivery.
+
+    ``reapply`` (`zapsync webhooks replay`, after a bug fix): a message, receipt or contact delivery whose inbox row
+    exists is applied again instead of being answered as a duplicate; its effects are idempotent (a message already
+    stored stays one row, statuses only move forward). Status deliveries need no flag: an observation not newer
+    than the stored one is ignored either way."""
     received_at = received_at or datetime.now(UTC)
-    if event.kind in (EventKind.MESSAGES, EventKind.RECEIPTS, EventKind.CONTACTS):
-        return await _handle_messages(organization_id, event, payload, received_at)
+    if event.kind in (EventKind.MESSAGES, EventKind.RECEIPTS):
+        return await message_committer().submit(Delivery(organization_id, event, payload, received_at, reapply))
+    if event.kind is EventKind.CONTACTS:
+        return await _handle_messages(organization_id, event, payload, received_at, reapply=reapply)
     if event.kind is EventKind.STATUS:
         instance_key, state_key = repeats.keys(organization_id, event)
+        observed_at = _observed_at(event, received_at)
         if repeats.is_repeat(instance_key, state_key):
+            repeats.remember(instance_key, state_key, observed_at)
             return HandlingResult("duplicate", "repeat of the state just handled")
+        if repeats.is_stale(instance_key, observed_at):
+            return HandlingResult("ignored", STALE)
         result = await _handle_status(organization_id, event, payload, received_at)
         if result.outcome in ("applied", "duplicate") or result.detail == UNTRACKED:
-            repeats.remember(instance_key, state_key)
+            repeats.remember(instance_key, state_key, observed_at)
         return result
     key = dedupe_key(organization_id, event, payload)
     async with session_scope() as session:
@@ -161,13 +200,21 @@ async def handle_event(
     return HandlingResult("stored" if stored else "duplicate")
 
 
+STALE = "older than an observation this process already handled"
+
+
+def _observed_at(event: WebhookEvent, received_at: datetime) -> datetime:
+    """When the gateway saw the state a status delivery reports (its own time, within tolerance of receipt)."""
+    tolerance = timedelta(seconds=get_settings().webhook_event_time_tolerance_seconds)
+    return observation_time(event.event_time, received_at, tolerance)
+
+
 async def _handle_status(
     organization_id: uuid.UUID, event: WebhookEvent, payload: dict[str, Any], received_at: datetime
 ) -> HandlingResult:
     assert event.status is not None
     assert event.instance_name is not None
-    tolerance = timedelta(seconds=get_settings().webhook_event_time_tolerance_seconds)
-    observed_at = observation_time(event.event_time, received_at, tolerance)
+    observed_at = _observed_at(event, received_at)
     key = dedupe_key(organization_id, event, payload)
     store = {
         "organization_id": organization_id,
@@ -277,7 +324,12 @@ def _history_gateways(provider: Provider) -> list[str]:
 
 
 async def _handle_messages(
-    organization_id: uuid.UUID, event: WebhookEvent, payload: dict[str, Any], received_at: datetime
+    organization_id: uuid.UUID,
+    event: WebhookEvent,
+    payload: dict[str, Any],
+    received_at: datetime,
+    *,
+    reapply: bool = False,
 ) -> HandlingResult:
     """Store the delivery (deduped by instance, message key and event) and apply it in the same transaction."""
     assert event.instance_name is not None
@@ -305,7 +357,7 @@ async def _handle_messages(
         if ignored is not None:
             stored = await store_event(session, **store, outcome="ignored", error=ignored)
             return HandlingResult("ignored" if stored else "duplicate", ignored)
-        if not await store_event(session, **store, outcome="applied"):
+        if not await store_event(session, **store, outcome="applied") and not reapply:
             return HandlingResult("duplicate")
         if event.kind is EventKind.MESSAGES:
             inserted = await apply_messages(session, scope, people, now=received_at)
@@ -329,16 +381,25 @@ async def _handle_messages(
 
 
 async def apply_messages(
-    session: AsyncSession, scope: InstanceScope, messages: Sequence[GatewayMessage], *, now: datetime
+    session: AsyncSession,
+    scope: InstanceScope,
+    messages: Sequence[GatewayMessage],
+    *,
+    now: datetime,
+    announce: list[NewLiveEvent] | None = None,
 ) -> list[InsertedMessage]:
     """Contacts, conversations (found or opened) and messages for live one-to-one messages; conversations move
-    forward (last message, waiting marker) for the ones not stored before, which are announced live.
+    forward (last message, waiting marker) for the ones not stored before, which are announced live (published
+    here, or added to ``announce`` for the caller to publish in the same transaction).
 
     The business's own messages (the gateway's echo of a send) first adopt the outbox row they echo, which then
     moves to ``sent`` (announced as ``message.status``) instead of a second row being inserted."""
     echoed, adopted = await adopt_echoes(session, scope, [m for m in messages if m.from_me])
     if echoed:
-        await publish(status_events(scope.organization_id, echoed), session=session)
+        if announce is not None:
+            announce.extend(status_events(scope.organization_id, echoed))
+        else:
+            await publish(status_events(scope.organization_id, echoed), session=session)
         messages = [m for m in messages if m.external_id not in adopted]
         if not messages:
             return []
@@ -357,22 +418,23 @@ async def apply_messages(
         rows.append(refs[contacts.ids[m.chat_jid]].id, m)
     inserted = await insert_messages_returning(session, scope, rows)
     await advance_conversations(session, inserted)
-    await publish(
-        [
-            live_event(
-                scope.organization_id,
-                Kind.MESSAGE_NEW,
-                instance_id=str(scope.id),
-                message_id=m.id,
-                conversation_id=m.conversation_id,
-                external_id=m.external_id,
-                from_me=m.from_me,
-                sent_at=m.sent_at.isoformat(),
-            )
-            for m in inserted
-        ],
-        session=session,
-    )
+    news = [
+        live_event(
+            scope.organization_id,
+            Kind.MESSAGE_NEW,
+            instance_id=str(scope.id),
+            message_id=m.id,
+            conversation_id=m.conversation_id,
+            external_id=m.external_id,
+            from_me=m.from_me,
+            sent_at=m.sent_at.isoformat(),
+        )
+        for m in inserted
+    ]
+    if announce is not None:
+        announce.extend(news)
+    else:
+        await publish(news, session=session)
     return inserted
 
 
@@ -388,3 +450,136 @@ def wake_imports_on_connect(waker: Waker) -> AfterWebhook:
             waker.wake(WorkKind.IMPORT)
 
     return after
+
+
+# -- group commit of message deliveries ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One authenticated, parsed message delivery waiting for its transaction."""
+
+    organization_id: uuid.UUID
+    event: WebhookEvent
+    payload: dict[str, Any]
+    received_at: datetime
+    reapply: bool = False
+    """Applied even when its inbox row exists (see :func:`handle_event`)."""
+
+
+_committers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, GroupCommitter[Delivery, HandlingResult]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def message_committer() -> GroupCommitter[Delivery, HandlingResult]:
+    """The running loop's group committer of message and receipt deliveries (built on first use)."""
+    loop = asyncio.get_running_loop()
+    committer = _committers.get(loop)
+    if committer is None:
+        committer = GroupCommitter(apply_message_batch, _apply_alone)
+        _committers[loop] = committer
+    return committer
+
+
+async def _apply_alone(delivery: Delivery) -> HandlingResult:
+    return await _handle_messages(
+        delivery.organization_id, delivery.event, delivery.payload, delivery.received_at, reapply=delivery.reapply
+    )
+
+
+async def apply_message_batch(batch: Sequence[Delivery]) -> list[HandlingResult | Alone]:
+    """Store and apply message and receipt deliveries in one transaction, set-based; the result of each (ALONE for
+    one to apply alone: an instance the organization does not track).
+
+    Equivalent to applying them one by one in some order: inbox rows are inserted together (a key met twice is a
+    duplicate the second time), then per instance, in id order, all new messages together (each contact's messages
+    go where its newest one goes, as when the newest arrives first), then all receipts (after the messages, as when
+    they arrive after them; each message moves once, to the furthest status, as when that receipt arrives first).
+    """
+    results: list[HandlingResult | Alone] = [ALONE] * len(batch)
+    wanted = [(d.organization_id, tuple(gateways_for(d.event.provider)), d.event.instance_name or "") for d in batch]
+    distinct = list(dict.fromkeys(wanted))
+    async with session_scope() as session:
+        scopes = dict(zip(distinct, await instance_scopes_by_name(session, distinct), strict=True))
+        rows: list[InboxRow] = []
+        planned: list[tuple[int, InstanceScope, str, list[GatewayMessage], str | None]] = []
+        keys: set[str] = set()
+        for index, delivery in enumerate(batch):
+            scope, event = scopes[wanted[index]], delivery.event
+            if scope is None:
+                continue
+            key = dedupe_key(delivery.organization_id, event, delivery.payload)
+            if key in keys:
+                results[index] = HandlingResult("duplicate")
+                continue
+            keys.add(key)
+            people = [m for m in event.messages if m.kind is ChatKind.CONTACT]
+            ignored = (
+                "group and broadcast chats are not imported"
+                if event.kind is EventKind.MESSAGES and not people
+                else None
+            )
+            rows.append(
+                InboxRow(
+                    delivery.organization_id,
+                    event.provider,
+                    event.event,
+                    event.instance_name,
+                    key,
+                    delivery.payload,
+                    "ignored" if ignored else "applied",
+                    ignored,
+                )
+            )
+            planned.append((index, scope, key, people, ignored))
+        stored = await store_events(session, rows)
+        messages: dict[uuid.UUID, list[tuple[int, list[GatewayMessage]]]] = {}
+        receipts: dict[uuid.UUID, list[tuple[int, Sequence[tuple[str, str]]]]] = {}
+        by_id: dict[uuid.UUID, InstanceScope] = {}
+        for index, scope, key, people, ignored in planned:
+            if key not in stored and not batch[index].reapply:
+                results[index] = HandlingResult("duplicate")
+            elif ignored is not None:
+                results[index] = HandlingResult("ignored", ignored)
+            else:
+                by_id[scope.id] = scope
+                if batch[index].event.kind is EventKind.MESSAGES:
+                    messages.setdefault(scope.id, []).append((index, people))
+                else:
+                    receipts.setdefault(scope.id, []).append((index, batch[index].event.receipts))
+        now = max(d.received_at for d in batch)
+        announce: list[NewLiveEvent] = []
+        for scope_id in sorted(by_id):
+            scope = by_id[scope_id]
+            if scope_id in messages:
+                # By chat (stable), so concurrent batches lock contacts in the same order.
+                every = sorted((m for _, people in messages[scope_id] for m in people), key=lambda m: m.chat_jid)
+                inserted = await apply_messages(session, scope, every, now=now, announce=announce)
+                new = {m.external_id for m in inserted}
+                for index, people in messages[scope_id]:
+                    count = 0
+                    for m in people:
+                        if m.external_id in new:
+                            new.discard(m.external_id)
+                            count += 1
+                    results[index] = HandlingResult("applied", f"{count} new of {len(people)} messages")
+            if scope_id in receipts:
+                updates = [r for _, some in receipts[scope_id] for r in some]
+                moved = await advance_message_statuses(session, scope, updates)
+                announce.extend(
+                    status_events(
+                        scope.organization_id,
+                        [StatusChange(i, conv, scope.id, ext, status) for i, conv, ext, status in moved],
+                    )
+                )
+                final = {ext: status for _, _, ext, status in moved}
+                for index, some in receipts[scope_id]:
+                    count = 0
+                    for ext, status in some:
+                        if final.get(ext) == status:
+                            del final[ext]
+                            count += 1
+                    results[index] = HandlingResult("applied", f"{count} of {len(some)} message statuses moved forward")
+        await publish(announce, session=session)
+    return results

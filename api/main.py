@@ -10,6 +10,7 @@ from fastapi import FastAPI
 
 from api.errors import install_error_handlers
 from api.inbox import RepeatFilter, wake_imports_on_connect
+from api.limits import BodyLimits
 from api.metrics import Metrics
 from api.routes import (
     conversation_page,
@@ -28,6 +29,7 @@ from api.routes import (
     webhooks,
 )
 from api.routes import outbox as outbox_routes
+from api.spool import install_spool_handlers, running_spool
 from core.settings import get_settings
 from db.engine import check_migrated, dispose_engine
 from flows.runs import Waker
@@ -36,10 +38,12 @@ log = logging.getLogger("zapsync.api")
 
 
 @asynccontextmanager
-async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-    """Refuse to serve an unmigrated database; close the pool on shutdown."""
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Refuse to serve an unmigrated database; run the webhook spool's replayer; close the pool on shutdown."""
     await check_migrated()
-    yield
+    settings = get_settings()
+    async with running_spool(app, settings.spool_folder, settings.spool_max_bytes):
+        yield
     await dispose_engine()
 
 
@@ -55,7 +59,9 @@ def create_app(*, check_database: bool = True) -> FastAPI:
     app.state.waker = Waker()
     app.state.after_webhook = [events.announce_webhook, wake_imports_on_connect(app.state.waker)]
     app.state.metrics = Metrics()
+    app.add_middleware(BodyLimits)  # added before RequestIds, so inside it: a 413 carries the request id
     install_error_handlers(app)
+    install_spool_handlers(app)
     for router in (
         probes.router,
         instances.router,
@@ -74,4 +80,5 @@ def create_app(*, check_database: bool = True) -> FastAPI:
         app.include_router(router)
     app.include_router(provisioning.router)
     app.include_router(outbox_routes.router)  # sending (issue 11 §2)
+    app.include_router(organizations.token_router)  # token listing and revocation (issue 13 §1)
     return app

@@ -74,6 +74,18 @@ class Metrics:
         self.queue_oldest = Gauge(
             "zapsync_queue_oldest_pending_seconds", "Age of the oldest pending item of each kind", ["kind"], registry=r
         )
+        # -- the webhook spool (issue 13 §4): set from the API process's journal at scrape time --
+        self.spool_depth = Gauge(
+            "zapsync_webhook_spool_depth",
+            "Webhook deliveries journaled while the database was down, not yet applied",
+            registry=r,
+        )
+        self.spool_bytes = Gauge("zapsync_webhook_spool_bytes", "Size of the webhook spool's journal", registry=r)
+
+    def set_spool(self, depth: dict[str, int] | None) -> None:
+        """The spool gauges from the journal's depth (zero when the app runs without a spool)."""
+        self.spool_depth.set((depth or {}).get("records", 0))
+        self.spool_bytes.set((depth or {}).get("bytes", 0))
 
     def _auth_failures(self, reports: dict[str, dict[str, Any]]) -> None:
         """One gauge per gateway from the newest of the sync and health reports (health names it ``auth_failed``)."""

@@ -12,7 +12,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-SUBCOMMANDS: tuple[str, ...] = ("sync", "close_inactive", "import_conversations", "storm", "demo", "send")
+SUBCOMMANDS: tuple[str, ...] = ("sync", "close_inactive", "import_conversations", "storm", "demo", "send", "ingest")
 """Modules of ``bench`` that are subcommands, in the order ``--help`` lists them."""
 
 

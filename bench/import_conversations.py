@@ -5,7 +5,12 @@ Setup (not timed): a simulator process whose one connected Evolution instance ho
 variety (LID-keyed chats, numbers without the ninth digit, a media message in four); a migrated database with the
 instance row; a temporary Prefect API. Timed: one ``import_conversations`` flow run (contacts, chats, message pages
 as Prefect tasks, finalize, report). Checked (exit code 1 otherwise): exactly C contacts, C conversations and
-C × M messages, each once. Reported: messages, seconds, messages/s and the bench process's peak RSS.
+C × M messages, each once. Reported: messages, seconds, messages/s, the bench process's peak RSS, and the CPU
+time of the bench process, the simulator and the embedded PostgreSQL (on a shared machine, CPU seconds compare
+runs better than wall time).
+
+``--series 10k,100k,1M``: one child process per size (size = messages, as chats of ``--messages-per-chat``, 100
+unless given), then a table of how time and peak memory grow (bench/series.py).
 """
 
 from __future__ import annotations
@@ -37,10 +42,13 @@ from bench.common import (
     render_table,
     run_main,
 )
+from bench.series import add_series_option, run_series
 
 NAME = "import"
 HELP = "conversation import: C chats × M messages from the simulator into PostgreSQL through the real flow"
 TARGET_MESSAGES_PER_S = 50_000.0
+SERIES_M = 100
+"""Messages per chat in a ``--series`` unless ``--messages-per-chat`` says otherwise."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,8 +70,15 @@ class ImportOptions:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     """Declare ``bench import``'s options."""
-    parser.add_argument("--chats", type=positive_int, required=True, help="one-to-one chats (C)")
-    parser.add_argument("--messages-per-chat", type=positive_int, required=True, help="messages in each chat (M)")
+    parser.add_argument(
+        "--chats", type=positive_int, default=None, help="one-to-one chats (C; required without --series)"
+    )
+    parser.add_argument(
+        "--messages-per-chat",
+        type=positive_int,
+        default=None,
+        help=f"messages in each chat (M; {SERIES_M} in a series)",
+    )
     parser.add_argument(
         "--page-size",
         type=positive_int,
@@ -78,10 +93,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--latency-ms", type=float, default=0.0, help="latency the simulator adds to each request")
     parser.add_argument("--json", action="store_true", dest="as_json", help="print one JSON object on stdout")
+    add_series_option(parser, unit="messages")
 
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``bench import``: exit code 0, or 1 when the imported rows are wrong."""
+    if args.series:
+        return run_series(
+            NAME, args.series, lambda size: series_argv(args, size), unit="messages", as_json=args.as_json
+        )
+    if args.chats is None or args.messages_per_chat is None:
+        raise SystemExit("bench import: --chats and --messages-per-chat are required (or --series)")
     options = ImportOptions(
         chats=args.chats,
         messages_per_chat=args.messages_per_chat,
@@ -91,6 +113,18 @@ def run(args: argparse.Namespace) -> int:
         as_json=args.as_json,
     )
     return run_main(lambda out: bench_import(options, out))
+
+
+def series_argv(args: argparse.Namespace, size: int) -> list[str]:
+    """One size of ``--series``: ``size`` messages as ⌈size / M⌉ chats of M messages (M = ``--messages-per-chat``,
+    else 100), with the other options as given."""
+    per_chat = args.messages_per_chat or SERIES_M
+    argv = ["--chats", str(max(1, -(-size // per_chat))), "--messages-per-chat", str(per_chat)]
+    if args.page_size is not None:
+        argv += ["--page-size", str(args.page_size)]
+    if args.concurrency is not None:
+        argv += ["--concurrency", str(args.concurrency)]
+    return [*argv, "--latency-ms", str(args.latency_ms)]
 
 
 def bench_import(options: ImportOptions, out: IO[str]) -> None:
@@ -107,7 +141,7 @@ def bench_import(options: ImportOptions, out: IO[str]) -> None:
                 [SimSeed(1, provider="evolution", prefix="bench", connected_ratio=1.0)], latency_ms=options.latency_ms
             )
         )
-        stack.enter_context(bench_database())
+        database = stack.enter_context(bench_database())
         stack.enter_context(prefect_api())
         simulator.wait()
         name = simulator.seeded[0].names[0]
@@ -120,11 +154,13 @@ def bench_import(options: ImportOptions, out: IO[str]) -> None:
             raise BenchFailure(f"the simulator holds {shape['messages']} messages, expected {options.messages}")
         progress(f"simulator serving {name} with {shape['messages']} messages at {simulator.url}")
         configure_gateway("evolution", simulator.url)
-        result = asyncio.run(measure(options, name, simulator))
+        result = asyncio.run(measure(options, name, simulator, embedded=database.embedded))
     emit(result, as_json=options.as_json, table=result_table(result), out=out)
 
 
-async def measure(options: ImportOptions, name: str, simulator: SimulatorProcess) -> dict[str, Any]:
+async def measure(
+    options: ImportOptions, name: str, simulator: SimulatorProcess, *, embedded: bool = True
+) -> dict[str, Any]:
     """Insert the instance row, time one import flow run, check the rows."""
     from core.settings import get_settings
     from db.engine import dispose_engine
@@ -135,11 +171,15 @@ async def measure(options: ImportOptions, name: str, simulator: SimulatorProcess
         rss_before = peak_rss_mb()
         load = load_average()
         simulator_cpu = simulator.cpu_seconds()
+        database_cpu = embedded_database_cpu_seconds() if embedded else None
         progress(f"timed: {import_one.__name__}(instance) …")
         with Stopwatch() as watch:
             report = await import_one(instance_id)
         rss_peak = peak_rss_mb()
         simulator_cpu = simulator.cpu_seconds() - simulator_cpu
+        if database_cpu is not None:
+            after = embedded_database_cpu_seconds()
+            database_cpu = None if after is None else after - database_cpu
         progress(
             f"flow run {report.flow_run_id}: {report.outcome} in {watch.wall:.2f}s, "
             f"{report.counts.messages_inserted} messages inserted, peak RSS {rss_peak} MB"
@@ -162,6 +202,7 @@ async def measure(options: ImportOptions, name: str, simulator: SimulatorProcess
         "flow_internal_seconds": report.seconds,
         "cpu_seconds": round(watch.cpu, 2),
         "gateway_cpu_seconds": round(simulator_cpu, 2),
+        "database_cpu_seconds": None if database_cpu is None else round(database_cpu, 2),
         "load_average": load,
         "page_size": settings.import_page_size,
         "page_concurrency": settings.import_page_concurrency,
@@ -171,6 +212,29 @@ async def measure(options: ImportOptions, name: str, simulator: SimulatorProcess
         "target_messages_per_s": TARGET_MESSAGES_PER_S,
         "target_met": rate >= TARGET_MESSAGES_PER_S,
     }
+
+
+def embedded_database_cpu_seconds() -> float | None:
+    """CPU time (user + system) the embedded PostgreSQL has used so far: its postmaster, the backends it reaped and
+    the live ones (None when it cannot be read)."""
+    import psutil
+
+    from core.settings import get_settings
+
+    pid_file = get_settings().data_dir / "postmaster.pid"
+    if not pid_file.exists():
+        return None
+    try:
+        postmaster = psutil.Process(int(pid_file.read_text().split()[0]))
+        times = postmaster.cpu_times()
+        total = times.user + times.system + times.children_user + times.children_system
+        for child in postmaster.children():
+            with contextlib.suppress(psutil.Error):
+                child_times = child.cpu_times()
+                total += child_times.user + child_times.system
+    except (psutil.Error, ValueError, IndexError):
+        return None
+    return float(total)
 
 
 def one_instance_import() -> Callable[[uuid.UUID], Awaitable[Any]]:
@@ -252,6 +316,7 @@ def result_table(result: dict[str, Any]) -> str:
         Row(
             "CPU seconds",
             f"bench {result['cpu_seconds']}, simulator {result['gateway_cpu_seconds']}, "
+            f"PostgreSQL {result['database_cpu_seconds']}, "
             f"load average {result['load_average']}",
         ),
     ]

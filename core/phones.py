@@ -10,16 +10,26 @@ would be a different number. CRMs also store Brazilian numbers without the count
 from __future__ import annotations
 
 import re
+import unicodedata
 
 _BR_MOBILE = re.compile(r"^55([1-9]{2})(9?)([6-9]\d{7})$")
 
 
 def digits(value: str | None) -> str | None:
-    """Only the digits of ``value`` (None when there are none)."""
+    """Only the digits of ``value``, as ASCII `0-9` (None when there are none). Decimal digits of other scripts
+    (full-width `５`, Arabic-Indic `٥`) count as theirs; `²` and other digit-like signs do not."""
     if not value:
         return None
-    found = "".join(ch for ch in value if ch.isdigit())
+    found = "".join(_ascii_digits(value))
     return found or None
+
+
+def _ascii_digits(value: str) -> list[str]:
+    return [
+        ch if "0" <= ch <= "9" else str(unicodedata.decimal(ch))
+        for ch in value
+        if unicodedata.decimal(ch, None) is not None
+    ]
 
 
 def phone_variants(phone: str | None) -> tuple[str, ...]:
@@ -40,10 +50,9 @@ def phone_variants(phone: str | None) -> tuple[str, ...]:
     return tuple(dict.fromkeys(forms))
 
 
-def phone_from_jid(jid: str | None) -> str | None:
-    """Digits of a WhatsApp jid (`5511999990000@s.whatsapp.net`, `...:12@s.whatsapp.net`, `...@c.us`)."""
-    if not jid:
+def phone_from_jid(jid: object) -> str | None:
+    """Digits of a WhatsApp jid (`5511999990000@s.whatsapp.net`, `...:12@s.whatsapp.net`, `...@c.us`); None for
+    anything else a payload may carry in its place (a gateway's null, a number, a list)."""
+    if not isinstance(jid, str) or not jid:
         return None
-    user = jid.split("@", 1)[0].split(":", 1)[0]
-    digits = "".join(ch for ch in user if ch.isdigit())
-    return digits or None
+    return digits(jid.split("@", 1)[0].split(":", 1)[0])

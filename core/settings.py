@@ -93,8 +93,12 @@ class Settings(BaseSettings):
     the same key."""
     cron_secret: SecretStr | None = Field(default=None, validation_alias="CRON_SECRET")
     admin_token: SecretStr | None = Field(default=None, validation_alias="ZAPSYNC_ADMIN_TOKEN")
+    metrics_token: SecretStr | None = Field(default=None, validation_alias="ZAPSYNC_METRICS_TOKEN")
+    """A token that may read `GET /metrics` and nothing else (the admin token may too): for a Prometheus scraper."""
     webhook_url: str | None = Field(default=None, validation_alias="WEBHOOK_URL")
     webhook_max_body_bytes: int = Field(default=1_048_576, ge=1024, validation_alias="ZAPSYNC_WEBHOOK_MAX_BODY")
+    api_max_body_bytes: int = Field(default=1_048_576, ge=1024, validation_alias="ZAPSYNC_API_MAX_BODY")
+    """Largest request body of every route but the webhooks (those have ``webhook_max_body_bytes``)."""
     webhook_event_time_tolerance_seconds: float = Field(
         default=900.0, ge=0, validation_alias="ZAPSYNC_WEBHOOK_EVENT_TIME_TOLERANCE"
     )
@@ -109,6 +113,12 @@ class Settings(BaseSettings):
     webhook_jwt_leeway_seconds: float = Field(default=1800.0, ge=0, validation_alias="ZAPSYNC_WEBHOOK_JWT_LEEWAY")
     """How long after its `exp` an Evolution webhook JWT is still accepted: Evolution signs once before its retry
     loop (about 20 minutes of retries) and its tokens live 10 minutes, so late retries carry an expired token."""
+
+    # -- the webhook spool for database outages (issue 13 §4) --
+    spool_dir: Path | None = Field(default=None, validation_alias="ZAPSYNC_SPOOL_DIR")
+    """Where the API journals authenticated webhooks while PostgreSQL is unreachable (default $ZAPSYNC_HOME/spool)."""
+    spool_max_bytes: int = Field(default=256 * 1024 * 1024, ge=4096, validation_alias="ZAPSYNC_SPOOL_MAX_BYTES")
+    """The journal's bound: past it deliveries are answered 503 with Retry-After, so the gateway retries."""
 
     api_host: str = Field(default="127.0.0.1", validation_alias="ZAPSYNC_API_HOST")
     api_port: int = Field(default=8000, ge=1, le=65535, validation_alias="ZAPSYNC_API_PORT")
@@ -235,6 +245,11 @@ class Settings(BaseSettings):
     def secret_key_file(self) -> Path:
         """Where the generated sealing key lives when ``ZAPSYNC_SECRET_KEY`` is unset."""
         return self.home / "secret.key"
+
+    @property
+    def spool_folder(self) -> Path:
+        """Folder of the webhook spool's journal."""
+        return (self.spool_dir or self.home / "spool").expanduser()
 
     @property
     def data_dir(self) -> Path:

@@ -123,6 +123,7 @@ def get_engine() -> AsyncEngine:
             pool_size=10,
             max_overflow=20,
             pool_pre_ping=True,
+            hide_parameters=True,  # errors and logs never show SQL parameters (payloads, apikeys, message text)
             connect_args={"application_name": f"zapsync.{os.getpid()}", "connect_timeout": 10},
         )
         _engines[loop] = engine

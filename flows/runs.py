@@ -86,13 +86,19 @@ async def start_run(
 
 async def read_run(flow_run_id: uuid.UUID, deployment: str = "") -> FlowRunRef:
     """The current state of a flow run."""
+    ref, _ = await read_run_and_parameters(flow_run_id, deployment)
+    return ref
+
+
+async def read_run_and_parameters(flow_run_id: uuid.UUID, deployment: str = "") -> tuple[FlowRunRef, dict[str, Any]]:
+    """The current state of a flow run and the parameters it was started with."""
     async with get_client() as client:
         try:
             run = await client.read_flow_run(flow_run_id)
         except ObjectNotFound as exc:
             raise NotFound(f"no flow run {flow_run_id}") from exc
     state = run.state
-    return FlowRunRef(
+    ref = FlowRunRef(
         id=run.id,
         name=run.name,
         deployment=deployment,
@@ -100,6 +106,7 @@ async def read_run(flow_run_id: uuid.UUID, deployment: str = "") -> FlowRunRef:
         final=bool(state and state.is_final()),
         ui_url=ui_url(run.id),
     )
+    return ref, dict(run.parameters or {})
 
 
 async def wait_for_run(flow_run_id: uuid.UUID, *, timeout: float, deployment: str = "") -> FlowRunRef:  # noqa: ASYNC109

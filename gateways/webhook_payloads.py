@@ -4,12 +4,20 @@ Both known shapes are accepted wherever a gateway varies (MegaAPI's two `connect
 `instance` as a name or an object, `contacts.*` as an array or a single object, `chats.*` rows with or without
 `remoteJid`). An event zapsync does not act on is still parsed (kind OTHER) so it can be stored and acknowledged; a
 payload that is not what its event promises raises :class:`MalformedPayload`.
+
+Hostile input is rejected here, where the body is parsed, with a message the sender can act on (issue 13 §2):
+nesting deeper than :data:`MAX_DEPTH`, numbers outside a 64-bit integer's range, message timestamps past year 9999,
+identifiers longer than their columns (:data:`MAX_ID_LENGTH`, :data:`MAX_INSTANCE_NAME`: real gateways stay well
+inside them). NUL and lone surrogates are not rejected: :func:`decode_json` returns a
+:class:`core.storable.SanitizedPayload` whose strings are storable and which keeps the original for the inbox.
 """
 
 from __future__ import annotations
 
 import enum
 import hashlib
+import json
+import math
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypedDict
@@ -18,6 +26,7 @@ import orjson
 
 from core.domain import ChatKind, GatewayContact, GatewayMessage, InstanceStatus, Provider, chat_kind
 from core.phones import phone_from_jid
+from core.storable import SanitizedPayload, has_unstorable
 from gateways.messages import MalformedMessage, from_baileys, status_from_wire
 from gateways.status import LOGGED_OUT_CODES, from_evolution, from_megaapi, from_waha, waha_reason
 from gateways.waha_messages import from_waha_message, key_id, serialized_id, status_from_ack
@@ -79,17 +88,98 @@ class _Envelope(TypedDict):
     event_time: datetime | None
 
 
+MAX_DEPTH = 64
+"""Deepest nesting of objects and arrays a payload may have (real deliveries stay under 15)."""
+MAX_INTEGER = 2**63 - 1
+"""Numbers must fit a signed 64-bit integer (PostgreSQL's bigint; JavaScript gateways send at most 2**53)."""
+MAX_ID_LENGTH = 128
+"""Longest key id or jid stored (the columns' width; Evolution's own schema keeps `remoteJid` in 100)."""
+MAX_PHONE_DIGITS = 32
+"""Most digits a jid's user part may have (the phone columns' width; E.164 numbers have at most 15)."""
+MAX_INSTANCE_NAME = 255
+"""Longest instance name (the column's width, as Evolution's `Instance.name VARCHAR(255)`)."""
+MAX_EPOCH_SECONDS = 253_402_300_799
+"""The last second of year 9999: later message timestamps are not real."""
+
+
 def decode_json(body: bytes) -> dict[str, Any]:
-    """The body as a JSON object, or MalformedPayload with the parser's reason."""
+    """The body as a bounded JSON object, or MalformedPayload with the reason (see :func:`checked_payload`)."""
     if not body.strip():
         raise MalformedPayload("empty body: expected a JSON object")
+    # A NUL can only come from a `\u0000` escape (a raw one is not JSON) and a lone surrogate only through the
+    # fallback parser: other bodies need no look at their strings.
     try:
         value = orjson.loads(body)
+        strings = b"\\u0000" in body
     except orjson.JSONDecodeError as exc:
-        raise MalformedPayload(f"body is not valid JSON: {exc}") from exc
+        if "surrogate" not in str(exc):
+            raise MalformedPayload(f"body is not valid JSON: {exc}") from exc
+        value, strings = _loads_with_lone_surrogates(body), True
     if not isinstance(value, dict):
         raise MalformedPayload(f"expected a JSON object, got {type(value).__name__}")
+    return checked_payload(value, strings=strings)
+
+
+def checked_payload(value: dict[str, Any], *, strings: bool = True) -> dict[str, Any]:
+    """``value`` when its nesting and numbers are within bounds and its text is storable; a
+    :class:`SanitizedPayload` (NUL as "␀", lone surrogates as "�", the original kept) when some text is not;
+    MalformedPayload when a bound is crossed. Replaying a stored original goes through here too. ``strings=False``
+    skips the look at the text (the caller knows it is storable)."""
+    if _walk(value, 1, "body", strings):
+        return SanitizedPayload(value)
     return value
+
+
+def _loads_with_lone_surrogates(body: bytes) -> Any:
+    """The standard library's parser, which accepts the lone-surrogate escapes orjson refuses."""
+
+    def refuse(constant: str) -> Any:
+        raise MalformedPayload(f"body is not valid JSON: {constant} is not a JSON number")
+
+    try:
+        return json.loads(body, parse_constant=refuse)
+    except RecursionError as exc:
+        raise MalformedPayload(f"body is nested deeper than {MAX_DEPTH} levels") from exc
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        if isinstance(exc, MalformedPayload):
+            raise
+        raise MalformedPayload(f"body is not valid JSON: {exc}") from exc
+
+
+def _walk(value: Any, depth: int, key: object, strings: bool) -> bool:
+    """Check depth and numbers below ``value`` (the value of field ``key``); True when ``strings`` and some string
+    (or object key) is not storable."""
+    if isinstance(value, str):
+        return strings and has_unstorable(value)
+    if isinstance(value, dict):
+        if depth > MAX_DEPTH:
+            raise MalformedPayload(f"body is nested deeper than {MAX_DEPTH} levels")
+        found = False
+        for name, item in value.items():
+            if isinstance(item, str):  # inline: most values are strings
+                hit = strings and (has_unstorable(item) or has_unstorable(name))
+            else:
+                hit = _walk(item, depth + 1, name, strings) or (strings and has_unstorable(name))
+            found = found or hit
+        return found
+    if isinstance(value, list):
+        if depth > MAX_DEPTH:
+            raise MalformedPayload(f"body is nested deeper than {MAX_DEPTH} levels")
+        found = False
+        for item in value:
+            if _walk(item, depth + 1, key, strings):
+                found = True
+        return found
+    if value is None or isinstance(value, bool):
+        return False
+    in_range = (
+        -MAX_INTEGER - 1 <= value <= MAX_INTEGER
+        if isinstance(value, int)
+        else not isinstance(value, float) or (math.isfinite(value) and abs(value) <= MAX_INTEGER)
+    )
+    if not in_range:
+        raise MalformedPayload(f"{str(key)[:64]!r} is out of range: {value!r} (numbers must fit a 64-bit integer)")
+    return False
 
 
 def event_name_from_suffix(suffix: str) -> str:
@@ -109,6 +199,7 @@ def parse_evolution(payload: dict[str, Any], *, path_event: str | None = None) -
         instance = instance.get("instanceName") or instance.get("name")
     if instance is not None and not isinstance(instance, str):
         raise MalformedPayload("'instance' must be the instance name")
+    _check_instance_name(instance, "instance")
     data = payload.get("data")
     event_time = _parse_time(payload.get("date_time"))
     base = _Envelope(provider=Provider.EVOLUTION, event=event, instance_name=instance, event_time=event_time)
@@ -137,8 +228,8 @@ def parse_evolution(payload: dict[str, Any], *, path_event: str | None = None) -
             status=status,
             reason=reason,
             logged_out=logged_out,
-            phone_number=phone_from_jid(data.get("wuid")),
-            profile_name=data.get("profileName"),
+            phone_number=_phone(data.get("wuid")),
+            profile_name=_text(data.get("profileName")),
         )
     if event == "qrcode.updated":
         if not instance:
@@ -153,7 +244,7 @@ def parse_evolution(payload: dict[str, Any], *, path_event: str | None = None) -
                 kind=EventKind.STATUS,
                 status=InstanceStatus.QR_PENDING,
                 qr_code=qrcode["code"],
-                pairing_code=pairing if isinstance(pairing, str) and pairing else None,
+                pairing_code=pairing if isinstance(pairing, str) and 0 < len(pairing) <= MAX_PAIRING_CODE else None,
             )
         if data.get("message"):  # QR limit reached: the session ends as refused
             message = str(data.get("message"))
@@ -168,6 +259,7 @@ def parse_evolution(payload: dict[str, Any], *, path_event: str | None = None) -
         name = instance or (data.get("instanceName") if isinstance(data, dict) else None)
         if not isinstance(name, str) or not name:
             raise MalformedPayload(f"{event} without 'instance' (or data.instanceName)")
+        _check_instance_name(name, "data.instanceName")
         named = _Envelope(
             provider=base["provider"], event=base["event"], instance_name=name, event_time=base["event_time"]
         )
@@ -204,9 +296,59 @@ RECEIPT_EVENTS = frozenset({"messages.update", "send.message.update"})
 def _message(event: str, raw: dict[str, Any]) -> GatewayMessage:
     """One Baileys message record, or MalformedPayload saying what is wrong with it."""
     try:
-        return from_baileys(raw)
+        message = from_baileys(raw)
     except MalformedMessage as exc:
         raise MalformedPayload(f"{event}: {exc}") from exc
+    except (TypeError, ValueError, OverflowError) as exc:  # e.g. a `{low, high}` whose `high` is not a number
+        raise MalformedPayload(f"{event}: messageTimestamp or fileLength is not a number ({exc})") from exc
+    return _bounded(event, message, id_field="key.id", jid_field="key.remoteJid")
+
+
+MAX_PAIRING_CODE = 32
+"""Longest pairing code kept (the column's width; WhatsApp's are 8 characters)."""
+
+
+def _bounded(event: str, message: GatewayMessage, *, id_field: str, jid_field: str) -> GatewayMessage:
+    """``message`` when its identifiers fit their columns and its time is real; MalformedPayload otherwise. A media
+    size out of a 64-bit integer's range becomes unknown."""
+    if message.timestamp > MAX_EPOCH_SECONDS:
+        raise MalformedPayload(f"{event}: messageTimestamp {message.timestamp} is out of range (after year 9999)")
+    _check_id(message.external_id, f"{event}: {id_field}")
+    _check_jid(message.chat_jid, f"{event}: {jid_field}")
+    if message.alt_jid is not None:
+        _check_jid(message.alt_jid, f"{event}: key.remoteJidAlt")
+    if message.participant is not None:
+        _check_jid(message.participant, f"{event}: participant")
+    if message.media_size is not None and not 0 <= message.media_size <= MAX_INTEGER:
+        return message._replace(media_size=None)
+    if message.media_mime is not None and len(message.media_mime) > MAX_ID_LENGTH:
+        return message._replace(media_mime=None)
+    return message
+
+
+def _check_id(value: str, field: str) -> None:
+    if len(value) > MAX_ID_LENGTH:
+        raise MalformedPayload(f"{field} is {len(value)} characters long: at most {MAX_ID_LENGTH} are accepted")
+
+
+def _check_jid(value: str, field: str) -> None:
+    _check_id(value, field)
+    digits = phone_from_jid(value)
+    if digits is not None and len(digits) > MAX_PHONE_DIGITS:
+        raise MalformedPayload(f"{field} has {len(digits)} digits: a phone has at most {MAX_PHONE_DIGITS}")
+
+
+def _check_instance_name(value: str | None, field: str) -> None:
+    if value is not None and len(value) > MAX_INSTANCE_NAME:
+        raise MalformedPayload(
+            f"'{field}' is {len(value)} characters long: instance names have at most {MAX_INSTANCE_NAME}"
+        )
+
+
+def _phone(jid: Any) -> str | None:
+    """The digits of a status event's own jid, or None when it is not a jid or they cannot be a phone."""
+    digits = phone_from_jid(jid) if isinstance(jid, str) else None
+    return digits if digits is not None and len(digits) <= MAX_PHONE_DIGITS else None
 
 
 def _evolution_messages(base: _Envelope, event: str, instance: str | None, data: Any) -> WebhookEvent:
@@ -242,6 +384,7 @@ def _evolution_receipts(base: _Envelope, event: str, instance: str | None, data:
             key_id, status, field = row.get("keyId") or key.get("id"), status_from_wire(row.get("status")), "keyId"
         if not isinstance(key_id, str) or not key_id:
             raise MalformedPayload(f"{event} needs the message id (data.{field})")
+        _check_id(key_id, f"{event}: data.{field}")
         if status is not None:
             receipts.append((key_id, status))
     if not receipts:  # e.g. a poll vote: nothing to apply
@@ -269,10 +412,17 @@ def _contacts(base: _Envelope, event: str, instance: str | None, data: Any) -> W
         for row in _rows(event, data)
         if isinstance(row.get("remoteJid"), str) and chat_kind(row["remoteJid"]) is ChatKind.CONTACT
     )
+    for contact in contacts:
+        _check_jid(contact.jid, f"{event}: remoteJid")
     return WebhookEvent(**base, kind=EventKind.CONTACTS if contacts else EventKind.OTHER, contacts=contacts)
 
 
 MEGAAPI_CONNECTION_MESSAGES = {"phone_connected": "connected", "phone_disconnected": "disconnected"}
+
+
+def _text(value: object) -> str | None:
+    """``value`` when it is a non-empty string, else None (a name or label sent as a number, list or object)."""
+    return value if isinstance(value, str) and value else None
 
 
 def parse_megaapi(payload: dict[str, Any]) -> WebhookEvent:
@@ -283,6 +433,7 @@ def parse_megaapi(payload: dict[str, Any]) -> WebhookEvent:
     instance = payload.get("instance_key") or payload.get("instanceKey")
     if instance is not None and not isinstance(instance, str):
         raise MalformedPayload("'instance_key' must be a string")
+    _check_instance_name(instance, "instance_key")
     event_time = _parse_time(payload.get("timestamp"))
     base = _Envelope(provider=Provider.MEGAAPI, event=kind, instance_name=instance, event_time=event_time)
     if kind == "connection_update":
@@ -290,7 +441,7 @@ def parse_megaapi(payload: dict[str, Any]) -> WebhookEvent:
             raise MalformedPayload("connection_update without 'instance_key'")
         if isinstance(payload.get("connection_state"), str):  # the official sample's shape
             raw = payload["connection_state"]
-        elif payload.get("message") in MEGAAPI_CONNECTION_MESSAGES:  # the 2026 client's shape
+        elif _text(payload.get("message")) in MEGAAPI_CONNECTION_MESSAGES:  # the 2026 client's shape
             raw = MEGAAPI_CONNECTION_MESSAGES[payload["message"]]
         else:
             raise MalformedPayload(
@@ -305,8 +456,8 @@ def parse_megaapi(payload: dict[str, Any]) -> WebhookEvent:
             reason=None
             if status is InstanceStatus.CONNECTED
             else f"{raw}" + (f" ({close_reason})" if close_reason else ""),
-            phone_number=phone_from_jid(payload.get("jid")),
-            profile_name=payload.get("pushName"),
+            phone_number=_phone(payload.get("jid")),
+            profile_name=_text(payload.get("pushName")),
         )
     key = payload.get("key")
     if kind == "message.ack":
@@ -316,6 +467,7 @@ def parse_megaapi(payload: dict[str, Any]) -> WebhookEvent:
         key_id = key.get("id") if isinstance(key, dict) else None
         if not isinstance(key_id, str) or not key_id or not isinstance(update, dict):
             raise MalformedPayload("message.ack needs key.id and update.status")
+        _check_id(key_id, "message.ack: key.id")
         ack = status_from_wire(update.get("status"))
         if ack is None:
             raise MalformedPayload(f"message.ack has unknown status {update.get('status')!r}")
@@ -369,9 +521,10 @@ def untracked_key(organization_id: object, event: WebhookEvent) -> str:
 
 
 def _parse_time(value: Any) -> datetime | None:
-    if isinstance(value, int | float) and value > 0:
+    """An envelope's time; None (unknown: the receive time counts) when absent, unreadable or out of range."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
         seconds = value / 1000 if value > 10**11 else value
-        return datetime.fromtimestamp(seconds, UTC)
+        return datetime.fromtimestamp(seconds, UTC) if seconds <= MAX_EPOCH_SECONDS else None
     if isinstance(value, str) and value:
         try:
             parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
@@ -399,6 +552,7 @@ def parse_waha(payload: dict[str, Any]) -> WebhookEvent:
     session = payload.get("session")
     if session is not None and not isinstance(session, str):
         raise MalformedPayload("'session' must be the session name")
+    _check_instance_name(session, "session")
     event_id = payload.get("id")
     if event_id is not None and not isinstance(event_id, str):
         raise MalformedPayload("'id' must be the event id (a string such as 'evt_01K…')")
@@ -428,7 +582,7 @@ def parse_waha(payload: dict[str, Any]) -> WebhookEvent:
             event_id=event_id,
             status=status,
             reason=None if connected else waha_reason(raw) or f"session status {raw}",
-            phone_number=phone_from_jid(me.get("id")) if connected and isinstance(me.get("id"), str) else None,
+            phone_number=_phone(me.get("id")) if connected else None,
             profile_name=me.get("pushName") if connected and isinstance(me.get("pushName"), str) else None,
         )
     if event in WAHA_MESSAGE_EVENTS:
@@ -436,6 +590,9 @@ def parse_waha(payload: dict[str, Any]) -> WebhookEvent:
             message = from_waha_message(body)
         except MalformedMessage as exc:
             raise MalformedPayload(f"{event}: {exc}") from exc
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise MalformedPayload(f"{event}: payload.timestamp is not a number ({exc})") from exc
+        message = _bounded(event, message, id_field="payload.id", jid_field="payload.from/to")
         return WebhookEvent(
             **base,
             kind=EventKind.MESSAGES,
@@ -449,6 +606,7 @@ def parse_waha(payload: dict[str, Any]) -> WebhookEvent:
         if raw_id is None or ack is None:
             raise MalformedPayload("message.ack needs payload.id and payload.ack (-1..4) or payload.ackName")
         found = key_id(raw_id)
+        _check_id(found, "message.ack: payload.id")
         return WebhookEvent(
             **base,
             kind=EventKind.RECEIPTS,
@@ -462,6 +620,7 @@ def parse_waha(payload: dict[str, Any]) -> WebhookEvent:
     if not isinstance(revoked, str) or not revoked:
         raise MalformedPayload("message.revoked needs payload.revokedMessageId or payload.before.id")
     found = key_id(revoked)
+    _check_id(found, "message.revoked: payload.revokedMessageId")
     return WebhookEvent(
         **base,
         kind=EventKind.RECEIPTS,

@@ -27,9 +27,9 @@ from db.repositories.conversations import (
     conversation_targets,
     ensure_conversations,
     finalize_conversations,
-    insert_messages,
     upsert_contacts,
 )
+from db.repositories.import_copy import copy_messages
 from db.repositories.import_runs import Cursor, record_progress, relax_durability
 from gateways.base import Gateway
 from tasks.options import TASK_OPTIONS
@@ -234,7 +234,7 @@ async def copy_messages_page(
         await relax_durability(session)
         if strays:
             counts.update(await _place_strays(session, ctx, strays, rows))
-        inserted = await insert_messages(session, ctx.scope, rows)
+        inserted = await copy_messages(session, ctx.scope, rows)
         counts.update(messages_inserted=inserted, messages_present=len(rows) - inserted)
         await record_progress(session, ctx.run_id, counts=counts, advance=advance)
     return PageOutcome(counts=counts, last=page >= pages, pages=pages, total=fetched.total)

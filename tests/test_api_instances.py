@@ -33,7 +33,8 @@ async def test_management_routes_need_a_token(client: httpx.AsyncClient) -> None
 
 
 async def test_the_token_may_also_come_from_the_dashboards_cookie(client: httpx.AsyncClient) -> None:
-    client.cookies.set("zapsync_token", "test-admin-token")
+    signed_in = await client.post("/dashboard/login", data={"token": "test-admin-token"})
+    assert signed_in.status_code == 303 and "test-admin-token" not in signed_in.headers["set-cookie"]
     by_cookie = await client.get("/instances/status")
     header_wins = await client.get("/instances/status", headers={"authorization": "Bearer nope"})
     client.cookies.clear()

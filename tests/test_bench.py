@@ -122,3 +122,49 @@ def test_bench_send_sends_every_message_once_despite_timeouts_and_503s() -> None
     seconds = report["seconds"]
     assert isinstance(seconds, float) and seconds > 0
     assert report["messages_per_s"] == round(60 / seconds, 1)
+
+
+# -- bench import (issue 14) ------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.pure
+def test_bench_import_imports_every_message_once_and_reports_its_cpu() -> None:
+    report = _run_bench("import", "--chats", "3", "--messages-per-chat", "4", timeout=600)
+
+    assert report["messages"] == 3 * 4  # exit code 0: exactly 3 contacts, 3 conversations and 12 messages
+    seconds = report["seconds"]
+    assert isinstance(seconds, float) and seconds > 0
+    assert report["messages_per_s"] == round(12 / seconds, 1)
+    assert isinstance(report["database_cpu_seconds"], float) and report["database_cpu_seconds"] >= 0  # embedded: read
+
+
+@pytest.mark.slow
+@pytest.mark.pure
+def test_bench_import_series_runs_each_size_in_its_own_process() -> None:
+    report = _run_bench("import", "--series", "6,12", "--messages-per-chat", "3", timeout=900)
+
+    assert report["bench"] == "import" and report["unit"] == "messages"
+    points = report["points"]
+    assert isinstance(points, list)
+    assert [p["size"] for p in points] == [6, 12]
+    assert [(p["result"]["chats"], p["result"]["messages"]) for p in points] == [(2, 6), (4, 12)]
+    assert all(p["peak_rss_mb"] > 0 and p["seconds"] > 0 for p in points)
+
+
+@pytest.mark.slow
+@pytest.mark.pure
+def test_bench_ingest_stores_every_mixed_event_exactly_once() -> None:
+    report = _run_bench("ingest", "--events", "200", "--concurrency", "8", "--mix", "mixed", timeout=600)
+
+    assert {"events", "seconds", "events_per_s", "p50_ms", "p99_ms", "errors", "lost", "duplicated"} <= set(report)
+    assert report["events"] == 200
+    assert report["kinds"] == {"messages": 120, "receipts": 60, "status": 20}
+    assert report["errors"] == 0
+    assert report["lost"] == 0
+    assert report["duplicated"] == 0
+    seconds = report["seconds"]
+    assert isinstance(seconds, float) and seconds > 0
+    assert report["events_per_s"] == round(200 / seconds, 1)
+    p50, p99 = report["p50_ms"], report["p99_ms"]
+    assert isinstance(p50, float) and isinstance(p99, float) and 0 < p50 <= p99

@@ -36,13 +36,25 @@ async def test_metrics_expose_webhooks_instances_and_the_last_sync(client: httpx
     assert (await post(client, org, opened("acme-01"))).status_code == 200
     await sync_status(mode="apply")  # the gateway says close: drift applied
 
-    text = (await client.get("/metrics")).text
+    text = (await client.get("/metrics", headers={"authorization": "Bearer test-admin-token"})).text
 
     assert 'zapsync_webhook_events_total{event="connection.update",outcome="applied",provider="evolution"} 1.0' in text
     assert 'zapsync_instances{gateway="evolution",health="unknown",status="disconnected"} 1.0' in text
     assert 'zapsync_sync_drift{kind="applied"} 1.0' in text
     assert 'zapsync_gateway_breaker_open{gateway="evolution"} 0.0' in text
     assert "zapsync_sync_duration_seconds" in text
+
+
+async def test_event_names_zapsync_does_not_act_on_share_one_metrics_label(client: httpx.AsyncClient) -> None:
+    org = await make_organization()
+    await make_instance(org, "acme-01")
+    invented = {"event": "made.up-7f3a9c", "instance": "acme-01", "data": {}}
+    assert (await post(client, org, invented)).status_code == 200
+
+    text = (await client.get("/metrics", headers={"authorization": "Bearer test-admin-token"})).text
+
+    assert "made.up-7f3a9c" not in text
+    assert 'zapsync_webhook_events_total{event="other",outcome="stored",provider="evolution"}' in text
 
 
 async def test_queue_depth_in_metrics_api_and_dashboard_per_organization(client: httpx.AsyncClient) -> None:
@@ -55,7 +67,7 @@ async def test_queue_depth_in_metrics_api_and_dashboard_per_organization(client:
     async with session_scope() as session:
         (queued,) = await request_imports(session, [import_request(inst, a, trigger="api")])
 
-    metrics = (await client.get("/metrics")).text
+    metrics = (await client.get("/metrics", headers={"authorization": "Bearer test-admin-token"})).text
     mine = (await client.get("/queue", headers=await auth_headers(a))).json()
     theirs = (await client.get("/queue", headers=await auth_headers(b))).json()
     item = await client.get(f"/queue/items/{queued.id}", headers=await auth_headers(a))

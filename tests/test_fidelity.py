@@ -253,7 +253,7 @@ async def test_a_refused_key_is_reported_as_an_authentication_failure(refused_ev
     assert (await instance_row(mega))["status"] == "connected"
     assert "Authentication failed" in report.to_markdown()
 
-    metrics = (await client.get("/metrics")).text
+    metrics = (await client.get("/metrics", headers={"authorization": "Bearer test-admin-token"})).text
     assert 'zapsync_gateway_auth_failed{gateway="evolution"} 1.0' in metrics
     assert 'zapsync_gateway_auth_failed{gateway="megaapi"} 0.0' in metrics
 

@@ -715,3 +715,17 @@ def test_public_api_is_exported() -> None:
     ):
         assert name in simulator.__all__
         assert hasattr(simulator, name)
+
+
+async def test_outage_cycle_flaps_provider_routes_but_not_control(
+    state: SimulatorState, client: httpx.AsyncClient
+) -> None:
+    state.configure(outage_cycle="110")
+    codes = [(await client.get("/")).status_code for _ in range(6)]
+    assert codes == [503, 503, 200, 503, 503, 200]
+    assert (await client.get("/_sim/config")).json()["outage_cycle"] == "110"  # control routes never flap
+    state.configure(outage_cycle="10")  # a new cycle starts at its first character
+    assert [(await client.get("/")).status_code for _ in range(3)] == [503, 200, 503]
+    state.configure(outage_cycle="")
+    assert {(await client.get("/")).status_code for _ in range(3)} == {200}
+    assert (await client.post("/_sim/config", json={"outage_cycle": "1x"})).status_code == 422

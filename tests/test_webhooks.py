@@ -231,6 +231,30 @@ async def test_a_repeat_is_answered_from_memory_only_within_the_window() -> None
     assert await history(instance_id) == [("disconnected", "connected", "webhook")]
 
 
+async def test_a_late_older_status_loses_to_a_newer_repeat_the_filter_swallowed() -> None:
+    app = create_app(check_database=False)
+    app.state.repeat_filter = RepeatFilter(60.0)
+    org = await make_organization()
+    instance_id = await make_instance(org, "acme-01")
+    start = datetime.now(UTC) - timedelta(seconds=30)
+    closed = evolution(
+        "connection.update",
+        "acme-01",
+        {"instance": "acme-01", "state": "close", "statusReason": 428},
+        at=start + timedelta(seconds=1),
+    )
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://zapsync") as http:
+        first = await post(http, org, opened("acme-01", at=start))
+        newest = await post(http, org, opened("acme-01", at=start + timedelta(seconds=2)))  # a repeat: not written
+        late = await post(http, org, closed)  # observed between the two: stale
+
+    assert first.json()["outcome"] == "applied"
+    assert newest.json()["outcome"] == "duplicate"
+    assert late.json()["outcome"] == "ignored", late.json()
+    assert await history(instance_id) == [("disconnected", "connected", "webhook")]
+
+
 def test_repeat_filter_keeps_only_the_last_state_of_a_bounded_number_of_instances() -> None:
     clock = Clock()
     repeats = RepeatFilter(5.0, max_entries=2, timer=clock)

@@ -74,6 +74,8 @@ app.add_typer(db_app, name="db")
 app.add_typer(org_app, name="org")
 app.add_typer(token_app, name="token")
 app.add_typer(instance_app, name="instance")
+webhooks_app = typer.Typer(no_args_is_help=True, help="Webhook deliveries: replay stored or spooled ones.")
+app.add_typer(webhooks_app, name="webhooks")
 
 PRIVACY_ENV = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of tables.")]
@@ -321,6 +323,84 @@ def token_create(
         emit_json({"name": name, "organization_id": str(org) if org else None, "admin": org is None, "token": token})
     else:
         out().print(f"Token [bold]{name}[/] for {scope}:\n{token}\nIt is shown only now: store it.")
+
+
+def _token_json(t: Any) -> dict[str, Any]:
+    return {
+        "id": str(t.id),
+        "name": t.name,
+        "organization_id": str(t.organization_id) if t.organization_id else None,
+        "admin": t.organization_id is None,
+        "created_at": t.created_at.isoformat(),
+        "last_used_at": t.last_used_at.isoformat() if t.last_used_at else None,
+        "revoked_at": t.revoked_at.isoformat() if t.revoked_at else None,
+    }
+
+
+@token_app.command("list")
+def token_list(as_json: JsonOpt = False) -> None:
+    """List the stored API tokens: id, name, organization, last use, revocation (never the tokens themselves)."""
+    from db.engine import session_scope
+    from db.repositories.organizations import list_tokens
+
+    async def load() -> list[Any]:
+        async with session_scope() as session:
+            return await list_tokens(session)
+
+    with expected_errors():
+        ensure_migrated()
+        tokens = run_async(load)
+    if as_json:
+        emit_json([_token_json(t) for t in tokens])
+        return
+    if not tokens:
+        out().print("No stored tokens (the ZAPSYNC_ADMIN_TOKEN setting is not stored).")
+        return
+    table = Table(title=None)
+    for column in ("id", "name", "organization", "created", "last used", "revoked"):
+        table.add_column(column, no_wrap=True)
+    for t in tokens:
+        table.add_row(
+            str(t.id),
+            t.name,
+            str(t.organization_id) if t.organization_id else "admin",
+            _when(t.created_at),
+            _when(t.last_used_at),
+            _when(t.revoked_at) if t.revoked_at else "",
+        )
+    out().print(table)
+
+
+@token_app.command("revoke")
+def token_revoke(
+    token: Annotated[str, typer.Argument(help="The token's id, or a prefix of its id or name (`zapsync token list`).")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Revoke a stored API token: it gets 401 from its next request on, and its dashboard sessions end.
+
+    Exit code 1 when no token matches, 2 when the prefix matches several (nothing is revoked then)."""
+    from db.engine import session_scope
+    from db.repositories.organizations import find_tokens, revoke_token
+
+    async def revoke() -> tuple[list[Any], Any]:
+        async with session_scope() as session:
+            found = await find_tokens(session, token)
+            if len(found) != 1:
+                return found, None
+            return found, await revoke_token(session, found[0].id)
+
+    with expected_errors():
+        ensure_migrated()
+        found, revoked = run_async(revoke)
+    if not found:
+        fail(f"no token matches {token!r}: see `zapsync token list`", 1)
+    if revoked is None:
+        names = ", ".join(f"{t.id} ({t.name})" for t in found[:5]) + (" …" if len(found) > 5 else "")
+        fail(f"{len(found)} tokens match {token!r}: give more of the id: {names}", 2)
+    if as_json:
+        emit_json(_token_json(revoked))
+    else:
+        out().print(f"Token [bold]{revoked.name}[/] ({revoked.id}) revoked at {_when(revoked.revoked_at)}.")
 
 
 # -- instances and status ----------------------------------------------------------------------------------------
@@ -848,6 +928,78 @@ def close_inactive(
         _run_flow_here(close_inactive_conversations, "close-inactive", as_json, organization_id=org, dry_run=dry_run)
 
 
+# -- webhooks replay (issue 13 §5) --------------------------------------------------------------------------------
+
+
+def parse_since(value: str) -> datetime:
+    """``--since``: an ISO 8601 date or time (UTC when it names no zone) or an age such as ``30m``, ``2h``, ``7d``."""
+    import re
+    from datetime import UTC, timedelta
+
+    text = value.strip()
+    age = re.fullmatch(r"(\d+)\s*([smhd])", text)
+    if age:
+        unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[age.group(2)]
+        return datetime.now(UTC) - timedelta(**{unit: int(age.group(1))})
+    try:
+        parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise InvalidInput(
+            f"--since {value!r} is neither an ISO 8601 time (2026-01-31T12:00Z) nor an age (30m, 2h, 7d)"
+        ) from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+@webhooks_app.command("replay")
+def webhooks_replay(
+    since: Annotated[
+        str | None,
+        typer.Option("--since", help="Deliveries received since then: ISO 8601 (UTC by default) or an age (2h, 7d)."),
+    ] = None,
+    event: Annotated[str | None, typer.Option("--event", help="Only this event (messages.upsert, message …).")] = None,
+    org: OrgOpt = None,
+    spool: Annotated[
+        str | None,
+        typer.Option("--spool", help="Replay a spool journal (folder or segment) copied from another machine."),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Apply stored webhook deliveries again through the normal path (idempotent: what is already applied is a
+    duplicate): inbox rows received since --since, or the records of a copied spool journal (--spool)."""
+    from pathlib import Path
+
+    from api.replay import OUTCOMES, replay_inbox, replay_journal
+
+    with expected_errors():
+        start = parse_since(since) if since is not None else None
+        if start is None and spool is None:
+            fail("say which deliveries to replay: --since TIME (inbox rows) or --spool PATH (a copied journal)", 2)
+        if spool is not None and not Path(spool).exists():
+            fail(f"no spool journal at {spool}", 2)
+        ensure_migrated()
+
+        async def replay() -> Counter[str]:
+            if org is not None:
+                from db.engine import session_scope
+
+                async with session_scope() as session:
+                    await _check_organization(session, org)
+            if spool is not None:
+                return await replay_journal(Path(spool), since=start, event=event, organization_id=org)
+            assert start is not None
+            return await replay_inbox(since=start, event=event, organization_id=org)
+
+        counts = run_async(replay)
+    if as_json:
+        emit_json(dict(counts))
+    else:
+        shown = [f"{counts[o]} {o}" for o in OUTCOMES] + [f"{n} {o}" for o, n in counts.items() if o not in OUTCOMES]
+        source = f"spool {spool}" if spool else "the inbox"
+        out().print(f"Replayed {sum(counts.values())} deliveries from {source}: {', '.join(shown)}.")
+    if counts["failed"]:
+        raise typer.Exit(1)
+
+
 # -- processes ---------------------------------------------------------------------------------------------------
 
 
@@ -916,6 +1068,14 @@ def simulator(
 def api(
     host: Annotated[str | None, typer.Option(help="Interface (default ZAPSYNC_API_HOST or 127.0.0.1).")] = None,
     port: Annotated[int | None, typer.Option(min=1, max=65535, help="Port (default ZAPSYNC_API_PORT or 8000).")] = None,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            max=64,
+            help="API processes sharing the port (each with its own pool and webhook group commit).",
+        ),
+    ] = 1,
 ) -> None:
     """Run the HTTP API with uvicorn (refuses to start on an unmigrated database)."""
     import uvicorn
@@ -926,14 +1086,49 @@ def api(
     with expected_errors():
         check_ports(host, [(port, "API", "--port")])
         ensure_migrated()
-    from api.main import create_app
     from core.logs import configure_logging
 
     configure_logging("INFO")
     _quiet_signals()
-    uvicorn.run(
-        create_app(), host=host, port=port, log_config=access_log_config(), proxy_headers=False, server_header=False
-    )
+    options: dict[str, Any] = {"host": host, "port": port, **api_server_options()}
+    if workers > 1:  # uvicorn's supervisor binds once and starts each worker from an import string
+        # A worker importing the app on a busy machine can take longer than uvicorn's 5 s health check.
+        uvicorn.run(
+            "zapsync.cli:api_worker_app", factory=True, workers=workers, timeout_worker_healthcheck=30, **options
+        )
+        return
+    from api.main import create_app
+
+    uvicorn.run(create_app(), **options)
+
+
+def api_worker_app() -> Any:
+    """The API app of one `zapsync api --workers N` process, logging as the single-process API does."""
+    from api.main import create_app
+    from core.logs import configure_logging
+
+    configure_logging("INFO")
+    return create_app()
+
+
+API_KEEP_ALIVE_S = 120
+"""Seconds the API keeps an idle keep-alive connection open: longer than any gateway's client keeps one idle
+(httpx and Node's agent 5 s, Go 90 s). uvicorn's default of 5 s equals those clients' idle expiry, so under a
+burst with lulls the server closed connections at the very moment clients reused them: the request sent on a
+socket being closed got a TCP reset and no response (issue 13 §7). The client must be the side that closes."""
+API_BACKLOG = 2048
+"""Pending connections the kernel queues before uvicorn accepts them (a burst opens many at once)."""
+
+
+def api_server_options() -> dict[str, Any]:
+    """The uvicorn options `zapsync api` (and so `zapsync up`) serves the API with, beside host, port and app."""
+    return {
+        "log_config": access_log_config(),
+        "proxy_headers": False,
+        "server_header": False,
+        "timeout_keep_alive": API_KEEP_ALIVE_S,
+        "backlog": API_BACKLOG,
+    }
 
 
 @app.command("serve")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
-from api.deps import SESSION_COOKIE, BearerDep, SessionDep, bearer, principal_for
+from api.deps import SESSION_COOKIE, BearerDep, SessionDep, bearer, principal_for_request
 from api.routes.dashboard import templates
 from core.errors import NotFound, Unauthorized
 from db.repositories.conversations import get_conversation, list_messages
@@ -21,7 +21,7 @@ async def conversation_page(
 ) -> Response:
     """The conversation's latest messages, oldest first, each with its status; replies go through the outbox."""
     try:
-        principal = await principal_for(session, bearer(credentials) or request.cookies.get(SESSION_COOKIE))
+        principal = await principal_for_request(session, bearer(credentials), request.cookies.get(SESSION_COOKIE))
     except Unauthorized:
         return RedirectResponse("/", status_code=303)
     conversation = await get_conversation(session, conversation_id, organization_id=principal.organization_id)

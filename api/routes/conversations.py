@@ -188,7 +188,7 @@ async def import_instance(
 
 
 def _cursor(cursor: str | None, order: Order) -> tuple[datetime, int] | None:
-    if cursor is None:
+    if not cursor:  # absent, or `cursor=` (a client sending back an empty next_cursor): the first page
         return None
     try:
         at, row_id, cursor_order = decode_cursor(cursor, 3)
@@ -267,12 +267,16 @@ async def conversation_messages(
     )
 
 
+MAX_OFFSET = 2**63 - 1
+"""The largest offset a query param may ask for: PostgreSQL's OFFSET is a bigint (larger answered 500)."""
+
+
 @router.get("/instances/{instance_id}/chats", response_model=ChatsResponse)
 async def instance_chats(
     instance_id: uuid.UUID,
     principal: PrincipalDep,
     live: bool = Query(default=False, description="Ask the gateway; the database answers when it cannot."),
-    skip: int = Query(default=0, ge=0),
+    skip: int = Query(default=0, ge=0, le=MAX_OFFSET, description="Chats to skip (at most 2**63 - 1)."),
     take: int = Query(default=50, ge=1, le=500),
 ) -> ChatsResponse:
     """The instance's chats from the gateway (`live=true`) or the database, saying which one answered (seed 002:

@@ -9,12 +9,22 @@ from fastapi import APIRouter, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
-from api.deps import SESSION_COOKIE, BearerDep, SessionDep, bearer, principal_for
+from api.deps import (
+    DASHBOARD_SESSION_LIFETIME,
+    SESSION_COOKIE,
+    BearerDep,
+    SessionDep,
+    bearer,
+    principal_for,
+    principal_for_request,
+)
+from api.spool import app_spool
 from core.domain import WorkKind
 from core.errors import Unauthorized
 from core.names import SYNC_FLOW
 from db.repositories.dashboard import instances_overview, recent_conversations, status_counts
-from db.repositories.reports import latest_report
+from db.repositories.organizations import close_dashboard_session, open_dashboard_session
+from db.repositories.reports import latest_report, latest_sync_slice
 from db.repositories.work_queue import queue_stats
 from flows.runs import ui_url
 
@@ -26,11 +36,14 @@ templates = Jinja2Templates(directory=Path(__file__).resolve().parents[1] / "tem
 async def dashboard(request: Request, session: SessionDep, credentials: BearerDep) -> Response:
     """Instances with status, drift, health, last check and last import; the "Sync status" button."""
     try:
-        principal = await principal_for(session, bearer(credentials) or request.cookies.get(SESSION_COOKIE))
+        principal = await principal_for_request(session, bearer(credentials), request.cookies.get(SESSION_COOKIE))
     except Unauthorized:
         return templates.TemplateResponse(request, "login.html", {"error": request.query_params.get("error")})
     organization_id = principal.organization_id
-    report = await latest_report(session, SYNC_FLOW, organization_id) or {}
+    if organization_id is None:
+        report = await latest_report(session, SYNC_FLOW) or {}
+    else:  # only this organization's slice of syncs over every organization (issue 13 §1)
+        report = await latest_sync_slice(session, SYNC_FLOW, organization_id) or {}
     drifted = {str(change["instance_id"]): change for change in report.get("changes", []) if not change.get("applied")}
     run_id = report.get("flow_run_id")
     context = {
@@ -42,27 +55,38 @@ async def dashboard(request: Request, session: SessionDep, credentials: BearerDe
         "last_sync": report,
         "last_sync_url": ui_url(run_id) if run_id else None,
         "queue": await queue_stats(session, kinds=list(WorkKind), organization_id=organization_id),
+        "spool": journal.depth() if (journal := app_spool(request.app)) is not None else None,
     }
     return templates.TemplateResponse(request, "dashboard.html", context)
 
 
 @router.post("/dashboard/login")
 async def login(request: Request, session: SessionDep, token: Annotated[str, Form()]) -> Response:
-    """Check the token and keep it in an HttpOnly cookie for the dashboard's own requests."""
+    """Check the token and open a server-side session; the HttpOnly cookie holds only the session's random id."""
+    token = token.strip()
     try:
-        await principal_for(session, token.strip() or None)
+        principal = await principal_for(session, token or None)
     except Unauthorized:
         return RedirectResponse("/?error=unknown+token", status_code=303)
+    session_id = await open_dashboard_session(session, principal, token=token, lifetime=DASHBOARD_SESSION_LIFETIME)
     response = RedirectResponse("/", status_code=303)
     response.set_cookie(
-        SESSION_COOKIE, token, httponly=True, samesite="strict", secure=request.url.scheme == "https", max_age=7 * 86400
+        SESSION_COOKIE,
+        session_id,
+        httponly=True,
+        samesite="strict",
+        secure=request.url.scheme == "https",
+        max_age=int(DASHBOARD_SESSION_LIFETIME.total_seconds()),
     )
     return response
 
 
 @router.post("/dashboard/logout")
-async def logout() -> Response:
-    """Forget the dashboard's token."""
+async def logout(request: Request, session: SessionDep) -> Response:
+    """End the dashboard's session (deleted server-side) and forget its cookie."""
+    session_id = request.cookies.get(SESSION_COOKIE)
+    if session_id:
+        await close_dashboard_session(session, session_id)
     response = RedirectResponse("/", status_code=303)
     response.delete_cookie(SESSION_COOKIE)
     return response

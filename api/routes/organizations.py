@@ -8,11 +8,12 @@ from datetime import datetime
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
-from api.deps import PrincipalDep, SessionDep, scoped_organization
+from api.deps import AdminDep, PrincipalDep, SessionDep, scoped_organization
 from core.domain import Provider
 from core.errors import InvalidInput, NotFound
 from core.webhook_signatures import WebhookAuth, allowed_modes
 from db.repositories.organization_settings import read_settings, update_settings
+from db.repositories.organizations import list_tokens, revoke_token
 
 router = APIRouter(prefix="/organizations", tags=["organizations"])
 
@@ -87,3 +88,35 @@ async def update_organization_settings(
 
 def _modes(provider: Provider) -> str:
     return ", ".join(sorted(allowed_modes(provider)))
+
+
+# -- API tokens: listing and revocation, admin only (issue 13 §1) ------------------------------------------------
+
+token_router = APIRouter(prefix="/tokens", tags=["tokens"])
+
+
+class TokenRead(BaseModel):
+    """A stored API token (never the token itself)."""
+
+    id: uuid.UUID
+    name: str
+    organization_id: uuid.UUID | None = Field(description="null: an admin token (every organization).")
+    created_at: datetime
+    last_used_at: datetime | None
+    revoked_at: datetime | None
+
+
+@token_router.get("", response_model=list[TokenRead])
+async def list_api_tokens(session: SessionDep, _: AdminDep) -> list[TokenRead]:
+    """Every stored token, oldest first (admin only)."""
+    return [TokenRead.model_validate(t, from_attributes=True) for t in await list_tokens(session)]
+
+
+@token_router.post("/{token_id}/revoke", response_model=TokenRead)
+async def revoke_api_token(token_id: uuid.UUID, session: SessionDep, _: AdminDep) -> TokenRead:
+    """Revoke a token (admin only): from the next request on it gets 401, and its dashboard sessions end. Revoking
+    a revoked token changes nothing."""
+    revoked = await revoke_token(session, token_id)
+    if revoked is None:
+        raise NotFound(f"no token {token_id}")
+    return TokenRead.model_validate(revoked, from_attributes=True)

@@ -7,12 +7,14 @@ from __future__ import annotations
 import hmac
 from datetime import UTC, datetime
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from api.deps import BearerDep, SessionDep, bearer
+from api.errors import error_body, request_id
 from api.schemas import FlowRunResponse
-from core.errors import Unauthorized
+from api.spool import app_spool
+from core.errors import Unauthorized, ZapsyncError
 from core.names import SYNC_FLOW, SYNC_ON_DEMAND
 from core.reports import SyncScope
 from core.settings import get_settings
@@ -30,10 +32,23 @@ async def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz")
-async def readyz() -> dict[str, str]:
-    """The database is reachable and migrated (503 with the reason otherwise)."""
-    await check_migrated()
-    return {"status": "ready"}
+async def readyz(request: Request) -> Response:
+    """The database is reachable and migrated (503 with the reason otherwise). The webhook spool's depth
+    (``spool``: records and bytes waiting for the database) is shown while it holds deliveries, and on every 503.
+
+    A 503 here means the management API cannot answer; webhooks are still accepted into the spool. A load balancer
+    in front of the webhook routes should check `/healthz` instead, or it would turn away the deliveries the spool
+    exists to keep."""
+    journal = app_spool(request.app)
+    depth = journal.depth() if journal is not None else None
+    try:
+        await check_migrated()
+    except ZapsyncError as exc:
+        if depth is None:
+            raise
+        body = {**error_body(type(exc).__name__, exc.message, request_id(request)), "spool": depth}
+        return JSONResponse(body, status_code=type(exc).status_code)
+    return JSONResponse({"status": "ready", **({"spool": depth} if depth and depth["records"] else {})})
 
 
 @router.get(

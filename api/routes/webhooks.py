@@ -16,15 +16,19 @@ import hmac
 import logging
 import time
 import uuid
+from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Request
 from pydantic import BaseModel
 
 from api.deps import BearerDep, bearer
+from api.group_commit import webhook_credentials_of
 from api.inbox import RepeatFilter, handle_event
+from api.schemas import EVOLUTION_WEBHOOK, MEGAAPI_WEBHOOK, WAHA_WEBHOOK, webhook_request_body
+from api.spool import SpoolRecord, app_spool, spool_delivery
 from core.domain import Provider
-from core.errors import InvalidInput, PayloadTooLarge, Unauthorized
+from core.errors import DatabaseUnavailable, InvalidInput, PayloadTooLarge, Unauthorized
 from core.settings import get_settings
 from core.webhook_signatures import (
     SIGNED_METHODS,
@@ -34,9 +38,9 @@ from core.webhook_signatures import (
     looks_like_jwt,
     mode_for,
 )
-from db.engine import session_scope
-from db.repositories.organizations import WebhookCredentials, digest, webhook_credentials
+from db.repositories.organizations import WebhookCredentials, digest
 from gateways.webhook_payloads import (
+    EventKind,
     MalformedPayload,
     WebhookEvent,
     decode_json,
@@ -102,8 +106,7 @@ async def authenticated_body(
     JWT, then the shared secret; a delivery carrying none gets 401 before its body is read. Every comparison is
     constant-time, and an unknown organization is compared against a dummy so timing does not tell ids apart.
     """
-    async with session_scope() as session:
-        credentials = await webhook_credentials(session, organization_id)
+    credentials = await _credentials(request, organization_id)
     mode = mode_for(credentials.webhook_auth if credentials else None, provider)
     allowed = {WebhookAuth.SECRET, *SIGNED_METHODS[provider]} if mode is WebhookAuth.ANY else {mode}
     signature = request.headers.get("x-webhook-hmac")
@@ -130,6 +133,25 @@ async def authenticated_body(
             raise Unauthorized("wrong webhook secret for this organization")
         return await read_limited_body(request)
     raise Unauthorized(f"missing webhook credentials: this organization accepts {_expected(provider, allowed)}")
+
+
+async def _credentials(request: Request, organization_id: uuid.UUID) -> WebhookCredentials | None:
+    """The organization's webhook credentials, remembered per process: while the database is unreachable, the last
+    ones loaded are used, so deliveries can still be checked (and spooled); one never loaded since start → 503."""
+    cache: dict[uuid.UUID, WebhookCredentials] | None = getattr(request.app.state, "webhook_credentials", None)
+    if cache is None:
+        cache = request.app.state.webhook_credentials = {}
+    try:
+        credentials = await webhook_credentials_of(organization_id)  # one lookup for the deliveries arriving meanwhile
+    except DatabaseUnavailable:
+        if organization_id not in cache:
+            raise
+        return cache[organization_id]
+    if credentials is None:
+        cache.pop(organization_id, None)
+    else:
+        cache[organization_id] = credentials
+    return credentials
 
 
 def _signing_key(credentials: WebhookCredentials | None) -> str:
@@ -172,9 +194,20 @@ async def receive(
         log.info("[WEBHOOK] %s org=%s rejected: %s", provider, organization_id, exc)
         raise InvalidInput(str(exc)) from exc
     repeats: RepeatFilter = request.app.state.repeat_filter
-    result = await handle_event(organization_id, event, payload, repeats=repeats)
+    # -- the spool (issue 13 §4): behind older spooled deliveries, or with the database down, journal and answer 202
+    journal = app_spool(request.app)
+    record = SpoolRecord(datetime.now(UTC), organization_id, provider, path_event, body)
+    if journal is not None and journal.backlog:
+        await spool_delivery(request.app, record, event, "older deliveries are spooled")
+    try:
+        result = await handle_event(organization_id, event, payload, repeats=repeats)
+    except DatabaseUnavailable:
+        if journal is None:
+            raise
+        await spool_delivery(request.app, record, event, "the database is unreachable")
+    # -- end of the spool
     metrics = request.app.state.metrics
-    metrics.webhook_events.labels(str(provider), event.event, result.outcome).inc()
+    metrics.webhook_events.labels(str(provider), metric_event_label(event), result.outcome).inc()
     metrics.webhook_seconds.labels(str(provider)).observe(time.perf_counter() - begun)
     log.info(
         "[WEBHOOK] %s %s %s -> %s in %.1f ms",
@@ -190,13 +223,27 @@ async def receive(
     return WebhookAck(outcome=result.outcome, event=event.event, instance=event.instance_name, detail=result.detail)
 
 
-@router.post("/evolution/{organization_id}", response_model=WebhookAck)
+def metric_event_label(event: WebhookEvent) -> str:
+    """The event name as a metrics label: names zapsync acts on as sent, any other as ``other`` (a sender must not
+    be able to create label values, and so time series, at will)."""
+    return event.event if event.kind is not EventKind.OTHER else "other"
+
+
+@router.post(
+    "/evolution/{organization_id}",
+    response_model=WebhookAck,
+    openapi_extra=webhook_request_body(EVOLUTION_WEBHOOK, required=("event",)),
+)
 async def evolution_webhook(request: Request, organization_id: uuid.UUID, secret: SecretDep) -> WebhookAck:
     """Evolution API v2 deliveries (all events to one URL)."""
     return await receive(request, organization_id, Provider.EVOLUTION, secret)
 
 
-@router.post("/evolution/{organization_id}/{event_suffix}", response_model=WebhookAck)
+@router.post(
+    "/evolution/{organization_id}/{event_suffix}",
+    response_model=WebhookAck,
+    openapi_extra=webhook_request_body(EVOLUTION_WEBHOOK),
+)
 async def evolution_webhook_by_event(
     request: Request, organization_id: uuid.UUID, event_suffix: str, secret: SecretDep
 ) -> WebhookAck:
@@ -204,13 +251,19 @@ async def evolution_webhook_by_event(
     return await receive(request, organization_id, Provider.EVOLUTION, secret, path_event=event_suffix)
 
 
-@router.post("/megaapi/{organization_id}", response_model=WebhookAck)
+@router.post(
+    "/megaapi/{organization_id}", response_model=WebhookAck, openapi_extra=webhook_request_body(MEGAAPI_WEBHOOK)
+)
 async def megaapi_webhook(request: Request, organization_id: uuid.UUID, secret: SecretDep) -> WebhookAck:
     """MegaAPI deliveries."""
     return await receive(request, organization_id, Provider.MEGAAPI, secret)
 
 
-@router.post("/waha/{organization_id}", response_model=WebhookAck)
+@router.post(
+    "/waha/{organization_id}",
+    response_model=WebhookAck,
+    openapi_extra=webhook_request_body(WAHA_WEBHOOK, required=("event",)),
+)
 async def waha_webhook(request: Request, organization_id: uuid.UUID, secret: SecretDep) -> WebhookAck:
     """WAHA deliveries (every event to one URL), HMAC-signed or with the secret in a custom header."""
     return await receive(request, organization_id, Provider.WAHA, secret)

@@ -61,3 +61,24 @@ class ApiToken(Base):
     created_at: Mapped[datetime] = mapped_column(server_default=text("now()"))
     last_used_at: Mapped[datetime | None]
     revoked_at: Mapped[datetime | None]
+
+
+class DashboardSession(Base):
+    """A signed-in dashboard browser (issue 13 §1): its cookie holds a random id, this row holds only its digest.
+
+    The session speaks for the token it was opened with: revoking that token ends it at once (the lookup joins the
+    token), and so does its expiry or a logout (which deletes the row)."""
+
+    __tablename__ = "dashboard_sessions"
+
+    id_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    """sha256 hex of the session id in the cookie."""
+    token_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("api_tokens.id", ondelete="CASCADE"), index=True)
+    """The stored token signed in with; null for the settings' admin token (``ZAPSYNC_ADMIN_TOKEN``)."""
+    token_hash: Mapped[str] = mapped_column(String(64))
+    """sha256 hex of the token signed in with: a session of the settings' admin token ends when that token changes."""
+    principal: Mapped[str]
+    """The token's name when the session opened (for audit)."""
+    created_at: Mapped[datetime] = mapped_column(server_default=text("now()"))
+    expires_at: Mapped[datetime] = mapped_column(index=True)
+    revoked_at: Mapped[datetime | None]

@@ -114,6 +114,35 @@ async def instance_scope_by_name(
     return InstanceScope(*row) if row else None
 
 
+_SCOPES_BY_NAME_SQL = text(
+    "SELECT DISTINCT ON (k.n) k.n, i.id, i.organization_id, i.gateway, i.instance_name, i.status, "
+    "o.inactivity_hours, o.import_history_days "
+    "FROM unnest(CAST(:orgs AS uuid[]), CAST(:names AS text[]), CAST(:gateways AS text[])) WITH ORDINALITY "
+    "AS k(org, name, gateways, n) "
+    "JOIN whatsapp_instances i ON i.organization_id = k.org AND i.instance_name = k.name "
+    "AND i.gateway = ANY(string_to_array(k.gateways, ',')) "
+    "JOIN organizations o ON o.id = i.organization_id ORDER BY k.n, i.gateway"
+)
+
+
+async def instance_scopes_by_name(
+    session: AsyncSession, wanted: Sequence[tuple[uuid.UUID, Sequence[str], str]]
+) -> list[InstanceScope | None]:
+    """:func:`instance_scope_by_name` for many (organization, gateways, instance name) in one statement, in order."""
+    if not wanted:
+        return []
+    rows = await session.execute(
+        _SCOPES_BY_NAME_SQL,
+        {
+            "orgs": [org for org, _, _ in wanted],
+            "names": [name for _, _, name in wanted],
+            "gateways": [",".join(gateways) for _, gateways, _ in wanted],
+        },
+    )
+    found = {row[0]: InstanceScope(*row[1:]) for row in rows.all()}
+    return [found.get(n) for n in range(1, len(wanted) + 1)]
+
+
 # -- contacts ---------------------------------------------------------------------------------------------------
 
 

@@ -11,7 +11,7 @@ import hmac
 import secrets
 import uuid
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select, text
@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.sealing import seal, unseal
 from db.models import ApiToken, Organization
+from db.models.organization import DashboardSession
 
 
 def digest(secret: str) -> str:
@@ -89,6 +90,8 @@ class Principal:
 
     organization_id: uuid.UUID | None
     name: str
+    token_id: uuid.UUID | None = field(default=None, compare=False)
+    """The stored token's id (None for the settings' admin token)."""
 
     @property
     def is_admin(self) -> bool:
@@ -116,7 +119,7 @@ async def principal_for_token(session: AsyncSession, token: str) -> Principal | 
     if row is None:
         return None
     row.last_used_at = datetime.now(UTC)
-    return Principal(organization_id=row.organization_id, name=row.name)
+    return Principal(organization_id=row.organization_id, name=row.name, token_id=row.id)
 
 
 async def organization_exists(session: AsyncSession, organization_id: uuid.UUID) -> bool:
@@ -151,3 +154,124 @@ async def webhook_credentials(session: AsyncSession, organization_id: uuid.UUID)
         return None
     secret_hash, sealed, auth = row
     return WebhookCredentials(secret_hash=secret_hash, sealed_secret=sealed, webhook_auth=dict(auth or {}))
+
+
+# -- token revocation and dashboard sessions (issue 13 §1) ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    """A stored token as `zapsync token list` shows it (never the token itself)."""
+
+    id: uuid.UUID
+    name: str
+    organization_id: uuid.UUID | None
+    created_at: datetime
+    last_used_at: datetime | None
+    revoked_at: datetime | None
+
+
+async def list_tokens(session: AsyncSession, *, include_revoked: bool = True) -> list[TokenInfo]:
+    """Every stored token, oldest first."""
+    rows = await session.execute(
+        text(
+            "SELECT id, name, organization_id, created_at, last_used_at, revoked_at FROM api_tokens "
+            "WHERE CAST(:all AS boolean) OR revoked_at IS NULL ORDER BY created_at, id"
+        ),
+        {"all": include_revoked},
+    )
+    return [TokenInfo(*row) for row in rows.all()]
+
+
+async def find_tokens(session: AsyncSession, id_or_name_prefix: str) -> list[TokenInfo]:
+    """The tokens whose id is ``id_or_name_prefix``, else whose id or name starts with it."""
+    prefix = id_or_name_prefix.strip()
+    if not prefix:
+        return []
+    like = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+    rows = await session.execute(
+        text(
+            "SELECT id, name, organization_id, created_at, last_used_at, revoked_at FROM api_tokens "
+            "WHERE id::text = lower(:exact) OR id::text LIKE lower(:like) OR name LIKE :like "
+            "ORDER BY created_at, id"
+        ),
+        {"exact": prefix, "like": like},
+    )
+    found = [TokenInfo(*row) for row in rows.all()]
+    exact = [t for t in found if str(t.id) == prefix.lower()]
+    return exact or found
+
+
+async def revoke_token(session: AsyncSession, token_id: uuid.UUID) -> TokenInfo | None:
+    """Revoke a stored token and end its dashboard sessions; None when there is no such token. Idempotent: a token
+    revoked before keeps its first ``revoked_at``."""
+    row = (
+        await session.execute(
+            text(
+                "UPDATE api_tokens SET revoked_at = COALESCE(revoked_at, now()) WHERE id = :id "
+                "RETURNING id, name, organization_id, created_at, last_used_at, revoked_at"
+            ),
+            {"id": token_id},
+        )
+    ).one_or_none()
+    if row is None:
+        return None
+    await session.execute(
+        text("UPDATE dashboard_sessions SET revoked_at = now() WHERE token_id = :id AND revoked_at IS NULL"),
+        {"id": token_id},
+    )
+    return TokenInfo(*row)
+
+
+def _session_digest(session_id: str) -> str:
+    return digest(session_id)
+
+
+async def open_dashboard_session(
+    session: AsyncSession, principal: Principal, *, token: str, lifetime: timedelta
+) -> str:
+    """A new dashboard session for a signed-in token; returns its random id (the cookie's value, never stored)."""
+    session_id = secrets.token_urlsafe(32)
+    session.add(
+        DashboardSession(
+            id_hash=_session_digest(session_id),
+            token_id=principal.token_id,
+            token_hash=digest(token),
+            principal=principal.name,
+            expires_at=datetime.now(UTC) + lifetime,
+        )
+    )
+    await session.flush()
+    return session_id
+
+
+async def principal_for_dashboard_session(
+    session: AsyncSession, session_id: str, *, admin_token_hash: str | None
+) -> Principal | None:
+    """Who a dashboard session speaks for; None when it is unknown, expired, logged out, or its token was revoked
+    (for a session of the settings' admin token: when that token is no longer ``admin_token_hash``)."""
+    row = (
+        await session.execute(
+            text(
+                "SELECT s.token_id, t.organization_id, COALESCE(t.name, s.principal) "
+                "FROM dashboard_sessions s LEFT JOIN api_tokens t ON t.id = s.token_id "
+                "WHERE s.id_hash = :h AND s.revoked_at IS NULL AND s.expires_at > now() "
+                "AND ((s.token_id IS NOT NULL AND t.revoked_at IS NULL) "
+                "     OR (s.token_id IS NULL AND s.token_hash = CAST(:admin AS text)))"
+            ),
+            {"h": _session_digest(session_id), "admin": admin_token_hash},
+        )
+    ).one_or_none()
+    if row is None:
+        return None
+    token_id, organization_id, name = row
+    return Principal(organization_id=organization_id, name="admin" if token_id is None else name, token_id=token_id)
+
+
+async def close_dashboard_session(session: AsyncSession, session_id: str) -> bool:
+    """Delete a dashboard session (logout); False when there was none. Expired sessions are deleted on the way."""
+    result = await session.execute(
+        text("DELETE FROM dashboard_sessions WHERE id_hash = :h OR expires_at < now() - interval '1 day'"),
+        {"h": _session_digest(session_id)},
+    )
+    return int(getattr(result, "rowcount", 0) or 0) > 0

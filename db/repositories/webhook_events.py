@@ -1,4 +1,9 @@
-"""The webhook inbox and the instance lookups webhook handling needs."""
+"""The webhook inbox and the instance lookups webhook handling needs.
+
+A payload is stored redacted (:mod:`core.redaction`); one holding NUL or lone surrogates (a
+:class:`core.storable.SanitizedPayload`) is stored as escaped JSON text, so the row keeps the delivery as sent:
+read stored payloads through :func:`original_payload`.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.redaction import redact
+from core.storable import SanitizedPayload, escaped, unescaped
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +75,7 @@ async def store_event(
             "event": event[:64],
             "instance": instance_name,
             "key": dedupe_key,
-            "payload": _json(redact(payload)),
+            "payload": _json(inbox_payload(payload)),
             "outcome": outcome,
             "error": error,
         },
@@ -107,7 +113,7 @@ async def store_untracked_event(
             "event": event[:64],
             "instance": instance_name,
             "key": dedupe_key,
-            "payload": _json(redact(payload)),
+            "payload": _json(inbox_payload(payload)),
             "outcome": outcome,
             "error": error,
             "refresh": refresh_after_seconds,
@@ -124,7 +130,66 @@ async def set_event_outcome(session: AsyncSession, dedupe_key: str, outcome: str
     )
 
 
+def original_payload(row_payload: Any) -> Any:
+    """The payload a `webhook_events.payload` value stands for, exactly as it was delivered (secrets redacted):
+    NUL and lone surrogates included, which the row holds escaped (:mod:`core.storable`)."""
+    return unescaped(row_payload)
+
+
+def inbox_payload(payload: dict[str, Any]) -> dict[str, Any]:
+    """What the inbox row holds for ``payload``: redacted, escaped when it was sanitized at parse time."""
+    if isinstance(payload, SanitizedPayload):
+        return escaped(redact(payload.original))
+    return redact(payload)  # type: ignore[no-any-return]
+
+
 def _json(payload: dict[str, Any]) -> str:
     import orjson
 
     return orjson.dumps(payload).decode()
+
+
+# -- batches (group commit of webhook deliveries) ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class InboxRow:
+    """One delivery to store in the inbox, as :func:`store_event` takes it."""
+
+    organization_id: uuid.UUID
+    provider: str
+    event: str
+    instance_name: str | None
+    dedupe_key: str
+    payload: dict[str, Any]
+    outcome: str
+    error: str | None = None
+
+
+_STORE_EVENTS_SQL = text(
+    "INSERT INTO webhook_events (organization_id, provider, event, instance_name, dedupe_key, payload, outcome, "
+    "error) SELECT * FROM unnest(CAST(:orgs AS uuid[]), CAST(:providers AS text[]), CAST(:events AS text[]), "
+    "CAST(:instances AS text[]), CAST(:keys AS text[]), CAST(:payloads AS jsonb[]), CAST(:outcomes AS text[]), "
+    "CAST(:errors AS text[])) ON CONFLICT (dedupe_key) DO NOTHING RETURNING dedupe_key"
+)
+
+
+async def store_events(session: AsyncSession, rows: Sequence[InboxRow]) -> set[str]:
+    """:func:`store_event` for many deliveries in one statement; returns the keys inserted (the others were there:
+    redeliveries). Keys must be distinct."""
+    if not rows:
+        return set()
+    result = await session.execute(
+        _STORE_EVENTS_SQL,
+        {
+            "orgs": [r.organization_id for r in rows],
+            "providers": [r.provider for r in rows],
+            "events": [r.event[:64] for r in rows],
+            "instances": [r.instance_name for r in rows],
+            "keys": [r.dedupe_key for r in rows],
+            "payloads": [_json(redact(r.payload)) for r in rows],
+            "outcomes": [r.outcome for r in rows],
+            "errors": [r.error for r in rows],
+        },
+    )
+    return {row[0] for row in result.all()}

@@ -3,8 +3,8 @@
 
 Provider routes follow gateways.md §1 and §4: Evolution's guard order (instance exists → name free on create →
 ``apikey``), its error envelope and its 200-with-``{"error": true}`` quirk on restart; MegaAPI's bearer token and
-``{"error", "message"}`` bodies. The knobs (hang, latency, outage, error rate) apply to provider routes only; the
-``/_sim`` control routes never see them. JSON is written with orjson.
+``{"error", "message"}`` bodies. The knobs (hang, latency, outage, error rate, flapping) apply to provider routes
+only; the ``/_sim`` control routes never see them. JSON is written with orjson.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def _unavailable(provider: ProviderName, message: str) -> _Reply:
 
 
 async def _gate(state: SimulatorState, provider: ProviderName, call: str) -> None:
-    """Count the call, then apply the knobs: hang, latency, outage, seeded error rate."""
+    """Count the call, then apply the knobs: hang, latency, outage, seeded error rate, flapping cycle."""
     state.record_call(f"{provider}.{call}")
     config = state.config
     if config.hang:
@@ -92,6 +92,8 @@ async def _gate(state: SimulatorState, provider: ProviderName, call: str) -> Non
         raise _unavailable(provider, "Simulated outage: the gateway is unavailable")
     if state.draw_fault():
         raise _unavailable(provider, "Simulated error: the gateway is unavailable")
+    if state.draw_flap():
+        raise _unavailable(provider, "Simulated flapping: the gateway is unavailable")
 
 
 async def _body(request: Request) -> dict[str, Any]:

@@ -113,6 +113,10 @@ class SimulatorConfig(BaseModel):
     """Fraction of provider requests answered 503 with the provider's error envelope (seeded draws)."""
     outage: bool = False
     """Every provider route answers 503."""
+    outage_cycle: str = Field(default="", pattern=r"^[01]*$", max_length=1000)
+    """A flapping gateway: provider requests follow this cycle, one character each, ``1`` answered 503 and ``0``
+    served (``"10"``: every other request fails). Empty: off. Restarts at the first character on each `configure`
+    that sets it."""
     hang: bool = False
     """Provider routes wait ``hang_s`` (or until ``hang`` is switched off) before answering."""
     hang_s: float = Field(default=60.0, ge=0)
@@ -290,6 +294,7 @@ class SimulatorState:
         self._lock = threading.RLock()
         self._rng = random.Random(self.config.seed)
         self._fault_rng = random.Random(f"faults:{self.config.seed}")
+        self._flap_position = 0
         self._histories: dict[str, tuple[HistorySpec, History]] = {}
         self.sends = SendBook(self.config.seed)
         """Sends the host accepted (``gateways.simulator.sends``)."""
@@ -319,6 +324,8 @@ class SimulatorState:
         with self._lock:
             merged = {**self.config.model_dump(), **changes}
             self.config = SimulatorConfig.model_validate(merged)
+            if "outage_cycle" in changes:
+                self._flap_position = 0
             if "seed" in changes:
                 self._reseed()
             return self.config
@@ -345,6 +352,15 @@ class SimulatorState:
         with self._lock:
             return self._fault_rng.random() < rate
 
+    def draw_flap(self) -> bool:
+        """Should this provider request fail with 503 (the next character of ``outage_cycle`` is ``1``)?"""
+        cycle = self.config.outage_cycle
+        if not cycle:
+            return False
+        with self._lock:
+            position, self._flap_position = self._flap_position, self._flap_position + 1
+        return cycle[position % len(cycle)] == "1"
+
     def reset(self, *, keep_config: bool = False) -> None:
         """Drop every instance and counter, restore the default knobs (unless ``keep_config``), re-seed the draws."""
         with self._lock:
@@ -354,6 +370,7 @@ class SimulatorState:
             self.sends.clear(self.config.seed)
             if not keep_config:
                 self.config = SimulatorConfig()
+            self._flap_position = 0
             self._reseed()
 
     # -- instances ------------------------------------------------------------------------------------------------
