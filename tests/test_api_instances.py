@@ -32,6 +32,15 @@ async def test_management_routes_need_a_token(client: httpx.AsyncClient) -> None
     assert (await client.post("/instances/sync")).status_code == 401
 
 
+async def test_an_admin_sync_of_an_unknown_organization_is_a_404_not_a_run(client: httpx.AsyncClient) -> None:
+    unknown = uuid.uuid4()
+    answer = await client.post(
+        "/instances/sync", json={"organization_id": str(unknown)}, headers={"authorization": "Bearer test-admin-token"}
+    )
+
+    assert answer.status_code == 404 and str(unknown) in answer.json()["detail"]
+
+
 async def test_the_token_may_also_come_from_the_dashboards_cookie(client: httpx.AsyncClient) -> None:
     signed_in = await client.post("/dashboard/login", data={"token": "test-admin-token"})
     assert signed_in.status_code == 303 and "test-admin-token" not in signed_in.headers["set-cookie"]

@@ -19,7 +19,9 @@ from api.schemas import (
 from core.domain import UNREACHABLE
 from core.errors import FlowTriggerFailed, NotFound
 from core.reports import SyncReport, SyncScope
+from db.engine import session_scope
 from db.repositories.instances import get_instance
+from db.repositories.organizations import organization_exists
 from flows.local_runs import start_local_run
 from flows.runs import FlowRunRef, ui_url
 from flows.sync_status import check_status, sync_status
@@ -102,6 +104,10 @@ async def sync_instances(principal: PrincipalDep, request: SyncRequest | None = 
     """Start a status sync of every instance the token may see (or one organization); `wait` for its report."""
     request = request or SyncRequest()
     scope = SyncScope(organization_id=scoped_organization(principal, request.organization_id))
+    if scope.organization_id is not None:
+        async with session_scope() as session:
+            if not await organization_exists(session, scope.organization_id):
+                raise NotFound(f"no organization {scope.organization_id}")
     return await start_sync(scope, request)
 
 
