@@ -42,6 +42,8 @@ from db.repositories.conversations import (
     insert_messages_returning,
     instance_scope_by_name,
     instance_scopes_by_name,
+    lock_receipts,
+    unstored_messages,
     upsert_contacts,
 )
 from db.repositories.instances import apply_status_writes
@@ -327,8 +329,11 @@ async def _handle_messages(
             )
             detail = f"{len(moved)} of {len(event.receipts)} message statuses moved forward"
         else:
+            # A name is as new as the event that carries it: an older push name arriving later does not win.
+            tolerance = timedelta(seconds=get_settings().webhook_event_time_tolerance_seconds)
+            seen_at = observation_time(event.event_time, received_at, tolerance)
             written = await upsert_contacts(
-                session, scope, (ContactInput(c.jid, c.alt_jid, c.name) for c in event.contacts)
+                session, scope, (ContactInput(c.jid, c.alt_jid, c.name, seen_at) for c in event.contacts)
             )
             detail = f"{len(event.contacts)} contacts ({written.created} new)"
     return HandlingResult("applied", detail)
@@ -358,7 +363,9 @@ async def apply_messages(
         if not messages:
             return []
     contacts = await upsert_contacts(
-        session, scope, (ContactInput(m.chat_jid, m.alt_jid, None if m.from_me else m.push_name) for m in messages)
+        session,
+        scope,
+        (ContactInput(m.chat_jid, m.alt_jid, None if m.from_me else m.push_name, m.sent_at) for m in messages),
     )
     refs = await ensure_conversations(
         session,
@@ -502,6 +509,13 @@ async def apply_message_batch(batch: Sequence[Delivery]) -> list[HandlingResult 
         announce: list[NewLiveEvent] = []
         for scope_id in sorted(by_id):
             scope = by_id[scope_id]
+            if scope_id in receipts:
+                # A receipt for a message neither stored nor in this batch waits for it (pending_receipts): take
+                # the instance's receipt lock exclusively now, before the messages' insert takes it shared.
+                batched = {m.external_id for _, people in messages.get(scope_id, ()) for m in people}
+                acked = {ext for _, some in receipts[scope_id] for ext, _ in some if ext not in batched}
+                if await unstored_messages(session, scope, acked):
+                    await lock_receipts(session, scope_id, exclusive=True)
             if scope_id in messages:
                 # By chat (stable), so concurrent batches lock contacts in the same order.
                 every = sorted((m for _, people in messages[scope_id] for m in people), key=lambda m: m.chat_jid)
@@ -516,7 +530,7 @@ async def apply_message_batch(batch: Sequence[Delivery]) -> list[HandlingResult 
                     results[index] = HandlingResult("applied", f"{count} new of {len(people)} messages")
             if scope_id in receipts:
                 updates = [r for _, some in receipts[scope_id] for r in some]
-                moved = await advance_message_statuses(session, scope, updates)
+                moved = await advance_message_statuses(session, scope, updates, locked=True)
                 announce.extend(
                     status_events(
                         scope.organization_id,
