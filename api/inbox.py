@@ -453,6 +453,8 @@ async def apply_message_batch(batch: Sequence[Delivery]) -> list[HandlingResult 
     duplicate the second time), then per instance, in id order, all new messages together (each contact's messages
     go where its newest one goes, as when the newest arrives first), then all receipts (after the messages, as when
     they arrive after them; each message moves once, to the furthest status, as when that receipt arrives first).
+    A receipt whose message is neither stored nor in the batch is remembered until the message comes (see
+    :func:`db.repositories.conversations.advance_message_statuses`).
     """
     results: list[HandlingResult | Alone] = [ALONE] * len(batch)
     wanted = [(d.organization_id, tuple(gateways_for(d.event.provider)), d.event.instance_name or "") for d in batch]

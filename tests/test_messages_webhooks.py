@@ -504,3 +504,40 @@ async def test_an_older_push_name_arriving_after_a_newer_contact_name_does_not_o
     assert await rows("SELECT name FROM contacts") == [{"name": "Ana Paula"}]
     await post(client, org, envelope("messages.upsert", message("N2", at=now)))  # newer than the rename
     assert await rows("SELECT name FROM contacts") == [{"name": "Ana"}]
+
+
+async def test_an_imported_message_takes_the_receipt_that_arrived_before_it(client, org) -> None:
+    from core.domain import GatewayMessage
+    from db.repositories.conversations import (
+        ContactInput,
+        ConversationFact,
+        MessageRows,
+        ensure_conversations,
+        instance_scope_by_name,
+        upsert_contacts,
+    )
+    from db.repositories.import_copy import copy_messages
+
+    await post(client, org, envelope("messages.update", {"keyId": "HIST1", "status": "READ"}))
+    await post(client, org, envelope("messages.update", {"keyId": "HIST2", "status": "DELIVERY_ACK"}))
+    at = datetime.now(UTC) - timedelta(days=1)
+    async with session_scope() as session:
+        scope = await instance_scope_by_name(
+            session, organization_id=org, gateways=["evolution"], instance_name="acme-01"
+        )
+        assert scope is not None
+        written = await upsert_contacts(session, scope, [ContactInput(CUSTOMER)])
+        refs = await ensure_conversations(
+            session, scope, [ConversationFact(written.ids[CUSTOMER], at, True)], now=at, closed_reason="imported"
+        )
+        rows_ = MessageRows()
+        conversation_id = refs[written.ids[CUSTOMER]].id
+        rows_.append(conversation_id, GatewayMessage("HIST1", CUSTOMER, True, int(at.timestamp()), "text", "a"))
+        # Its own status is further than the pending receipt: it stays.
+        played = GatewayMessage("HIST2", CUSTOMER, True, int(at.timestamp()), "text", "b", status="played")
+        rows_.append(conversation_id, played)
+        assert await copy_messages(session, scope, rows_) == 2
+
+    assert (await message_row("HIST1"))["status"] == "read"
+    assert (await message_row("HIST2"))["status"] == "played"
+    assert await count("pending_receipts") == 0

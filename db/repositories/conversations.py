@@ -13,6 +13,11 @@ Conversation rules (DESIGN.md §3), one place for both paths:
 * ``waiting_since`` marks the first unanswered customer message; the business's reply clears it and moves a
   waiting conversation to ``in_progress``.
 
+Arrival order does not decide (issue 13 §6): an older message arriving late re-marks ``waiting_since`` from the
+stored messages; a receipt arriving before its message waits in ``pending_receipts`` and is applied when the message
+is stored; a contact's name is the one observed last (``name_observed_at``: a push name at its message's send time, a
+contact event at its own time, an import now), whatever order they arrive in.
+
 Large arrays travel as one delimited string per column and are split by ``string_to_array`` in SQL: binding
 Python lists makes psycopg adapt every element in Python, which cost more than PostgreSQL's whole insert.
 """
@@ -259,7 +264,15 @@ inserted AS (
            l.client_id
     FROM input i LEFT JOIN linked l ON l.jid = i.jid
     WHERE NOT EXISTS (SELECT 1 FROM matched m WHERE m.jid = i.jid)
-    ON CONFLICT (instance_id, jid) DO UPDATE SET updated_at = contacts.updated_at
+    ON CONFLICT (instance_id, jid) DO UPDATE SET  -- a concurrent insert won: its name yields to a newer one
+        name = CASE WHEN EXCLUDED.name IS NOT NULL AND (contacts.name_observed_at IS NULL
+                                                        OR EXCLUDED.name_observed_at >= contacts.name_observed_at)
+                    THEN EXCLUDED.name ELSE contacts.name END,
+        name_observed_at = CASE
+            WHEN EXCLUDED.name IS NOT NULL AND (contacts.name_observed_at IS NULL
+                                                OR EXCLUDED.name_observed_at >= contacts.name_observed_at)
+            THEN EXCLUDED.name_observed_at ELSE contacts.name_observed_at END,
+        updated_at = contacts.updated_at
     RETURNING id, jid, (xmax = 0) AS created, client_id IS NOT NULL AS has_client
 )
 SELECT m.jid, m.id, false, COALESCE(u.newly_linked, false) FROM matched m LEFT JOIN updated u ON u.id = m.id
