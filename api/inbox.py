@@ -42,7 +42,6 @@ from db.repositories.conversations import (
     insert_messages_returning,
     instance_scope_by_name,
     instance_scopes_by_name,
-    lock_receipts,
     unstored_messages,
     upsert_contacts,
 )
@@ -453,20 +452,21 @@ async def apply_message_batch(batch: Sequence[Delivery]) -> list[HandlingResult 
     duplicate the second time), then per instance, in id order, all new messages together (each contact's messages
     go where its newest one goes, as when the newest arrives first), then all receipts (after the messages, as when
     they arrive after them; each message moves once, to the furthest status, as when that receipt arrives first).
-    A receipt whose message is neither stored nor in the batch is remembered until the message comes (see
-    :func:`db.repositories.conversations.advance_message_statuses`).
+    A receipt whose message is neither stored nor in the batch is applied alone (ALONE), where it is remembered until
+    the message comes (see :func:`db.repositories.conversations.advance_message_statuses`).
     """
     results: list[HandlingResult | Alone] = [ALONE] * len(batch)
     wanted = [(d.organization_id, tuple(gateways_for(d.event.provider)), d.event.instance_name or "") for d in batch]
     distinct = list(dict.fromkeys(wanted))
     async with session_scope() as session:
         scopes = dict(zip(distinct, await instance_scopes_by_name(session, distinct), strict=True))
+        early = await _receipts_before_messages(session, batch, [scopes[w] for w in wanted])
         rows: list[InboxRow] = []
         planned: list[tuple[int, InstanceScope, str, list[GatewayMessage], str | None]] = []
         keys: set[str] = set()
         for index, delivery in enumerate(batch):
             scope, event = scopes[wanted[index]], delivery.event
-            if scope is None:
+            if scope is None or index in early:
                 continue
             key = dedupe_key(delivery.organization_id, event, delivery.payload)
             if key in keys:
@@ -511,13 +511,6 @@ async def apply_message_batch(batch: Sequence[Delivery]) -> list[HandlingResult 
         announce: list[NewLiveEvent] = []
         for scope_id in sorted(by_id):
             scope = by_id[scope_id]
-            if scope_id in receipts:
-                # A receipt for a message neither stored nor in this batch waits for it (pending_receipts): take
-                # the instance's receipt lock exclusively now, before the messages' insert takes it shared.
-                batched = {m.external_id for _, people in messages.get(scope_id, ()) for m in people}
-                acked = {ext for _, some in receipts[scope_id] for ext, _ in some if ext not in batched}
-                if await unstored_messages(session, scope, acked):
-                    await lock_receipts(session, scope_id, exclusive=True)
             if scope_id in messages:
                 # By chat (stable), so concurrent batches lock contacts in the same order.
                 every = sorted((m for _, people in messages[scope_id] for m in people), key=lambda m: m.chat_jid)
@@ -532,6 +525,7 @@ async def apply_message_batch(batch: Sequence[Delivery]) -> list[HandlingResult 
                     results[index] = HandlingResult("applied", f"{count} new of {len(people)} messages")
             if scope_id in receipts:
                 updates = [r for _, some in receipts[scope_id] for r in some]
+                # Every message they are for is stored (or was in the batch): no receipt lock needed.
                 moved = await advance_message_statuses(session, scope, updates, locked=True)
                 announce.extend(
                     status_events(
@@ -549,3 +543,31 @@ async def apply_message_batch(batch: Sequence[Delivery]) -> list[HandlingResult 
                     results[index] = HandlingResult("applied", f"{count} of {len(some)} message statuses moved forward")
         await publish(announce, session=session)
     return results
+
+
+async def _receipts_before_messages(
+    session: AsyncSession, batch: Sequence[Delivery], scopes: Sequence[InstanceScope | None]
+) -> set[int]:
+    """The receipt deliveries of ``batch`` for a message neither stored nor in the batch: each is applied alone,
+    after the batch, where it takes the instance's receipt lock before any other (a batch taking it after its
+    contacts' row locks could deadlock with a message insert)."""
+    acked: dict[uuid.UUID, dict[str, list[int]]] = {}
+    batched: dict[uuid.UUID, set[str]] = {}
+    by_id: dict[uuid.UUID, InstanceScope] = {}
+    for index, (delivery, scope) in enumerate(zip(batch, scopes, strict=True)):
+        if scope is None:
+            continue
+        by_id[scope.id] = scope
+        if delivery.event.kind is EventKind.RECEIPTS:
+            for ext, _ in delivery.event.receipts:
+                acked.setdefault(scope.id, {}).setdefault(ext, []).append(index)
+        else:
+            batched.setdefault(scope.id, set()).update(
+                m.external_id for m in delivery.event.messages if m.kind is ChatKind.CONTACT
+            )
+    early: set[int] = set()
+    for scope_id in sorted(acked):
+        wanted = [ext for ext in acked[scope_id] if ext not in batched.get(scope_id, ())]
+        for ext in await unstored_messages(session, by_id[scope_id], wanted):
+            early.update(acked[scope_id][ext])
+    return early
