@@ -42,6 +42,7 @@ from db.repositories.conversations import (
     insert_messages_returning,
     instance_scope_by_name,
     instance_scopes_by_name,
+    unstored_messages,
     upsert_contacts,
 )
 from db.repositories.instances import apply_status_writes
@@ -373,8 +374,11 @@ async def _handle_messages(
             )
             detail = f"{len(moved)} of {len(event.receipts)} message statuses moved forward"
         else:
+            # A name is as new as the event that carries it: an older push name arriving later does not win.
+            tolerance = timedelta(seconds=get_settings().webhook_event_time_tolerance_seconds)
+            seen_at = observation_time(event.event_time, received_at, tolerance)
             written = await upsert_contacts(
-                session, scope, (ContactInput(c.jid, c.alt_jid, c.name) for c in event.contacts)
+                session, scope, (ContactInput(c.jid, c.alt_jid, c.name, seen_at) for c in event.contacts)
             )
             detail = f"{len(event.contacts)} contacts ({written.created} new)"
     return HandlingResult("applied", detail)
@@ -404,7 +408,9 @@ async def apply_messages(
         if not messages:
             return []
     contacts = await upsert_contacts(
-        session, scope, (ContactInput(m.chat_jid, m.alt_jid, None if m.from_me else m.push_name) for m in messages)
+        session,
+        scope,
+        (ContactInput(m.chat_jid, m.alt_jid, None if m.from_me else m.push_name, m.sent_at) for m in messages),
     )
     refs = await ensure_conversations(
         session,
@@ -496,18 +502,21 @@ async def apply_message_batch(batch: Sequence[Delivery]) -> list[HandlingResult 
     duplicate the second time), then per instance, in id order, all new messages together (each contact's messages
     go where its newest one goes, as when the newest arrives first), then all receipts (after the messages, as when
     they arrive after them; each message moves once, to the furthest status, as when that receipt arrives first).
+    A receipt whose message is neither stored nor in the batch is applied alone (ALONE), where it is remembered until
+    the message comes (see :func:`db.repositories.conversations.advance_message_statuses`).
     """
     results: list[HandlingResult | Alone] = [ALONE] * len(batch)
     wanted = [(d.organization_id, tuple(gateways_for(d.event.provider)), d.event.instance_name or "") for d in batch]
     distinct = list(dict.fromkeys(wanted))
     async with session_scope() as session:
         scopes = dict(zip(distinct, await instance_scopes_by_name(session, distinct), strict=True))
+        early = await _receipts_before_messages(session, batch, [scopes[w] for w in wanted])
         rows: list[InboxRow] = []
         planned: list[tuple[int, InstanceScope, str, list[GatewayMessage], str | None]] = []
         keys: set[str] = set()
         for index, delivery in enumerate(batch):
             scope, event = scopes[wanted[index]], delivery.event
-            if scope is None:
+            if scope is None or index in early:
                 continue
             key = dedupe_key(delivery.organization_id, event, delivery.payload)
             if key in keys:
@@ -566,7 +575,8 @@ async def apply_message_batch(batch: Sequence[Delivery]) -> list[HandlingResult 
                     results[index] = HandlingResult("applied", f"{count} new of {len(people)} messages")
             if scope_id in receipts:
                 updates = [r for _, some in receipts[scope_id] for r in some]
-                moved = await advance_message_statuses(session, scope, updates)
+                # Every message they are for is stored (or was in the batch): no receipt lock needed.
+                moved = await advance_message_statuses(session, scope, updates, locked=True)
                 announce.extend(
                     status_events(
                         scope.organization_id,
@@ -583,3 +593,31 @@ async def apply_message_batch(batch: Sequence[Delivery]) -> list[HandlingResult 
                     results[index] = HandlingResult("applied", f"{count} of {len(some)} message statuses moved forward")
         await publish(announce, session=session)
     return results
+
+
+async def _receipts_before_messages(
+    session: AsyncSession, batch: Sequence[Delivery], scopes: Sequence[InstanceScope | None]
+) -> set[int]:
+    """The receipt deliveries of ``batch`` for a message neither stored nor in the batch: each is applied alone,
+    after the batch, where it takes the instance's receipt lock before any other (a batch taking it after its
+    contacts' row locks could deadlock with a message insert)."""
+    acked: dict[uuid.UUID, dict[str, list[int]]] = {}
+    batched: dict[uuid.UUID, set[str]] = {}
+    by_id: dict[uuid.UUID, InstanceScope] = {}
+    for index, (delivery, scope) in enumerate(zip(batch, scopes, strict=True)):
+        if scope is None:
+            continue
+        by_id[scope.id] = scope
+        if delivery.event.kind is EventKind.RECEIPTS:
+            for ext, _ in delivery.event.receipts:
+                acked.setdefault(scope.id, {}).setdefault(ext, []).append(index)
+        else:
+            batched.setdefault(scope.id, set()).update(
+                m.external_id for m in delivery.event.messages if m.kind is ChatKind.CONTACT
+            )
+    early: set[int] = set()
+    for scope_id in sorted(acked):
+        wanted = [ext for ext in acked[scope_id] if ext not in batched.get(scope_id, ())]
+        for ext in await unstored_messages(session, by_id[scope_id], wanted):
+            early.update(acked[scope_id][ext])
+    return early

@@ -616,16 +616,9 @@ async def _tenfold_delivery() -> dict[str, Any]:
 
 
 def _identity(rows_: dict[str, Any]) -> dict[str, Any]:
-    """The rows without what depends on the order of arrival today (see the xfail test below)."""
-    return {
-        name: {
-            "instance": found["instance"],
-            "contacts": [r[:3] for r in found["contacts"]],  # without the name
-            "conversations": [r[:4] + r[5:] for r in found["conversations"]],  # without waiting_since
-            "messages": [r[:7] for r in found["messages"]],  # without the receipt status
-        }
-        for name, found in rows_.items()
-    }
+    """The rows without the session count: a stale connection state arriving after a newer one is not applied, so
+    a shuffled delivery may record fewer sessions (bounded by the test below)."""
+    return {name: {table: found[table] for table in found if table != "sessions"} for name, found in rows_.items()}
 
 
 @pytest.mark.slow
@@ -650,16 +643,11 @@ async def test_every_webhook_delivered_ten_times_in_random_order() -> None:
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("database")
-@pytest.mark.xfail(
-    strict=True,
-    reason="order of arrival still decides: (1) a receipt delivered before its message is dropped and its "
-    "redeliveries are deduplicated, so the message stays `sent`/`pending` instead of `read`; (2) an older customer "
-    "message arriving after a newer one leaves `waiting_since` at the newer one; (3) a message's pushName arriving "
-    "after a newer contacts.upsert overwrites the contact's name",
-)
 async def test_ten_times_in_random_order_leaves_the_rows_of_one_ordered_delivery() -> None:
     run = await _tenfold_delivery()
-    assert not (diff := _differences(run["shuffled"], run["ordered"])), _describe(diff)
+    # Receipts before their message, an older message after a newer one, an older name after a newer one: the
+    # rows are those of the ordered delivery all the same.
+    assert not (diff := _differences(_identity(run["shuffled"]), _identity(run["ordered"]))), _describe(diff)
 
 
 def _describe(diff: dict[tuple[str, str], Any]) -> str:

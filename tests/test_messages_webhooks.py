@@ -434,3 +434,110 @@ async def test_messages_for_unknown_instances_are_stored_and_ignored(client, org
 
     assert response.json()["outcome"] == "ignored"
     assert await count("messages") == 0 and await count("webhook_events") == 1
+
+
+# -- the order of arrival does not decide (issue 13 §6) -----------------------------------------------------------
+
+
+async def test_a_receipt_arriving_before_its_message_is_applied_when_the_message_arrives(client, org) -> None:
+    read = envelope("messages.update", {"keyId": "EARLY1", "remoteJid": CUSTOMER, "fromMe": True, "status": "READ"})
+    delivered = envelope(
+        "messages.update", {"keyId": "EARLY1", "remoteJid": CUSTOMER, "fromMe": True, "status": "DELIVERY_ACK"}
+    )
+
+    assert (await post(client, org, read)).json()["outcome"] == "applied"
+    assert (await post(client, org, delivered)).status_code == 200  # behind READ: the pending receipt stays read
+    assert await rows("SELECT external_id, status FROM pending_receipts") == [
+        {"external_id": "EARLY1", "status": "read"}
+    ]
+    echo = await post(client, org, envelope("send.message", message("EARLY1", from_me=True, status="PENDING")))
+
+    assert echo.json()["outcome"] == "applied"
+    assert (await message_row("EARLY1"))["status"] == "read"
+    assert await count("pending_receipts") == 0  # applied, so forgotten
+    # A receipt for a stored message is applied at once and never remembered.
+    await post(client, org, envelope("messages.update", {"keyId": "EARLY1", "status": "PLAYED"}))
+    assert (await message_row("EARLY1"))["status"] == "played" and await count("pending_receipts") == 0
+
+
+async def test_a_stale_pending_receipt_is_pruned_after_a_week(client, org) -> None:
+    await post(client, org, envelope("messages.update", {"keyId": "GONE1", "status": "READ"}))
+    async with session_scope() as session:
+        await session.execute(text("UPDATE pending_receipts SET observed_at = now() - interval '8 days'"))
+
+    await post(client, org, envelope("messages.update", {"keyId": "LATER1", "status": "DELIVERY_ACK"}))
+
+    assert [r["external_id"] for r in await rows("SELECT external_id FROM pending_receipts")] == ["LATER1"]
+
+
+async def test_an_older_customer_message_arriving_late_moves_the_waiting_marker_back(client, org) -> None:
+    start = datetime.now(UTC) - timedelta(minutes=5)
+    await post(client, org, envelope("messages.upsert", message("W2", at=start + timedelta(seconds=30))))
+    await post(client, org, envelope("messages.upsert", message("W1", at=start)))
+
+    (conv,) = await conversations()
+    assert conv["status"] == "waiting"
+    assert int(conv["waiting_since"].timestamp()) == int(start.timestamp())  # the first unanswered message
+    assert int(conv["opened_at"].timestamp()) == int(start.timestamp())
+
+
+async def test_a_business_reply_arriving_late_answers_the_messages_before_it(client, org) -> None:
+    start = datetime.now(UTC) - timedelta(minutes=5)
+    await post(client, org, envelope("messages.upsert", message("Q1", at=start)))
+    await post(client, org, envelope("messages.upsert", message("Q2", at=start + timedelta(seconds=60))))
+    late = message("A1", from_me=True, at=start + timedelta(seconds=30), status="PENDING")
+    await post(client, org, envelope("send.message", late))
+
+    (conv,) = await conversations()
+    # As in the order they were sent: Q1 answered by A1, Q2 unanswered.
+    assert conv["status"] == "in_progress"
+    assert int(conv["waiting_since"].timestamp()) == int((start + timedelta(seconds=60)).timestamp())
+
+
+async def test_an_older_push_name_arriving_after_a_newer_contact_name_does_not_overwrite_it(client, org) -> None:
+    now = datetime.now(UTC)
+    renamed = envelope("contacts.upsert", [{"remoteJid": CUSTOMER, "pushName": "Ana Paula", "profilePicUrl": None}])
+    renamed["date_time"] = (now - timedelta(minutes=1)).isoformat().replace("+00:00", "Z")
+    await post(client, org, renamed)
+    await post(client, org, envelope("messages.upsert", message("N1", at=now - timedelta(minutes=2))))  # "Ana"
+
+    assert await rows("SELECT name FROM contacts") == [{"name": "Ana Paula"}]
+    await post(client, org, envelope("messages.upsert", message("N2", at=now)))  # newer than the rename
+    assert await rows("SELECT name FROM contacts") == [{"name": "Ana"}]
+
+
+async def test_an_imported_message_takes_the_receipt_that_arrived_before_it(client, org) -> None:
+    from core.domain import GatewayMessage
+    from db.repositories.conversations import (
+        ContactInput,
+        ConversationFact,
+        MessageRows,
+        ensure_conversations,
+        instance_scope_by_name,
+        upsert_contacts,
+    )
+    from db.repositories.import_copy import copy_messages
+
+    await post(client, org, envelope("messages.update", {"keyId": "HIST1", "status": "READ"}))
+    await post(client, org, envelope("messages.update", {"keyId": "HIST2", "status": "DELIVERY_ACK"}))
+    at = datetime.now(UTC) - timedelta(days=1)
+    async with session_scope() as session:
+        scope = await instance_scope_by_name(
+            session, organization_id=org, gateways=["evolution"], instance_name="acme-01"
+        )
+        assert scope is not None
+        written = await upsert_contacts(session, scope, [ContactInput(CUSTOMER)])
+        refs = await ensure_conversations(
+            session, scope, [ConversationFact(written.ids[CUSTOMER], at, True)], now=at, closed_reason="imported"
+        )
+        rows_ = MessageRows()
+        conversation_id = refs[written.ids[CUSTOMER]].id
+        rows_.append(conversation_id, GatewayMessage("HIST1", CUSTOMER, True, int(at.timestamp()), "text", "a"))
+        # Its own status is further than the pending receipt: it stays.
+        played = GatewayMessage("HIST2", CUSTOMER, True, int(at.timestamp()), "text", "b", status="played")
+        rows_.append(conversation_id, played)
+        assert await copy_messages(session, scope, rows_) == 2
+
+    assert (await message_row("HIST1"))["status"] == "read"
+    assert (await message_row("HIST2"))["status"] == "played"
+    assert await count("pending_receipts") == 0

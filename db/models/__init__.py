@@ -1,7 +1,7 @@
 """All zapsync tables, re-exported so Alembic sees them."""
 
 from db.models.base import Base
-from db.models.conversation import Contact, Conversation, ImportRun, LiveEvent, Message
+from db.models.conversation import Contact, Conversation, ImportRun, LiveEvent, Message, PendingReceipt
 from db.models.events import FlowReport, WebhookEvent
 from db.models.health import GatewayHealth
 from db.models.instance import InstanceStatusChange, WhatsAppInstance, WhatsAppSession
@@ -21,6 +21,7 @@ __all__ = [
     "LiveEvent",
     "Message",
     "Organization",
+    "PendingReceipt",
     "WebhookEvent",
     "WhatsAppInstance",
     "WhatsAppSession",

@@ -42,8 +42,29 @@ class Contact(Timestamps, Base):
     """The other addressing form (LID ↔ phone number) when the gateway gives it."""
     phone: Mapped[str | None] = mapped_column(String(32))
     name: Mapped[str | None]
+    name_observed_at: Mapped[datetime | None]
+    """When ``name`` was observed (a message's push name at its send time, a contact event at its time): an older
+    observation arriving later does not overwrite it (migration 0011)."""
     client_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("clients.id", ondelete="SET NULL"))
     is_group: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+
+
+class PendingReceipt(Base):
+    """A receipt for a message not stored yet (it arrived first): applied, and deleted, when the message is stored.
+
+    One row per message, at the furthest status seen; rows older than a week are pruned when a receipt is
+    remembered (migration 0011).
+    """
+
+    __tablename__ = "pending_receipts"
+    __table_args__ = (Index("ix_pending_receipts_instance_observed", "instance_id", "observed_at"),)
+
+    instance_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("whatsapp_instances.id", ondelete="CASCADE"), primary_key=True
+    )
+    external_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    status: Mapped[str] = mapped_column(String(16))
+    observed_at: Mapped[datetime] = mapped_column(server_default=text("now()"))
 
 
 class Conversation(Timestamps, Base):

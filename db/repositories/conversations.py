@@ -13,6 +13,11 @@ Conversation rules (DESIGN.md §3), one place for both paths:
 * ``waiting_since`` marks the first unanswered customer message; the business's reply clears it and moves a
   waiting conversation to ``in_progress``.
 
+Arrival order does not decide (issue 13 §6): an older message arriving late re-marks ``waiting_since`` from the
+stored messages; a receipt arriving before its message waits in ``pending_receipts`` and is applied when the message
+is stored; a contact's name is the one observed last (``name_observed_at``: a push name at its message's send time, a
+contact event at its own time, an import now), whatever order they arrive in.
+
 Large arrays travel as one delimited string per column and are split by ``string_to_array`` in SQL: binding
 Python lists makes psycopg adapt every element in Python, which cost more than PostgreSQL's whole insert.
 """
@@ -153,6 +158,8 @@ class ContactInput:
     jid: str
     alt_jid: str | None = None
     name: str | None = None
+    name_at: datetime | None = None
+    """When the name was observed (a message's send time, a contact event's time); None: now."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,16 +185,25 @@ def _merge_contacts(contacts: Iterable[ContactInput]) -> list[ContactInput]:
             where[jid] = len(merged)
             if alt:
                 where[alt] = len(merged)
-            merged.append(ContactInput(jid, alt, contact.name))
+            merged.append(ContactInput(jid, alt, contact.name, contact.name_at if contact.name else None))
             continue
         known = merged[index]
+        newer = contact.name is not None and (known.name is None or _not_older(contact.name_at, known.name_at))
         merged[index] = ContactInput(
-            known.jid, known.alt_jid or (alt if alt != known.jid else jid), contact.name or known.name
+            known.jid,
+            known.alt_jid or (alt if alt != known.jid else jid),
+            contact.name if newer else known.name,
+            contact.name_at if newer else known.name_at,
         )
         for address in (jid, alt):
             if address:
                 where[address] = index
     return merged
+
+
+def _not_older(at: datetime | None, than: datetime | None) -> bool:
+    """Whether a name observed ``at`` replaces one observed ``than`` (None is now; a tie goes to the later input)."""
+    return at is None or (than is not None and at >= than)
 
 
 def _phone(contact: ContactInput) -> str | None:
@@ -200,8 +216,8 @@ def _phone(contact: ContactInput) -> str | None:
 _UPSERT_CONTACTS_SQL = text(f"""
 WITH input AS (
     SELECT * FROM unnest({_col("jids", "text")}, {_col("alts", "text")}, {_col("phones", "text")},
-                         {_col("names", "text")}, {_col("variants", "text")})
-    AS i(jid, alt, phone, name, variants)
+                         {_col("names", "text")}, {_col("variants", "text")}, {_col("names_at", "timestamptz")})
+    AS i(jid, alt, phone, name, variants, name_at)
 ),
 matched AS (
     SELECT DISTINCT ON (i.jid) i.jid, c.id, c.client_id,
@@ -221,7 +237,12 @@ linked AS (
 updated AS (
     UPDATE contacts c SET
         jid = CASE WHEN m.swap THEN i.jid ELSE c.jid END,
-        name = COALESCE(i.name, c.name),
+        name = CASE WHEN i.name IS NOT NULL AND (c.name_observed_at IS NULL
+                                                 OR COALESCE(i.name_at, now()) >= c.name_observed_at)
+                    THEN i.name ELSE c.name END,
+        name_observed_at = CASE WHEN i.name IS NOT NULL AND (c.name_observed_at IS NULL
+                                                             OR COALESCE(i.name_at, now()) >= c.name_observed_at)
+                                THEN COALESCE(i.name_at, now()) ELSE c.name_observed_at END,
         alt_jid = CASE WHEN m.swap THEN c.jid
                        ELSE COALESCE(c.alt_jid, NULLIF(CASE WHEN c.jid = i.jid THEN i.alt ELSE i.jid END, c.jid)) END,
         phone = COALESCE(c.phone, i.phone),
@@ -230,18 +251,28 @@ updated AS (
     FROM matched m JOIN input i ON i.jid = m.jid LEFT JOIN linked l ON l.jid = i.jid
     WHERE c.id = m.id AND (
         m.swap
-        OR (i.name IS NOT NULL AND c.name IS DISTINCT FROM i.name)
+        OR (i.name IS NOT NULL AND (c.name_observed_at IS NULL OR COALESCE(i.name_at, now()) >= c.name_observed_at)
+            AND (c.name IS DISTINCT FROM i.name OR i.name_at > c.name_observed_at))
         OR (c.alt_jid IS NULL AND NULLIF(CASE WHEN c.jid = i.jid THEN i.alt ELSE i.jid END, c.jid) IS NOT NULL)
         OR (c.phone IS NULL AND i.phone IS NOT NULL)
         OR (c.client_id IS NULL AND l.client_id IS NOT NULL))
     RETURNING c.id, (m.client_id IS NULL AND c.client_id IS NOT NULL) AS newly_linked
 ),
 inserted AS (
-    INSERT INTO contacts (organization_id, instance_id, jid, alt_jid, phone, name, client_id)
-    SELECT :org, :inst, i.jid, i.alt, i.phone, i.name, l.client_id
+    INSERT INTO contacts (organization_id, instance_id, jid, alt_jid, phone, name, name_observed_at, client_id)
+    SELECT :org, :inst, i.jid, i.alt, i.phone, i.name, CASE WHEN i.name IS NOT NULL THEN COALESCE(i.name_at, now()) END,
+           l.client_id
     FROM input i LEFT JOIN linked l ON l.jid = i.jid
     WHERE NOT EXISTS (SELECT 1 FROM matched m WHERE m.jid = i.jid)
-    ON CONFLICT (instance_id, jid) DO UPDATE SET updated_at = contacts.updated_at
+    ON CONFLICT (instance_id, jid) DO UPDATE SET  -- a concurrent insert won: its name yields to a newer one
+        name = CASE WHEN EXCLUDED.name IS NOT NULL AND (contacts.name_observed_at IS NULL
+                                                        OR EXCLUDED.name_observed_at >= contacts.name_observed_at)
+                    THEN EXCLUDED.name ELSE contacts.name END,
+        name_observed_at = CASE
+            WHEN EXCLUDED.name IS NOT NULL AND (contacts.name_observed_at IS NULL
+                                                OR EXCLUDED.name_observed_at >= contacts.name_observed_at)
+            THEN EXCLUDED.name_observed_at ELSE contacts.name_observed_at END,
+        updated_at = contacts.updated_at
     RETURNING id, jid, (xmax = 0) AS created, client_id IS NOT NULL AS has_client
 )
 SELECT m.jid, m.id, false, COALESCE(u.newly_linked, false) FROM matched m LEFT JOIN updated u ON u.id = m.id
@@ -275,6 +306,7 @@ async def upsert_contacts(
                 "phones": _pack(phones),
                 "names": _pack_text([p.name for p in people]),
                 "variants": _pack(",".join(phone_variants(phone)) or None for phone in phones),
+                "names_at": _pack(p.name_at.isoformat() if p.name and p.name_at else None for p in people),
             },
         )
     ).all()
@@ -401,7 +433,15 @@ UPDATE conversations c SET
     opened_at = LEAST(c.opened_at, a.oldest),
     last_message_at = GREATEST(c.last_message_at, a.newest),
     waiting_since = CASE
-        WHEN a.newest < c.last_message_at THEN c.waiting_since
+        WHEN a.oldest < c.last_message_at THEN CASE
+            -- an older message arrived late: the first customer message after the business's last one, from the
+            -- stored messages (these included), as if they had arrived in order
+            WHEN c.status NOT IN ('waiting', 'in_progress') THEN c.waiting_since
+            ELSE (SELECT min(m.sent_at) FROM messages m
+                  WHERE m.conversation_id = c.id AND NOT m.from_me AND m.sent_at > COALESCE(
+                      (SELECT max(o.sent_at) FROM messages o WHERE o.conversation_id = c.id AND o.from_me),
+                      '-infinity'))
+            END
         WHEN a.newest_from_me THEN NULL
         WHEN a.last_out IS NOT NULL THEN (
             SELECT min(i.sent_at) FROM ins i
@@ -412,6 +452,8 @@ UPDATE conversations c SET
     END,
     status = CASE
         WHEN a.newest >= c.last_message_at AND a.newest_from_me AND c.status = 'waiting' THEN 'in_progress'
+        -- a business message arriving late still answered the customer, as when it arrived in order
+        WHEN a.oldest < c.last_message_at AND a.last_out IS NOT NULL AND c.status = 'waiting' THEN 'in_progress'
         ELSE c.status END,
     updated_at = now()
 FROM agg a
@@ -514,17 +556,55 @@ class InsertedMessage:
     from_me: bool
 
 
+_RANKS = "ARRAY[" + ", ".join(f"'{status}'" for status in STATUS_ORDER) + "]::text[]"
+
+
+def furthest_status_sql(stored: str, other: str) -> str:
+    """SQL for the further of two statuses (``stored`` when ``other`` is NULL, unknown or behind it)."""
+    return (
+        f"CASE WHEN array_position({_RANKS}, {other}) > array_position({_RANKS}, {stored}) THEN {other} "
+        f"ELSE {stored} END"
+    )
+
+
+RECEIPTS_LOCK_SQL = (
+    "SELECT pg_advisory_xact_lock{mode}(hashtextextended('pending-receipts:' || CAST(:inst AS text), 0))"
+)
+"""Orders receipts for messages not stored yet against the messages' insertion, per instance: an insert holds it
+shared (and so sees every pending receipt committed before), a receipt that finds its message missing holds it
+exclusively (and so sees every message committed before). Format ``mode`` with ``_shared`` or ''."""
+_LOCK_SHARED_SQL = text(RECEIPTS_LOCK_SQL.format(mode="_shared"))
+_LOCK_EXCLUSIVE_SQL = text(RECEIPTS_LOCK_SQL.format(mode=""))
+
+
+async def lock_receipts(session: AsyncSession, instance_id: uuid.UUID, *, exclusive: bool) -> None:
+    """Take the instance's pending-receipt lock for the transaction (see :data:`RECEIPTS_LOCK_SQL`)."""
+    await session.execute(_LOCK_EXCLUSIVE_SQL if exclusive else _LOCK_SHARED_SQL, {"inst": instance_id})
+
+
+CLAIM_PENDING_SQL = """
+claimed AS (
+    DELETE FROM pending_receipts p USING {source} s
+    WHERE p.instance_id = {inst} AND p.external_id = s.ext
+    RETURNING p.external_id, p.status
+)"""
+"""A CTE taking the pending receipts of the messages in ``source`` (a relation with column ``ext``): an insert
+joins ``claimed`` on ``external_id`` and stores the further of its status and the receipt's."""
+
 _INSERT_MESSAGES_SQL = f"""
+WITH m AS (
+    SELECT * FROM unnest({_col("convs", "bigint")}, {_col("exts", "text")}, {_col("fms", "boolean")},
+                         {_col("types", "text")}, {_col("contents", "text")}, {_col("murls", "text")},
+                         {_col("mmimes", "text")}, {_col("mnames", "text")}, {_col("msizes", "bigint")},
+                         {_col("tss", "bigint")}, {_col("statuses", "text")})
+    AS m(conv, ext, fm, type, content, murl, mmime, mname, msize, ts, status)
+),{CLAIM_PENDING_SQL.format(source="m", inst=":inst")}
 INSERT INTO messages (organization_id, instance_id, conversation_id, external_id, from_me, sender, type, content,
                       media_url, media_mime, media_name, media_size, sent_at, status)
 SELECT :org, :inst, m.conv, m.ext, m.fm, CASE WHEN m.fm THEN 'agent' ELSE 'client' END, m.type, m.content,
        m.murl, m.mmime, m.mname, m.msize, to_timestamp(m.ts),
-       COALESCE(m.status, CASE WHEN m.fm THEN 'sent' ELSE 'delivered' END)
-FROM unnest({_col("convs", "bigint")}, {_col("exts", "text")}, {_col("fms", "boolean")}, {_col("types", "text")},
-            {_col("contents", "text")}, {_col("murls", "text")}, {_col("mmimes", "text")},
-            {_col("mnames", "text")}, {_col("msizes", "bigint")}, {_col("tss", "bigint")},
-            {_col("statuses", "text")})
-     AS m(conv, ext, fm, type, content, murl, mmime, mname, msize, ts, status)
+       {furthest_status_sql("COALESCE(m.status, CASE WHEN m.fm THEN 'sent' ELSE 'delivered' END)", "r.status")}
+FROM m LEFT JOIN claimed r ON r.external_id = m.ext
 ON CONFLICT (instance_id, external_id) DO NOTHING
 """
 _INSERT_COUNT_SQL = text(_INSERT_MESSAGES_SQL)
@@ -558,9 +638,11 @@ def _message_params(scope: InstanceScope, rows: MessageRows) -> dict[str, Any]:
 
 
 async def insert_messages(session: AsyncSession, scope: InstanceScope, rows: MessageRows) -> int:
-    """Store messages not stored yet (by external id) in one statement; returns how many were new."""
+    """Store messages not stored yet (by external id) in one statement, each at the furthest of its status and a
+    receipt that arrived before it (which is then forgotten); returns how many were new."""
     if not len(rows):
         return 0
+    await lock_receipts(session, scope.id, exclusive=False)
     result = await session.execute(_INSERT_COUNT_SQL, _message_params(scope, rows))
     return int(getattr(result, "rowcount", 0) or 0)
 
@@ -571,17 +653,45 @@ async def insert_messages_returning(
     """Like :func:`insert_messages`, returning the rows that were new (the webhook path advances from them)."""
     if not len(rows):
         return []
+    await lock_receipts(session, scope.id, exclusive=False)
     result = await session.execute(_INSERT_RETURNING_SQL, _message_params(scope, rows))
     return [InsertedMessage(*row) for row in result.all()]
 
 
 _STATUS_SQL = text(f"""
-UPDATE messages m SET status = r.status
-FROM unnest({_col("exts", "text")}, {_col("statuses", "text")}) AS r(ext, status)
-WHERE m.instance_id = :inst AND m.external_id = r.ext
-  AND array_position(CAST(:order AS text[]), r.status) > array_position(CAST(:order AS text[]), m.status)
-RETURNING m.id, m.conversation_id, m.external_id, m.status
+WITH r AS (SELECT * FROM unnest({_col("exts", "text")}, {_col("statuses", "text")}) AS r(ext, status)),
+moved AS (
+    UPDATE messages m SET status = r.status
+    FROM r
+    WHERE m.instance_id = :inst AND m.external_id = r.ext
+      AND array_position(CAST(:order AS text[]), r.status) > array_position(CAST(:order AS text[]), m.status)
+    RETURNING m.id, m.conversation_id, m.external_id, m.status
+),
+kept AS (
+    INSERT INTO pending_receipts AS p (instance_id, external_id, status)
+    SELECT :inst, r.ext, r.status FROM r
+    WHERE NOT EXISTS (SELECT 1 FROM messages x WHERE x.instance_id = :inst AND x.external_id = r.ext)
+    ON CONFLICT (instance_id, external_id) DO UPDATE SET status = EXCLUDED.status, observed_at = now()
+    WHERE array_position(CAST(:order AS text[]), EXCLUDED.status) > array_position(CAST(:order AS text[]), p.status)
+),
+pruned AS (  -- the bound: a receipt whose message has not come in a week never will (a group's, a deleted chat's)
+    DELETE FROM pending_receipts WHERE instance_id = :inst AND observed_at < now() - interval '7 days'
+)
+SELECT id, conversation_id, external_id, status FROM moved
 """)
+_MISSING_SQL = text(f"""
+SELECT r.ext FROM unnest({_col("exts", "text")}) AS r(ext)
+WHERE NOT EXISTS (SELECT 1 FROM messages x WHERE x.instance_id = :inst AND x.external_id = r.ext)
+""")
+
+
+async def unstored_messages(session: AsyncSession, scope: InstanceScope, external_ids: Iterable[str]) -> set[str]:
+    """Which of ``external_ids`` have no stored message (read only: no row is locked)."""
+    wanted = list(dict.fromkeys(external_ids))
+    if not wanted:
+        return set()
+    rows = await session.execute(_MISSING_SQL, {"inst": scope.id, "exts": _pack_text(wanted)})
+    return {row[0] for row in rows.all()}
 
 
 async def advance_message_status(
@@ -593,16 +703,22 @@ async def advance_message_status(
 
 
 async def advance_message_statuses(
-    session: AsyncSession, scope: InstanceScope, updates: Sequence[tuple[str, str]]
+    session: AsyncSession, scope: InstanceScope, updates: Sequence[tuple[str, str]], *, locked: bool = False
 ) -> list[tuple[int, int, str, str]]:
     """Like :func:`advance_message_status`, returning (id, conversation id, external id, new status) of each
-    message that moved."""
+    message that moved.
+
+    A receipt for a message not stored yet is remembered (``pending_receipts``, at the furthest status) and applied
+    when the message is stored. Before remembering one, the instance's receipt lock is taken exclusively (see
+    :data:`RECEIPTS_LOCK_SQL`), unless the caller already holds it (``locked``)."""
     best: dict[str, str] = {}
     for external_id, status in updates:
         if status in STATUS_ORDER and (external_id not in best or STATUS_RANK[status] > STATUS_RANK[best[external_id]]):
             best[external_id] = status
     if not best:
         return []
+    if not locked and await unstored_messages(session, scope, best):
+        await lock_receipts(session, scope.id, exclusive=True)
     result = await session.execute(
         _STATUS_SQL,
         {

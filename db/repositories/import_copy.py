@@ -18,7 +18,13 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.domain import GatewayMessage
 from db.engine import driver_connection
-from db.repositories.conversations import InstanceScope, MessageRows
+from db.repositories.conversations import (
+    CLAIM_PENDING_SQL,
+    RECEIPTS_LOCK_SQL,
+    InstanceScope,
+    MessageRows,
+    furthest_status_sql,
+)
 
 STAGE_TABLE = "zapsync_import_messages"
 """A temporary table per connection, emptied by every commit (``ON COMMIT DELETE ROWS``); each merge empties
@@ -30,15 +36,16 @@ _STAGE_SQL = (
 )
 _COPY_SQL = f"COPY {STAGE_TABLE} (conv, ext, fm, type, content, murl, mmime, mname, msize, ts, status) FROM STDIN"
 _MERGE_SQL = f"""
-WITH staged AS (DELETE FROM {STAGE_TABLE} RETURNING *)
+WITH staged AS (DELETE FROM {STAGE_TABLE} RETURNING *),{CLAIM_PENDING_SQL.format(source="staged", inst="%(inst)s")}
 INSERT INTO messages (organization_id, instance_id, conversation_id, external_id, from_me, sender, type, content,
                       media_url, media_mime, media_name, media_size, sent_at, status)
 SELECT %(org)s, %(inst)s, m.conv, m.ext, m.fm, CASE WHEN m.fm THEN 'agent' ELSE 'client' END, m.type, m.content,
        m.murl, m.mmime, m.mname, m.msize, to_timestamp(m.ts),
-       COALESCE(m.status, CASE WHEN m.fm THEN 'sent' ELSE 'delivered' END)
-FROM staged m
+       {furthest_status_sql("COALESCE(m.status, CASE WHEN m.fm THEN 'sent' ELSE 'delivered' END)", "r.status")}
+FROM staged m LEFT JOIN claimed r ON r.external_id = m.ext
 ON CONFLICT (instance_id, external_id) DO NOTHING
 """
+_LOCK_SQL = RECEIPTS_LOCK_SQL.format(mode="_shared").replace(":inst", "%(inst)s")
 _FIELD = {name: index for index, name in enumerate(GatewayMessage._fields)}
 _SCRUB = str.maketrans({"\x00": None, "\x1f": " ", "\x1e": " "})
 
@@ -84,7 +91,8 @@ def _stage_rows(rows: MessageRows) -> list[tuple[Any, ...]]:
 
 async def copy_messages(session: AsyncSession, scope: InstanceScope, rows: MessageRows) -> int:
     """Store the messages not stored yet (by external id): COPY into the staging table, one merge; returns how many
-    were new."""
+    were new. Each is stored at the furthest of its status and a receipt that arrived before it (see
+    :func:`db.repositories.conversations.insert_messages`)."""
     if not len(rows):
         return 0
     staged = _stage_rows(rows)
@@ -94,6 +102,7 @@ async def copy_messages(session: AsyncSession, scope: InstanceScope, rows: Messa
         async with cursor.copy(_COPY_SQL) as copy:
             for row in staged:
                 await copy.write_row(row)
+        await cursor.execute(_LOCK_SQL, {"inst": scope.id})
         await cursor.execute(_MERGE_SQL, {"org": scope.organization_id, "inst": scope.id})
         inserted = cursor.rowcount
     return max(inserted, 0)
