@@ -515,6 +515,22 @@ async def test_a_dashboard_session_ends_when_it_expires_or_its_token_is_revoked(
     assert row["revoked_at"] is not None
 
 
+async def test_a_sign_in_deletes_sessions_expired_for_over_a_day(client: httpx.AsyncClient) -> None:
+    org = await make_organization("Alpha")
+    async with session_scope() as session:
+        old = await create_token(session, name="old", organization_id=org)
+        fresh = await create_token(session, name="fresh", organization_id=org)
+    await _sign_in(client, old)
+    async with session_scope() as session:
+        await session.execute(
+            text("UPDATE dashboard_sessions SET expires_at = now() - interval '2 days' WHERE principal = 'old'")
+        )
+
+    await _sign_in(client, fresh)
+
+    assert sorted(r["principal"] for r in await _sessions()) == ["fresh"]
+
+
 # -- token revocation --------------------------------------------------------------------------------------------
 
 

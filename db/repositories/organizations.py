@@ -230,7 +230,9 @@ def _session_digest(session_id: str) -> str:
 async def open_dashboard_session(
     session: AsyncSession, principal: Principal, *, token: str, lifetime: timedelta
 ) -> str:
-    """A new dashboard session for a signed-in token; returns its random id (the cookie's value, never stored)."""
+    """A new dashboard session for a signed-in token; returns its random id (the cookie's value, never stored).
+    Sessions expired for over a day are deleted on the way (an indexed range), so sign-ins bound the table."""
+    await session.execute(text("DELETE FROM dashboard_sessions WHERE expires_at < now() - interval '1 day'"))
     session_id = secrets.token_urlsafe(32)
     session.add(
         DashboardSession(
