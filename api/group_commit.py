@@ -26,9 +26,12 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Final, Generic, Literal, TypeVar
 
+import psycopg
+from sqlalchemy import exc as sa_exc
+
 from core.errors import DatabaseUnavailable
-from db.engine import session_scope
-from db.repositories.organizations import WebhookCredentials, webhook_credentials
+from db.engine import driver_connection, get_engine
+from db.repositories.organizations import WebhookCredentials, webhook_credentials_many
 
 log = logging.getLogger("zapsync.webhooks")
 
@@ -137,15 +140,38 @@ def _fail(future: asyncio.Future[R], exc: BaseException) -> None:
 # -- shared reads --------------------------------------------------------------------------------------------------
 
 
+_UNREACHABLE = (
+    OSError,
+    sa_exc.OperationalError,
+    sa_exc.InterfaceError,
+    psycopg.OperationalError,
+    psycopg.InterfaceError,
+)
+"""What a lost database raises (as :func:`db.engine.session_scope` maps it), through SQLAlchemy or psycopg."""
+
+
+async def _read_credentials(organization_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, WebhookCredentials]:
+    """One statement on a pooled connection in autocommit: the pool's pre-ping and the read, no BEGIN or COMMIT, no
+    ORM session (a connection kept out of the pool would outlive the engine's disposal)."""
+    try:
+        async with get_engine().connect() as connection:
+            driver = await driver_connection(await connection.execution_options(isolation_level="AUTOCOMMIT"))
+            try:
+                return await webhook_credentials_many(driver, list(dict.fromkeys(organization_ids)))
+            except (psycopg.OperationalError, psycopg.InterfaceError):  # cut under us: not back into the pool
+                await connection.invalidate()
+                raise
+    except _UNREACHABLE as exc:
+        raise DatabaseUnavailable(f"the database is unreachable: {type(exc).__name__}") from exc
+
+
 async def _credentials_batch(organization_ids: Sequence[uuid.UUID]) -> list[WebhookCredentials | None]:
-    async with session_scope() as session:
-        found = {org: await webhook_credentials(session, org) for org in dict.fromkeys(organization_ids)}
-    return [found[org] for org in organization_ids]
+    found = await _read_credentials(organization_ids)
+    return [found.get(org) for org in organization_ids]
 
 
 async def _credentials_one(organization_id: uuid.UUID) -> WebhookCredentials | None:
-    async with session_scope() as session:
-        return await webhook_credentials(session, organization_id)
+    return (await _read_credentials([organization_id])).get(organization_id)
 
 
 _readers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, GroupCommitter[uuid.UUID, WebhookCredentials | None]] = (
@@ -154,8 +180,8 @@ _readers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, GroupCommitter[uu
 
 
 async def webhook_credentials_of(organization_id: uuid.UUID) -> WebhookCredentials | None:
-    """The organization's webhook credentials as :func:`webhook_credentials` reads them, one lookup (one session)
-    answering every delivery that arrived while the previous lookup ran."""
+    """The organization's webhook credentials as :func:`webhook_credentials` reads them, one lookup (one statement
+    on a kept autocommit connection) answering every delivery that arrived while the previous lookup ran."""
     loop = asyncio.get_running_loop()
     reader = _readers.get(loop)
     if reader is None:

@@ -128,3 +128,28 @@ async def test_results_are_given_back_in_order_and_alone_items_after_the_batch()
     answers = await asyncio.gather(*(committer.submit(i) for i in range(5)))
 
     assert [a.detail for a in answers] == ["alone 0", "alone 1", "batch 2", "alone 3", "batch 4"]
+
+
+# -- the credentials read of the receive path (lean14) -------------------------------------------------------------
+
+
+async def test_concurrent_credential_reads_answer_each_organization_and_see_a_rotation_at_once() -> None:
+    from api.group_commit import webhook_credentials_of
+    from db.engine import session_scope
+    from db.repositories.organizations import digest, set_webhook_secret
+
+    first = await make_organization("First", secret="first-secret")
+    second = await make_organization("Second", secret="second-secret")
+    unknown = uuid.uuid4()
+    asked = [first, second, unknown, first, second] * 4
+    answers = await asyncio.gather(*(webhook_credentials_of(org) for org in asked))
+
+    expected = {first: digest("first-secret"), second: digest("second-secret")}
+    assert [a.secret_hash if a else None for a in answers] == [expected.get(org) for org in asked]
+    assert all(a.secret() == "first-secret" for a, org in zip(answers, asked, strict=True) if org == first and a)
+
+    async with session_scope() as session:  # nothing is remembered: the next read sees a rotated secret
+        assert await set_webhook_secret(session, first, "rotated-secret")
+    rotated = await webhook_credentials_of(first)
+    assert rotated is not None and rotated.secret_hash == digest("rotated-secret")
+    assert rotated.secret() == "rotated-secret"

@@ -10,10 +10,12 @@ import hashlib
 import hmac
 import secrets
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import psycopg
 from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -154,6 +156,21 @@ async def webhook_credentials(session: AsyncSession, organization_id: uuid.UUID)
         return None
     secret_hash, sealed, auth = row
     return WebhookCredentials(secret_hash=secret_hash, sealed_secret=sealed, webhook_auth=dict(auth or {}))
+
+
+async def webhook_credentials_many(
+    connection: psycopg.AsyncConnection[Any], organization_ids: Sequence[uuid.UUID]
+) -> dict[uuid.UUID, WebhookCredentials]:
+    """The webhook credentials of each of these organizations that exists, in one statement on a raw psycopg
+    connection (the webhook receive path reads them on a kept autocommit connection: one round trip)."""
+    cursor = await connection.execute(
+        "SELECT id, webhook_secret_hash, webhook_secret_sealed, webhook_auth FROM organizations WHERE id = ANY(%s)",
+        (list(organization_ids),),
+    )
+    return {
+        org: WebhookCredentials(secret_hash=secret_hash, sealed_secret=sealed, webhook_auth=dict(auth or {}))
+        for org, secret_hash, sealed, auth in await cursor.fetchall()
+    }
 
 
 # -- token revocation and dashboard sessions (issue 13 §1) ------------------------------------------------------
