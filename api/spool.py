@@ -45,10 +45,7 @@ from core.errors import DatabaseUnavailable, ZapsyncError
 from gateways.webhook_payloads import (
     MalformedPayload,
     WebhookEvent,
-    decode_json,
-    parse_evolution,
-    parse_megaapi,
-    parse_waha,
+    parse_delivery,
 )
 
 log = logging.getLogger("zapsync.spool")
@@ -340,15 +337,10 @@ class Journal:
 
 # -- applying records ------------------------------------------------------------------------------------------
 
-_PARSERS = {Provider.MEGAAPI: parse_megaapi, Provider.WAHA: parse_waha}
-
 
 def parse_record(record: SpoolRecord) -> tuple[dict[str, Any], WebhookEvent]:
     """The payload and parsed event of a journaled delivery (MalformedPayload if it does not parse)."""
-    payload = decode_json(record.body)
-    if record.provider is Provider.EVOLUTION:
-        return payload, parse_evolution(payload, path_event=record.path_event)
-    return payload, _PARSERS[record.provider](payload)
+    return parse_delivery(record.provider, record.body, path_event=record.path_event)
 
 
 AfterApply = Callable[[uuid.UUID, WebhookEvent, HandlingResult], Awaitable[None]]

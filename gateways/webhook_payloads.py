@@ -628,3 +628,16 @@ def parse_waha(payload: dict[str, Any]) -> WebhookEvent:
         receipts=((found, "deleted"),),
         dedupe_id=f"{session}|message.revoked|{found}",
     )
+
+
+def parse_delivery(
+    provider: Provider, body: bytes, *, path_event: str | None = None
+) -> tuple[dict[str, Any], WebhookEvent]:
+    """The payload and parsed event of one raw delivery from ``provider`` (``path_event``: Evolution's by-events URL
+    suffix); MalformedPayload when it does not parse."""
+    payload = decode_json(body)
+    if provider is Provider.EVOLUTION:
+        return payload, parse_evolution(payload, path_event=path_event)
+    if provider is Provider.MEGAAPI:
+        return payload, parse_megaapi(payload)
+    return payload, parse_waha(payload)

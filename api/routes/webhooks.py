@@ -44,10 +44,7 @@ from gateways.webhook_payloads import (
     EventKind,
     MalformedPayload,
     WebhookEvent,
-    decode_json,
-    parse_evolution,
-    parse_megaapi,
-    parse_waha,
+    parse_delivery,
 )
 
 log = logging.getLogger("zapsync.webhooks")
@@ -95,7 +92,6 @@ _NO_SEALED_SECRET = (
     "this organization's webhook secret predates sealed secrets: rotate it (zapsync org rotate-secret) to accept "
     "signed deliveries, or send the secret in the X-Webhook-Secret header"
 )
-_PARSERS = {Provider.EVOLUTION: parse_evolution, Provider.MEGAAPI: parse_megaapi, Provider.WAHA: parse_waha}
 
 
 async def authenticated_body(
@@ -185,12 +181,7 @@ async def receive(
     begun = time.perf_counter()
     body = await authenticated_body(request, organization_id, provider, secret)
     try:
-        payload = decode_json(body)
-        event: WebhookEvent = (
-            parse_evolution(payload, path_event=path_event)
-            if provider is Provider.EVOLUTION
-            else _PARSERS[provider](payload)
-        )
+        payload, event = parse_delivery(provider, body, path_event=path_event)
     except MalformedPayload as exc:
         log.info("[WEBHOOK] %s org=%s rejected: %s", provider, organization_id, exc)
         raise InvalidInput(str(exc)) from exc
