@@ -181,7 +181,7 @@ _readers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, GroupCommitter[uu
 
 async def webhook_credentials_of(organization_id: uuid.UUID) -> WebhookCredentials | None:
     """The organization's webhook credentials as :func:`webhook_credentials` reads them, one lookup (one statement
-    on a kept autocommit connection) answering every delivery that arrived while the previous lookup ran."""
+    on a pooled autocommit connection) answering every delivery that arrived while the previous lookup ran."""
     loop = asyncio.get_running_loop()
     reader = _readers.get(loop)
     if reader is None:
