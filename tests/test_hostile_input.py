@@ -116,6 +116,21 @@ async def test_nul_everywhere_in_a_message_is_stored_with_a_visible_stand_in(cli
     assert await count("messages") == 1
 
 
+async def test_a_batch_of_deliveries_keeps_each_payload_as_sent(client, org) -> None:
+    from db.repositories.webhook_events import InboxRow, store_events
+
+    sent = envelope("messages.upsert", message("3EB0BATCH", text_="a\x00b"))
+    payload = decode_json(orjson.dumps(sent))  # as the receive path parses it: sanitized, the original kept
+    async with session_scope() as session:
+        stored = await store_events(
+            session, [InboxRow(org, "evolution", "messages.upsert", "acme-01", "batch-key", payload, "applied")]
+        )
+
+    assert stored == {"batch-key"}
+    [row] = await rows("SELECT payload FROM webhook_events")
+    assert original_payload(row["payload"])["data"] == sent["data"]
+
+
 async def test_lone_surrogates_are_stored_as_replacement_characters(client, org) -> None:
     data = message("3EB0SURR", text_="broken \ud800 emoji \udc00", push_name="\ud83d")
     response = await post(client, org, envelope("messages.upsert", data))

@@ -187,7 +187,7 @@ async def store_events(session: AsyncSession, rows: Sequence[InboxRow]) -> set[s
             "events": [r.event[:64] for r in rows],
             "instances": [r.instance_name for r in rows],
             "keys": [r.dedupe_key for r in rows],
-            "payloads": [_json(redact(r.payload)) for r in rows],
+            "payloads": [_json(inbox_payload(r.payload)) for r in rows],
             "outcomes": [r.outcome for r in rows],
             "errors": [r.error for r in rows],
         },
