@@ -499,7 +499,9 @@ class _Progress:
         return min(100, self.done * 100 // self.pages)
 
     async def start(self) -> None:
-        if current_flow_run_id() is not None:
+        # One page has no progress to show: the artifact would cost three API calls for nothing (a storm of small
+        # imports spent a tenth of its Prefect server's time on them, measured).
+        if self.pages > 1 and current_flow_run_id() is not None:
             self.artifact = await acreate_progress_artifact(
                 progress=float(self.percent),
                 key=_artifact_key("import-progress", self.name),

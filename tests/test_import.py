@@ -422,3 +422,35 @@ async def test_a_reconnect_imports_only_what_arrived_since_the_last_import(simul
     assert {row[2] for row in after["messages"]} == {row[2] for row in before["messages"]} | new_ids
     assert len(after["conversations"]) == len(before["conversations"])  # into the chat's conversation
     assert chat.jid in {row[1] for row in after["contacts"]}
+
+
+async def _progress_artifacts(name: str) -> list[Any]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    async with get_client() as prefect:
+        return await prefect.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[f"import-progress-{name}"]))
+        )
+
+
+@pytest.mark.usefixtures("small_pages")
+async def test_progress_is_shown_for_an_import_of_several_message_pages_only(simulator) -> None:
+    newest = datetime.now(UTC).replace(microsecond=0)
+    _, paged, _ = await world(simulator, newest_at=newest, name="evo-paged", chats=6, messages_per_chat=5)
+    _, single, _ = await world(
+        simulator,
+        newest_at=newest,
+        name="evo-single",
+        chats=1,
+        messages_per_chat=3,
+        group_chats=0,
+        broadcast_messages=0,
+    )
+
+    assert (await imported(paged)).outcome == "completed"
+    assert (await imported(single)).outcome == "completed"
+
+    (shown,) = await _progress_artifacts("evo-paged")
+    assert shown.type == "progress" and shown.data == 100.0
+    assert await _progress_artifacts("evo-single") == []  # one page: nothing to follow, no API calls spent on it
