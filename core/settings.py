@@ -171,9 +171,12 @@ class Settings(BaseSettings):
     """Tries of one work item before it is marked failed."""
     queue_retry_initial_seconds: float = Field(default=5.0, ge=0, validation_alias="ZAPSYNC_QUEUE_RETRY_INITIAL")
     queue_retry_max_seconds: float = Field(default=300.0, ge=0, validation_alias="ZAPSYNC_QUEUE_RETRY_MAX")
+    """Cap of the full-jitter delay before a failed work item is tried again (it doubles from the initial delay)."""
     queue_retention_days: int = Field(default=7, ge=1, validation_alias="ZAPSYNC_QUEUE_RETENTION_DAYS")
     """Finished queue items (done or failed) are kept this long for inspection, then the daily cleanup deletes them."""
-    """Cap of the full-jitter delay before a failed work item is tried again (it doubles from the initial delay)."""
+    worker_nice: int = Field(default=10, ge=0, le=19, validation_alias="ZAPSYNC_WORKER_NICE")
+    """How much the warm queue worker lowers its CPU priority (Unix niceness added at start; 0 keeps it): imports
+    and sends are throughput work, so on a shared machine webhooks and the API's other requests are served first."""
 
     send_min_interval_seconds: float = Field(default=1.0, ge=0, validation_alias="ZAPSYNC_SEND_MIN_INTERVAL")
     """Minimum time between two sends of one instance (protects the number from WhatsApp's spam checks)."""

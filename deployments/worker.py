@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import signal
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -123,6 +124,13 @@ async def _listen(wake: asyncio.Event, stop: asyncio.Event) -> None:
             delay = min(delay * 2, 30.0)
 
 
+def lower_priority(increment: int) -> None:
+    """Add ``increment`` to this process's niceness (where the platform has it): drains yield the CPU to requests."""
+    if increment > 0 and hasattr(os, "nice"):
+        os.nice(increment)
+        log.info("[WORKER] niceness raised by %d: requests are served before queued work", increment)
+
+
 def default_drains() -> dict[str, Flow[..., Any]]:
     """The drain flow of every kind of queued work."""
     return {"import": import_conversations, "send": send_messages}
@@ -131,8 +139,10 @@ def default_drains() -> dict[str, Flow[..., Any]]:
 def main() -> None:
     """Run the worker until SIGINT or SIGTERM (`zapsync worker`)."""
     from core.logs import configure_logging
+    from core.settings import get_settings
 
     configure_logging()
+    lower_priority(get_settings().worker_nice)
 
     async def body() -> None:
         stop = asyncio.Event()

@@ -287,3 +287,20 @@ async def test_pending_imports_covers_never_finished_and_new_connections() -> No
         ids["dead"]: "unfinished",
     }
     assert pending[0].instance_id == ids["reconnected"]  # just-connected instances first
+
+
+async def test_the_warm_worker_yields_the_cpu_to_requests(start_worker: Callable[..., WorkerProcess]) -> None:
+    import psutil
+
+    from db.repositories.work_queue import listening_workers
+
+    lowered, kept = start_worker(), start_worker(ZAPSYNC_WORKER_NICE="0")
+
+    async def both_listening() -> bool:
+        async with session_scope() as session:
+            return await listening_workers(session) == 2
+
+    await eventually(both_listening, what="both workers listening")
+    base = psutil.Process().nice()
+    assert psutil.Process(lowered.process.pid).nice() == min(base + 10, 19)  # ZAPSYNC_WORKER_NICE's default
+    assert psutil.Process(kept.process.pid).nice() == base
