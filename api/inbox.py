@@ -49,7 +49,14 @@ from db.repositories.instances import apply_status_writes
 from db.repositories.live_events import publish
 from db.repositories.outbox import StatusChange, adopt_echoes, status_events
 from db.repositories.provisioning import set_pairing_code
-from db.repositories.webhook_events import InboxRow, lock_instance, store_event, store_events, store_untracked_event
+from db.repositories.webhook_events import (
+    InboxFields,
+    InboxRow,
+    lock_instance,
+    store_event,
+    store_events,
+    store_untracked_event,
+)
 from flows.runs import Waker
 from gateways.registry import client_class
 from gateways.webhook_payloads import (
@@ -217,7 +224,7 @@ async def _handle_status(
     assert event.instance_name is not None
     observed_at = _observed_at(event, received_at)
     key = dedupe_key(organization_id, event, payload)
-    store = {
+    store: InboxFields = {
         "organization_id": organization_id,
         "provider": event.provider,
         "event": event.event,
@@ -334,7 +341,7 @@ async def _handle_messages(
 ) -> HandlingResult:
     """Store the delivery (deduped by instance, message key and event) and apply it in the same transaction."""
     assert event.instance_name is not None
-    store = {
+    store: InboxFields = {
         "organization_id": organization_id,
         "provider": event.provider,
         "event": event.event,

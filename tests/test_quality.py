@@ -28,7 +28,7 @@ def test_ruff_format_is_clean() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-TYPED_PACKAGES = ("core", "db", "gateways", "tasks", "flows", "deployments")
+TYPED_PACKAGES = ("core", "db", "gateways", "tasks", "flows", "deployments", "api", "zapsync")
 """Packages `mypy` checks under the strict configuration of pyproject.toml ([tool.mypy])."""
 
 

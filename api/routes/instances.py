@@ -131,8 +131,8 @@ async def instance_status(
         gateway_status = report.changes[0].gateway_status
     else:
         gateway_status = str(row["status"])
-    return InstanceStatusResponse(
-        **{
+    return InstanceStatusResponse.model_validate(
+        {
             k: row[k]
             for k in (
                 "id",
@@ -147,9 +147,8 @@ async def instance_status(
                 "profile_name",
                 "health",
             )
-        },
-        gateway_status=gateway_status,
-        drift=bool(report.changes),
+        }
+        | {"gateway_status": gateway_status, "drift": bool(report.changes)}
     )
 
 

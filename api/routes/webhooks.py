@@ -16,6 +16,7 @@ import hmac
 import logging
 import time
 import uuid
+from collections.abc import Set as AbstractSet
 from datetime import UTC, datetime
 from typing import Annotated
 
@@ -161,7 +162,7 @@ def _signing_key(credentials: WebhookCredentials | None) -> str:
     return key
 
 
-def _expected(provider: Provider, allowed: set[WebhookAuth]) -> str:
+def _expected(provider: Provider, allowed: AbstractSet[WebhookAuth]) -> str:
     words = {
         WebhookAuth.SECRET: "the secret in X-Webhook-Secret (or ?secret=)",
         WebhookAuth.HMAC: "an X-Webhook-Hmac signature (HMAC-SHA512 of the body)",

@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypedDict
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -47,6 +47,17 @@ async def lock_instance(
         )
     ).one_or_none()
     return LockedInstance(*row) if row else None
+
+
+class InboxFields(TypedDict):
+    """What identifies a delivery in the inbox: :func:`store_event`'s arguments besides its outcome."""
+
+    organization_id: uuid.UUID
+    provider: str
+    event: str
+    instance_name: str | None
+    dedupe_key: str
+    payload: dict[str, Any]
 
 
 async def store_event(
