@@ -2,12 +2,13 @@
 
 A connect (webhook or status sync) or an API call enqueues an import of one instance in the same transaction as the
 fact that asks for it (DESIGN.md §5.1). A drain run claims queued imports and works several instances at once
-(``import_max_concurrency``); each instance is one task run, its pages nested task runs, and its report is kept with
-its queue item (and shown as an artifact). So a storm of connects makes a handful of flow runs, not one per connect.
+(``import_max_concurrency``); each instance is one task run, which works the first page of each phase itself and
+every further page as a nested task run, and its report is kept with its queue item (and shown as an artifact). So
+a storm of connects makes a handful of flow runs, not one per connect.
 
 Per instance: its gateway (one that can read history, else "not supported") → the instance's import lock → the
 import run to work on (resumed from its checkpoint, or new) → contacts pages → chats pages → message pages (a few at
-once) → finalize. Every page is one task that fetches, writes and checkpoints in one transaction, so an import killed
+once) → finalize. Every page fetches, writes and checkpoints in one transaction, so an import killed
 anywhere resumes at the first page it had not finished. A reconnect imports incrementally: only messages newer than
 the instance's last completed import (``full`` re-reads everything).
 
@@ -23,9 +24,9 @@ import contextlib
 import gc
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from prefect import flow, task
 from prefect.artifacts import acreate_markdown_artifact, acreate_progress_artifact, aupdate_progress_artifact
@@ -58,13 +59,21 @@ from gateways.base import Gateway
 from gateways.registry import open_gateways
 from tasks.import_pages import (
     ImportContext,
-    finalize_import,
+    PageOutcome,
+    copy_chats_page,
+    copy_contacts_page,
+    copy_messages_page,
     import_chats_page,
     import_contacts_page,
     import_messages_page,
     load_targets,
+    stretch_conversations,
 )
 from tasks.options import is_transient
+
+_P = TypeVar("_P")
+PageStep = Callable[[Gateway, ImportContext, _P], Awaitable[PageOutcome]]
+"""One page of a phase at a position: the plain page function, or its task (same signature, a task run per call)."""
 
 INCREMENTAL_OVERLAP = timedelta(minutes=10)
 """How far before the last import's end a reconnect's import starts reading (inserts are idempotent)."""
@@ -401,22 +410,26 @@ async def _work_through(gateway: Gateway, scope: InstanceScope, run: ImportRunRo
         if since
         else "all history",
     )
+    # The first page of each phase runs inside this instance's task run; every further page is a task run of its
+    # own. An instance with one page per phase (most reconnects, most small numbers) costs one task run, not five.
     phase = cursor.get("phase", "contacts")
     if phase == "contacts":
         page = int(cursor.get("contacts_page", 1))
-        while not (await import_contacts_page(gateway, ctx, page)).last:
-            page += 1
+        contacts_page: PageStep[int] = copy_contacts_page
+        while not (await contacts_page(gateway, ctx, page)).last:
+            page, contacts_page = page + 1, import_contacts_page
         phase = "chats"
     if phase == "chats":
         skip = int(cursor.get("chats_skip", 0))
-        while not (outcome := await import_chats_page(gateway, ctx, skip)).last:
-            skip += outcome.counts["chats_seen"]
+        chats_page: PageStep[int] = copy_chats_page
+        while not (outcome := await chats_page(gateway, ctx, skip)).last:
+            skip, chats_page = skip + outcome.counts["chats_seen"], import_chats_page
         phase = "messages"
     if phase == "messages":
         await _message_pages(gateway, ctx, await _fresh_cursor(run), settings.import_page_concurrency, scope)
         phase = "finalize"
     if phase == "finalize":
-        await finalize_import(ctx)
+        await stretch_conversations(ctx)  # one statement: part of the instance's task run
 
 
 async def _finish(run: ImportRunRow, *, state: str, error: str | None = None) -> ImportResult:
@@ -450,8 +463,8 @@ async def _message_pages(
     targets = await load_targets(scope)
     state = cursor.get("messages") or {"below": 1, "done": []}
     below, done, pages = int(state["below"]), set(state["done"]), state.get("pages")
-    if pages is None:
-        pages = (await import_messages_page(gateway, ctx, below, targets)).pages
+    if pages is None:  # the first page (in the instance's task run) says how many there are
+        pages = (await copy_messages_page(gateway, ctx, below, targets)).pages
         done.add(below)
     todo = [p for p in range(below, pages + 1) if p not in done]
     progress = _Progress(ctx.scope.instance_name, pages, pages - len(todo))

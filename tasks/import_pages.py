@@ -1,5 +1,6 @@
-"""Import work, one gateway page per task: fetch it, write it in one transaction with its checkpoint. Each page is
-a plain function (callable without Prefect) wrapped by one thin task.
+"""Import work, one gateway page at a time: fetch it, write it in one transaction with its checkpoint. Each page is
+a plain function (callable without Prefect) wrapped by one thin task; the import calls the plain function for the
+first page of a phase (inside the instance's task run) and the task for every further page.
 
 Phases (the cursor's ``phase``): contacts (address book) → chats (one contact and one conversation per
 one-to-one chat) → messages (the instance's messages, newest first, within [since, until]) → finalize (stretch
@@ -283,6 +284,3 @@ async def stretch_conversations(ctx: ImportContext) -> int:
         fixed = await finalize_conversations(session, ctx.scope.id)
         await record_progress(session, ctx.run_id, counts={}, advance=advance)
     return fixed
-
-
-finalize_import = task(name="import-finalize", **TASK_OPTIONS)(stretch_conversations)

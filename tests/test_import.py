@@ -434,8 +434,29 @@ async def _progress_artifacts(name: str) -> list[Any]:
         )
 
 
+async def _task_runs(flow_run_id: uuid.UUID | None, expected: int) -> list[str]:
+    """The names of the flow run's task runs, once the server has recorded ``expected`` of them (it records task
+    runs from their events, a moment after they ran)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from tests.test_import_triggers import eventually
+
+    assert flow_run_id is not None
+    names: list[str] = []
+
+    async def recorded() -> bool:
+        async with get_client() as prefect:
+            runs = await prefect.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        names[:] = [run.name for run in runs]
+        return len(names) >= expected
+
+    await eventually(recorded, timeout=30, what=f"{expected} task runs recorded")
+    return names
+
+
 @pytest.mark.usefixtures("small_pages")
-async def test_progress_is_shown_for_an_import_of_several_message_pages_only(simulator) -> None:
+async def test_an_instance_is_one_task_run_its_further_pages_task_runs_of_their_own(simulator) -> None:
     newest = datetime.now(UTC).replace(microsecond=0)
     _, paged, _ = await world(simulator, newest_at=newest, name="evo-paged", chats=6, messages_per_chat=5)
     _, single, _ = await world(
@@ -448,8 +469,18 @@ async def test_progress_is_shown_for_an_import_of_several_message_pages_only(sim
         broadcast_messages=0,
     )
 
-    assert (await imported(paged)).outcome == "completed"
-    assert (await imported(single)).outcome == "completed"
+    many = await imported(paged)
+    one = await imported(single)
+
+    assert many.outcome == one.outcome == "completed"
+    message_pages = -(-many.counts.messages_seen // 10)
+    chat_pages = many.counts.chats_seen // 10 + 1  # a page shorter than 10 ends the listing
+    assert message_pages > 1 and chat_pages > 1
+    names = await _task_runs(many.flow_run_id, 1 + (message_pages - 1) + (chat_pages - 1))
+    assert sum(n.startswith("import-messages-page") for n in names) == message_pages - 1
+    assert sum(n.startswith("import-chats-page") for n in names) == chat_pages - 1
+    assert sum(n.startswith("import ") for n in names) == 1
+    assert await _task_runs(one.flow_run_id, 1) == [f"import {single}"]  # contacts, chats, messages: one task run
 
     (shown,) = await _progress_artifacts("evo-paged")
     assert shown.type == "progress" and shown.data == 100.0
