@@ -41,7 +41,7 @@ from core.reports import DrainReport, ImportCounts, ImportReport, Outcome
 from core.settings import get_settings
 from db.engine import session_scope
 from db.locks import try_advisory_lock
-from db.repositories.conversations import InstanceScope, instance_scope
+from db.repositories.conversations import InstanceScope, conversation_targets, instance_scope
 from db.repositories.import_runs import (
     ImportRunRow,
     begin_import,
@@ -58,6 +58,7 @@ from flows.runs import wait_for_item
 from gateways.base import Gateway
 from gateways.registry import open_gateways
 from tasks.import_pages import (
+    ConversationTargets,
     ImportContext,
     PageOutcome,
     copy_chats_page,
@@ -66,7 +67,6 @@ from tasks.import_pages import (
     import_chats_page,
     import_contacts_page,
     import_messages_page,
-    load_targets,
     stretch_conversations,
 )
 from tasks.options import is_transient
@@ -350,24 +350,23 @@ async def _begin(
     now = datetime.now(UTC).replace(microsecond=0)
     days = history_days if history_days is not None or full else scope.import_history_days
     since = now - timedelta(days=days) if days else None
-    async with session_scope() as session:
+    async with session_scope() as session:  # one transaction: the last import, then the run
         previous = None if full or history_days is not None else await last_imported_until(session, scope.id)
-    # A reconnect reads only what is newer than the last import (a margin covers clock skew and late writes).
-    incremental = previous is not None and (since is None or previous - INCREMENTAL_OVERLAP > since)
-    if incremental and previous is not None:
-        since = previous - INCREMENTAL_OVERLAP
-    seed = {
-        "phase": "chats" if incremental else "contacts",
-        "contacts_page": 1,
-        "chats_skip": 0,
-        "messages": {"below": 1, "done": []},
-        "since": since.isoformat() if since else None,
-        "until": now.isoformat(),
-        "history_days": days,
-        "incremental": incremental,
-        "page_size": settings.import_page_size,
-    }
-    async with session_scope() as session:
+        # A reconnect reads only what is newer than the last import (a margin covers clock skew and late writes).
+        incremental = previous is not None and (since is None or previous - INCREMENTAL_OVERLAP > since)
+        if incremental and previous is not None:
+            since = previous - INCREMENTAL_OVERLAP
+        seed = {
+            "phase": "chats" if incremental else "contacts",
+            "contacts_page": 1,
+            "chats_skip": 0,
+            "messages": {"below": 1, "done": []},
+            "since": since.isoformat() if since else None,
+            "until": now.isoformat(),
+            "history_days": days,
+            "incremental": incremental,
+            "page_size": settings.import_page_size,
+        }
         return await begin_import(
             session,
             instance_id=scope.id,
@@ -426,7 +425,7 @@ async def _work_through(gateway: Gateway, scope: InstanceScope, run: ImportRunRo
             skip, chats_page = skip + outcome.counts["chats_seen"], import_chats_page
         phase = "messages"
     if phase == "messages":
-        await _message_pages(gateway, ctx, await _fresh_cursor(run), settings.import_page_concurrency, scope)
+        await _message_pages(gateway, ctx, settings.import_page_concurrency)
         phase = "finalize"
     if phase == "finalize":
         await stretch_conversations(ctx)  # one statement: part of the instance's task run
@@ -451,17 +450,17 @@ async def _finish(run: ImportRunRow, *, state: str, error: str | None = None) ->
     )
 
 
-async def _fresh_cursor(run: ImportRunRow) -> dict[str, Any]:
+async def _message_plan(ctx: ImportContext) -> tuple[dict[str, Any], ConversationTargets]:
+    """In one transaction: the run's message checkpoint as it stands now, and where each contact's messages go."""
     async with session_scope() as session:
-        return (await read_run(session, run.id)).cursor
+        cursor = (await read_run(session, ctx.run_id)).cursor
+        targets = ConversationTargets(await conversation_targets(session, ctx.scope.id))
+    return cursor.get("messages") or {"below": 1, "done": []}, targets
 
 
-async def _message_pages(
-    gateway: Gateway, ctx: ImportContext, cursor: dict[str, Any], concurrency: int, scope: InstanceScope
-) -> None:
+async def _message_pages(gateway: Gateway, ctx: ImportContext, concurrency: int) -> None:
     """Every message page not checkpointed yet, ``concurrency`` at a time, with progress as it goes."""
-    targets = await load_targets(scope)
-    state = cursor.get("messages") or {"below": 1, "done": []}
+    state, targets = await _message_plan(ctx)
     below, done, pages = int(state["below"]), set(state["done"]), state.get("pages")
     if pages is None:  # the first page (in the instance's task run) says how many there are
         pages = (await copy_messages_page(gateway, ctx, below, targets)).pages

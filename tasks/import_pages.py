@@ -25,7 +25,6 @@ from db.repositories.conversations import (
     ConversationFact,
     InstanceScope,
     MessageRows,
-    conversation_targets,
     ensure_conversations,
     finalize_conversations,
     upsert_contacts,
@@ -183,12 +182,6 @@ def _conversation_counts(refs: Iterable[Any]) -> dict[str, int]:
 
 
 # -- messages -----------------------------------------------------------------------------------------------------
-
-
-async def load_targets(scope: InstanceScope) -> ConversationTargets:
-    """Where each contact's imported messages go (read once when the messages phase starts)."""
-    async with session_scope() as session:
-        return ConversationTargets(await conversation_targets(session, scope.id))
 
 
 async def copy_messages_page(
