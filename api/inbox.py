@@ -26,7 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.group_commit import ALONE, Alone, GroupCommitter
 from core.domain import AppliedChange, ChatKind, GatewayMessage, InstanceStatus, Provider, StatusWrite, WorkKind
-from core.events import Kind, NewLiveEvent
+from core.events import Kind, NewLiveEvent, qr_event, status_change_events
 from core.events import event as live_event
 from core.settings import get_settings
 from db.engine import session_scope
@@ -268,8 +268,29 @@ async def _handle_status(
         queued = await enqueue_connect_imports(
             session, changes, trigger="connect", import_gateways=_history_gateways(event.provider)
         )
+        # Announced in the delivery's transaction: listeners are notified on its commit, and the gateway's 200 waits
+        # for one transaction, not two.
+        await publish(status_news(organization_id, event, instance.id, changes), session=session)
         await store_event(session, **store, outcome="applied")
     return HandlingResult("applied", changes=tuple(changes), imports_queued=len(queued), instance_id=instance.id)
+
+
+def status_news(
+    organization_id: uuid.UUID, event: WebhookEvent, instance_id: uuid.UUID, changes: Sequence[AppliedChange]
+) -> list[NewLiveEvent]:
+    """The live events of an applied status delivery: its transitions, and its QR code when it carries one."""
+    news = status_change_events(changes, source="webhook")
+    if event.qr_code and event.instance_name:
+        news.append(
+            qr_event(
+                organization_id,
+                instance_id=instance_id,
+                instance_name=event.instance_name,
+                qr_code=event.qr_code,
+                pairing_code=event.pairing_code,
+            )
+        )
+    return news
 
 
 UNTRACKED = "no instance of that name in this organization"

@@ -57,7 +57,7 @@ def create_app(*, check_database: bool = True) -> FastAPI:
     )
     app.state.repeat_filter = RepeatFilter(get_settings().webhook_repeat_window_seconds)
     app.state.waker = Waker()
-    app.state.after_webhook = [events.announce_webhook, wake_imports_on_connect(app.state.waker)]
+    app.state.after_webhook = [wake_imports_on_connect(app.state.waker)]
     app.state.metrics = Metrics()
     app.add_middleware(BodyLimits)  # added before RequestIds, so inside it: a 413 carries the request id
     install_error_handlers(app)

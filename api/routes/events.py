@@ -23,8 +23,6 @@ from fastapi import APIRouter, Header, Request
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from api.deps import BriefPrincipalDep, scoped_organization
-from api.inbox import HandlingResult
-from core.events import qr_event, status_change_events
 from db.engine import session_scope
 from db.repositories.live_events import (
     StoredLiveEvent,
@@ -34,9 +32,7 @@ from db.repositories.live_events import (
     listener_conninfo,
     listening,
     parse_notification,
-    publish_quietly,
 )
-from gateways.webhook_payloads import WebhookEvent
 
 log = logging.getLogger("zapsync.events")
 router = APIRouter(tags=["events"])
@@ -188,21 +184,3 @@ async def events(
         ping=PING_SECONDS,
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
-
-
-async def announce_webhook(organization_id: uuid.UUID, event: WebhookEvent, result: HandlingResult) -> None:
-    """After a webhook's transaction: announce the status transitions and QR codes it applied."""
-    if result.outcome != "applied":
-        return
-    events = status_change_events(result.changes, source="webhook")
-    if event.qr_code and event.instance_name:
-        events.append(
-            qr_event(
-                organization_id,
-                instance_id=result.instance_id,
-                instance_name=event.instance_name,
-                qr_code=event.qr_code,
-                pairing_code=event.pairing_code,
-            )
-        )
-    await publish_quietly(events)
