@@ -17,7 +17,7 @@ import time
 import uuid
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
@@ -50,7 +50,6 @@ from db.repositories.live_events import publish
 from db.repositories.outbox import StatusChange, adopt_echoes, status_events
 from db.repositories.provisioning import set_pairing_code
 from db.repositories.webhook_events import (
-    InboxFields,
     InboxRow,
     lock_instance,
     store_event,
@@ -195,17 +194,30 @@ async def handle_event(
             instance_name=event.instance_name,
         ):
             return await _store_untracked(session, organization_id, event, payload, acted_on=False)
-        stored = await store_event(
-            session,
-            organization_id=organization_id,
-            provider=event.provider,
-            event=event.event,
-            instance_name=event.instance_name,
-            dedupe_key=key,
-            payload=payload,
-            outcome="stored",
-        )
+        stored = await store_event(session, inbox_row(organization_id, event, payload, key, outcome="stored"))
     return HandlingResult("stored" if stored else "duplicate")
+
+
+def inbox_row(
+    organization_id: uuid.UUID,
+    event: WebhookEvent,
+    payload: dict[str, Any],
+    key: str,
+    *,
+    outcome: str = "applied",
+    error: str | None = None,
+) -> InboxRow:
+    """The delivery's inbox row (``dataclasses.replace`` it for another outcome)."""
+    return InboxRow(
+        organization_id=organization_id,
+        provider=event.provider,
+        event=event.event,
+        instance_name=event.instance_name,
+        dedupe_key=key,
+        payload=payload,
+        outcome=outcome,
+        error=error,
+    )
 
 
 STALE = "older than an observation this process already handled"
@@ -224,14 +236,7 @@ async def _handle_status(
     assert event.instance_name is not None
     observed_at = _observed_at(event, received_at)
     key = dedupe_key(organization_id, event, payload)
-    store: InboxFields = {
-        "organization_id": organization_id,
-        "provider": event.provider,
-        "event": event.event,
-        "instance_name": event.instance_name,
-        "dedupe_key": key,
-        "payload": payload,
-    }
+    store = inbox_row(organization_id, event, payload, key)
     async with session_scope() as session:
         instance = await lock_instance(
             session,
@@ -247,7 +252,7 @@ async def _handle_status(
             observed_at = observed_at + timedelta(microseconds=1)
         if instance.status_observed_at is not None and observed_at <= instance.status_observed_at:
             detail = "older than the stored observation"
-            await store_event(session, **store, outcome="ignored", error=detail)
+            await store_event(session, replace(store, outcome="ignored", error=detail))
             return HandlingResult("ignored", detail)
         write = StatusWrite(
             instance_id=instance.id,
@@ -271,7 +276,7 @@ async def _handle_status(
         # Announced in the delivery's transaction: listeners are notified on its commit, and the gateway's 200 waits
         # for one transaction, not two.
         await publish(status_news(organization_id, event, instance.id, changes), session=session)
-        await store_event(session, **store, outcome="applied")
+        await store_event(session, store)
     return HandlingResult("applied", changes=tuple(changes), imports_queued=len(queued), instance_id=instance.id)
 
 
@@ -362,14 +367,7 @@ async def _handle_messages(
 ) -> HandlingResult:
     """Store the delivery (deduped by instance, message key and event) and apply it in the same transaction."""
     assert event.instance_name is not None
-    store: InboxFields = {
-        "organization_id": organization_id,
-        "provider": event.provider,
-        "event": event.event,
-        "instance_name": event.instance_name,
-        "dedupe_key": dedupe_key(organization_id, event, payload),
-        "payload": payload,
-    }
+    store = inbox_row(organization_id, event, payload, dedupe_key(organization_id, event, payload))
     async with session_scope() as session:
         scope = await instance_scope_by_name(
             session,
@@ -384,9 +382,9 @@ async def _handle_messages(
             "group and broadcast chats are not imported" if event.kind is EventKind.MESSAGES and not people else None
         )
         if ignored is not None:
-            stored = await store_event(session, **store, outcome="ignored", error=ignored)
+            stored = await store_event(session, replace(store, outcome="ignored", error=ignored))
             return HandlingResult("ignored" if stored else "duplicate", ignored)
-        if not await store_event(session, **store, outcome="applied") and not reapply:
+        if not await store_event(session, store) and not reapply:
             return HandlingResult("duplicate")
         if event.kind is EventKind.MESSAGES:
             inserted = await apply_messages(session, scope, people, now=received_at)
@@ -557,17 +555,9 @@ async def apply_message_batch(batch: Sequence[Delivery]) -> list[HandlingResult 
                 if event.kind is EventKind.MESSAGES and not people
                 else None
             )
+            outcome = "ignored" if ignored else "applied"
             rows.append(
-                InboxRow(
-                    delivery.organization_id,
-                    event.provider,
-                    event.event,
-                    event.instance_name,
-                    key,
-                    delivery.payload,
-                    "ignored" if ignored else "applied",
-                    ignored,
-                )
+                inbox_row(delivery.organization_id, event, delivery.payload, key, outcome=outcome, error=ignored)
             )
             planned.append((index, scope, key, people, ignored))
         stored = await store_events(session, rows)

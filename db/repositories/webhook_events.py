@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, TypedDict
+from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -49,29 +49,7 @@ async def lock_instance(
     return LockedInstance(*row) if row else None
 
 
-class InboxFields(TypedDict):
-    """What identifies a delivery in the inbox: :func:`store_event`'s arguments besides its outcome."""
-
-    organization_id: uuid.UUID
-    provider: str
-    event: str
-    instance_name: str | None
-    dedupe_key: str
-    payload: dict[str, Any]
-
-
-async def store_event(
-    session: AsyncSession,
-    *,
-    organization_id: uuid.UUID,
-    provider: str,
-    event: str,
-    instance_name: str | None,
-    dedupe_key: str,
-    payload: dict[str, Any],
-    outcome: str,
-    error: str | None = None,
-) -> bool:
+async def store_event(session: AsyncSession, row: InboxRow) -> bool:
     """Insert a delivery into the inbox, token-like fields redacted; False when the same key is already there (a
     redelivery)."""
     inserted = await session.execute(
@@ -81,14 +59,14 @@ async def store_event(
             ":outcome, :error) ON CONFLICT (dedupe_key) DO NOTHING RETURNING id"
         ),
         {
-            "org": organization_id,
-            "provider": provider,
-            "event": event[:64],
-            "instance": instance_name,
-            "key": dedupe_key,
-            "payload": _json(inbox_payload(payload)),
-            "outcome": outcome,
-            "error": error,
+            "org": row.organization_id,
+            "provider": row.provider,
+            "event": row.event[:64],
+            "instance": row.instance_name,
+            "key": row.dedupe_key,
+            "payload": _json(inbox_payload(row.payload)),
+            "outcome": row.outcome,
+            "error": row.error,
         },
     )
     return inserted.scalar_one_or_none() is not None
