@@ -79,15 +79,13 @@ class HandlingResult:
 
     outcome: Outcome
     detail: str | None = None
-    changes: tuple[AppliedChange, ...] = ()
     imports_queued: int = 0
     """Imports this delivery queued (instances it connected)."""
-    instance_id: uuid.UUID | None = None
-    """The instance a status delivery was applied to."""
 
 
 AfterWebhook = Callable[[uuid.UUID, "WebhookEvent", HandlingResult], Awaitable[None]]
-"""What runs after a delivery's commit (live events, waking drains); never fails the delivery."""
+"""What runs after a delivery's commit (waking drains); never fails the delivery. Live events are published in the
+delivery's own transaction."""
 
 
 @dataclass(slots=True)
@@ -207,7 +205,7 @@ def inbox_row(
     outcome: str = "applied",
     error: str | None = None,
 ) -> InboxRow:
-    """The delivery's inbox row (``dataclasses.replace`` it for another outcome)."""
+    """The delivery's inbox row with ``outcome`` (a handler ``replace``s it when the outcome turns out otherwise)."""
     return InboxRow(
         organization_id=organization_id,
         provider=event.provider,
@@ -277,7 +275,7 @@ async def _handle_status(
         # for one transaction, not two.
         await publish(status_news(organization_id, event, instance.id, changes), session=session)
         await store_event(session, store)
-    return HandlingResult("applied", changes=tuple(changes), imports_queued=len(queued), instance_id=instance.id)
+    return HandlingResult("applied", imports_queued=len(queued))
 
 
 def status_news(
