@@ -26,8 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.group_commit import ALONE, Alone, GroupCommitter
 from core.domain import AppliedChange, ChatKind, GatewayMessage, InstanceStatus, Provider, StatusWrite, WorkKind
-from core.events import Kind, NewLiveEvent, qr_event, status_change_events
-from core.events import event as live_event
+from core.events import NewLiveEvent, message_new_event, qr_event, status_change_events
 from core.settings import get_settings
 from db.engine import session_scope
 from db.repositories.conversations import (
@@ -449,15 +448,14 @@ async def apply_messages(
     inserted = await insert_messages_returning(session, scope, rows)
     await advance_conversations(session, inserted)
     news = [
-        live_event(
+        message_new_event(
             scope.organization_id,
-            Kind.MESSAGE_NEW,
-            instance_id=str(scope.id),
+            instance_id=scope.id,
             message_id=m.id,
             conversation_id=m.conversation_id,
             external_id=m.external_id,
             from_me=m.from_me,
-            sent_at=m.sent_at.isoformat(),
+            sent_at=m.sent_at,
         )
         for m in inserted
     ]

@@ -123,13 +123,6 @@ def run(args: argparse.Namespace) -> int:
     return run_main(lambda out: bench_close(options, out))
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run this benchmark alone (``python -m bench.close_inactive``)."""
-    parser = argparse.ArgumentParser(prog="python -m bench close-inactive", description=__doc__)
-    configure(parser)
-    return run(parser.parse_args(argv))
-
-
 def bench_close(options: CloseOptions, out: IO[str]) -> None:
     """Set up, measure, check and report (see the module docstring)."""
     prepare_environment()
@@ -546,7 +539,3 @@ def result_table(result: dict[str, Any]) -> str:
             )
         )
     return render_table("zapsync bench: close-inactive", rows)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -112,13 +112,6 @@ def run(args: argparse.Namespace) -> int:
     return run_main(lambda out: bench_ingest(options, out))
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run this benchmark alone (``python -m bench.ingest``)."""
-    parser = argparse.ArgumentParser(prog="python -m bench ingest", description=__doc__)
-    configure(parser)
-    return run(parser.parse_args(argv))
-
-
 # -- the workload (built before timing) ------------------------------------------------------------------------
 
 
@@ -587,7 +580,3 @@ def result_table(result: dict[str, Any]) -> str:
         Row("load average before/after", f"{result['loadavg'][0]:.2f} / {result['loadavg'][1]:.2f}"),
     ]
     return render_table("bench ingest", rows)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -6,6 +6,7 @@ import enum
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from core.domain import AppliedChange
@@ -58,6 +59,29 @@ def status_change_events(changes: Sequence[AppliedChange], *, source: str) -> li
         )
         for c in changes
     ]
+
+
+def message_new_event(
+    organization_id: uuid.UUID,
+    *,
+    instance_id: uuid.UUID,
+    message_id: int,
+    conversation_id: int,
+    external_id: str | None,
+    from_me: bool,
+    sent_at: datetime,
+) -> NewLiveEvent:
+    """`message.new`: a message stored in a conversation (received, or queued to send)."""
+    return event(
+        organization_id,
+        Kind.MESSAGE_NEW,
+        instance_id=str(instance_id),
+        message_id=message_id,
+        conversation_id=conversation_id,
+        external_id=external_id,
+        from_me=from_me,
+        sent_at=sent_at.isoformat(),
+    )
 
 
 def qr_event(

@@ -26,7 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from core.domain import STATUS_ORDER, STATUS_RANK, GatewayMessage, OutgoingMessage, OutgoingType, WorkKind
 from core.errors import Conflict
-from core.events import Kind
+from core.events import Kind, message_new_event
 from core.events import event as live_event
 from core.phones import phone_from_jid, phone_variants
 from db.engine import driver_connection
@@ -211,15 +211,14 @@ async def queue_message(
     )
     await publish(
         [
-            live_event(
+            message_new_event(
                 scope.organization_id,
-                Kind.MESSAGE_NEW,
-                instance_id=str(scope.id),
+                instance_id=scope.id,
                 message_id=message_id,
                 conversation_id=conversation_id,
                 external_id=None,
                 from_me=True,
-                sent_at=sent_at.isoformat(),
+                sent_at=sent_at,
             ),
             *status_events(
                 scope.organization_id,
