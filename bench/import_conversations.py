@@ -188,14 +188,14 @@ async def measure(
     finally:
         await dispose_engine()
     settings = get_settings()
-    seconds = watch.wall
+    seconds = round(watch.wall, 3)  # the rate is of the reported figure, so the report agrees with itself
     rate = options.messages / seconds if seconds > 0 else 0.0
     return {
         "benchmark": NAME,
         "chats": options.chats,
         "messages_per_chat": options.messages_per_chat,
         "messages": options.messages,
-        "seconds": round(seconds, 3),
+        "seconds": seconds,
         "messages_per_s": round(rate, 1),
         "peak_rss_mb": rss_peak,
         "rss_before_flow_mb": rss_before,
